@@ -1,0 +1,319 @@
+//! The acknowledgement watermark and the in-flight byte budget.
+//!
+//! A source numbers its records with dense sequence numbers and tells the
+//! [`AckTracker`] where each transaction ends; the sink reports records done
+//! (accepted by the destination or dead-lettered) in any order. The tracker
+//! exposes the highest transaction-end position below which every record is
+//! done: only that may be acknowledged to the source (guarantees 1 and 4).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Semaphore, watch};
+
+use crate::record::Record;
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Lowest sequence number not yet done.
+    base: u64,
+    /// `done[i]`: record `base + i` is done (front is always false).
+    done: VecDeque<bool>,
+    /// Records below this were handed to the sink.
+    issued: u64,
+    /// Transactions not yet acknowledgeable: (end sequence, position).
+    commits: VecDeque<(u64, u64)>,
+}
+
+/// Tracks which records are done and which source position may be acknowledged.
+#[derive(Debug)]
+pub struct AckTracker {
+    inner: Mutex<Inner>,
+    acked: watch::Sender<u64>,
+}
+
+impl Default for AckTracker {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+impl AckTracker {
+    /// A tracker whose acknowledged position starts at `position`; sequence
+    /// numbers start at 0.
+    pub fn new(position: u64) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            acked: watch::Sender::new(position),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent state (every
+        // mutation below completes before any call that could panic).
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The source handed every record below `next_seq` to the sink.
+    pub fn issued(&self, next_seq: u64) {
+        let mut inner = self.lock();
+        inner.issued = inner.issued.max(next_seq);
+    }
+
+    /// A transaction ending at source `position` committed; its records (and
+    /// all earlier ones) have sequence numbers below `end_seq`.
+    pub fn commit(&self, end_seq: u64, position: u64) {
+        let mut inner = self.lock();
+        inner.issued = inner.issued.max(end_seq);
+        inner.commits.push_back((end_seq, position));
+        self.advance(&mut inner);
+    }
+
+    /// Records with these sequence numbers are done.
+    pub fn complete(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut inner = self.lock();
+        for seq in seqs {
+            let Some(index) = seq.checked_sub(inner.base) else {
+                continue; // already done (a duplicate report)
+            };
+            let index = index as usize;
+            if index >= inner.done.len() {
+                inner.done.resize(index + 1, false);
+            }
+            inner.done[index] = true;
+        }
+        while inner.done.front() == Some(&true) {
+            inner.done.pop_front();
+            inner.base += 1;
+        }
+        self.advance(&mut inner);
+    }
+
+    /// With nothing in flight and no transaction pending, the source may
+    /// acknowledge `position` (an idle stream's server WAL end). Returns
+    /// whether it was taken.
+    pub fn idle(&self, position: u64) -> bool {
+        let inner = self.lock();
+        let idle = inner.commits.is_empty() && inner.base >= inner.issued;
+        if idle {
+            self.raise(position);
+        }
+        idle
+    }
+
+    fn advance(&self, inner: &mut Inner) {
+        let mut position = None;
+        while let Some(&(end_seq, pos)) = inner.commits.front() {
+            if end_seq > inner.base {
+                break;
+            }
+            position = Some(pos);
+            inner.commits.pop_front();
+        }
+        if let Some(position) = position {
+            self.raise(position);
+        }
+    }
+
+    fn raise(&self, position: u64) {
+        self.acked.send_if_modified(|acked| {
+            let raised = position > *acked;
+            if raised {
+                *acked = position;
+            }
+            raised
+        });
+    }
+
+    /// The highest acknowledgeable position.
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// A receiver that sees every raise of the acknowledgeable position.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
+    /// Records handed to the sink and not yet done.
+    pub fn in_flight(&self) -> u64 {
+        let inner = self.lock();
+        inner.issued.saturating_sub(inner.base)
+    }
+
+    /// True when every issued record is done and every commit acknowledgeable.
+    pub fn is_drained(&self) -> bool {
+        let inner = self.lock();
+        inner.commits.is_empty() && inner.base >= inner.issued
+    }
+}
+
+/// A byte budget for records between the source and the point where the
+/// sink reports them done. The source awaits budget before it decodes more,
+/// so a stalled sink stalls the source, not the heap.
+#[derive(Debug)]
+pub struct Budget {
+    semaphore: Semaphore,
+    capacity: u32,
+}
+
+impl Budget {
+    /// A budget of `bytes` (at most `u32::MAX`).
+    pub fn new(bytes: usize) -> Self {
+        let capacity = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
+        Self {
+            semaphore: Semaphore::new(capacity as usize),
+            capacity,
+        }
+    }
+
+    fn clamp(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.capacity)
+    }
+
+    /// Waits until `bytes` are available and takes them. A record larger
+    /// than the whole budget takes all of it.
+    pub async fn acquire(&self, bytes: usize) {
+        let permits = self.clamp(bytes);
+        self.semaphore
+            .acquire_many(permits)
+            .await
+            .expect("the budget's semaphore is never closed")
+            .forget();
+    }
+
+    /// Gives back what [`Budget::acquire`] took for `bytes`.
+    pub fn release(&self, bytes: usize) {
+        self.semaphore.add_permits(self.clamp(bytes) as usize);
+    }
+
+    /// Bytes not taken right now.
+    pub fn available(&self) -> usize {
+        self.semaphore.available_permits()
+    }
+
+    /// The budget's size.
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+}
+
+/// What a sink uses to report records done: it updates the watermark and
+/// gives their bytes back to the budget.
+#[derive(Clone, Debug)]
+pub struct Acks {
+    tracker: Arc<AckTracker>,
+    budget: Arc<Budget>,
+}
+
+impl Acks {
+    /// Joins a tracker and a budget.
+    pub fn new(tracker: Arc<AckTracker>, budget: Arc<Budget>) -> Self {
+        Self { tracker, budget }
+    }
+
+    /// These records are durably accepted by the destination or dead-lettered.
+    pub fn done<'r>(&self, records: impl IntoIterator<Item = &'r Record>) {
+        let mut bytes = 0usize;
+        let mut count = 0usize;
+        let tracker = &self.tracker;
+        let seqs = records.into_iter().map(|r| {
+            bytes += self.budget.clamp(r.weight()) as usize;
+            count += 1;
+            r.seq
+        });
+        tracker.complete(seqs);
+        if count > 0 {
+            self.budget.semaphore.add_permits(bytes);
+        }
+    }
+
+    /// The tracker.
+    pub fn tracker(&self) -> &Arc<AckTracker> {
+        &self.tracker
+    }
+
+    /// The budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledges_only_fully_done_transactions() {
+        let tracker = AckTracker::new(0);
+        // tx A: seqs 0..3 at position 100; tx B: seqs 3..5 at 200; tx C empty at 300.
+        tracker.commit(3, 100);
+        tracker.commit(5, 200);
+        tracker.commit(5, 300);
+        assert_eq!(tracker.acked(), 0);
+        tracker.complete([4, 3]);
+        assert_eq!(tracker.acked(), 0, "B is done but A is not");
+        tracker.complete([0, 2]);
+        assert_eq!(tracker.acked(), 0, "seq 1 is still in flight");
+        tracker.complete([1]);
+        assert_eq!(tracker.acked(), 300, "A, B and the empty C are all done");
+        assert!(tracker.is_drained());
+        tracker.complete([1]);
+        assert_eq!(tracker.acked(), 300, "a duplicate report changes nothing");
+    }
+
+    #[test]
+    fn an_open_transaction_blocks_idle_acknowledgement() {
+        let tracker = AckTracker::new(10);
+        tracker.issued(2);
+        assert!(!tracker.idle(50), "records in flight");
+        tracker.complete([0, 1]);
+        assert!(tracker.idle(50));
+        assert_eq!(tracker.acked(), 50);
+        assert!(
+            !tracker.idle(40) || tracker.acked() == 50,
+            "never moves back"
+        );
+        assert_eq!(tracker.acked(), 50);
+        tracker.commit(3, 60);
+        assert!(!tracker.idle(70), "a commit waits for record 2");
+        assert_eq!(tracker.in_flight(), 1);
+    }
+
+    #[test]
+    fn budget_blocks_until_released() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let budget = Arc::new(Budget::new(100));
+            let tracker = Arc::new(AckTracker::new(0));
+            let acks = Acks::new(tracker.clone(), budget.clone());
+            let record = Record {
+                seq: 0,
+                stream: "s".into(),
+                partition_key: "k".into(),
+                data: vec![0; 79],
+            };
+            budget.acquire(record.weight()).await;
+            assert_eq!(budget.available(), 20);
+            let blocked =
+                tokio::time::timeout(std::time::Duration::from_millis(20), budget.acquire(50))
+                    .await;
+            assert!(blocked.is_err(), "only 20 bytes left");
+            acks.done([&record]);
+            assert_eq!(budget.available(), 100);
+            budget.acquire(1_000).await; // larger than the budget: takes all of it
+            assert_eq!(budget.available(), 0);
+            budget.release(1_000);
+            assert_eq!(budget.available(), 100);
+            tracker.commit(1, 5);
+            assert_eq!(tracker.acked(), 5);
+        });
+    }
+}

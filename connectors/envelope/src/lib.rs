@@ -1,0 +1,27 @@
+//! The canonical change envelope and the contracts between Tributary's parts.
+//!
+//! Sources (Postgres, MySQL) decode their replication log into rows and use
+//! [`encoder::EnvelopeEncoder`] to write each row straight into the JSON bytes
+//! of one envelope v1 (no intermediate `serde_json::Value`: this is the hot
+//! path). The bytes travel as a [`record::Record`] to a [`sink::Sink`]; the
+//! sink reports every record as done through [`ack::Acks`], and the
+//! [`ack::AckTracker`] turns those reports into the highest source position
+//! that may be acknowledged to the source. This crate does no I/O.
+
+pub mod ack;
+pub mod encoder;
+pub mod filter;
+pub mod json;
+pub mod position;
+pub mod record;
+pub mod route;
+pub mod sink;
+pub mod time;
+
+pub use ack::{AckTracker, Acks, Budget};
+pub use encoder::{EnvelopeEncoder, Op, TableMeta, TxMeta};
+pub use filter::TableFilter;
+pub use position::Position;
+pub use record::{PartitionKey, Record};
+pub use route::{StreamRouter, TemplateError};
+pub use sink::Sink;

@@ -1,0 +1,808 @@
+//! The sink against a scripted Kinesis (`aws-smithy-mocks`): batching,
+//! routing, ordered retries, throttling, dead letters, quotas and the
+//! exactly-once done reports.
+//!
+//! The fake answers DescribeStreamSummary and ListShards (paginated, one
+//! shard per page, with a closed parent shard first) and records every
+//! PutRecords request it sees; a per-test script decides each answer.
+//! Record data is `{"seq":N,"pad":".."}`, so a request's entries can be
+//! mapped back to source sequence numbers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::operation::describe_stream_summary::{
+    DescribeStreamSummaryError, DescribeStreamSummaryOutput,
+};
+use aws_sdk_kinesis::operation::list_shards::{ListShardsInput, ListShardsOutput};
+use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsInput, PutRecordsOutput};
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::error::{
+    AccessDeniedException, InternalFailureException, ProvisionedThroughputExceededException,
+    ResourceNotFoundException,
+};
+use aws_sdk_kinesis::types::{
+    HashKeyRange, PutRecordsResultEntry, SequenceNumberRange, Shard, StreamDescriptionSummary,
+    StreamStatus,
+};
+use aws_smithy_mocks::{MockResponse, RuleMode, mock, mock_client};
+use md5::{Digest, Md5};
+use tokio::sync::mpsc;
+use tributary_envelope::{AckTracker, Acks, Budget, Record, Sink};
+
+use crate::{KinesisError, KinesisSink, KinesisSinkConfig, RetryPolicy};
+
+const STREAM: &str = "shop-cdc";
+/// The position the tests commit for all their records.
+const END_POSITION: u64 = 7;
+
+/// One entry of a PutRecords request, as the fake saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    seq: u64,
+    key: String,
+    bytes: usize,
+}
+
+/// How the fake answers one PutRecords call.
+enum Reply {
+    /// Every entry gets a sequence number.
+    Accept,
+    /// These entry positions fail with these codes; the rest are accepted.
+    Fail(Vec<(usize, &'static str)>),
+    /// The whole call fails with a modeled error.
+    Error(PutRecordsError),
+    /// The whole call fails with this HTTP status and an empty body.
+    Status(u16),
+}
+
+/// A ListShards request as the fake saw it: (stream name, next token).
+type ListRequest = (Option<String>, Option<String>);
+
+type Script = dyn Fn(usize, &[Entry]) -> Reply + Send + Sync;
+
+/// A scripted Kinesis with `open_shards` open shards.
+struct Fake {
+    client: Client,
+    calls: Arc<Mutex<Vec<Vec<Entry>>>>,
+    list_requests: Arc<Mutex<Vec<ListRequest>>>,
+    ranges: Vec<(u128, u128)>,
+}
+
+impl Fake {
+    fn new(
+        open_shards: usize,
+        max_record_kib: Option<i32>,
+        script: impl Fn(usize, &[Entry]) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let script: Arc<Script> = Arc::new(script);
+        let ranges = split_hash_space(open_shards);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let list_requests = Arc::new(Mutex::new(Vec::new()));
+
+        let describe = mock!(Client::describe_stream_summary).then_compute_response(move |input| {
+            let name = input.stream_name().unwrap_or_default();
+            if name != STREAM {
+                return MockResponse::Error(DescribeStreamSummaryError::ResourceNotFoundException(
+                    ResourceNotFoundException::builder()
+                        .message(format!("Stream {name} under account 0 not found."))
+                        .build(),
+                ));
+            }
+            let mut summary = StreamDescriptionSummary::builder()
+                .stream_name(name)
+                .stream_arn(format!("arn:aws:kinesis:us-east-1:0:stream/{name}"))
+                .stream_status(StreamStatus::Active)
+                .retention_period_hours(24)
+                .stream_creation_timestamp(DateTime::from_secs(0))
+                .set_enhanced_monitoring(Some(Vec::new()))
+                .open_shard_count(open_shards as i32);
+            if let Some(kib) = max_record_kib {
+                summary = summary.max_record_size_in_kib(kib);
+            }
+            MockResponse::Output(
+                DescribeStreamSummaryOutput::builder()
+                    .stream_description_summary(summary.build().unwrap())
+                    .build(),
+            )
+        });
+
+        // Page 0: a closed parent shard covering everything; page i: open
+        // shard i - 1. One page per call, linked by tokens.
+        let mut shards = vec![shard("shardId-parent", 0, u128::MAX, true)];
+        for (i, &(start, end)) in ranges.iter().enumerate() {
+            shards.push(shard(&format!("shardId-{i:012}"), start, end, false));
+        }
+        let seen = list_requests.clone();
+        let list =
+            mock!(Client::list_shards).then_compute_response(move |input: &ListShardsInput| {
+                seen.lock().unwrap().push((
+                    input.stream_name().map(str::to_owned),
+                    input.next_token().map(str::to_owned),
+                ));
+                let page: usize = input
+                    .next_token()
+                    .and_then(|t| t.strip_prefix("page-"))
+                    .map_or(0, |n| n.parse().unwrap());
+                let mut output = ListShardsOutput::builder().shards(shards[page].clone());
+                if page + 1 < shards.len() {
+                    output = output.next_token(format!("page-{}", page + 1));
+                }
+                MockResponse::Output(output.build())
+            });
+
+        let log = calls.clone();
+        let put =
+            mock!(Client::put_records).then_compute_response(move |input: &PutRecordsInput| {
+                assert_eq!(input.stream_name(), Some(STREAM));
+                let entries: Vec<Entry> = input
+                    .records()
+                    .iter()
+                    .map(|e| Entry {
+                        seq: seq_of(e.data().as_ref()),
+                        key: e.partition_key().unwrap_or_default().to_owned(),
+                        bytes: e.data().as_ref().len()
+                            + e.partition_key().unwrap_or_default().len(),
+                    })
+                    .collect();
+                let index = {
+                    let mut log = log.lock().unwrap();
+                    log.push(entries.clone());
+                    log.len() - 1
+                };
+                match script(index, &entries) {
+                    Reply::Accept => MockResponse::Output(answer(&entries, &[])),
+                    Reply::Fail(failures) => MockResponse::Output(answer(&entries, &failures)),
+                    Reply::Error(err) => MockResponse::Error(err),
+                    Reply::Status(status) => {
+                        MockResponse::Http(HttpResponse::new(status.try_into().unwrap(), "".into()))
+                    }
+                }
+            });
+
+        // The SDK's own retries are off: the sink's retries are under test
+        // (and the mock cannot replay a computed answer to an SDK retry).
+        let client = mock_client!(
+            aws_sdk_kinesis,
+            RuleMode::MatchAny,
+            &[&describe, &list, &put],
+            |config| config.retry_config(RetryConfig::disabled())
+        );
+        Self {
+            client,
+            calls,
+            list_requests,
+            ranges,
+        }
+    }
+
+    fn calls(&self) -> Vec<Vec<Entry>> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The open shard whose range holds `key`'s MD5 (computed here, not by the crate).
+    fn shard_of(&self, key: &str) -> usize {
+        let hash = u128::from_be_bytes(Md5::digest(key.as_bytes()).into());
+        self.ranges
+            .iter()
+            .position(|&(start, end)| start <= hash && hash <= end)
+            .unwrap()
+    }
+}
+
+fn split_hash_space(shards: usize) -> Vec<(u128, u128)> {
+    let step = u128::MAX / shards as u128;
+    (0..shards)
+        .map(|i| {
+            let start = step * i as u128;
+            let end = if i + 1 == shards {
+                u128::MAX
+            } else {
+                step * (i as u128 + 1) - 1
+            };
+            (start, end)
+        })
+        .collect()
+}
+
+fn shard(id: &str, start: u128, end: u128, closed: bool) -> Shard {
+    let mut sequence = SequenceNumberRange::builder().starting_sequence_number("1");
+    if closed {
+        sequence = sequence.ending_sequence_number("99");
+    }
+    Shard::builder()
+        .shard_id(id)
+        .hash_key_range(
+            HashKeyRange::builder()
+                .starting_hash_key(start.to_string())
+                .ending_hash_key(end.to_string())
+                .build()
+                .unwrap(),
+        )
+        .sequence_number_range(sequence.build().unwrap())
+        .build()
+        .unwrap()
+}
+
+fn answer(entries: &[Entry], failures: &[(usize, &str)]) -> PutRecordsOutput {
+    let results = entries.iter().enumerate().map(|(i, entry)| {
+        match failures.iter().find(|(at, _)| *at == i) {
+            Some((_, code)) => PutRecordsResultEntry::builder()
+                .error_code(*code)
+                .error_message(format!("entry {i} refused"))
+                .build(),
+            None => PutRecordsResultEntry::builder()
+                .sequence_number(format!("4960{:020}", entry.seq))
+                .shard_id("shardId-000000000000")
+                .build(),
+        }
+    });
+    PutRecordsOutput::builder()
+        .failed_record_count(failures.len() as i32)
+        .set_records(Some(results.collect()))
+        .build()
+        .unwrap()
+}
+
+fn seq_of(data: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        seq: u64,
+    }
+    serde_json::from_slice::<Probe>(data).map_or(u64::MAX, |p| p.seq)
+}
+
+fn record(seq: u64, key: &str, pad: usize) -> Record {
+    Record {
+        seq,
+        stream: STREAM.into(),
+        partition_key: key.to_owned(),
+        data: format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(pad)).into_bytes(),
+    }
+}
+
+fn config(dir: &tempfile::TempDir) -> KinesisSinkConfig {
+    let mut config = KinesisSinkConfig::new("us-east-1", dir.path().join("dead-letters"));
+    config.retry = RetryPolicy {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(20),
+        max_rejections: 3,
+    };
+    config
+}
+
+/// What a finished run left behind.
+struct Run {
+    result: Result<(), KinesisError>,
+    tracker: Arc<AckTracker>,
+    budget: Arc<Budget>,
+}
+
+impl Run {
+    /// Every record reported done exactly once: the tracker has no gap and
+    /// the budget is exactly full (a double report would overfill it).
+    fn assert_all_done_once(&self) {
+        if let Err(err) = &self.result {
+            panic!("the sink failed: {err:?}");
+        }
+        assert!(
+            self.tracker.is_drained(),
+            "{} records not done",
+            self.tracker.in_flight()
+        );
+        assert_eq!(self.tracker.acked(), END_POSITION);
+        assert_eq!(
+            self.budget.available(),
+            self.budget.capacity(),
+            "budget not back to full"
+        );
+    }
+}
+
+/// Runs the sink over `records`, fed in input batches of `chunk`, with the
+/// input closed after the last one.
+async fn run(client: Client, config: KinesisSinkConfig, records: Vec<Record>, chunk: usize) -> Run {
+    let total: usize = records.iter().map(|r| r.weight().max(1)).sum();
+    let budget = Arc::new(Budget::new(total));
+    let tracker = Arc::new(AckTracker::new(0));
+    for record in &records {
+        budget.acquire(record.weight()).await;
+    }
+    tracker.commit(records.len() as u64, END_POSITION);
+    let sink = KinesisSink::new(client, config).await.unwrap();
+    let (sender, input) = mpsc::channel(4);
+    let feed = async move {
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let batch: Vec<Record> = records.by_ref().take(chunk).collect();
+            if sender.send(batch).await.is_err() {
+                break;
+            }
+        }
+    };
+    let acks = Acks::new(tracker.clone(), budget.clone());
+    let (_, result) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(feed, sink.run(input, acks))
+    })
+    .await
+    .expect("the sink finished within a minute");
+    Run {
+        result,
+        tracker,
+        budget,
+    }
+}
+
+fn seqs(call: &[Entry]) -> Vec<u64> {
+    call.iter().map(|e| e.seq).collect()
+}
+
+/// Per key, the order in which the *last* copy of each record landed must
+/// be the source order, and the newest record must land last.
+fn assert_last_copies_in_order(calls: &[Vec<Entry>], accepted: impl Fn(usize, usize) -> bool) {
+    let mut landed: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (c, call) in calls.iter().enumerate() {
+        for (i, entry) in call.iter().enumerate() {
+            if accepted(c, i) {
+                landed.entry(&entry.key).or_default().push(entry.seq);
+            }
+        }
+    }
+    for (key, seqs) in landed {
+        let mut last: Vec<u64> = Vec::new();
+        for (i, seq) in seqs.iter().enumerate() {
+            if !seqs[i + 1..].contains(seq) {
+                last.push(*seq);
+            }
+        }
+        let mut sorted = last.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            last, sorted,
+            "key {key}: last copies out of order (landed {seqs:?})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn calls_carry_at_most_500_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let records: Vec<Record> = (0..1_203)
+        .map(|i| record(i, &format!("public.t:{i}"), 10))
+        .collect();
+    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    run.assert_all_done_once();
+    let calls = fake.calls();
+    let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [500, 500, 203]);
+    let sent: Vec<u64> = calls.iter().flat_map(|c| seqs(c)).collect();
+    assert_eq!(
+        sent,
+        (0..1_203).collect::<Vec<_>>(),
+        "each record once, in order"
+    );
+}
+
+#[tokio::test]
+async fn calls_carry_at_most_5_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let mut config = config(&dir);
+    // A byte quota far above one call, so only the 5 MiB limit cuts.
+    config.bytes_per_shard_per_sec = 64 << 20;
+    let records: Vec<Record> = (0..12)
+        .map(|i| record(i, &format!("public.t:{i}"), 500 * 1024))
+        .collect();
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
+    run.assert_all_done_once();
+    let calls = fake.calls();
+    for call in &calls {
+        let bytes: usize = call.iter().map(|e| e.bytes).sum();
+        assert!(bytes <= 5 * 1024 * 1024, "a call of {bytes} bytes");
+    }
+    // 10 records of ~500 KiB fit in 5 MiB, 11 do not.
+    assert_eq!(calls.iter().map(Vec::len).collect::<Vec<_>>(), [10, 2]);
+}
+
+#[tokio::test]
+async fn the_byte_quota_cuts_batches_to_its_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let records: Vec<Record> = (0..3)
+        .map(|i| record(i, &format!("public.t:{i}"), 400 * 1024))
+        .collect();
+    // The default 1 MiB/s burst holds two of these records, not three.
+    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    run.assert_all_done_once();
+    assert_eq!(
+        fake.calls().iter().map(Vec::len).collect::<Vec<_>>(),
+        [2, 1]
+    );
+}
+
+#[tokio::test]
+async fn records_of_a_key_go_through_one_lane_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(4, None, |_, _| Reply::Accept);
+    let records: Vec<Record> = (0..400)
+        .map(|i| record(i, &format!("public.orders:{}", i % 40), 20))
+        .collect();
+    let run = run(fake.client.clone(), config(&dir), records, 37).await;
+    run.assert_all_done_once();
+
+    let calls = fake.calls();
+    let mut lanes_used = HashSet::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut delivered = Vec::new();
+    for call in &calls {
+        let lane = fake.shard_of(&call[0].key);
+        lanes_used.insert(lane);
+        for entry in call {
+            assert_eq!(
+                fake.shard_of(&entry.key),
+                lane,
+                "one call mixes shards: {call:?}"
+            );
+            if let Some(previous) = last_seq.insert(entry.key.clone(), entry.seq) {
+                assert!(
+                    previous < entry.seq,
+                    "key {} went {previous} then {}",
+                    entry.key,
+                    entry.seq
+                );
+            }
+            delivered.push(entry.seq);
+        }
+    }
+    assert!(
+        lanes_used.len() >= 3,
+        "40 keys over 4 shards used only {lanes_used:?}"
+    );
+    delivered.sort_unstable();
+    assert_eq!(delivered, (0..400).collect::<Vec<_>>());
+
+    // The shards were listed page by page: follow-up pages by token alone.
+    let pages = fake.list_requests.lock().unwrap().clone();
+    assert_eq!(pages.len(), 5, "{pages:?}");
+    assert_eq!(pages[0], (Some(STREAM.to_owned()), None));
+    assert!(
+        pages[1..]
+            .iter()
+            .all(|(name, token)| name.is_none() && token.is_some()),
+        "{pages:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_partial_failure_is_retried_with_the_later_records_of_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // Record 10 is refused on its first two tries.
+    let tries = Arc::new(Mutex::new(0));
+    let script = {
+        let tries = tries.clone();
+        move |_: usize, entries: &[Entry]| {
+            let mut failures = Vec::new();
+            for (i, entry) in entries.iter().enumerate() {
+                let mut tries = tries.lock().unwrap();
+                if entry.seq == 10 && *tries < 2 {
+                    *tries += 1;
+                    failures.push((i, "ProvisionedThroughputExceededException"));
+                }
+            }
+            if failures.is_empty() {
+                Reply::Accept
+            } else {
+                Reply::Fail(failures)
+            }
+        }
+    };
+    let fake = Fake::new(1, None, script);
+    let key_of = |i: u64| match i {
+        10 | 20 | 30 | 550 => "public.t:A".to_owned(),
+        i => format!("public.t:{i}"),
+    };
+    let records: Vec<Record> = (0..600).map(|i| record(i, &key_of(i), 10)).collect();
+    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    run.assert_all_done_once();
+
+    let calls = fake.calls();
+    assert_eq!(seqs(&calls[0]), (0..500).collect::<Vec<_>>());
+    // The refused record comes back first, with the later records of its key
+    // (accepted or not); the newer records of the lane only after them.
+    let mut second = vec![10, 20, 30];
+    second.extend(500..600);
+    assert_eq!(seqs(&calls[1]), second);
+    // Refused again: 20, 30 and now 550 (a later record of key A in the same
+    // call) go again with it; nothing else is sent twice.
+    assert_eq!(seqs(&calls[2]), [10, 20, 30, 550]);
+    assert_eq!(calls.len(), 3);
+
+    // Replay what the fake accepted: every key's last copies are in order.
+    let refused = |c: usize, i: usize| calls[c][i].seq == 10 && c < 2;
+    assert_last_copies_in_order(&calls, |c, i| !refused(c, i));
+}
+
+#[tokio::test]
+async fn a_throttled_lane_slows_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |call, entries| {
+        if call == 0 {
+            Reply::Fail(
+                (0..entries.len())
+                    .map(|i| (i, "ProvisionedThroughputExceededException"))
+                    .collect(),
+            )
+        } else {
+            Reply::Accept
+        }
+    });
+    let mut config = config(&dir);
+    config.records_per_shard_per_sec = 100;
+    let records: Vec<Record> = (0..100)
+        .map(|i| record(i, &format!("public.t:{i}"), 10))
+        .collect();
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
+    run.assert_all_done_once();
+    let sizes: Vec<usize> = fake.calls().iter().map(Vec::len).collect();
+    // A full burst, throttled whole; then half the rate, recovering a step.
+    assert_eq!(sizes, [100, 50, 50]);
+}
+
+#[tokio::test]
+async fn failed_whole_calls_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |call, _| match call {
+        0 => Reply::Error(PutRecordsError::ProvisionedThroughputExceededException(
+            ProvisionedThroughputExceededException::builder()
+                .message("rate exceeded")
+                .build(),
+        )),
+        1 => Reply::Status(503),
+        2 => Reply::Error(PutRecordsError::InternalFailureException(
+            InternalFailureException::builder().message("oops").build(),
+        )),
+        _ => Reply::Accept,
+    });
+    let records: Vec<Record> = (0..20)
+        .map(|i| record(i, &format!("public.t:{}", i % 3), 10))
+        .collect();
+    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    run.assert_all_done_once();
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 4);
+    for call in &calls {
+        assert_eq!(
+            seqs(call),
+            (0..20).collect::<Vec<_>>(),
+            "the same batch each time"
+        );
+    }
+}
+
+#[tokio::test]
+async fn records_too_large_for_the_stream_are_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stream with a 1 KiB maximum record size.
+    let fake = Fake::new(1, Some(1), |_, _| Reply::Accept);
+    let config = config(&dir);
+    let dead_letters = config.dead_letter_dir.join("dead-letters.jsonl");
+    let records = vec![
+        record(0, "public.t:1", 10),
+        record(1, "public.t:2", 2_000),
+        record(2, "public.t:3", 10),
+        record(3, "", 10),
+    ];
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
+    run.assert_all_done_once();
+    let sent: Vec<u64> = fake.calls().iter().flat_map(|c| seqs(c)).collect();
+    assert_eq!(sent, [0, 2]);
+
+    let text = std::fs::read_to_string(dead_letters).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["stream"], STREAM);
+    assert_eq!(lines[0]["partition_key"], "public.t:2");
+    assert_eq!(lines[0]["envelope"]["seq"], 1);
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exceeds") && reason.contains("1024"),
+        "{reason}"
+    );
+    assert_eq!(lines[1]["envelope"]["seq"], 3);
+    assert!(
+        lines[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("partition key is empty")
+    );
+}
+
+#[tokio::test]
+async fn an_entry_refused_every_time_is_dead_lettered_after_the_bounded_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, entries| {
+        let failures: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.seq == 5)
+            .map(|(i, _)| (i, "InvalidArgumentException"))
+            .collect();
+        if failures.is_empty() {
+            Reply::Accept
+        } else {
+            Reply::Fail(failures)
+        }
+    });
+    let config = config(&dir); // max_rejections = 3
+    let dead_letters = config.dead_letter_dir.join("dead-letters.jsonl");
+    let key_of = |i: u64| {
+        if i == 5 || i == 7 {
+            "public.t:A".to_owned()
+        } else {
+            format!("public.t:{i}")
+        }
+    };
+    let records: Vec<Record> = (0..10).map(|i| record(i, &key_of(i), 10)).collect();
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
+    run.assert_all_done_once();
+
+    let calls = fake.calls();
+    assert_eq!(seqs(&calls[0]), (0..10).collect::<Vec<_>>());
+    assert_eq!(seqs(&calls[1]), [5, 7], "7 is held back with 5");
+    assert_eq!(seqs(&calls[2]), [5, 7]);
+    assert_eq!(calls.len(), 3, "5 is given up after 3 tries");
+
+    let text = std::fs::read_to_string(dead_letters).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["envelope"]["seq"], 5);
+    let reason = lines[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("3 times") && reason.contains("InvalidArgumentException"),
+        "{reason}"
+    );
+}
+
+/// Runs the sink over `records` for `window`, then stops it; returns the calls seen.
+async fn calls_within(
+    fake: &Fake,
+    config: KinesisSinkConfig,
+    records: Vec<Record>,
+    window: Duration,
+) -> Vec<Vec<Entry>> {
+    let tracker = Arc::new(AckTracker::new(0));
+    let acks = Acks::new(tracker, Arc::new(Budget::new(1 << 30)));
+    let sink = KinesisSink::new(fake.client.clone(), config).await.unwrap();
+    let (sender, input) = mpsc::channel(1);
+    sender.send(records).await.unwrap();
+    let outcome = tokio::time::timeout(window, sink.run(input, acks)).await;
+    assert!(
+        outcome.is_err(),
+        "the sink cannot be done yet (input still open)"
+    );
+    fake.calls()
+}
+
+#[tokio::test]
+async fn the_record_quota_paces_the_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let mut config = config(&dir);
+    config.records_per_shard_per_sec = 20;
+    config.share = 0.5; // 10 records/s
+    let records: Vec<Record> = (0..1_000)
+        .map(|i| record(i, &format!("public.t:{i}"), 10))
+        .collect();
+    let calls = calls_within(&fake, config, records, Duration::from_millis(1_500)).await;
+    let sent: usize = calls.iter().map(Vec::len).sum();
+    assert!(
+        calls.iter().all(|c| c.len() <= 10),
+        "a call above the burst"
+    );
+    // A burst of 10 plus 10/s for 1.5 s is 25; without the quota all 1,000 go.
+    assert!(
+        (10..=30).contains(&sent),
+        "{sent} records in 1.5 s at 10 records/s"
+    );
+    assert!(calls.len() <= 4, "{} calls", calls.len());
+}
+
+#[tokio::test]
+async fn the_byte_quota_paces_the_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let mut config = config(&dir);
+    config.bytes_per_shard_per_sec = 2_000;
+    let records: Vec<Record> = (0..1_000)
+        .map(|i| record(i, &format!("public.t:{i:04}"), 170))
+        .collect();
+    let calls = calls_within(&fake, config, records, Duration::from_millis(1_500)).await;
+    let call_bytes: Vec<usize> = calls
+        .iter()
+        .map(|c| c.iter().map(|e| e.bytes).sum())
+        .collect();
+    assert!(
+        call_bytes.iter().all(|&b| b <= 2_000),
+        "a call above the burst: {call_bytes:?}"
+    );
+    // A 2,000-byte burst plus 2,000 B/s for 1.5 s is 5,000 bytes.
+    let bytes: usize = call_bytes.iter().sum();
+    assert!(
+        (1_000..=6_000).contains(&bytes),
+        "{bytes} bytes in 1.5 s at 2,000 B/s"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_stream_stops_the_sink_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(1, None, |_, _| Reply::Accept);
+    let mut records = vec![record(0, "public.t:1", 10)];
+    records[0].stream = "no-such-stream".into();
+    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    match &run.result {
+        Err(KinesisError::StreamNotFound { stream, .. }) => assert_eq!(stream, "no-such-stream"),
+        other => panic!("expected StreamNotFound, got {other:?}"),
+    }
+    assert!(
+        run.result
+            .unwrap_err()
+            .to_string()
+            .contains("`no-such-stream`")
+    );
+    assert!(
+        !run.tracker.is_drained(),
+        "nothing was written, nothing is done"
+    );
+    assert!(fake.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_permanent_error_stops_the_sink_while_input_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::new(2, None, |_, _| {
+        Reply::Error(PutRecordsError::AccessDeniedException(
+            AccessDeniedException::builder()
+                .message("not allowed")
+                .build(),
+        ))
+    });
+    let tracker = Arc::new(AckTracker::new(0));
+    let budget = Arc::new(Budget::new(1 << 20));
+    let acks = Acks::new(tracker.clone(), budget);
+    tracker.issued(10);
+    let sink = KinesisSink::new(fake.client.clone(), config(&dir))
+        .await
+        .unwrap();
+    let (sender, input) = mpsc::channel(1);
+    let records: Vec<Record> = (0..10)
+        .map(|i| record(i, &format!("public.t:{i}"), 10))
+        .collect();
+    sender.send(records).await.unwrap();
+    // `sender` stays alive: the error must not wait for the input to close.
+    let result = tokio::time::timeout(Duration::from_secs(10), sink.run(input, acks))
+        .await
+        .expect("the sink stops promptly");
+    match result {
+        Err(KinesisError::Permanent {
+            operation, stream, ..
+        }) => {
+            assert_eq!(operation, "PutRecords");
+            assert_eq!(stream, STREAM);
+        }
+        other => panic!("expected a permanent error, got {other:?}"),
+    }
+    assert_eq!(tracker.in_flight(), 10, "no record was reported done");
+    drop(sender);
+}

@@ -1,0 +1,152 @@
+//! The Postgres source's settings, parsed and checked before any I/O.
+
+use std::str::FromStr;
+
+use tokio_postgres::config::{Host, SslMode};
+use tributary_envelope::{StreamRouter, TableFilter};
+
+/// Settings of one Postgres source (from `[source]` and `[source.postgres]`).
+#[derive(Clone, Debug)]
+pub struct PostgresSourceConfig {
+    /// `source.name`: event ids, application name.
+    pub name: String,
+    /// Parsed `source.url` (password applied).
+    pub connection: tokio_postgres::Config,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Which tables are captured.
+    pub filter: TableFilter,
+    /// Where each table's records go.
+    pub router: StreamRouter,
+    /// Records per batch handed to the sink.
+    pub batch_records: usize,
+}
+
+/// A setting the source cannot use; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The config key.
+    pub key: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Parses `source.url` and applies a password given separately.
+pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Config, ConfigError> {
+    let err = |message: String| ConfigError {
+        key: "source.url",
+        message,
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(err(format!(
+            "`{}` is not a PostgreSQL URL: use postgres://USER@HOST:PORT/DATABASE",
+            redact(url)
+        )));
+    }
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| err(format!("cannot parse `{}`: {e}", redact(url))))?;
+    if let Some(password) = password {
+        config.password(password);
+    }
+    if config.get_user().is_none() {
+        return Err(err(
+            "the URL names no user: postgres://USER@HOST:PORT/DATABASE".into(),
+        ));
+    }
+    if config.get_dbname().is_none() {
+        return Err(err(
+            "the URL names no database: postgres://USER@HOST:PORT/DATABASE".into(),
+        ));
+    }
+    match config.get_hosts() {
+        [Host::Tcp(_)] | [Host::Unix(_)] => {}
+        [] => return Err(err("the URL names no host".into())),
+        _ => return Err(err("give exactly one host".into())),
+    }
+    if matches!(config.get_ssl_mode(), SslMode::Require) {
+        return Err(err(
+            "sslmode=require is not supported yet by this build: use sslmode=disable or prefer"
+                .into(),
+        ));
+    }
+    Ok(config)
+}
+
+/// The URL with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &authority[..colon],
+                &rest[at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Checks a slot or publication name: 1-63 characters of `[a-z0-9_]`.
+pub fn validate_object_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            key,
+            message: format!("`{name}` must be 1-63 characters of [a-z0-9_]"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let c = parse_url("postgres://cdc:s3cret@127.0.0.1:5433/shop", None).unwrap();
+        assert_eq!(c.get_ports(), &[5433]);
+        assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
+        let c = parse_url("postgres://cdc@127.0.0.1/shop", Some("pw")).unwrap();
+        assert_eq!(c.get_password(), Some(&b"pw"[..]));
+        assert_eq!(
+            parse_url("mysql://x@y/z", None).unwrap_err().key,
+            "source.url"
+        );
+        assert!(
+            parse_url("postgres://127.0.0.1/shop", None).is_err(),
+            "no user"
+        );
+        assert!(parse_url("postgres://u@127.0.0.1:notaport/shop", None).is_err());
+        assert_eq!(
+            redact("postgres://cdc:s3cret@127.0.0.1:5433/shop"),
+            "postgres://cdc:***@127.0.0.1:5433/shop"
+        );
+        assert_eq!(redact("postgres://cdc@h/db"), "postgres://cdc@h/db");
+        let err = parse_url("bogus://cdc:s3cret@h/db", None).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn object_names() {
+        assert!(validate_object_name("source.postgres.slot", "tributary_shop").is_ok());
+        assert!(validate_object_name("source.postgres.slot", "Bad-Name").is_err());
+        assert!(validate_object_name("source.postgres.slot", "").is_err());
+        assert!(validate_object_name("source.postgres.slot", &"a".repeat(64)).is_err());
+    }
+}

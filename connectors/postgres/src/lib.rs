@@ -1,0 +1,25 @@
+//! Tributary's PostgreSQL source.
+//!
+//! First stage of the dataflow: it tails a logical replication slot with the
+//! `pgoutput` plugin, decodes each committed row change into an envelope
+//! record, hands records to the sink in commit order, and moves the slot's
+//! confirmed position only to transaction ends the sink has fully delivered.
+//!
+//! Files: `config` (settings, URL parsing), `setup` (publication, slot,
+//! `wal_level` check), `replication` (the streaming loop and
+//! acknowledgements), `pgoutput` (message parser), `decoder` (relation cache,
+//! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
+//! and non-built-in types), `error`.
+
+pub mod catalog;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod pgoutput;
+pub mod replication;
+pub mod setup;
+pub mod types;
+
+pub use config::PostgresSourceConfig;
+pub use error::PostgresError;
+pub use replication::{PostgresSource, Stopped};

@@ -1,0 +1,208 @@
+//! Makes the server ready to stream: checks `wal_level`, creates the
+//! publication for the configured tables and the logical slot when missing.
+
+use pgwire_replication::Lsn;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::error::PostgresError;
+use tributary_envelope::TableFilter;
+
+/// What [`ensure`] found and did.
+#[derive(Debug, Clone)]
+pub struct SetupReport {
+    /// Tables matching the patterns, `schema.table`.
+    pub tables: Vec<String>,
+    /// The publication was created now.
+    pub publication_created: bool,
+    /// The slot was created now.
+    pub slot_created: bool,
+    /// The slot's confirmed position: where streaming resumes.
+    pub confirmed_flush_lsn: u64,
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Tables (ordinary and partitioned) matching the filter, as (schema, table).
+pub async fn matching_tables(
+    client: &Client,
+    filter: &TableFilter,
+) -> Result<Vec<(String, String)>, PostgresError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(PostgresError::query("listing tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(s, t)| filter.matches(s, t))
+        .collect())
+}
+
+/// Ensures the publication and the slot exist; returns where streaming resumes.
+pub async fn ensure(
+    client: &Client,
+    filter: &TableFilter,
+    publication: &str,
+    slot: &str,
+) -> Result<SetupReport, PostgresError> {
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(PostgresError::query("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(PostgresError::Setup(format!(
+            "the server's wal_level is {wal_level}: set `wal_level = logical` in postgresql.conf \
+             (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+        )));
+    }
+    let tables = matching_tables(client, filter).await?;
+    let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+    if tables.is_empty() {
+        warn!(patterns = ?filter.include(), "no table matches source.tables yet");
+    }
+    let publication_created = ensure_publication(client, publication, &tables).await?;
+
+    let existing = client
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PostgresError::query("reading pg_replication_slots"))?;
+    let (slot_created, confirmed) = match existing {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let database: Option<String> = row.get(1);
+            let current_db: String = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(PostgresError::query("reading current_database()"))?
+                .get(0);
+            if plugin.as_deref() != Some("pgoutput")
+                || database.as_deref() != Some(current_db.as_str())
+            {
+                return Err(PostgresError::Setup(format!(
+                    "replication slot {slot} exists but is not a pgoutput slot of database {current_db} \
+                     (plugin {plugin:?}, database {database:?}): choose another source.postgres.slot or \
+                     drop it with SELECT pg_drop_replication_slot('{slot}')"
+                )));
+            }
+            (false, row.get::<_, Option<String>>(2))
+        }
+        None => {
+            let row = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+                .map_err(PostgresError::query(format!(
+                    "creating replication slot {slot} (the user needs the REPLICATION attribute: \
+                     ALTER ROLE <user> REPLICATION)"
+                )))?;
+            info!(slot, "created logical replication slot");
+            (true, row.get::<_, Option<String>>(0))
+        }
+    };
+    let confirmed_flush_lsn = confirmed
+        .as_deref()
+        .and_then(|s| Lsn::parse(s).ok())
+        .map(Lsn::as_u64)
+        .unwrap_or(0);
+    Ok(SetupReport {
+        tables: names,
+        publication_created,
+        slot_created,
+        confirmed_flush_lsn,
+    })
+}
+
+async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<bool, PostgresError> {
+    let existing = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(PostgresError::query("reading pg_publication"))?;
+    let list = |tables: &[&(String, String)]| {
+        tables
+            .iter()
+            .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match existing {
+        None => {
+            let all: Vec<&(String, String)> = tables.iter().collect();
+            let sql = if all.is_empty() {
+                format!("CREATE PUBLICATION {}", quote_ident(publication))
+            } else {
+                format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(publication),
+                    list(&all)
+                )
+            };
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(PostgresError::query(format!(
+                    "creating publication {publication} (the user must own the published tables, \
+                 or a DBA runs: {sql})"
+                )))?;
+            info!(publication, tables = tables.len(), "created publication");
+            Ok(true)
+        }
+        Some(row) if row.get::<_, bool>(0) => Ok(false),
+        Some(_) => {
+            let published = client
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                    &[&publication],
+                )
+                .await
+                .map_err(PostgresError::query("reading pg_publication_tables"))?;
+            let published: Vec<(String, String)> =
+                published.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let missing: Vec<&(String, String)> =
+                tables.iter().filter(|t| !published.contains(t)).collect();
+            if !missing.is_empty() {
+                let sql = format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_ident(publication),
+                    list(&missing)
+                );
+                match client.batch_execute(&sql).await {
+                    Ok(()) => info!(
+                        publication,
+                        added = missing.len(),
+                        "added tables to publication"
+                    ),
+                    Err(err) => {
+                        warn!(publication, error = %err, sql = %sql, "cannot add matching tables to the publication; their changes are not captured")
+                    }
+                }
+            }
+            Ok(false)
+        }
+    }
+}

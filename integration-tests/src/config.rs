@@ -1,0 +1,221 @@
+//! The config file a test hands to `tributary run -c`: the contract keys of
+//! PRODUCT.md pointed at a test's own [`Postgres`] and [`Kinesalite`], with
+//! the test's own additions merged in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use toml::{Table, Value};
+
+use crate::kinesalite::Kinesalite;
+use crate::net::free_port;
+use crate::postgres::{DEFAULT_DATABASE, Postgres};
+
+/// `source.name` in generated configs: the prefix of every event id.
+pub const SOURCE_NAME: &str = "shop";
+/// `source.postgres.slot` in generated configs.
+pub const SLOT: &str = "tributary_shop";
+/// `source.postgres.publication` in generated configs.
+pub const PUBLICATION: &str = "tributary_shop";
+
+/// A config file written by [`write_config`].
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    /// The file, `<dir>/tributary.toml`.
+    pub path: PathBuf,
+    /// `http.listen`: a free loopback port for `/healthz`, `/readyz` and
+    /// `/metrics` (unless `extra_toml` overrode it).
+    pub http_addr: SocketAddr,
+    /// `state.dir`: `<dir>/state`.
+    pub state_dir: PathBuf,
+}
+
+impl AsRef<Path> for TestConfig {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes `<dir>/tributary.toml` for one test run: source
+/// `postgres` named [`SOURCE_NAME`] reading `public.*` of
+/// [`DEFAULT_DATABASE`] with `snapshot = "never"`, slot [`SLOT`],
+/// publication [`PUBLICATION`], sink `stream` on `kin`, state in
+/// `<dir>/state`, JSON logs at `info`.
+///
+/// `extra_toml` is merged over that, table by table, so a test changes only
+/// what it cares about:
+///
+/// ```toml
+/// [source]
+/// snapshot = "initial"
+/// [sink]
+/// kind = "null"
+/// ```
+pub fn write_config(
+    dir: &Path,
+    pg: &Postgres,
+    kin: &Kinesalite,
+    stream: &str,
+    extra_toml: &str,
+) -> Result<TestConfig> {
+    let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let state_dir = dir.join("state");
+    let text = render_config(
+        &pg.url(DEFAULT_DATABASE),
+        &kin.endpoint(),
+        stream,
+        &state_dir,
+        http_addr,
+        extra_toml,
+    )?;
+    let path = dir.join("tributary.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(TestConfig {
+        path,
+        http_addr,
+        state_dir,
+    })
+}
+
+fn render_config(
+    url: &str,
+    endpoint: &str,
+    stream: &str,
+    state_dir: &Path,
+    http_addr: SocketAddr,
+    extra_toml: &str,
+) -> Result<String> {
+    let Some(state_dir) = state_dir.to_str() else {
+        bail!("state dir {} is not UTF-8", state_dir.display());
+    };
+    let mut config = table([
+        (
+            "source",
+            Value::Table(table([
+                ("kind", "postgres".into()),
+                ("name", SOURCE_NAME.into()),
+                ("url", url.into()),
+                ("tables", Value::Array(vec!["public.*".into()])),
+                ("snapshot", "never".into()),
+                (
+                    "postgres",
+                    Value::Table(table([
+                        ("slot", SLOT.into()),
+                        ("publication", PUBLICATION.into()),
+                    ])),
+                ),
+            ])),
+        ),
+        (
+            "sink",
+            Value::Table(table([
+                ("stream", stream.into()),
+                ("region", "us-east-1".into()),
+                ("endpoint_url", endpoint.into()),
+            ])),
+        ),
+        ("state", Value::Table(table([("dir", state_dir.into())]))),
+        (
+            "http",
+            Value::Table(table([("listen", http_addr.to_string().into())])),
+        ),
+        (
+            "log",
+            Value::Table(table([("format", "json".into()), ("level", "info".into())])),
+        ),
+    ]);
+    let extra: Table = toml::from_str(extra_toml).context("parsing the test's extra TOML")?;
+    merge(&mut config, extra);
+    Ok(toml::to_string(&config)?)
+}
+
+fn table<const N: usize>(entries: [(&str, Value); N]) -> Table {
+    entries
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect()
+}
+
+/// Merges `extra` into `base`: tables are merged key by key, any other value
+/// replaces the one in `base`.
+fn merge(base: &mut Table, extra: Table) {
+    for (key, value) in extra {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(base_table)), Value::Table(extra_table)) => {
+                merge(base_table, extra_table);
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(extra: &str) -> Table {
+        let text = render_config(
+            "postgres://tributary@127.0.0.1:5432/shop",
+            "http://127.0.0.1:4567",
+            "orders",
+            Path::new("/tmp/x/state"),
+            "127.0.0.1:9999".parse().unwrap(),
+            extra,
+        )
+        .unwrap();
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn writes_the_contract_keys() {
+        let config = render("");
+        assert_eq!(config["source"]["kind"].as_str(), Some("postgres"));
+        assert_eq!(config["source"]["snapshot"].as_str(), Some("never"));
+        assert_eq!(config["source"]["postgres"]["slot"].as_str(), Some(SLOT));
+        assert_eq!(
+            config["source"]["url"].as_str(),
+            Some("postgres://tributary@127.0.0.1:5432/shop")
+        );
+        assert_eq!(config["sink"]["stream"].as_str(), Some("orders"));
+        assert_eq!(
+            config["sink"]["endpoint_url"].as_str(),
+            Some("http://127.0.0.1:4567")
+        );
+        assert_eq!(config["state"]["dir"].as_str(), Some("/tmp/x/state"));
+        assert_eq!(config["http"]["listen"].as_str(), Some("127.0.0.1:9999"));
+        assert_eq!(config["log"]["format"].as_str(), Some("json"));
+    }
+
+    #[test]
+    fn merges_extra_toml_table_by_table() {
+        let config = render(
+            "[source]\nsnapshot = \"initial\"\n[sink]\nkind = \"null\"\n[sink.quota]\nshare = 0.5\n",
+        );
+        assert_eq!(config["source"]["snapshot"].as_str(), Some("initial"));
+        // Keys the extra TOML does not name are kept.
+        assert_eq!(config["source"]["kind"].as_str(), Some("postgres"));
+        assert_eq!(
+            config["source"]["postgres"]["publication"].as_str(),
+            Some(PUBLICATION)
+        );
+        assert_eq!(config["sink"]["kind"].as_str(), Some("null"));
+        assert_eq!(config["sink"]["stream"].as_str(), Some("orders"));
+        assert_eq!(config["sink"]["quota"]["share"].as_float(), Some(0.5));
+    }
+
+    #[test]
+    fn rejects_invalid_extra_toml() {
+        let result = render_config(
+            "u",
+            "e",
+            "s",
+            Path::new("/tmp"),
+            "127.0.0.1:1".parse().unwrap(),
+            "[sink",
+        );
+        assert!(result.is_err());
+    }
+}

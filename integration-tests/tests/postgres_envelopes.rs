@@ -1,0 +1,307 @@
+//! Row changes of every supported type, through a real Postgres 15 and a real
+//! kinesalite, arrive as the envelopes PRODUCT.md describes and validate
+//! against `schema/envelope.v1.json`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, TributaryProcess, repo_root, write_config,
+};
+
+const AWS_ENV: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+];
+const STREAM: &str = "shop-cdc";
+
+fn schema_validator() -> jsonschema::Validator {
+    let text =
+        std::fs::read_to_string(repo_root().join("schema/envelope.v1.json")).expect("schema file");
+    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+fn assert_valid(validator: &jsonschema::Validator, envelope: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(envelope)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "envelope {envelope} is invalid: {errors:?}"
+    );
+}
+
+/// Envelopes sorted by source position (commit order).
+fn by_position(mut envelopes: Vec<Value>) -> Vec<Value> {
+    envelopes.sort_by(|a, b| {
+        a["source"]["position"]
+            .as_str()
+            .unwrap()
+            .cmp(b["source"]["position"].as_str().unwrap())
+    });
+    envelopes
+}
+
+const SETUP: &str = r#"
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE TABLE everything (
+    id bigint PRIMARY KEY,
+    i2 smallint, i4 integer, i8 bigint,
+    num numeric, f4 real, f8 double precision,
+    flag boolean, t text, vc varchar(20), ch char(5),
+    raw bytea, js json, jsb jsonb, u uuid,
+    d date, tm time, ts timestamp, tstz timestamptz, iv interval,
+    arr_int int[], arr_text text[], m mood, cash money, nothing text
+);
+CREATE TABLE docs (id int PRIMARY KEY, body text, note text);
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    let kin = Kinesalite::start().await?;
+    kin.create_stream(STREAM, 2).await?;
+    pg.execute(SETUP).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
+    let mut tributary = TributaryProcess::run(&config.path, &AWS_ENV)?;
+    tributary
+        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
+        .await?;
+
+    let db = pg.client(DEFAULT_DATABASE).await?;
+    db.batch_execute(
+        r#"INSERT INTO everything VALUES (1, -32768, 2147483647, 9223372036854775807,
+            12345678901234567890.123456789, 1.5, -2.25, true, E'héllo "world"\n', 'vc', 'ab',
+            '\xdeadbeef', '{"a": [1, 2]}', '{"b": {"c": true}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '2026-11-23', '05:21:05.5', '2026-11-23 05:21:05.123456', '2026-11-23 07:21:05.123456+02',
+            '1 day 02:00:00', '{1,NULL,3}', '{"a b",c}', 'happy', 1234.56, NULL)"#,
+    )
+    .await?;
+    db.batch_execute(
+        "INSERT INTO everything (id, num, f4, f8, tstz, ts, d) \
+         VALUES (2, 'NaN', 'Infinity', '-Infinity', 'infinity', '-infinity', 'infinity')",
+    )
+    .await?;
+    db.batch_execute("UPDATE everything SET t = 'changed' WHERE id = 1")
+        .await?;
+    db.batch_execute("UPDATE everything SET id = 3 WHERE id = 2")
+        .await?;
+    db.batch_execute("DELETE FROM everything WHERE id = 3")
+        .await?;
+    db.batch_execute("TRUNCATE everything").await?;
+    // ~100 KB that does not compress below the TOAST threshold.
+    db.batch_execute(
+        "INSERT INTO docs SELECT 1, string_agg(md5(i::text), '') , 'first' FROM generate_series(1, 3200) i",
+    )
+    .await?;
+    db.batch_execute("UPDATE docs SET note = 'second' WHERE id = 1")
+        .await?;
+
+    let records = kin
+        .wait_for_records(STREAM, 8, Duration::from_secs(60))
+        .await?;
+    assert_eq!(records.len(), 8, "exactly one record per change");
+    let validator = schema_validator();
+    let mut envelopes = Vec::new();
+    for record in &records {
+        let envelope = record.json()?;
+        assert_valid(&validator, &envelope);
+        let expected_key = match envelope["key"].as_object() {
+            Some(key) => format!(
+                "public.{}:{}",
+                envelope["source"]["table"].as_str().unwrap(),
+                key.values()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            None => format!("public.{}", envelope["source"]["table"].as_str().unwrap()),
+        };
+        assert_eq!(record.partition_key, expected_key);
+        envelopes.push(envelope);
+    }
+    let envelopes = by_position(envelopes);
+    let ops: Vec<(&str, &str)> = envelopes
+        .iter()
+        .map(|e| {
+            (
+                e["source"]["table"].as_str().unwrap(),
+                e["op"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("everything", "insert"),
+            ("everything", "insert"),
+            ("everything", "update"),
+            ("everything", "update"),
+            ("everything", "delete"),
+            ("everything", "truncate"),
+            ("docs", "insert"),
+            ("docs", "update"),
+        ]
+    );
+
+    let first = &envelopes[0];
+    assert_eq!(first["v"], 1);
+    assert_eq!(
+        first["id"],
+        format!("shop:{}", first["source"]["position"].as_str().unwrap())
+    );
+    assert_eq!(first["source"]["connector"], "postgres");
+    assert_eq!(first["source"]["name"], "shop");
+    assert_eq!(first["source"]["db"], "shop");
+    assert_eq!(first["source"]["schema"], "public");
+    assert_eq!(first["source"]["snapshot"], false);
+    assert!(
+        first["source"]["tx_id"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .is_ok()
+    );
+    assert_eq!(first["key"], json!({"id": 1}));
+    assert_eq!(first["before"], Value::Null);
+    assert_eq!(first["unchanged"], json!([]));
+    assert_eq!(
+        first["after"],
+        json!({
+            "id": 1, "i2": -32768, "i4": 2147483647, "i8": 9223372036854775807i64,
+            "num": "12345678901234567890.123456789", "f4": 1.5, "f8": -2.25,
+            "flag": true, "t": "héllo \"world\"\n", "vc": "vc", "ch": "ab   ",
+            "raw": "3q2+7w==", "js": {"a": [1, 2]}, "jsb": {"b": {"c": true}},
+            "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "d": "2026-11-23", "tm": "05:21:05.5", "ts": "2026-11-23T05:21:05.123456",
+            "tstz": "2026-11-23T05:21:05.123456Z", "iv": "P1DT2H",
+            "arr_int": [1, null, 3], "arr_text": ["a b", "c"], "m": "happy", "cash": "1234.56",
+            "nothing": null
+        })
+    );
+
+    let special = &envelopes[1]["after"];
+    assert_eq!(special["num"], "NaN");
+    assert_eq!(special["f4"], "Infinity");
+    assert_eq!(special["f8"], "-Infinity");
+    assert_eq!(special["tstz"], "infinity");
+    assert_eq!(special["ts"], "-infinity");
+    assert_eq!(special["d"], "infinity");
+    assert_eq!(special["i2"], Value::Null);
+
+    let update = &envelopes[2];
+    assert_eq!(update["key"], json!({"id": 1}));
+    assert_eq!(update["before"], json!({"id": 1}));
+    assert_eq!(update["after"]["t"], "changed");
+    assert_eq!(update["after"]["i8"], json!(9223372036854775807i64));
+
+    let key_change = &envelopes[3];
+    assert_eq!(key_change["key"], json!({"id": 3}));
+    assert_eq!(key_change["before"], json!({"id": 2}));
+    assert_eq!(key_change["after"]["id"], 3);
+    assert_eq!(key_change["after"]["num"], "NaN");
+
+    let delete = &envelopes[4];
+    assert_eq!(delete["key"], json!({"id": 3}));
+    assert_eq!(delete["before"], json!({"id": 3}));
+    assert_eq!(delete["after"], Value::Null);
+
+    let truncate = &envelopes[5];
+    assert_eq!(truncate["key"], Value::Null);
+    assert_eq!(truncate["after"], Value::Null);
+
+    let toast_insert = &envelopes[6];
+    assert_eq!(
+        toast_insert["after"]["body"].as_str().unwrap().len(),
+        3200 * 32
+    );
+    let toast_update = &envelopes[7];
+    assert_eq!(toast_update["unchanged"], json!(["body"]));
+    let after = toast_update["after"].as_object().unwrap();
+    assert!(
+        !after.contains_key("body"),
+        "an unchanged TOAST column is left out of after"
+    );
+    assert_eq!(after["note"], "second");
+
+    tributary.sigterm()?;
+    let status = tributary.wait_exit(Duration::from_secs(30)).await?;
+    assert!(
+        status.success(),
+        "graceful stop exits 0: {status}\n{}",
+        tributary.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_identity_full_sends_the_whole_old_row_and_ddl_refreshes_columns()
+-> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    let kin = Kinesalite::start().await?;
+    kin.create_stream(STREAM, 1).await?;
+    pg.execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, status text); \
+         ALTER TABLE orders REPLICA IDENTITY FULL; \
+         CREATE TABLE nokey (a int, b text)",
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
+    let mut tributary = TributaryProcess::run(&config.path, &AWS_ENV)?;
+    tributary
+        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
+        .await?;
+    pg.execute("INSERT INTO orders VALUES (42, 'new')").await?;
+    pg.execute("UPDATE orders SET status = 'paid' WHERE id = 42")
+        .await?;
+    pg.execute("ALTER TABLE orders ADD COLUMN total numeric(10,2)")
+        .await?;
+    pg.execute("UPDATE orders SET total = 9.99 WHERE id = 42")
+        .await?;
+    pg.execute("INSERT INTO nokey VALUES (1, 'x')").await?;
+
+    let records = kin
+        .wait_for_records(STREAM, 4, Duration::from_secs(60))
+        .await?;
+    let validator = schema_validator();
+    let envelopes: Vec<Value> = records
+        .iter()
+        .map(|r| r.json())
+        .collect::<anyhow::Result<_>>()?;
+    envelopes.iter().for_each(|e| assert_valid(&validator, e));
+    let envelopes = by_position(envelopes);
+    assert_eq!(envelopes[1]["before"], json!({"id": 42, "status": "new"}));
+    assert_eq!(envelopes[1]["after"], json!({"id": 42, "status": "paid"}));
+    assert_eq!(
+        envelopes[1]["key"],
+        json!({"id": 42}),
+        "FULL identity still keys by the primary key"
+    );
+    assert_eq!(
+        envelopes[2]["after"],
+        json!({"id": 42, "status": "paid", "total": "9.99"})
+    );
+    assert_eq!(
+        envelopes[2]["before"],
+        json!({"id": 42, "status": "paid", "total": null})
+    );
+    assert_eq!(envelopes[3]["key"], Value::Null);
+    let nokey = records
+        .iter()
+        .find(|r| r.json().unwrap()["source"]["table"] == "nokey")
+        .unwrap();
+    assert_eq!(nokey.partition_key, "public.nokey");
+
+    tributary.sigterm()?;
+    assert!(
+        tributary
+            .wait_exit(Duration::from_secs(30))
+            .await?
+            .success()
+    );
+    Ok(())
+}

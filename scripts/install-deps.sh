@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what Tributary's tests and quickstart need on a Debian machine:
+# PostgreSQL 15 server binaries, node + npm, kinesalite (npm ci, pinned in
+# package-lock.json) and cargo-nextest. Idempotent, and quiet when
+# everything is already there.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+pg_bin=/usr/lib/postgresql/15/bin
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=no
+apt_install() {
+    echo "install-deps: apt-get install $*"
+    if [ "$apt_updated" = no ]; then
+        as_root apt-get update -qq
+        apt_updated=yes
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_recvlogical" ]; then
+    apt_install postgresql-15 postgresql-client-15
+fi
+
+if ! command -v node >/dev/null; then
+    # Debian's nodejs comes without npm; NodeSource's includes it.
+    apt_install nodejs
+fi
+if ! command -v npm >/dev/null; then
+    apt_install npm
+fi
+
+# kinesalite, exactly as package-lock.json pins it. npm leaves a copy of the
+# lock file in node_modules: reinstall when the committed one is newer.
+if [ ! -f "$root/node_modules/kinesalite/cli.js" ] ||
+    [ "$root/package-lock.json" -nt "$root/node_modules/.package-lock.json" ]; then
+    echo "install-deps: npm ci (kinesalite)"
+    (cd "$root" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "install-deps: cargo install --locked cargo-nextest"
+    cargo install --locked --quiet cargo-nextest
+fi

@@ -1,0 +1,65 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Change-data-capture from PostgreSQL into AWS Kinesis Data Streams.
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Path of the configuration file; every key can be overridden with
+    /// TRIBUTARY__SECTION__KEY environment variables.
+    #[arg(short, long, value_name = "FILE", default_value = "config.toml")]
+    pub config: PathBuf,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream changes from the source into the sink until SIGTERM/SIGINT.
+    ///
+    /// Creates the publication and the replication slot when missing, resumes
+    /// after the last acknowledged transaction, and on SIGTERM finishes the
+    /// current transaction, flushes, acknowledges and exits 0.
+    Run {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+    },
+    /// Print the envelopes of a Kinesis stream, one JSON object per line.
+    ///
+    /// Reads every shard (region and endpoint from the config's [sink]).
+    /// Without --follow it stops once every shard is read to its end.
+    Tail {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// The stream to read.
+        #[arg(long, value_name = "NAME")]
+        stream: String,
+        /// Where to start in every shard.
+        #[arg(long, value_enum, default_value_t = From::TrimHorizon)]
+        from: From,
+        /// Keep waiting for new records (until Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+/// `tail --from`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum From {
+    /// The oldest record still in the stream.
+    TrimHorizon,
+    /// Only records written after the tail starts.
+    Latest,
+}

@@ -1,0 +1,151 @@
+//! `tributary run`: wires source -> sink -> ack tracker -> source
+//! acknowledgement, and handles graceful shutdown.
+//!
+//! SIGTERM or SIGINT asks the source to stop at the next transaction
+//! boundary; the sink flushes; the source acknowledges the last commit; the
+//! process exits 0. A second signal exits at once (nothing is lost: what was
+//! not acknowledged is sent again after a restart).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+use tributary_envelope::{AckTracker, Acks, Budget, Sink};
+use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
+use tributary_postgres::{PostgresSource, Stopped};
+
+use crate::null_sink::NullSink;
+use crate::settings::{SinkKind, SnapshotMode, Validated};
+
+/// Batches queued between the source and the sink (the byte budget is the
+/// real bound on memory).
+const CHANNEL_BATCHES: usize = 1024;
+
+/// Runs the pipeline until a signal; returns the process exit code.
+pub async fn run(v: Validated) -> anyhow::Result<i32> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(watch_signals(shutdown_tx));
+
+    let settings = &v.settings;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        source = %settings.source.name,
+        url = %crate::settings::redacted_url(settings),
+        sink = ?settings.sink.kind,
+        stream = settings.sink.stream.as_deref().unwrap_or(""),
+        "tributary starting"
+    );
+    let source = PostgresSource::connect(v.postgres.clone())
+        .await
+        .context("cannot start the postgres source")?;
+    let report = source.report().clone();
+    if report.slot_created && settings.source.snapshot == SnapshotMode::Initial {
+        warn!(
+            "initial snapshots are not available in this build yet: rows that existed before the \
+             slot was created are not sent; changes from now on are"
+        );
+    }
+
+    let tracker = Arc::new(AckTracker::new(report.confirmed_flush_lsn));
+    let budget = Arc::new(Budget::new(
+        usize::try_from(settings.sink.max_in_flight_bytes).unwrap_or(usize::MAX),
+    ));
+    let acks = Acks::new(tracker.clone(), budget.clone());
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+
+    let mut sink: JoinHandle<anyhow::Result<()>> = match settings.sink.kind {
+        SinkKind::Null => tokio::spawn(async move { Ok(NullSink::default().run(rx, acks).await?) }),
+        SinkKind::Kinesis => {
+            let mut config =
+                KinesisSinkConfig::new(v.region.clone(), settings.state.dir.join("dead-letters"));
+            config.endpoint_url = settings.sink.endpoint_url.clone();
+            config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
+            config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
+            config.share = settings.sink.quota.share;
+            if let Err(tributary_kinesis::KinesisError::Config { key, message }) = config.validate()
+            {
+                return Err(crate::settings::ConfigError::Invalid {
+                    key: key.to_owned(),
+                    message,
+                }
+                .into());
+            }
+            let client = tributary_kinesis::build_sink_client(&config).await;
+            let kinesis = KinesisSink::new(client, config)
+                .await
+                .context("cannot start the kinesis sink")?;
+            tokio::spawn(async move { Ok(kinesis.run(rx, acks).await?) })
+        }
+    };
+
+    let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
+    let mut source = tokio::spawn(source.run(tx, tracker.clone(), budget, shutdown_rx, drain));
+
+    // The sink finishes first on a graceful stop (the source closes its
+    // input, then waits for the final acknowledgement); a sink that fails
+    // stops everything.
+    let sink_result = tokio::select! {
+        result = &mut source => {
+            let stopped = result.context("source task panicked")?.context("postgres source failed")?;
+            match tokio::time::timeout(Duration::from_secs(5), &mut sink).await {
+                Ok(joined) => joined.context("sink task panicked")??,
+                Err(_) => warn!("sink did not finish after the source stopped"),
+            }
+            return Ok(exit_code(stopped, &tracker));
+        }
+        result = &mut sink => result.context("sink task panicked")?,
+    };
+    if let Err(err) = sink_result {
+        source.abort();
+        return Err(
+            err.context("the sink failed; unacknowledged changes are sent again after a restart")
+        );
+    }
+    let stopped = source
+        .await
+        .context("source task panicked")?
+        .context("postgres source failed")?;
+    Ok(exit_code(stopped, &tracker))
+}
+
+fn exit_code(stopped: Stopped, tracker: &AckTracker) -> i32 {
+    match stopped {
+        Stopped::Drained => {
+            info!(acknowledged = tracker.acked(), "stopped cleanly");
+            0
+        }
+        Stopped::TimedOut => {
+            error!(
+                in_flight = tracker.in_flight(),
+                "stopped before every record was delivered; they are sent again after a restart"
+            );
+            1
+        }
+    }
+}
+
+async fn watch_signals(shutdown: watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("shutdown requested: finishing the current transaction, flushing and acknowledging");
+    let _ = shutdown.send(true);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second signal: exiting now; unacknowledged changes are sent again after a restart");
+    std::process::exit(1);
+}

@@ -1,0 +1,620 @@
+//! `config.toml` plus `TRIBUTARY__SECTION__KEY` environment overrides:
+//! parsed (unknown keys are errors), then validated without I/O into the
+//! settings each part is built from. Every error names the key and the fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tributary_envelope::StreamRouter;
+use tributary_envelope::filter::validate_pattern;
+use tributary_postgres::config::{parse_url, redact, validate_object_name};
+
+/// A configuration problem: exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("{0}")]
+    Load(String),
+    /// A key has a value that cannot work.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `source.postgres.slot`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A secret: never printed.
+#[derive(Clone, Deserialize, Default, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `[source]`: the database to capture.
+    pub source: SourceSettings,
+    /// `[sink]`: where envelopes go.
+    pub sink: SinkSettings,
+    /// `[state]`: local state.
+    #[serde(default)]
+    pub state: StateSettings,
+    /// `[http]`: health and metrics endpoint.
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+/// `source.kind`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// PostgreSQL logical replication (`pgoutput`).
+    Postgres,
+    /// MySQL / MariaDB row binlog.
+    Mysql,
+}
+
+/// `source.snapshot`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Snapshot existing rows when the slot is new, then stream.
+    #[default]
+    Initial,
+    /// Stream changes only.
+    Never,
+    /// Snapshot, then stop.
+    Only,
+}
+
+/// `[source]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// `postgres` or `mysql`.
+    pub kind: SourceKind,
+    /// Stable id of this source: event ids, metrics, state.
+    pub name: String,
+    /// Connection URL; the password may be inside or given separately.
+    pub url: Secret,
+    /// Password (prefer `TRIBUTARY__SOURCE__PASSWORD`).
+    pub password: Option<Secret>,
+    /// A file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Include patterns, `schema.table` with `*` wildcards.
+    #[serde(default = "default_tables")]
+    pub tables: Vec<String>,
+    /// Exclude patterns.
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
+    /// `initial`, `never` or `only`.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// `[source.postgres]`.
+    #[serde(default)]
+    pub postgres: PostgresSettings,
+    /// `[source.mysql]`.
+    pub mysql: Option<MysqlSettings>,
+}
+
+fn default_tables() -> Vec<String> {
+    vec!["*.*".into()]
+}
+
+/// `[source.postgres]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Replication slot (default `tributary_{name}`); created if missing.
+    pub slot: Option<String>,
+    /// Publication (default `tributary_{name}`); created if missing.
+    pub publication: Option<String>,
+}
+
+/// `[source.mysql]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSettings {
+    /// Unique among the server's replicas.
+    pub server_id: u32,
+}
+
+/// `sink.kind`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// AWS Kinesis Data Streams.
+    #[default]
+    Kinesis,
+    /// Discards every record (benchmarks, dry runs).
+    Null,
+}
+
+/// `[sink]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// `kinesis` (default) or `null`.
+    #[serde(default)]
+    pub kind: SinkKind,
+    /// A stream name or a template such as `shop.{schema}.{table}`.
+    pub stream: Option<String>,
+    /// AWS region (default: `AWS_REGION`).
+    pub region: Option<String>,
+    /// Endpoint for emulators or VPC endpoints.
+    pub endpoint_url: Option<String>,
+    /// KPL-compatible aggregation.
+    #[serde(default)]
+    pub aggregation: bool,
+    /// `[sink.quota]`.
+    #[serde(default)]
+    pub quota: QuotaSettings,
+    /// Bytes of records between the reader and acknowledgement.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_bytes: u64,
+    /// Seconds a graceful stop waits for in-flight records.
+    #[serde(default = "default_drain_secs")]
+    pub drain_timeout_secs: u64,
+}
+
+fn default_in_flight() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_drain_secs() -> u64 {
+    30
+}
+
+/// `[sink.quota]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Records per second per shard.
+    #[serde(default = "default_records_quota")]
+    pub records_per_shard_per_sec: u32,
+    /// Bytes per second per shard.
+    #[serde(default = "default_bytes_quota")]
+    pub bytes_per_shard_per_sec: u32,
+    /// Fraction of each shard this producer may use.
+    #[serde(default = "default_share")]
+    pub share: f64,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            records_per_shard_per_sec: default_records_quota(),
+            bytes_per_shard_per_sec: default_bytes_quota(),
+            share: default_share(),
+        }
+    }
+}
+
+fn default_records_quota() -> u32 {
+    1000
+}
+fn default_bytes_quota() -> u32 {
+    1_048_576
+}
+fn default_share() -> f64 {
+    1.0
+}
+
+/// `[state]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Offsets, snapshot progress, dead letters.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("./tributary-state")
+}
+
+/// `[http]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` or `pretty`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A level (`info`) or a filter (`info,tributary_kinesis=debug`).
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+/// Reads `path` (if it exists or was asked for) and the environment.
+pub fn load(path: &Path, explicit: bool) -> Result<Settings, ConfigError> {
+    let mut builder = config::Config::builder();
+    if path.exists() {
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    } else if explicit {
+        return Err(ConfigError::Load(format!(
+            "config file {} not found (pass -c PATH, or set every key with TRIBUTARY__SECTION__KEY variables)",
+            path.display()
+        )));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("TRIBUTARY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("source.tables")
+            .with_list_parse_key("source.exclude_tables"),
+    );
+    let raw = builder
+        .build()
+        .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
+    serde_path_to_error::deserialize(raw).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        ConfigError::Invalid {
+            key: if key == "." { "config".into() } else { key },
+            message: inner,
+        }
+    })
+}
+
+/// Settings checked and ready to build the pipeline from.
+#[derive(Debug)]
+pub struct Validated {
+    /// The parsed file.
+    pub settings: Settings,
+    /// The Postgres source's settings.
+    pub postgres: tributary_postgres::PostgresSourceConfig,
+    /// The region (kinesis sink).
+    pub region: String,
+}
+
+impl Settings {
+    /// Checks every value without network access; reads `password_file`.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let source = &self.source;
+        if source.kind == SourceKind::Mysql {
+            return Err(invalid(
+                "source.kind",
+                "mysql is not available in this build yet: use kind = \"postgres\"",
+            ));
+        }
+        if source.mysql.as_ref().is_some_and(|m| m.server_id == 0) {
+            return Err(invalid(
+                "source.mysql.server_id",
+                "must be between 1 and 4294967295",
+            ));
+        }
+        if source.snapshot == SnapshotMode::Only {
+            return Err(invalid(
+                "source.snapshot",
+                "\"only\" is not available in this build yet: use \"initial\" or \"never\"",
+            ));
+        }
+        let name_ok = !source.name.is_empty()
+            && source.name.len() <= 64
+            && source
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(invalid(
+                "source.name",
+                format!("`{}` must be 1-64 characters of [A-Za-z0-9_-]", source.name),
+            ));
+        }
+        for (key, patterns) in [
+            ("source.tables", &source.tables),
+            ("source.exclude_tables", &source.exclude_tables),
+        ] {
+            for pattern in patterns {
+                validate_pattern(pattern).map_err(|m| invalid(key, m))?;
+            }
+        }
+        if source.tables.is_empty() {
+            return Err(invalid(
+                "source.tables",
+                "list at least one pattern, e.g. [\"public.*\"]",
+            ));
+        }
+        let password = match (&source.password, &source.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "source.password_file",
+                    "set either source.password or source.password_file, not both",
+                ));
+            }
+            (Some(p), None) => Some(p.0.clone()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        invalid(
+                            "source.password_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let connection =
+            parse_url(&source.url.0, password.as_deref()).map_err(|e| invalid(e.key, e.message))?;
+        let default_name = format!(
+            "tributary_{}",
+            source.name.to_ascii_lowercase().replace('-', "_")
+        );
+        let slot = source
+            .postgres
+            .slot
+            .clone()
+            .unwrap_or_else(|| default_name.clone());
+        let publication = source.postgres.publication.clone().unwrap_or(default_name);
+        validate_object_name("source.postgres.slot", &slot)
+            .map_err(|e| invalid(e.key, e.message))?;
+        validate_object_name("source.postgres.publication", &publication)
+            .map_err(|e| invalid(e.key, e.message))?;
+
+        let sink = &self.sink;
+        let (router, region) = match sink.kind {
+            SinkKind::Null => (
+                StreamRouter::parse(sink.stream.as_deref().unwrap_or("null"))
+                    .map_err(|e| invalid("sink.stream", e.to_string()))?,
+                String::new(),
+            ),
+            SinkKind::Kinesis => {
+                let stream = sink.stream.as_deref().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+                    invalid(
+                        "sink.stream",
+                        "missing: name the Kinesis stream (stream = \"shop-cdc\") or a template (stream = \"shop.{schema}.{table}\")",
+                    )
+                })?;
+                let router = StreamRouter::parse(stream)
+                    .map_err(|e| invalid("sink.stream", e.to_string()))?;
+                let literal: String = stream.replace(['{', '}'], "");
+                if literal.len() > 128
+                    || !literal
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+                {
+                    return Err(invalid(
+                        "sink.stream",
+                        format!(
+                            "`{stream}` is not a valid stream name: 1-128 characters of [A-Za-z0-9_.-]"
+                        ),
+                    ));
+                }
+                let region = sink
+                    .region
+                    .clone()
+                    .or_else(|| std::env::var("AWS_REGION").ok())
+                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| {
+                        invalid(
+                            "sink.region",
+                            "missing: set region = \"us-east-1\" (or AWS_REGION)",
+                        )
+                    })?;
+                if let Some(url) = &sink.endpoint_url
+                    && !(url.starts_with("http://") || url.starts_with("https://"))
+                {
+                    return Err(invalid(
+                        "sink.endpoint_url",
+                        format!("`{url}` must start with http:// or https://"),
+                    ));
+                }
+                if sink.aggregation {
+                    return Err(invalid(
+                        "sink.aggregation",
+                        "record aggregation is not available in this build yet: set aggregation = false",
+                    ));
+                }
+                (router, region)
+            }
+        };
+        let quota = &sink.quota;
+        if !(quota.share > 0.0 && quota.share <= 1.0) {
+            return Err(invalid(
+                "sink.quota.share",
+                format!("must be > 0 and <= 1, got {}", quota.share),
+            ));
+        }
+        if quota.records_per_shard_per_sec == 0 {
+            return Err(invalid(
+                "sink.quota.records_per_shard_per_sec",
+                "must be at least 1",
+            ));
+        }
+        if quota.bytes_per_shard_per_sec == 0 {
+            return Err(invalid(
+                "sink.quota.bytes_per_shard_per_sec",
+                "must be at least 1",
+            ));
+        }
+        if sink.max_in_flight_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "sink.max_in_flight_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        self.http
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                invalid(
+                    "http.listen",
+                    format!("`{}` is not HOST:PORT: {e}", self.http.listen),
+                )
+            })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            invalid(
+                "log.level",
+                format!(
+                    "`{}`: {e} (use error, warn, info, debug or trace)",
+                    self.log.level
+                ),
+            )
+        })?;
+
+        let postgres = tributary_postgres::PostgresSourceConfig {
+            name: source.name.clone(),
+            connection,
+            slot,
+            publication,
+            filter: tributary_envelope::TableFilter::new(&source.tables, &source.exclude_tables),
+            router,
+            batch_records: 256,
+        };
+        Ok(Validated {
+            settings: self,
+            postgres,
+            region,
+        })
+    }
+}
+
+/// The source URL for logs.
+pub fn redacted_url(settings: &Settings) -> String {
+    redact(&settings.source.url.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Validated, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        load(&path, true)?.validate()
+    }
+
+    const BASE: &str = r#"
+[source]
+kind = "postgres"
+name = "shop"
+url = "postgres://cdc:hunter2@127.0.0.1:5432/shop"
+tables = ["public.*"]
+
+[sink]
+stream = "shop-cdc"
+region = "us-east-1"
+"#;
+
+    #[test]
+    fn a_minimal_config_validates_with_defaults() {
+        let v = load_str(BASE).unwrap();
+        assert_eq!(v.postgres.slot, "tributary_shop");
+        assert_eq!(v.postgres.publication, "tributary_shop");
+        assert_eq!(v.settings.state.dir, PathBuf::from("./tributary-state"));
+        assert!(
+            !format!("{:?}", v.settings).contains("hunter2"),
+            "secrets never in Debug"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (format!("{BASE}\n[log]\nbogus = 1\n"), "log"),
+            (BASE.replace("tables = [", "tabels = ["), "source"),
+            (BASE.replace("stream = \"shop-cdc\"", ""), "sink.stream"),
+            (
+                BASE.replace("postgres://cdc:hunter2@127.0.0.1:5432/shop", "http://x"),
+                "source.url",
+            ),
+            (BASE.replace("\"public.*\"", "\"orders\""), "source.tables"),
+            (
+                format!("{BASE}\n[sink.quota]\nshare = 1.5\n"),
+                "sink.quota.share",
+            ),
+            (
+                format!("{BASE}\n[source.postgres]\nslot = \"Bad-Slot\"\n"),
+                "source.postgres.slot",
+            ),
+            (BASE.replace("shop-cdc", "shop.{tabel}"), "sink.stream"),
+        ];
+        for (toml, key) in cases {
+            let err = load_str(&toml).unwrap_err().to_string();
+            assert!(err.contains(key), "`{err}` should name {key}");
+            assert!(!err.contains("hunter2"), "`{err}` leaks the password");
+        }
+        let err = load_str(&BASE.replace("tables = [", "tabels = ["))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tabels"), "{err}");
+    }
+}

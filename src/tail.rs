@@ -1,0 +1,57 @@
+//! `tributary tail`: prints a stream's envelopes, one JSON object per line.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tributary_kinesis::{StartFrom, tail};
+
+use crate::cli::From;
+use crate::settings::{ConfigError, SinkSettings};
+
+/// Only `[sink]` matters to `tail`; other sections are read by `run`.
+#[derive(Debug, Deserialize)]
+struct TailSettings {
+    sink: Option<SinkSettings>,
+}
+
+/// Reads the stream and writes it to stdout; exit code 0.
+pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyhow::Result<u8> {
+    let mut builder = config::Config::builder();
+    if config.exists() {
+        builder = builder.add_source(config::File::from(config).format(config::FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("TRIBUTARY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true),
+    );
+    let raw = builder
+        .build()
+        .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
+    let settings: TailSettings =
+        serde_path_to_error::deserialize(raw).map_err(|e| ConfigError::Invalid {
+            key: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        })?;
+    let sink = settings.sink;
+    let region = sink
+        .as_ref()
+        .and_then(|s| s.region.clone())
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let endpoint = sink.as_ref().and_then(|s| s.endpoint_url.clone());
+    let client = tributary_kinesis::build_client(&region, endpoint.as_deref()).await;
+    let from = match from {
+        From::TrimHorizon => StartFrom::TrimHorizon,
+        From::Latest => StartFrom::Latest,
+    };
+    let mut stdout = tokio::io::stdout();
+    tokio::select! {
+        result = tail(&client, stream, from, follow, &mut stdout) => { result?; }
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    use tokio::io::AsyncWriteExt as _;
+    stdout.flush().await?;
+    Ok(0)
+}
