@@ -320,14 +320,29 @@ pub fn load(path: &Path, explicit: bool) -> Result<Settings, ConfigError> {
     let raw = builder
         .build()
         .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
-    serde_path_to_error::deserialize(raw).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        ConfigError::Invalid {
-            key: if key == "." { "config".into() } else { key },
-            message: inner,
-        }
-    })
+    serde_path_to_error::deserialize(raw).map_err(path_error)
+}
+
+/// Names the full key of a deserialization error, including the unknown
+/// field itself (`source.bogus`), and says how to fix it.
+pub fn path_error(err: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
+    let path = err.path().to_string();
+    let message = err.into_inner().to_string();
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field.to_owned());
+    let key = match (&unknown, path.as_str()) {
+        (Some(field), ".") => field.clone(),
+        (Some(field), path) => format!("{path}.{field}"),
+        (None, ".") => "config".to_owned(),
+        (None, path) => path.to_owned(),
+    };
+    let message = match unknown {
+        Some(_) => format!("unknown key ({message}); remove it or fix its spelling"),
+        None => message,
+    };
+    ConfigError::Invalid { key, message }
 }
 
 /// Settings checked and ready to build the pipeline from.

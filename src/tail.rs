@@ -30,10 +30,7 @@ pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyho
         .build()
         .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
     let settings: TailSettings =
-        serde_path_to_error::deserialize(raw).map_err(|e| ConfigError::Invalid {
-            key: e.path().to_string(),
-            message: e.into_inner().to_string(),
-        })?;
+        serde_path_to_error::deserialize(raw).map_err(crate::settings::path_error)?;
     let sink = settings.sink;
     let region = sink
         .as_ref()

@@ -202,6 +202,24 @@ impl Postgres {
         Ok(row.is_some_and(|row| row.get::<_, bool>(0)))
     }
 
+    /// Stops the server (`pg_ctl stop -m fast`: clients are disconnected,
+    /// walsenders end) and keeps the cluster, so that [`Postgres::restart`]
+    /// can bring it back with its data and slots: a source outage.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.running {
+            self.pg_ctl_stop("fast")?;
+            self.running = false;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port after [`Postgres::stop`] (or
+    /// stops and starts it if it is running). Data and slots are kept.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.pg_ctl_start()
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -242,24 +260,6 @@ host replication all 127.0.0.1/32 trust
 ";
         std::fs::write(data.join("pg_hba.conf"), hba).context("writing pg_hba.conf")?;
         Ok(())
-    }
-
-    /// Stops the server (`pg_ctl stop -m fast`: clients are disconnected,
-    /// walsenders end) and keeps the cluster, so that [`Postgres::restart`]
-    /// can bring it back with its data and slots: a source outage.
-    pub fn stop(&mut self) -> Result<()> {
-        if self.running {
-            self.pg_ctl_stop("fast")?;
-            self.running = false;
-        }
-        Ok(())
-    }
-
-    /// Starts the server again on the same port after [`Postgres::stop`] (or
-    /// stops and starts it if it is running). Data and slots are kept.
-    pub fn restart(&mut self) -> Result<()> {
-        self.stop()?;
-        self.pg_ctl_start()
     }
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<()> {

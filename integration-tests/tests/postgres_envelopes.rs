@@ -9,10 +9,6 @@ use tributary_integration_tests::{
     DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, TributaryProcess, repo_root, write_config,
 };
 
-const AWS_ENV: [(&str, &str); 2] = [
-    ("AWS_ACCESS_KEY_ID", "test"),
-    ("AWS_SECRET_ACCESS_KEY", "test"),
-];
 const STREAM: &str = "shop-cdc";
 
 fn schema_validator() -> jsonschema::Validator {
@@ -66,7 +62,7 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
     pg.execute(SETUP).await?;
     let dir = tempfile::tempdir()?;
     let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
-    let mut tributary = TributaryProcess::run(&config.path, &AWS_ENV)?;
+    let mut tributary = TributaryProcess::run(&config.path, &[])?;
     tributary
         .wait_streaming(&pg, SLOT, Duration::from_secs(30))
         .await?;
@@ -251,7 +247,7 @@ async fn replica_identity_full_sends_the_whole_old_row_and_ddl_refreshes_columns
     .await?;
     let dir = tempfile::tempdir()?;
     let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
-    let mut tributary = TributaryProcess::run(&config.path, &AWS_ENV)?;
+    let mut tributary = TributaryProcess::run(&config.path, &[])?;
     tributary
         .wait_streaming(&pg, SLOT, Duration::from_secs(30))
         .await?;

@@ -94,7 +94,8 @@ impl LaneQuota {
 
     /// Waits until a call of `records` records and `bytes` bytes fits in the quota.
     pub(crate) async fn acquire(&self, records: usize, bytes: usize) {
-        let _ = (records, bytes);
+        self.records.take(records as f64 / self.factor).await;
+        self.bytes.take(bytes as f64 / self.factor).await;
     }
 
     /// Kinesis throttled this lane: halve the rate.

@@ -132,7 +132,7 @@ impl PostgresSource {
         .with_application_name(format!("tributary-{}", self.cfg.name))
         .with_start_lsn(Lsn::from_u64(0))
         .with_ack_lsn(Lsn::from_u64(start))
-        .with_status_interval(Duration::from_millis(500))
+        .with_status_interval(Duration::from_millis(100))
         .with_wakeup_interval(Duration::from_secs(5))
     }
 

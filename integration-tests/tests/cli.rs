@@ -1,0 +1,113 @@
+//! The command line as a user meets it: help text, and configuration errors
+//! that exit 2 naming the key.
+
+use std::path::Path;
+use std::process::Output;
+
+use tributary_integration_tests::tributary_bin;
+
+fn tributary(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
+    std::process::Command::new(tributary_bin().expect("tributary binary"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .output()
+        .expect("tributary runs")
+}
+
+const GOOD: &str = r#"
+[source]
+kind = "postgres"
+name = "shop"
+url = "postgres://cdc:hunter2@127.0.0.1:1/shop"
+tables = ["public.*"]
+
+[sink]
+stream = "shop-cdc"
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:1"
+"#;
+
+fn run_with(config: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), config).unwrap();
+    let out = tributary(&["run", "-c", "bad.toml"], env, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn bad_configs_exit_2_and_name_the_key() {
+    let cases = [
+        (
+            GOOD.replace("tables = [", "bogus = 1\ntables = ["),
+            "source.bogus",
+        ),
+        (
+            GOOD.replace("postgres://cdc:hunter2@127.0.0.1:1/shop", "not a url"),
+            "source.url",
+        ),
+        (GOOD.replace("stream = \"shop-cdc\"", ""), "sink.stream"),
+        (
+            format!("{GOOD}\n[sink.quota]\nshare = 0\n"),
+            "sink.quota.share",
+        ),
+        (
+            GOOD.replace("kind = \"postgres\"", "kind = \"oracle\""),
+            "source.kind",
+        ),
+    ];
+    for (config, key) in cases {
+        let (code, stderr) = run_with(&config, &[]);
+        assert_eq!(code, 2, "{key}: exit code 2 expected, stderr: {stderr}");
+        assert!(stderr.contains(key), "{key} not named in: {stderr}");
+        assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+    }
+}
+
+#[test]
+fn environment_overrides_every_key() {
+    // An unknown key from the environment is an error too.
+    let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__BOGUS", "1")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("source.bogus"), "{stderr}");
+    // An override replaces the file's value (here with a broken one, to see it).
+    let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__URL", "mysql://x@y/z")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("source.url") && stderr.contains("mysql://x@y/z"),
+        "{stderr}"
+    );
+    let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__POSTGRES__SLOT", "Bad-Slot")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("source.postgres.slot"), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tributary(&["run", "-c", "nope.toml"], &[], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, expect) in [
+        (vec!["--help"], "tail"),
+        (vec!["run", "--help"], "--config"),
+        (vec!["tail", "--help"], "--follow"),
+    ] {
+        let out = tributary(&args, &[], dir.path());
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(expect), "{args:?}: {text}");
+    }
+    let out = tributary(
+        &["tail", "--from", "yesterday", "--stream", "s"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "clap usage errors exit 2");
+}
