@@ -47,6 +47,13 @@ impl DeadLetterStore {
                 path: path.clone(),
                 source,
             })?;
+        // Make the file's directory entry durable too: a line synced into a
+        // file that vanishes with its directory entry after a crash is lost.
+        let synced = async { File::open(dir).await?.sync_all().await }.await;
+        synced.map_err(|source| KinesisError::DeadLetter {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             path,
             file: Mutex::new(file),

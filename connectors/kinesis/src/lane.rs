@@ -28,7 +28,7 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
@@ -247,62 +247,22 @@ impl Lane {
         count: usize,
         output: &PutRecordsOutput,
     ) -> Result<(), KinesisError> {
-        let max_rejections = self.setup.retry.max_rejections;
         let mut batch: Vec<Pending> = self.queue.drain(..count).collect();
-        let mut outcomes = Vec::with_capacity(count);
-        let mut retried_keys: HashSet<&str> = HashSet::new();
-        let (mut failed, mut throttled) = (0usize, false);
-        let mut first_error: Option<(&str, &str)> = None;
-        for (pending, result) in batch.iter_mut().zip(output.records()) {
-            let key = pending.record.partition_key.as_str();
-            let outcome = match (result.error_code(), result.sequence_number()) {
-                (None, Some(_)) if retried_keys.contains(key) => Outcome::Retry,
-                (None, Some(_)) => Outcome::Done,
-                (code, _) => {
-                    failed += 1;
-                    let code = code.unwrap_or("MissingSequenceNumber");
-                    let message = result.error_message().unwrap_or_default();
-                    first_error.get_or_insert((code, message));
-                    throttled |= entry_error_is_throttle(code);
-                    if entry_error_is_retryable(code) {
-                        Outcome::Retry
-                    } else {
-                        pending.rejections += 1;
-                        if pending.rejections >= max_rejections {
-                            Outcome::DeadLetter(format!(
-                                "kinesis rejected the record {} times; last error: {code}: {message}",
-                                pending.rejections
-                            ))
-                        } else {
-                            Outcome::Retry
-                        }
-                    }
-                }
-            };
-            if matches!(outcome, Outcome::Retry) {
-                retried_keys.insert(key);
-            }
-            outcomes.push(outcome);
-        }
-        let retrying = outcomes
-            .iter()
-            .filter(|o| matches!(o, Outcome::Retry))
-            .count();
-        let (code, message) = first_error.map_or((String::new(), String::new()), |(c, m)| {
-            (c.to_owned(), m.to_owned())
-        });
-        drop(retried_keys);
-
+        let sorted = sort_answer(
+            &mut batch,
+            output.records(),
+            self.setup.retry.max_rejections,
+        );
         self.setup.acks.done(
             batch
                 .iter()
-                .zip(&outcomes)
+                .zip(&sorted.outcomes)
                 .filter(|(_, o)| matches!(o, Outcome::Done))
                 .map(|(p, _)| &p.record),
         );
         let mut refused: Vec<(Record, String)> = Vec::new();
         // Back to the front, oldest first: push in reverse.
-        for (pending, outcome) in batch.into_iter().zip(outcomes).rev() {
+        for (pending, outcome) in batch.into_iter().zip(sorted.outcomes).rev() {
             match outcome {
                 Outcome::Done => {}
                 Outcome::Retry => self.queue.push_front(pending),
@@ -313,11 +273,10 @@ impl Lane {
         if !refused.is_empty() {
             self.dead_letter(&refused).await?;
         }
-
-        if throttled {
+        if sorted.throttled {
             self.setup.quota.throttled();
         }
-        if retrying == 0 {
+        if sorted.retrying == 0 {
             self.backoff.reset();
             return Ok(());
         }
@@ -325,7 +284,8 @@ impl Lane {
         if let Some(suppressed) = self.entry_warnings.allow() {
             warn!(
                 stream = %self.setup.stream, shard = %self.setup.shard_id,
-                sent = count, failed, retrying, error_code = %code, error = %message,
+                sent = count, failed = sorted.failed, retrying = sorted.retrying,
+                error_code = %sorted.first_error.0, error = %sorted.first_error.1,
                 rate_factor = self.setup.quota.factor(), suppressed,
                 retry_in_ms = delay.as_millis() as u64,
                 "kinesis refused part of a putrecords call; retrying the failed records and the later records of their keys"
@@ -410,6 +370,68 @@ impl Lane {
     }
 }
 
+/// An answered batch, sorted entry by entry.
+struct SortedAnswer {
+    outcomes: Vec<Outcome>,
+    failed: usize,
+    retrying: usize,
+    throttled: bool,
+    /// The first entry error: (code, message).
+    first_error: (String, String),
+}
+
+/// Decides each entry's fate. An accepted entry is done unless an earlier
+/// entry of its key is retried (then it goes again too, to land after it);
+/// a failed entry is retried, or dead-lettered once a non-retryable error
+/// has refused it `max_rejections` times (counted in `batch`).
+fn sort_answer(
+    batch: &mut [Pending],
+    results: &[PutRecordsResultEntry],
+    max_rejections: u32,
+) -> SortedAnswer {
+    let mut sorted = SortedAnswer {
+        outcomes: Vec::with_capacity(batch.len()),
+        failed: 0,
+        retrying: 0,
+        throttled: false,
+        first_error: (String::new(), String::new()),
+    };
+    let mut retried_keys: HashSet<&str> = HashSet::new();
+    for (pending, result) in batch.iter_mut().zip(results) {
+        let key = pending.record.partition_key.as_str();
+        let outcome = match (result.error_code(), result.sequence_number()) {
+            (None, Some(_)) if retried_keys.contains(key) => Outcome::Retry,
+            (None, Some(_)) => Outcome::Done,
+            (code, _) => {
+                let code = code.unwrap_or("MissingSequenceNumber");
+                let message = result.error_message().unwrap_or_default();
+                if sorted.failed == 0 {
+                    sorted.first_error = (code.to_owned(), message.to_owned());
+                }
+                sorted.failed += 1;
+                sorted.throttled |= entry_error_is_throttle(code);
+                if !entry_error_is_retryable(code) {
+                    pending.rejections += 1;
+                }
+                if pending.rejections >= max_rejections {
+                    Outcome::DeadLetter(format!(
+                        "kinesis rejected the record {} times; last error: {code}: {message}",
+                        pending.rejections
+                    ))
+                } else {
+                    Outcome::Retry
+                }
+            }
+        };
+        if matches!(outcome, Outcome::Retry) {
+            sorted.retrying += 1;
+            retried_keys.insert(key);
+        }
+        sorted.outcomes.push(outcome);
+    }
+    sorted
+}
+
 /// The request entry for a record: one copy of the data per attempt (the
 /// SDK's `Blob` owns its bytes).
 fn entry(record: &Record) -> PutRecordsRequestEntry {
@@ -418,4 +440,101 @@ fn entry(record: &Record) -> PutRecordsRequestEntry {
         .partition_key(record.partition_key.clone())
         .build()
         .expect("data and partition key are set")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(seq: u64, key: &str, rejections: u32) -> Pending {
+        Pending {
+            record: Record {
+                seq,
+                stream: "s".into(),
+                partition_key: key.to_owned(),
+                data: Vec::new(),
+            },
+            rejections,
+        }
+    }
+
+    fn accepted() -> PutRecordsResultEntry {
+        PutRecordsResultEntry::builder()
+            .sequence_number("1")
+            .build()
+    }
+
+    fn refused(code: &str) -> PutRecordsResultEntry {
+        PutRecordsResultEntry::builder()
+            .error_code(code)
+            .error_message("no")
+            .build()
+    }
+
+    fn kinds(sorted: &SortedAnswer) -> String {
+        sorted
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Done => 'd',
+                Outcome::Retry => 'r',
+                Outcome::DeadLetter(_) => 'x',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn later_records_of_a_retried_key_go_again_and_others_do_not() {
+        let mut batch = vec![
+            pending(0, "a", 0),
+            pending(1, "b", 0),
+            pending(2, "a", 0),
+            pending(3, "c", 0),
+            pending(4, "a", 0),
+            pending(5, "b", 0),
+        ];
+        let results = [
+            accepted(),
+            refused("ProvisionedThroughputExceededException"),
+            accepted(),
+            accepted(),
+            accepted(),
+            accepted(),
+        ];
+        let sorted = sort_answer(&mut batch, &results, 3);
+        // Key a was accepted before anything of it failed: done. Key b's
+        // later record goes again with the refused one.
+        assert_eq!(kinds(&sorted), "drdddr");
+        assert!(sorted.throttled);
+        assert_eq!((sorted.failed, sorted.retrying), (1, 2));
+        assert_eq!(
+            sorted.first_error.0,
+            "ProvisionedThroughputExceededException"
+        );
+        assert_eq!(
+            batch[1].rejections, 0,
+            "a retryable error is not a rejection"
+        );
+    }
+
+    #[test]
+    fn a_record_given_up_holds_nothing_back() {
+        let mut batch = vec![pending(0, "a", 2), pending(1, "a", 0), pending(2, "b", 0)];
+        let results = [
+            refused("InvalidArgumentException"),
+            accepted(),
+            refused("InternalFailure"),
+        ];
+        let sorted = sort_answer(&mut batch, &results, 3);
+        // The third rejection dead-letters record 0, so record 1 of the same
+        // key stands as accepted; record 2 failed with a retryable error.
+        assert_eq!(kinds(&sorted), "xdr");
+        assert!(!sorted.throttled);
+        match &sorted.outcomes[0] {
+            Outcome::DeadLetter(reason) => {
+                assert!(reason.contains("3 times") && reason.contains("InvalidArgumentException"))
+            }
+            _ => unreachable!(),
+        }
+    }
 }

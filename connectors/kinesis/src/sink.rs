@@ -33,11 +33,12 @@ use crate::shards::{ShardMap, describe_stream_classified};
 /// returned a sequence number for it or it was synced to the dead-letter
 /// store; records of one partition key are written in order through one
 /// lane, and a retried record is re-sent together with the later records of
-/// its key (see [`crate::lane`]); `run` returns `Ok` after the input closed
+/// its key, before anything newer of that shard; `run` returns `Ok` after the input closed
 /// and every lane drained. Failures a retry can fix are retried without
 /// limit (the byte budget stalls the source meanwhile); anything else ends
 /// `run` with a [`KinesisError`] and leaves the undone records
 /// unacknowledged, for the source to send again after a restart.
+#[derive(Debug)]
 pub struct KinesisSink {
     client: Client,
     config: KinesisSinkConfig,
