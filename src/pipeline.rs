@@ -65,6 +65,8 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
             config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
             config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
             config.share = settings.sink.quota.share;
+            config.request_timeout = Duration::from_secs(settings.sink.request_timeout_secs);
+            config.connect_timeout = Duration::from_secs(settings.sink.connect_timeout_secs);
             if let Err(tributary_kinesis::KinesisError::Config { key, message }) = config.validate()
             {
                 return Err(crate::settings::ConfigError::Invalid {

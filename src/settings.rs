@@ -174,6 +174,20 @@ pub struct SinkSettings {
     /// Seconds a graceful stop waits for in-flight records.
     #[serde(default = "default_drain_secs")]
     pub drain_timeout_secs: u64,
+    /// Seconds one attempt of a Kinesis call may take.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Seconds opening a connection to Kinesis may take.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+
+fn default_connect_timeout_secs() -> u64 {
+    5
 }
 
 fn default_in_flight() -> u64 {

@@ -18,6 +18,8 @@
 //!   everything in a stream.
 //! - `process.rs`: locating, building and running the `tributary` binary.
 //! - `config.rs`: the config file a test hands to the binary.
+//! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
+//!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
 
 mod config;
@@ -25,6 +27,7 @@ mod kinesalite;
 mod net;
 mod postgres;
 mod process;
+mod proxy;
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +36,7 @@ pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use net::{free_port, listening_addresses};
 pub use postgres::{DEFAULT_DATABASE, Postgres, SUPERUSER, USER};
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
+pub use proxy::FaultProxy;
 
 /// The root of the repository: the directory holding the workspace's
 /// `Cargo.toml`, `package.json` and `config.toml`.

@@ -19,7 +19,8 @@ use crate::{file_tail, repo_root};
 
 /// The `tributary` binary the tests run.
 ///
-/// `TRIBUTARY_BIN` if set (it must exist); otherwise
+/// `TRIBUTARY_BIN` if set (it must exist; a relative path is tried in the
+/// current directory, then in the repository root); otherwise
 /// `<target>/debug/tributary`, where `<target>` is `CARGO_TARGET_DIR` or the
 /// repository's `target/`. When that file is missing it runs
 /// `cargo build --bin tributary` once per process. An existing binary is used
@@ -34,14 +35,22 @@ pub fn tributary_bin() -> Result<PathBuf> {
 }
 
 fn locate_or_build() -> Result<PathBuf> {
+    let root = repo_root();
     if let Some(bin) = std::env::var_os("TRIBUTARY_BIN") {
         let bin = PathBuf::from(bin);
-        if !bin.is_file() {
-            bail!("TRIBUTARY_BIN={} does not exist", bin.display());
-        }
-        return Ok(bin);
+        // `cargo test` runs tests in the crate's directory, not where the
+        // variable was typed: a relative path may mean the repository root.
+        let found = [bin.clone(), root.join(&bin)]
+            .into_iter()
+            .find(|candidate| candidate.is_file());
+        return found.with_context(|| {
+            format!(
+                "TRIBUTARY_BIN={} does not exist (relative to the current directory or {})",
+                bin.display(),
+                root.display()
+            )
+        });
     }
-    let root = repo_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));

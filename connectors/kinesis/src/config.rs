@@ -116,21 +116,21 @@ impl KinesisSinkConfig {
             return bad("sink.quota.bytes_per_shard_per_sec", "must be at least 1");
         }
         if self.request_timeout.is_zero() {
-            return bad("sink.request_timeout", "must be longer than zero");
+            return bad("sink.request_timeout_secs", "must be at least 1");
         }
         if self.connect_timeout.is_zero() {
-            return bad("sink.connect_timeout", "must be longer than zero");
+            return bad("sink.connect_timeout_secs", "must be at least 1");
         }
         if self.retry.initial_backoff.is_zero()
             || self.retry.max_backoff < self.retry.initial_backoff
         {
             return bad(
-                "sink.retry",
+                "retry policy",
                 "initial backoff must be longer than zero and at most the max backoff",
             );
         }
         if self.retry.max_rejections == 0 {
-            return bad("sink.retry.max_rejections", "must be at least 1");
+            return bad("retry policy", "max_rejections must be at least 1");
         }
         if self.dead_letter_dir.as_os_str().is_empty() {
             return bad("state.dir", "must not be empty");

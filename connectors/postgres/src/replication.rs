@@ -29,6 +29,9 @@ use crate::setup::{self, SetupReport};
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
      -c bytea_output=hex -c lc_monetary=C -c extra_float_digits=1";
 
+/// Messages the replication client may read ahead of the decoder.
+const REPLICATION_QUEUE_MESSAGES: usize = 64;
+
 /// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -134,6 +137,9 @@ impl PostgresSource {
         .with_ack_lsn(Lsn::from_u64(start))
         .with_status_interval(Duration::from_millis(100))
         .with_wakeup_interval(Duration::from_secs(5))
+        // Counted in messages, ahead of the byte budget: keep it short so
+        // the budget, not this queue, bounds memory (wide rows included).
+        .with_buffer_size(REPLICATION_QUEUE_MESSAGES)
     }
 
     async fn confirmed_flush(&self) -> Result<u64, PostgresError> {

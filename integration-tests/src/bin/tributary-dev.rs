@@ -220,11 +220,12 @@ async fn drive_demo(
         "waiting for the {} changes to reach {stream}",
         DEMO_CHANGES.len()
     );
-    if let Err(err) = stack
+    // Short of them, still tail what is there (it helps to see it), then fail.
+    let arrived = stack
         .kin
         .wait_for_records(stream, DEMO_CHANGES.len(), Duration::from_secs(30))
-        .await
-    {
+        .await;
+    if let Err(err) = &arrived {
         println!("warning: {err:#}; tailing what is there");
     }
 
@@ -245,7 +246,7 @@ async fn drive_demo(
     if !status.success() {
         bail!("`tributary tail` failed ({status})");
     }
-    Ok(())
+    arrived.map(drop)
 }
 
 /// `sink.stream` and `source.postgres.slot` of the config, with the dev
