@@ -6,7 +6,9 @@
 //! Kinesis emulator from the npm registry, [`TributaryProcess`] runs the
 //! `tributary` binary as a child process with its logs captured, and
 //! [`write_config`] writes a config file that points the binary at both
-//! servers. The `tributary-dev` binary of this crate uses the same code for
+//! servers. [`Pipeline`] puts them together for an end-to-end test: both
+//! servers, a stream, the test's tables, a config and a `tributary run` that
+//! streams. The `tributary-dev` binary of this crate uses the same code for
 //! the README quickstart, so the tests and the quickstart cannot drift apart.
 //!
 //! Every server started here listens on 127.0.0.1 only, lives in its own
@@ -18,6 +20,8 @@
 //!   everything in a stream.
 //! - `process.rs`: locating, building and running the `tributary` binary.
 //! - `config.rs`: the config file a test hands to the binary.
+//! - `pipeline.rs`: [`Servers`] and [`Pipeline`], the fixture of the
+//!   end-to-end tests.
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
@@ -25,6 +29,7 @@
 mod config;
 mod kinesalite;
 mod net;
+mod pipeline;
 mod postgres;
 mod process;
 mod proxy;
@@ -34,7 +39,8 @@ use std::path::{Path, PathBuf};
 pub use config::{PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use net::{free_port, listening_addresses};
-pub use postgres::{DEFAULT_DATABASE, Postgres, SUPERUSER, USER};
+pub use pipeline::{Pipeline, Servers};
+pub use postgres::{DEFAULT_DATABASE, Lsn, Postgres, SUPERUSER, USER};
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;
 

@@ -8,9 +8,10 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Error, Result, bail};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};
 
@@ -164,6 +165,20 @@ impl Postgres {
             .with_context(|| format!("executing SQL on postgres: {sql}"))
     }
 
+    /// Runs `statements` in order as [`USER`] in [`DEFAULT_DATABASE`], over
+    /// one connection, each in its own transaction (one commit each): a
+    /// sequence of changes as an application would commit them.
+    pub async fn execute_each(&self, statements: &[&str]) -> Result<()> {
+        let client = self.client(DEFAULT_DATABASE).await?;
+        for sql in statements {
+            client
+                .batch_execute(sql)
+                .await
+                .with_context(|| format!("executing SQL on postgres: {sql}"))?;
+        }
+        Ok(())
+    }
+
     /// Creates another database owned by [`USER`].
     pub async fn create_database(&self, name: &str) -> Result<()> {
         let admin = self.superuser_client("postgres").await?;
@@ -200,6 +215,49 @@ impl Postgres {
             .await
             .context("reading pg_replication_slots")?;
         Ok(row.is_some_and(|row| row.get::<_, bool>(0)))
+    }
+
+    /// The server's current WAL write position (`pg_current_wal_lsn()`):
+    /// at or past the end of every transaction committed so far.
+    pub async fn current_wal_lsn(&self) -> Result<Lsn> {
+        let client = self.client(DEFAULT_DATABASE).await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .context("reading pg_current_wal_lsn()")?;
+        row.get::<_, &str>(0).parse()
+    }
+
+    /// The `confirmed_flush_lsn` of replication slot `slot`: how far its
+    /// consumer has acknowledged the WAL. Fails if there is no such slot.
+    pub async fn confirmed_flush_lsn(&self, slot: &str) -> Result<Lsn> {
+        let client = self.client(DEFAULT_DATABASE).await?;
+        read_confirmed_flush_lsn(&client, slot).await
+    }
+
+    /// Polls slot `slot` until its `confirmed_flush_lsn` is at least `lsn`;
+    /// fails after `timeout` saying where the slot stands.
+    pub async fn wait_confirmed_flush(
+        &self,
+        slot: &str,
+        lsn: Lsn,
+        timeout: Duration,
+    ) -> Result<()> {
+        let client = self.client(DEFAULT_DATABASE).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let confirmed = read_confirmed_flush_lsn(&client, slot).await?;
+            if confirmed >= lsn {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the confirmed_flush_lsn of slot {slot} is {confirmed} after {timeout:?}, \
+                     short of {lsn}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Stops the server (`pg_ctl stop -m fast`: clients are disconnected,
@@ -373,6 +431,62 @@ impl Drop for Postgres {
     }
 }
 
+/// A position in the WAL (a `pg_lsn`, written `16/B374D848`), as a number:
+/// positions compare in WAL order, and subtracting one from a later one
+/// gives the bytes of WAL between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// The bytes of WAL from `earlier` to `self`, or 0 if `earlier` is not
+    /// earlier.
+    pub fn saturating_sub(self, earlier: Lsn) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// The bytes of WAL from `rhs` to `self`; overflows (a panic in debug
+/// builds) if `rhs` is later.
+impl std::ops::Sub for Lsn {
+    type Output = u64;
+
+    fn sub(self, rhs: Lsn) -> u64 {
+        self.0 - rhs.0
+    }
+}
+
+/// Parses Postgres' text form, `16/B374D848` -> 0x16_B374D848.
+impl FromStr for Lsn {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let (high, low) = text
+            .split_once('/')
+            .with_context(|| format!("LSN {text:?}"))?;
+        Ok(Lsn(
+            (u64::from_str_radix(high, 16)? << 32) | u64::from_str_radix(low, 16)?
+        ))
+    }
+}
+
+/// Postgres' text form, `16/B374D848`.
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+async fn read_confirmed_flush_lsn(client: &Client, slot: &str) -> Result<Lsn> {
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("reading the confirmed_flush_lsn of slot {slot}"))?;
+    row.get::<_, &str>(0).parse()
+}
+
 async fn connect(url: &str) -> Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -410,4 +524,28 @@ fn append(path: &Path, text: &str) -> Result<()> {
 /// Quotes an SQL identifier.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trips_through_postgres_text_form() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(lsn, Lsn(0x16_B374_D848));
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert_eq!(Lsn(0).to_string(), "0/0");
+        assert!("16B374D848".parse::<Lsn>().is_err());
+        assert!("16/XYZ".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn lsns_order_and_subtract_as_wal_positions() {
+        let (early, late) = (Lsn(0x1_0000_0000), Lsn(0x1_0000_0100));
+        assert!(early < late);
+        assert_eq!(late - early, 0x100);
+        assert_eq!(late.saturating_sub(early), 0x100);
+        assert_eq!(early.saturating_sub(late), 0);
+    }
 }

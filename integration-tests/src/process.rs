@@ -202,6 +202,25 @@ impl TributaryProcess {
             .with_context(|| format!("sending SIGTERM to tributary (pid {pid})"))
     }
 
+    /// Stops the process the way an operator does: SIGTERM, then up to
+    /// `timeout` for it to flush, checkpoint and exit. Fails, with the logs,
+    /// unless it exits 0: also if it had exited before the signal or is
+    /// still running after `timeout`.
+    pub async fn stop_gracefully(&mut self, timeout: Duration) -> Result<()> {
+        let failure = match self.sigterm() {
+            Err(err) => err,
+            Ok(()) => match self.wait_exit(timeout).await {
+                Ok(status) if status.success() => return Ok(()),
+                Ok(status) => anyhow!(
+                    "tributary (pid {}) exited with {status} after SIGTERM, expected exit 0",
+                    self.pid
+                ),
+                Err(err) => err,
+            },
+        };
+        Err(anyhow!("{failure:#}\n{}", self.logs()))
+    }
+
     /// Kills the process with SIGKILL, like a crash or an OOM kill, and
     /// waits for it to be gone.
     pub async fn kill9(&mut self) -> Result<ExitStatus> {

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use rand::Rng as _;
 use serde_json::Value;
-use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, TributaryProcess, write_config,
-};
+use tributary_integration_tests::{DEFAULT_DATABASE, Kinesalite, Pipeline};
 
 const STREAM: &str = "crash-cdc";
 const TRANSACTIONS: i64 = 10_000;
@@ -31,22 +29,18 @@ fn key_value(envelope: &Value) -> Option<(i64, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing_and_keeps_per_key_order() -> anyhow::Result<()> {
-    let pg = Postgres::start().await?;
-    let kin = Kinesalite::start().await?;
-    kin.create_stream(STREAM, 4).await?;
-    pg.execute("CREATE TABLE kv (k int PRIMARY KEY, v bigint NOT NULL)")
-        .await?;
-    let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &pg, &kin, STREAM, FAST_QUOTA)?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
-        .await?;
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        4,
+        "CREATE TABLE kv (k int PRIMARY KEY, v bigint NOT NULL)",
+        FAST_QUOTA,
+    )
+    .await?;
 
     // The writer: one upsert per transaction, v = the transaction's number.
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
-        let db = pg.client(DEFAULT_DATABASE).await?;
+        let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
         let writing = writing.clone();
         tokio::spawn(async move {
             let upsert = db
@@ -67,25 +61,21 @@ async fn kill_9_at_random_moments_loses_nothing_and_keeps_per_key_order() -> any
     while writing.load(Ordering::SeqCst) || kills < 3 {
         let pause = rand::rng().random_range(200..1200);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        tributary.kill9().await?;
+        pipeline.kill9_and_restart().await?;
         kills += 1;
-        tributary = TributaryProcess::run(&config.path, &[])?;
-        tributary
-            .wait_streaming(&pg, SLOT, Duration::from_secs(60))
-            .await?;
     }
     writer.await??;
 
     // Everything the writer committed must arrive (duplicates may come too).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let records = loop {
-        let seen: BTreeSet<i64> = records_values(&kin)
+        let seen: BTreeSet<i64> = records_values(&pipeline.kin)
             .await?
             .into_iter()
             .map(|(_, v)| v)
             .collect();
         if seen.len() as i64 >= TRANSACTIONS || tokio::time::Instant::now() > deadline {
-            break kin.read_all(STREAM).await?;
+            break pipeline.kin.read_all(STREAM).await?;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -140,12 +130,8 @@ async fn kill_9_at_random_moments_loses_nothing_and_keeps_per_key_order() -> any
     );
     assert!(kills >= 3);
 
-    tributary.sigterm()?;
-    let status = tributary.wait_exit(Duration::from_secs(30)).await?;
-    assert!(
-        status.success(),
-        "graceful stop after the crashes: {status}"
-    );
+    // A graceful stop after the crashes still exits 0.
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
 

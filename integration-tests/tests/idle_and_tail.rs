@@ -5,38 +5,26 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, TributaryProcess, write_config,
-};
+use tributary_integration_tests::{DEFAULT_DATABASE, Pipeline, TributaryProcess};
 
 const STREAM: &str = "idle-cdc";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_of_uncaptured_tables_does_not_pin_the_slot_and_tail_prints_the_stream()
 -> anyhow::Result<()> {
-    let pg = Postgres::start().await?;
-    let kin = Kinesalite::start().await?;
-    kin.create_stream(STREAM, 2).await?;
-    pg.execute(
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        2,
         "CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE ignored (id int, pad text)",
+        "[source]\ntables = [\"public.captured\"]\n",
     )
     .await?;
-    let dir = tempfile::tempdir()?;
-    let config = write_config(
-        dir.path(),
-        &pg,
-        &kin,
-        STREAM,
-        "[source]\ntables = [\"public.captured\"]\n",
-    )?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
-        .await?;
-    let db = pg.client(DEFAULT_DATABASE).await?;
+    let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
     db.batch_execute("INSERT INTO captured SELECT generate_series(1, 25)")
         .await?;
-    kin.wait_for_records(STREAM, 25, Duration::from_secs(30))
+    pipeline
+        .kin
+        .wait_for_records(STREAM, 25, Duration::from_secs(30))
         .await?;
 
     // Lots of WAL that the publication does not carry.
@@ -46,31 +34,13 @@ async fn wal_of_uncaptured_tables_does_not_pin_the_slot_and_tail_prints_the_stre
         )
         .await?;
     }
-    let target: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let caught_up: bool = db
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SLOT, &target],
-            )
-            .await?
-            .get(0);
-        if caught_up {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the idle slot's confirmed_flush_lsn did not reach {target}\n{}",
-            tributary.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The idle slot's confirmed_flush_lsn reaches the end of all that WAL.
+    let target = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(target, Duration::from_secs(30))
+        .await?;
     assert_eq!(
-        kin.read_all(STREAM).await?.len(),
+        pipeline.kin.read_all(STREAM).await?.len(),
         25,
         "uncaptured tables send nothing"
     );
@@ -80,14 +50,14 @@ async fn wal_of_uncaptured_tables_does_not_pin_the_slot_and_tail_prints_the_stre
         &[
             "tail",
             "-c",
-            config.path.to_str().unwrap(),
+            pipeline.config.path.to_str().unwrap(),
             "--stream",
             STREAM,
             "--from",
             "trim-horizon",
         ],
         &[],
-        dir.path(),
+        pipeline.dir.path(),
     )?;
     let status = tail.wait_exit(Duration::from_secs(60)).await?;
     assert!(
@@ -113,12 +83,6 @@ async fn wal_of_uncaptured_tables_does_not_pin_the_slot_and_tail_prints_the_stre
             .all(|e| e["op"] == "insert" && e["source"]["table"] == "captured")
     );
 
-    tributary.sigterm()?;
-    assert!(
-        tributary
-            .wait_exit(Duration::from_secs(30))
-            .await?
-            .success()
-    );
+    pipeline.stop_gracefully().await?;
     Ok(())
 }

@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tokio_postgres::Client;
-use tributary_integration_tests::{
-    DEFAULT_DATABASE, FaultProxy, Kinesalite, Postgres, SLOT, TributaryProcess, write_config,
-};
+use tributary_integration_tests::{DEFAULT_DATABASE, FaultProxy, Lsn, Pipeline, SLOT, Servers};
 
 const STREAM: &str = "outage-cdc";
 const SHARDS: u32 = 4;
@@ -47,6 +45,9 @@ const OBSERVE: Duration = Duration::from_secs(8);
 const EXTRA_TOML: &str = "[sink.quota]\n\
     records_per_shard_per_sec = 50000\n\
     bytes_per_shard_per_sec = 100000000\n";
+/// The table the backlog goes to, and the one the warm-up goes to.
+const SETUP: &str = "CREATE TABLE backlog (k int PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL); \
+    CREATE TABLE warmup (id int PRIMARY KEY, pad text NOT NULL)";
 
 /// The rows committed during the outage into table `backlog (k, v, pad)`:
 /// change `v` (1, 2, ... in commit order) writes key `v % keys` (an insert,
@@ -103,26 +104,16 @@ async fn kinesis_outage_with_wide_rows_bounds_memory() -> Result<()> {
 }
 
 async fn outage_test(backlog: Backlog) -> Result<()> {
-    let pg = Postgres::start().await?;
-    let kin = Kinesalite::start().await?;
-    kin.create_stream(STREAM, SHARDS).await?;
-    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], kin.port()))).await?;
-    pg.execute("CREATE TABLE backlog (k int PRIMARY KEY, v bigint NOT NULL, pad text NOT NULL)")
-        .await?;
-    pg.execute("CREATE TABLE warmup (id int PRIMARY KEY, pad text NOT NULL)")
-        .await?;
-    let dir = tempfile::tempdir()?;
+    // tributary reaches kinesalite through the proxy only.
+    let servers = Servers::start(STREAM, SHARDS, SETUP).await?;
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], servers.kin.port()))).await?;
     let extra = format!(
         "[sink]\nendpoint_url = \"{}\"\nmax_in_flight_bytes = {IN_FLIGHT_BYTES}\n{EXTRA_TOML}",
         proxy.endpoint()
     );
-    let config = write_config(dir.path(), &pg, &kin, STREAM, &extra)?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
-        .await?;
-    let db = pg.client(DEFAULT_DATABASE).await?;
-    let admin = pg.superuser_client(DEFAULT_DATABASE).await?;
+    let mut pipeline = servers.start_tributary(&extra).await?;
+    let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    let admin = pipeline.pg.superuser_client(DEFAULT_DATABASE).await?;
 
     // Warm up through the proxy (connections, buffers, the allocator's
     // arenas) with a few budgets' worth, so the baseline is a working
@@ -133,20 +124,22 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
         rows = backlog.warmup_rows,
     ))
     .await?;
-    let warmed_up = current_wal_lsn(&admin).await?;
-    wait_confirmed_at_least(&admin, warmed_up, Duration::from_secs(60)).await?;
-    let warmup = kin.read_all(STREAM).await?.len();
+    let warmed_up = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(warmed_up, Duration::from_secs(60))
+        .await?;
+    let warmup = pipeline.kin.read_all(STREAM).await?.len();
     assert!(
         warmup >= backlog.warmup_rows as usize,
         "the warm-up went through: {warmup} records"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let baseline_kib = vm_rss_kib(tributary.pid())?;
+    let baseline_kib = vm_rss_kib(pipeline.tributary.pid())?;
 
     // The outage: commit the backlog while Kinesis does not answer.
     proxy.pause();
     let paused_at = Instant::now();
-    let confirmed_at_pause = confirmed_flush_lsn(&admin).await?;
+    let confirmed_at_pause = pipeline.confirmed_flush_lsn().await?;
     let mut outage = OutageWatch {
         max_confirmed: confirmed_at_pause,
         max_rss_kib: baseline_kib,
@@ -163,15 +156,15 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
             pad = backlog.pad_md5s,
         ))
         .await?;
-        outage.sample(&mut tributary, &admin).await?;
+        outage.sample(&mut pipeline).await?;
     }
     let committed_after = paused_at.elapsed();
     // At or past the end of the last backlog commit.
-    let wal_end = current_wal_lsn(&admin).await?;
+    let wal_end = pipeline.pg.current_wal_lsn().await?;
 
     let watch_until = Instant::now() + OBSERVE;
     while Instant::now() < watch_until {
-        outage.sample(&mut tributary, &admin).await?;
+        outage.sample(&mut pipeline).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let OutageWatch {
@@ -179,7 +172,7 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
         max_rss_kib,
     } = outage;
     let sent = sent_lsn(&admin).await?;
-    let delivered_during_outage = kin.read_all(STREAM).await?.len();
+    let delivered_during_outage = pipeline.kin.read_all(STREAM).await?.len();
     eprintln!(
         "backlog committed {committed_after:?} into the pause; VmRSS before the pause \
          {baseline_kib} KiB, max while paused {max_rss_kib} KiB (+{} KiB); walsender sent \
@@ -188,8 +181,8 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
         max_rss_kib.saturating_sub(baseline_kib),
         sent.saturating_sub(confirmed_at_pause),
         wal_end.saturating_sub(confirmed_at_pause),
-        fmt_lsn(confirmed_at_pause),
-        fmt_lsn(max_confirmed),
+        confirmed_at_pause,
+        max_confirmed,
     );
     assert_eq!(
         delivered_during_outage, warmup,
@@ -214,9 +207,12 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
     let paused_for = paused_at.elapsed();
     // Once the slot is confirmed past the backlog, guarantee 1 says all of
     // it is in the stream: poll the slot (cheap), then read the stream once.
-    wait_confirmed_at_least(&admin, wal_end, Duration::from_secs(180)).await?;
+    pipeline
+        .wait_confirmed_flush(wal_end, Duration::from_secs(180))
+        .await?;
     let caught_up = paused_at.elapsed() - paused_for;
-    let records: Vec<Value> = kin
+    let records: Vec<Value> = pipeline
+        .kin
         .read_all_json(STREAM)
         .await?
         .into_iter()
@@ -232,8 +228,8 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
     assert_eq!(commits.len() as i64, backlog.transactions);
     eprintln!(
         "backlog commits from {} to {}",
-        fmt_lsn(commits[0]),
-        fmt_lsn(commits[commits.len() - 1])
+        commits[0],
+        commits[commits.len() - 1]
     );
     // Nothing of the backlog was acknowledged during the outage: the slot
     // stayed at or before the first backlog commit (an idle keepalive may
@@ -242,36 +238,33 @@ async fn outage_test(backlog: Backlog) -> Result<()> {
         max_confirmed <= commits[0],
         "confirmed_flush_lsn reached {} while Kinesis was down, past the first backlog \
          commit at {}",
-        fmt_lsn(max_confirmed),
-        fmt_lsn(commits[0])
+        max_confirmed,
+        commits[0]
     );
 
-    tributary.sigterm()?;
-    let status = tributary.wait_exit(Duration::from_secs(30)).await?;
-    assert!(
-        status.success(),
-        "SIGTERM after the outage: {status}\n{}",
-        tributary.logs()
-    );
+    // SIGTERM after the outage still exits 0.
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
 
 /// What the test sees of tributary and the slot while Kinesis is down.
 struct OutageWatch {
-    max_confirmed: u64,
+    max_confirmed: Lsn,
     max_rss_kib: u64,
 }
 
 impl OutageWatch {
-    async fn sample(&mut self, tributary: &mut TributaryProcess, admin: &Client) -> Result<()> {
-        if let Some(status) = tributary.try_exit()? {
+    async fn sample(&mut self, pipeline: &mut Pipeline) -> Result<()> {
+        if let Some(status) = pipeline.tributary.try_exit()? {
             bail!(
                 "tributary exited ({status}) during the outage\n{}",
-                tributary.logs()
+                pipeline.tributary.logs()
             );
         }
-        self.max_confirmed = self.max_confirmed.max(confirmed_flush_lsn(admin).await?);
-        self.max_rss_kib = self.max_rss_kib.max(vm_rss_kib(tributary.pid())?);
+        self.max_confirmed = self
+            .max_confirmed
+            .max(pipeline.confirmed_flush_lsn().await?);
+        self.max_rss_kib = self.max_rss_kib.max(vm_rss_kib(pipeline.tributary.pid())?);
         Ok(())
     }
 }
@@ -279,7 +272,7 @@ impl OutageWatch {
 /// Checks that every backlog change (every `v` in 1..=rows) is there, with
 /// one id per change and each key's changes in commit order; returns the
 /// distinct commit LSNs of the backlog's transactions, ascending.
-fn check_backlog(records: &[Value], backlog: Backlog) -> Result<Vec<u64>> {
+fn check_backlog(records: &[Value], backlog: Backlog) -> Result<Vec<Lsn>> {
     let mut ids_by_value: HashMap<i64, &str> = HashMap::new();
     let mut per_key: HashMap<i64, Vec<i64>> = HashMap::new();
     let mut commits = BTreeSet::new();
@@ -328,54 +321,19 @@ fn value_of(envelope: &Value) -> Option<i64> {
 
 /// The commit LSN of an envelope's transaction: the major part of
 /// `source.position` (`{commit_lsn:016X}:{ordinal:08X}`).
-fn commit_lsn(envelope: &Value) -> Result<u64> {
+fn commit_lsn(envelope: &Value) -> Result<Lsn> {
     let position = envelope["source"]["position"]
         .as_str()
         .context("source.position")?;
     let (major, _) = position
         .split_once(':')
         .with_context(|| format!("position {position:?}"))?;
-    Ok(u64::from_str_radix(major, 16)?)
+    Ok(Lsn(u64::from_str_radix(major, 16)?))
 }
 
-/// Polls the slot until its `confirmed_flush_lsn` is at least `lsn`.
-async fn wait_confirmed_at_least(admin: &Client, lsn: u64, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let confirmed = confirmed_flush_lsn(admin).await?;
-        if confirmed >= lsn {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "confirmed_flush_lsn is {} after {timeout:?}, short of {}",
-                fmt_lsn(confirmed),
-                fmt_lsn(lsn)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn confirmed_flush_lsn(admin: &Client) -> Result<u64> {
-    let row = admin
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&SLOT],
-        )
-        .await?;
-    parse_lsn(row.get(0))
-}
-
-async fn current_wal_lsn(admin: &Client) -> Result<u64> {
-    let row = admin
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?;
-    parse_lsn(row.get(0))
-}
-
-/// How far the slot's walsender has sent WAL.
-async fn sent_lsn(admin: &Client) -> Result<u64> {
+/// How far the slot's walsender has sent WAL (read as the superuser:
+/// `pg_stat_replication` hides it from roles without `pg_read_all_stats`).
+async fn sent_lsn(admin: &Client) -> Result<Lsn> {
     let row = admin
         .query_one(
             "SELECT r.sent_lsn::text FROM pg_stat_replication r
@@ -384,19 +342,7 @@ async fn sent_lsn(admin: &Client) -> Result<u64> {
             &[&SLOT],
         )
         .await?;
-    parse_lsn(row.get(0))
-}
-
-/// `16/B374D848` -> 0x16_B374D848.
-fn parse_lsn(text: &str) -> Result<u64> {
-    let (high, low) = text
-        .split_once('/')
-        .with_context(|| format!("LSN {text:?}"))?;
-    Ok((u64::from_str_radix(high, 16)? << 32) | u64::from_str_radix(low, 16)?)
-}
-
-fn fmt_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+    row.get::<_, &str>(0).parse()
 }
 
 /// Resident memory of process `pid` (`VmRSS` in `/proc/<pid>/status`).

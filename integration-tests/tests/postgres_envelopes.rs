@@ -5,39 +5,38 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, TributaryProcess, repo_root, write_config,
-};
+use tributary_integration_tests::{Pipeline, StreamRecord, repo_root};
 
 const STREAM: &str = "shop-cdc";
 
-fn schema_validator() -> jsonschema::Validator {
+/// The envelopes of `records`, each asserted valid against
+/// `schema/envelope.v1.json`, sorted by source position (commit order).
+fn valid_envelopes_by_position(records: &[StreamRecord]) -> anyhow::Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(repo_root().join("schema/envelope.v1.json")).expect("schema file");
     let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
-    jsonschema::validator_for(&schema).expect("schema compiles")
-}
-
-fn assert_valid(validator: &jsonschema::Validator, envelope: &Value) {
-    let errors: Vec<String> = validator
-        .iter_errors(envelope)
-        .map(|e| format!("{e} at {}", e.instance_path()))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "envelope {envelope} is invalid: {errors:?}"
-    );
-}
-
-/// Envelopes sorted by source position (commit order).
-fn by_position(mut envelopes: Vec<Value>) -> Vec<Value> {
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+    let mut envelopes = records
+        .iter()
+        .map(StreamRecord::json)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for envelope in &envelopes {
+        let errors: Vec<String> = validator
+            .iter_errors(envelope)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "envelope {envelope} is invalid: {errors:?}"
+        );
+    }
     envelopes.sort_by(|a, b| {
         a["source"]["position"]
             .as_str()
             .unwrap()
             .cmp(b["source"]["position"].as_str().unwrap())
     });
-    envelopes
+    Ok(envelopes)
 }
 
 const SETUP: &str = r#"
@@ -56,55 +55,35 @@ CREATE TABLE docs (id int PRIMARY KEY, body text, note text);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Result<()> {
-    let pg = Postgres::start().await?;
-    let kin = Kinesalite::start().await?;
-    kin.create_stream(STREAM, 2).await?;
-    pg.execute(SETUP).await?;
-    let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
-        .await?;
-
-    let db = pg.client(DEFAULT_DATABASE).await?;
-    db.batch_execute(
-        r#"INSERT INTO everything VALUES (1, -32768, 2147483647, 9223372036854775807,
+    let mut pipeline = Pipeline::start(STREAM, 2, SETUP, "").await?;
+    pipeline
+        .pg
+        .execute_each(&[
+            r#"INSERT INTO everything VALUES (1, -32768, 2147483647, 9223372036854775807,
             12345678901234567890.123456789, 1.5, -2.25, true, E'héllo "world"\n', 'vc', 'ab',
             '\xdeadbeef', '{"a": [1, 2]}', '{"b": {"c": true}}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
             '2026-11-23', '05:21:05.5', '2026-11-23 05:21:05.123456', '2026-11-23 07:21:05.123456+02',
             '1 day 02:00:00', '{1,NULL,3}', '{"a b",c}', 'happy', 1234.56, NULL)"#,
-    )
-    .await?;
-    db.batch_execute(
-        "INSERT INTO everything (id, num, f4, f8, tstz, ts, d) \
-         VALUES (2, 'NaN', 'Infinity', '-Infinity', 'infinity', '-infinity', 'infinity')",
-    )
-    .await?;
-    db.batch_execute("UPDATE everything SET t = 'changed' WHERE id = 1")
-        .await?;
-    db.batch_execute("UPDATE everything SET id = 3 WHERE id = 2")
-        .await?;
-    db.batch_execute("DELETE FROM everything WHERE id = 3")
-        .await?;
-    db.batch_execute("TRUNCATE everything").await?;
-    // ~100 KB that does not compress below the TOAST threshold.
-    db.batch_execute(
-        "INSERT INTO docs SELECT 1, string_agg(md5(i::text), '') , 'first' FROM generate_series(1, 3200) i",
-    )
-    .await?;
-    db.batch_execute("UPDATE docs SET note = 'second' WHERE id = 1")
+            "INSERT INTO everything (id, num, f4, f8, tstz, ts, d) \
+             VALUES (2, 'NaN', 'Infinity', '-Infinity', 'infinity', '-infinity', 'infinity')",
+            "UPDATE everything SET t = 'changed' WHERE id = 1",
+            "UPDATE everything SET id = 3 WHERE id = 2",
+            "DELETE FROM everything WHERE id = 3",
+            "TRUNCATE everything",
+            // ~100 KB that does not compress below the TOAST threshold.
+            "INSERT INTO docs SELECT 1, string_agg(md5(i::text), '') , 'first' FROM generate_series(1, 3200) i",
+            "UPDATE docs SET note = 'second' WHERE id = 1",
+        ])
         .await?;
 
-    let records = kin
+    let records = pipeline
+        .kin
         .wait_for_records(STREAM, 8, Duration::from_secs(60))
         .await?;
     assert_eq!(records.len(), 8, "exactly one record per change");
-    let validator = schema_validator();
-    let mut envelopes = Vec::new();
+    let envelopes = valid_envelopes_by_position(&records)?;
     for record in &records {
         let envelope = record.json()?;
-        assert_valid(&validator, &envelope);
         let expected_key = match envelope["key"].as_object() {
             Some(key) => format!(
                 "public.{}:{}",
@@ -117,9 +96,7 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
             None => format!("public.{}", envelope["source"]["table"].as_str().unwrap()),
         };
         assert_eq!(record.partition_key, expected_key);
-        envelopes.push(envelope);
     }
-    let envelopes = by_position(envelopes);
     let ops: Vec<(&str, &str)> = envelopes
         .iter()
         .map(|e| {
@@ -223,53 +200,38 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
     );
     assert_eq!(after["note"], "second");
 
-    tributary.sigterm()?;
-    let status = tributary.wait_exit(Duration::from_secs(30)).await?;
-    assert!(
-        status.success(),
-        "graceful stop exits 0: {status}\n{}",
-        tributary.logs()
-    );
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_identity_full_sends_the_whole_old_row_and_ddl_refreshes_columns()
 -> anyhow::Result<()> {
-    let pg = Postgres::start().await?;
-    let kin = Kinesalite::start().await?;
-    kin.create_stream(STREAM, 1).await?;
-    pg.execute(
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
         "CREATE TABLE orders (id int PRIMARY KEY, status text); \
          ALTER TABLE orders REPLICA IDENTITY FULL; \
          CREATE TABLE nokey (a int, b text)",
+        "",
     )
     .await?;
-    let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &pg, &kin, STREAM, "")?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&pg, SLOT, Duration::from_secs(30))
+    pipeline
+        .pg
+        .execute_each(&[
+            "INSERT INTO orders VALUES (42, 'new')",
+            "UPDATE orders SET status = 'paid' WHERE id = 42",
+            "ALTER TABLE orders ADD COLUMN total numeric(10,2)",
+            "UPDATE orders SET total = 9.99 WHERE id = 42",
+            "INSERT INTO nokey VALUES (1, 'x')",
+        ])
         .await?;
-    pg.execute("INSERT INTO orders VALUES (42, 'new')").await?;
-    pg.execute("UPDATE orders SET status = 'paid' WHERE id = 42")
-        .await?;
-    pg.execute("ALTER TABLE orders ADD COLUMN total numeric(10,2)")
-        .await?;
-    pg.execute("UPDATE orders SET total = 9.99 WHERE id = 42")
-        .await?;
-    pg.execute("INSERT INTO nokey VALUES (1, 'x')").await?;
 
-    let records = kin
+    let records = pipeline
+        .kin
         .wait_for_records(STREAM, 4, Duration::from_secs(60))
         .await?;
-    let validator = schema_validator();
-    let envelopes: Vec<Value> = records
-        .iter()
-        .map(|r| r.json())
-        .collect::<anyhow::Result<_>>()?;
-    envelopes.iter().for_each(|e| assert_valid(&validator, e));
-    let envelopes = by_position(envelopes);
+    let envelopes = valid_envelopes_by_position(&records)?;
     assert_eq!(envelopes[1]["before"], json!({"id": 42, "status": "new"}));
     assert_eq!(envelopes[1]["after"], json!({"id": 42, "status": "paid"}));
     assert_eq!(
@@ -292,12 +254,6 @@ async fn replica_identity_full_sends_the_whole_old_row_and_ddl_refreshes_columns
         .unwrap();
     assert_eq!(nokey.partition_key, "public.nokey");
 
-    tributary.sigterm()?;
-    assert!(
-        tributary
-            .wait_exit(Duration::from_secs(30))
-            .await?
-            .success()
-    );
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
