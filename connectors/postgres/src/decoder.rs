@@ -15,7 +15,7 @@ use tributary_envelope::{
     TxMeta,
 };
 
-use crate::pgoutput::{Cell, Message, OldKind, Relation};
+use crate::pgoutput::{Cell, Message, OldKind, Relation, Tuple};
 use crate::types::{ValueKind, render};
 
 /// What the catalog adds to a Relation message.
@@ -223,79 +223,46 @@ impl Decoder {
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
-        match msg {
-            Message::Insert { relation, new } => {
-                let pos = tx.next_position();
-                self.row(
-                    *relation,
-                    Op::Insert,
-                    pos,
-                    &tx.meta,
-                    None,
-                    Some(new),
-                    captured_at,
-                    out,
-                )
-            }
-            Message::Update { relation, old, new } => {
-                let pos = tx.next_position();
-                let old = old.as_ref().map(|(k, cells)| (*k, cells.as_slice()));
-                self.row(
-                    *relation,
-                    Op::Update,
-                    pos,
-                    &tx.meta,
-                    old,
-                    Some(new),
-                    captured_at,
-                    out,
-                )
-            }
-            Message::Delete { relation, old } => {
-                let pos = tx.next_position();
-                let old = Some((old.0, old.1.as_slice()));
-                self.row(
-                    *relation,
-                    Op::Delete,
-                    pos,
-                    &tx.meta,
-                    old,
-                    None,
-                    captured_at,
-                    out,
-                )
-            }
+        let (relation, op, old, new) = match msg {
+            Message::Insert { relation, new } => (*relation, Op::Insert, None, Some(*new)),
+            Message::Update { relation, old, new } => (*relation, Op::Update, *old, Some(*new)),
+            Message::Delete { relation, old } => (*relation, Op::Delete, Some(*old), None),
             Message::Truncate { relations, .. } => {
-                for relation in relations {
-                    let pos = tx.next_position();
-                    let table = self
-                        .tables
-                        .get(relation)
-                        .ok_or(DecodeError::UnknownRelation(*relation))?;
-                    if !table.captured {
-                        continue;
-                    }
-                    let mut data = Vec::with_capacity(384);
-                    EnvelopeEncoder::begin(
-                        &mut data,
-                        &table.meta,
-                        Op::Truncate,
-                        pos,
-                        &tx.meta,
-                        false,
-                    )
-                    .finish([], captured_at);
-                    out.push(Record {
-                        seq: 0,
-                        stream: table.stream.clone(),
-                        partition_key: PartitionKey::new(table.meta.qualified_name()).finish(),
-                        data,
-                    });
-                }
-                Ok(())
+                return self.truncate(relations, tx, captured_at, out);
             }
-            Message::Relation(_) | Message::Type { .. } | Message::Other(_) => Ok(()),
+            Message::Relation(_) | Message::Type { .. } | Message::Other(_) => return Ok(()),
+        };
+        let pos = tx.next_position();
+        self.row(relation, op, pos, &tx.meta, old, new, captured_at, out)
+    }
+
+    fn truncate(
+        &mut self,
+        relations: &[u32],
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) -> Result<(), DecodeError> {
+        for relation in relations {
+            let pos = tx.next_position();
+            let table = self
+                .tables
+                .get(relation)
+                .ok_or(DecodeError::UnknownRelation(*relation))?;
+            if !table.captured {
+                continue;
+            }
+            let mut data = Vec::with_capacity(384);
+            EnvelopeEncoder::begin(&mut data, &table.meta, Op::Truncate, pos, &tx.meta, false)
+                .finish([], captured_at);
+            out.push(Record {
+                seq: 0,
+                stream: table.stream.clone(),
+                partition_key: PartitionKey::new(table.meta.qualified_name()).finish(),
+                data,
+            });
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -305,8 +272,8 @@ impl Decoder {
         op: Op,
         pos: Position,
         tx: &TxMeta,
-        old: Option<(OldKind, &[Cell<'_>])>,
-        new: Option<&[Cell<'_>]>,
+        old: Option<(OldKind, Tuple<'_>)>,
+        new: Option<Tuple<'_>>,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
@@ -318,17 +285,11 @@ impl Decoder {
             return Ok(());
         }
         self.values.clear();
+        render_cells(table, relation, new, &mut self.values, &mut self.new_slots)?;
         render_cells(
             table,
             relation,
-            new.unwrap_or_default(),
-            &mut self.values,
-            &mut self.new_slots,
-        )?;
-        render_cells(
-            table,
-            relation,
-            old.map(|o| o.1).unwrap_or_default(),
+            old.map(|o| o.1),
             &mut self.values,
             &mut self.old_slots,
         )?;
@@ -408,14 +369,14 @@ impl Decoder {
 fn render_cells(
     table: &Table,
     relation: u32,
-    cells: &[Cell<'_>],
+    cells: Option<Tuple<'_>>,
     values: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
 ) -> Result<(), DecodeError> {
     slots.clear();
-    if cells.is_empty() {
+    let Some(cells) = cells else {
         return Ok(());
-    }
+    };
     if cells.len() != table.columns.len() {
         return Err(DecodeError::ColumnCount {
             relation,

@@ -68,6 +68,60 @@ pub enum Cell<'a> {
     Binary(&'a [u8]),
 }
 
+/// The column values of one row, validated but not split: iterate with
+/// [`Tuple::iter`] (no allocation per row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple<'a> {
+    columns: u16,
+    bytes: &'a [u8],
+}
+
+impl<'a> Tuple<'a> {
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        usize::from(self.columns)
+    }
+
+    /// True for a tuple without columns.
+    pub fn is_empty(&self) -> bool {
+        self.columns == 0
+    }
+
+    /// The cells in column order.
+    pub fn iter(&self) -> TupleIter<'a> {
+        TupleIter {
+            remaining: self.columns,
+            reader: Reader { bytes: self.bytes },
+        }
+    }
+}
+
+/// Iterator over the cells of a [`Tuple`].
+pub struct TupleIter<'a> {
+    remaining: u16,
+    reader: Reader<'a>,
+}
+
+impl<'a> Iterator for TupleIter<'a> {
+    type Item = Cell<'a>;
+
+    fn next(&mut self) -> Option<Cell<'a>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        // The bytes were validated when the tuple was parsed.
+        self.reader.cell().ok()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (
+            usize::from(self.remaining),
+            Some(usize::from(self.remaining)),
+        )
+    }
+}
+
 /// A message the decoder acts on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
@@ -87,23 +141,23 @@ pub enum Message<'a> {
         /// Table OID.
         relation: u32,
         /// The new row.
-        new: Vec<Cell<'a>>,
+        new: Tuple<'a>,
     },
     /// A changed row.
     Update {
         /// Table OID.
         relation: u32,
         /// The old row: key columns (`K`) or the full row (`O`), when sent.
-        old: Option<(OldKind, Vec<Cell<'a>>)>,
+        old: Option<(OldKind, Tuple<'a>)>,
         /// The new row.
-        new: Vec<Cell<'a>>,
+        new: Tuple<'a>,
     },
     /// A deleted row.
     Delete {
         /// Table OID.
         relation: u32,
         /// The old row: key columns (`K`) or the full row (`O`).
-        old: (OldKind, Vec<Cell<'a>>),
+        old: (OldKind, Tuple<'a>),
     },
     /// Tables truncated together.
     Truncate {
@@ -165,30 +219,39 @@ impl<'a> Reader<'a> {
         Ok(s.to_owned())
     }
 
-    fn tuple(&mut self) -> Result<Vec<Cell<'a>>, ProtocolError> {
-        let n = self.u16("tuple column count")? as usize;
-        let mut cells = Vec::with_capacity(n);
-        for _ in 0..n {
-            cells.push(match self.u8("tuple column kind")? {
-                b'n' => Cell::Null,
-                b'u' => Cell::Unchanged,
-                b't' => {
-                    let len = self.u32("text value length")? as usize;
-                    Cell::Text(self.take(len, "text value")?)
-                }
-                b'b' => {
-                    let len = self.u32("binary value length")? as usize;
-                    Cell::Binary(self.take(len, "binary value")?)
-                }
-                byte => {
-                    return Err(ProtocolError::Unexpected {
-                        context: "tuple column kind",
-                        byte,
-                    });
-                }
-            });
+    fn cell(&mut self) -> Result<Cell<'a>, ProtocolError> {
+        Ok(match self.u8("tuple column kind")? {
+            b'n' => Cell::Null,
+            b'u' => Cell::Unchanged,
+            b't' => {
+                let len = self.u32("text value length")? as usize;
+                Cell::Text(self.take(len, "text value")?)
+            }
+            b'b' => {
+                let len = self.u32("binary value length")? as usize;
+                Cell::Binary(self.take(len, "binary value")?)
+            }
+            byte => {
+                return Err(ProtocolError::Unexpected {
+                    context: "tuple column kind",
+                    byte,
+                });
+            }
+        })
+    }
+
+    /// Validates one tuple and returns it unsplit.
+    fn tuple(&mut self) -> Result<Tuple<'a>, ProtocolError> {
+        let columns = self.u16("tuple column count")?;
+        let start = self.bytes;
+        for _ in 0..columns {
+            self.cell()?;
         }
-        Ok(cells)
+        let used = start.len() - self.bytes.len();
+        Ok(Tuple {
+            columns,
+            bytes: &start[..used],
+        })
     }
 
     fn old_kind(byte: u8) -> Option<OldKind> {
@@ -368,14 +431,23 @@ pub(crate) mod tests {
             .u16(2)
             .text(b"2")
             .u8(b'u');
+        let Message::Update {
+            relation: 16384,
+            old: Some((OldKind::Key, old)),
+            new,
+        } = parse(&upd.0).unwrap()
+        else {
+            panic!("not an update with an old key")
+        };
         assert_eq!(
-            parse(&upd.0).unwrap(),
-            Message::Update {
-                relation: 16384,
-                old: Some((OldKind::Key, vec![Cell::Text(b"1"), Cell::Null])),
-                new: vec![Cell::Text(b"2"), Cell::Unchanged],
-            }
+            old.iter().collect::<Vec<_>>(),
+            [Cell::Text(b"1"), Cell::Null]
         );
+        assert_eq!(
+            new.iter().collect::<Vec<_>>(),
+            [Cell::Text(b"2"), Cell::Unchanged]
+        );
+        assert_eq!(new.len(), 2);
 
         let trunc = Bytes::default().u8(b'T').u32(2).u8(1).u32(7).u32(9);
         assert_eq!(
