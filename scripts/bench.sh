@@ -11,6 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
 
 echo "==> cargo build --release (tributary, tributary-bench)" >&2
 cargo build --release -p tributary -p tributary-integration-tests \

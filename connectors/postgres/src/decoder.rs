@@ -230,7 +230,11 @@ impl Decoder {
             Message::Truncate { relations, .. } => {
                 return self.truncate(relations, tx, captured_at, out);
             }
-            Message::Relation(_) | Message::Type { .. } | Message::Other(_) => return Ok(()),
+            Message::Relation(_)
+            | Message::Type { .. }
+            | Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Other(_) => return Ok(()),
         };
         let pos = tx.next_position();
         self.row(relation, op, pos, &tx.meta, old, new, captured_at, out)

@@ -7,7 +7,8 @@
 //!
 //! Files: `config` (settings, URL parsing), `setup` (publication, slot,
 //! `wal_level` check), `replication` (the streaming loop and
-//! acknowledgements), `pgoutput` (message parser), `decoder` (relation cache,
+//! acknowledgements), `wire` (the replication connection: startup,
+//! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
 //! and non-built-in types), `error`.
 
@@ -15,10 +16,13 @@ pub mod catalog;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
+mod sockopt;
 pub mod types;
+pub mod wire;
 
 pub use config::PostgresSourceConfig;
 pub use error::PostgresError;

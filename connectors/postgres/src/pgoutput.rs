@@ -125,6 +125,22 @@ impl<'a> Iterator for TupleIter<'a> {
 /// A message the decoder acts on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
+    /// A transaction starts (it committed at `final_lsn`).
+    Begin {
+        /// The commit's LSN.
+        final_lsn: u64,
+        /// Commit time, microseconds since 2000-01-01.
+        commit_time: i64,
+        /// Transaction id.
+        xid: u32,
+    },
+    /// A transaction ends.
+    Commit {
+        /// The commit's LSN.
+        commit_lsn: u64,
+        /// The LSN just past the commit: what is acknowledged.
+        end_lsn: u64,
+    },
     /// Table shape.
     Relation(Relation),
     /// A type's name (sent for non-builtin types).
@@ -202,6 +218,13 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtocolError> {
+        let b = self.take(8, what)?;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(b);
+        Ok(u64::from_be_bytes(bytes))
+    }
+
     fn u32(&mut self, what: &'static str) -> Result<u32, ProtocolError> {
         let b = self.take(4, what)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
@@ -268,6 +291,21 @@ pub fn parse(bytes: &[u8]) -> Result<Message<'_>, ProtocolError> {
     let mut r = Reader { bytes };
     let tag = r.u8("message tag")?;
     Ok(match tag {
+        b'B' => Message::Begin {
+            final_lsn: r.u64("begin lsn")?,
+            commit_time: r.u64("begin commit time")? as i64,
+            xid: r.u32("begin xid")?,
+        },
+        b'C' => {
+            let _flags = r.u8("commit flags")?;
+            let commit_lsn = r.u64("commit lsn")?;
+            let end_lsn = r.u64("commit end lsn")?;
+            let _commit_time = r.u64("commit time")?;
+            Message::Commit {
+                commit_lsn,
+                end_lsn,
+            }
+        }
         b'R' => {
             let id = r.u32("relation id")?;
             let schema = r.cstring("relation schema")?;
@@ -449,6 +487,37 @@ pub(crate) mod tests {
         );
         assert_eq!(new.len(), 2);
 
+        let begin = Bytes::default()
+            .u8(b'B')
+            .u32(0)
+            .u32(0x100)
+            .u32(0)
+            .u32(5)
+            .u32(77);
+        assert_eq!(
+            parse(&begin.0).unwrap(),
+            Message::Begin {
+                final_lsn: 0x100,
+                commit_time: 5,
+                xid: 77
+            }
+        );
+        let commit = Bytes::default()
+            .u8(b'C')
+            .u8(0)
+            .u32(0)
+            .u32(0x100)
+            .u32(0)
+            .u32(0x128)
+            .u32(0)
+            .u32(5);
+        assert_eq!(
+            parse(&commit.0).unwrap(),
+            Message::Commit {
+                commit_lsn: 0x100,
+                end_lsn: 0x128
+            }
+        );
         let trunc = Bytes::default().u8(b'T').u32(2).u8(1).u32(7).u32(9);
         assert_eq!(
             parse(&trunc.0).unwrap(),

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
@@ -22,15 +21,17 @@ use crate::catalog::Catalog;
 use crate::config::PostgresSourceConfig;
 use crate::decoder::{Decoder, Transaction};
 use crate::error::PostgresError;
+use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
+use crate::wire::{ReplicationConnection, StreamMessage};
 
 /// Session settings that give every type one text shape (see `types`).
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
      -c bytea_output=hex -c lc_monetary=C -c extra_float_digits=1";
 
-/// Messages the replication client may read ahead of the decoder.
-const REPLICATION_QUEUE_MESSAGES: usize = 64;
+/// Budget the reader takes at a time (records draw on it one by one).
+const BUDGET_CHUNK: usize = 256 * 1024;
 
 /// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,37 +112,6 @@ impl PostgresSource {
         &self.report
     }
 
-    fn replication_config(&self, start: u64) -> ReplicationConfig {
-        let c = &self.cfg.connection;
-        let host = match c.get_hosts().first() {
-            Some(Host::Tcp(h)) => h.clone(),
-            Some(Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
-        };
-        let password = c
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        ReplicationConfig::new(
-            host,
-            c.get_user().unwrap_or_default(),
-            password,
-            c.get_dbname().unwrap_or_default(),
-            self.cfg.slot.clone(),
-            self.cfg.publication.clone(),
-        )
-        .with_port(c.get_ports().first().copied().unwrap_or(5432))
-        .with_options(SESSION_OPTIONS)
-        .with_application_name(format!("tributary-{}", self.cfg.name))
-        .with_start_lsn(Lsn::from_u64(0))
-        .with_ack_lsn(Lsn::from_u64(start))
-        .with_status_interval(Duration::from_millis(100))
-        .with_wakeup_interval(Duration::from_secs(5))
-        // Counted in messages, ahead of the byte budget: keep it short so
-        // the budget, not this queue, bounds memory (wide rows included).
-        .with_buffer_size(REPLICATION_QUEUE_MESSAGES)
-    }
-
     async fn confirmed_flush(&self) -> Result<u64, PostgresError> {
         let row = self
             .side
@@ -158,8 +128,9 @@ impl PostgresSource {
             })?;
         Ok(row
             .get::<_, Option<String>>(0)
-            .and_then(|s| Lsn::parse(&s).ok())
-            .map(Lsn::as_u64)
+            .as_deref()
+            .and_then(Lsn::parse)
+            .map(|lsn| lsn.0)
             .unwrap_or(0))
     }
 
@@ -180,6 +151,8 @@ impl PostgresSource {
             budget,
             next_seq: 0,
             batch: Vec::with_capacity(self.cfg.batch_records),
+            captured_at: tributary_envelope::time::now(),
+            credit: 0,
         };
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -208,96 +181,112 @@ impl PostgresSource {
         drain_timeout: Duration,
     ) -> Result<Stopped, PostgresError> {
         let start = self.confirmed_flush().await?.max(st.tracker.acked());
-        let conn_err = |context: &str| {
-            let context = context.to_owned();
-            move |e: pgwire_replication::PgWireError| PostgresError::Connection {
-                context,
-                source: Box::new(e),
-            }
-        };
-        let mut client = ReplicationClient::connect(self.replication_config(start))
-            .await
-            .map_err(conn_err("starting replication"))?;
-        client
-            .wait_started()
-            .await
-            .map_err(conn_err("starting replication"))?;
+        let mut conn = ReplicationConnection::start(
+            &self.cfg.connection,
+            SESSION_OPTIONS,
+            &format!("tributary-{}", self.cfg.name),
+            &self.cfg.slot,
+            &self.cfg.publication,
+            0,
+        )
+        .await
+        .map_err(wire_error("starting replication"))?;
         info!(
             server = %describe(&self.cfg.connection),
             slot = %self.cfg.slot,
             publication = %self.cfg.publication,
-            from_lsn = %Lsn::from_u64(start),
+            from_lsn = %Lsn(start),
             tables = self.report.tables.len(),
             "streaming changes from postgres"
         );
+        let mut feedback = Feedback::new(start);
         let mut acked = st.tracker.subscribe();
         let mut tx: Option<Transaction> = None;
         let mut stopping = *shutdown.borrow();
         let mut decoded = Vec::with_capacity(4);
-        loop {
+        'stream: loop {
+            // Everything already read, without waiting.
+            while let Some(message) = conn
+                .next_message()
+                .map_err(wire_error("reading the replication stream"))?
+            {
+                match message {
+                    StreamMessage::XLogData { data, .. } => {
+                        let msg = pgoutput::parse(&data)?;
+                        match &msg {
+                            Message::Begin {
+                                final_lsn,
+                                commit_time,
+                                xid,
+                            } => {
+                                tx = Some(Transaction::begin(*final_lsn, *xid, *commit_time));
+                                st.captured_at = tributary_envelope::time::now();
+                            }
+                            Message::Commit { end_lsn, .. } => {
+                                st.flush().await?;
+                                st.tracker.commit(st.next_seq, *end_lsn);
+                                tx = None;
+                                if stopping {
+                                    break 'stream;
+                                }
+                            }
+                            Message::Relation(rel) => {
+                                let facts = if self.decoder.captures(&rel.schema, &rel.table) {
+                                    self.catalog.describe(&self.side, rel).await?
+                                } else {
+                                    Default::default()
+                                };
+                                self.decoder.relation(rel, facts);
+                            }
+                            _ => {
+                                let Some(tx) = tx.as_mut() else { continue };
+                                self.decoder
+                                    .change(&msg, tx, &st.captured_at, &mut decoded)?;
+                                for record in decoded.drain(..) {
+                                    st.push(record, &mut conn, &mut feedback).await?;
+                                }
+                            }
+                        }
+                    }
+                    StreamMessage::KeepAlive { wal_end, reply } => {
+                        if tx.is_none() && st.batch.is_empty() {
+                            st.tracker.idle(wal_end);
+                        }
+                        if reply {
+                            feedback.send(&mut conn, st.tracker.acked(), true).await?;
+                        }
+                    }
+                    StreamMessage::End => {
+                        return Err(PostgresError::Connection {
+                            context: "the server ended the replication stream".into(),
+                            source: "stream closed".into(),
+                        });
+                    }
+                }
+            }
             if stopping && tx.is_none() {
                 break;
             }
-            let event = tokio::select! {
+            feedback.maybe_send(&mut conn, st.tracker.acked()).await?;
+            // Records wait in the batch only while more of their transaction
+            // is on its way; hand them over before sleeping on the socket.
+            if tx.is_some() {
+                st.flush().await?;
+            }
+            let feedback_due = feedback.next_due(st.tracker.acked());
+            tokio::select! {
                 biased;
-                _ = acked.changed() => {
-                    client.update_applied_lsn(Lsn::from_u64(*acked.borrow_and_update()));
-                    continue;
-                }
-                _ = shutdown.changed(), if !stopping => {
-                    stopping = *shutdown.borrow();
-                    continue;
-                }
-                event = client.recv() => event.map_err(conn_err("reading the replication stream"))?,
-            };
-            let Some(event) = event else {
-                return Err(PostgresError::Connection {
-                    context: "the server ended the replication stream".into(),
-                    source: "stream closed".into(),
-                });
-            };
-            match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => {
-                    tx = Some(Transaction::begin(
-                        final_lsn.as_u64(),
-                        xid,
-                        commit_time_micros,
-                    ))
-                }
-                ReplicationEvent::XLogData { data, .. } => {
-                    let msg = pgoutput::parse(&data)?;
-                    if let Message::Relation(rel) = &msg {
-                        let facts = if self.decoder.captures(&rel.schema, &rel.table) {
-                            self.catalog.describe(&self.side, rel).await?
-                        } else {
-                            Default::default()
-                        };
-                        self.decoder.relation(rel, facts);
-                        continue;
-                    }
-                    let Some(tx) = tx.as_mut() else { continue };
-                    let captured_at = tributary_envelope::time::now();
-                    self.decoder.change(&msg, tx, &captured_at, &mut decoded)?;
-                    for record in decoded.drain(..) {
-                        st.push(record, &client, &mut acked).await?;
+                _ = shutdown.changed(), if !stopping => stopping = *shutdown.borrow(),
+                _ = acked.changed() => {}
+                _ = tokio::time::sleep_until(feedback_due) => {}
+                more = conn.fill() => {
+                    if !more.map_err(wire_error("reading the replication stream"))? {
+                        return Err(PostgresError::Connection {
+                            context: "the server closed the replication connection".into(),
+                            source: "end of stream".into(),
+                        });
                     }
                 }
-                ReplicationEvent::Commit { end_lsn, .. } => {
-                    st.flush().await?;
-                    st.tracker.commit(st.next_seq, end_lsn.as_u64());
-                    tx = None;
-                }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if tx.is_none() && st.batch.is_empty() {
-                        st.tracker.idle(wal_end.as_u64());
-                    }
-                }
-                ReplicationEvent::Message { .. } => {}
-                ReplicationEvent::StoppedAt { .. } => break,
             }
         }
         // Shutdown at a transaction boundary: hand over the rest, let the
@@ -307,30 +296,90 @@ impl PostgresSource {
         let deadline = tokio::time::Instant::now() + drain_timeout;
         let mut stopped = Stopped::Drained;
         while !st.tracker.is_drained() {
-            tokio::select! {
-                _ = acked.changed() => {
-                    client.update_applied_lsn(Lsn::from_u64(*acked.borrow_and_update()));
-                }
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    stopped = Stopped::TimedOut;
-                    break;
-                }
+            if tokio::time::Instant::now() >= deadline {
+                stopped = Stopped::TimedOut;
+                break;
             }
+            feedback.maybe_send(&mut conn, st.tracker.acked()).await?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let last = st.tracker.acked();
-        client.update_applied_lsn(Lsn::from_u64(last));
-        let metrics = client.metrics();
-        let confirm_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while metrics.last_applied_lsn().as_u64() < last
-            && tokio::time::Instant::now() < confirm_deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        client.stop();
-        while let Ok(Some(_)) = client.recv().await {}
-        info!(acknowledged_lsn = %Lsn::from_u64(last), in_flight = st.tracker.in_flight(), "replication stopped");
+        feedback.send(&mut conn, last, false).await?;
+        conn.close()
+            .await
+            .map_err(wire_error("closing the replication stream"))?;
+        info!(acknowledged_lsn = %Lsn(last), in_flight = st.tracker.in_flight(), "replication stopped");
         Ok(stopped)
+    }
+}
+
+fn wire_error(context: &str) -> impl FnOnce(crate::wire::WireError) -> PostgresError {
+    let context = context.to_owned();
+    move |e| {
+        if e.is_auth() {
+            PostgresError::Setup(format!("{context}: {e}"))
+        } else {
+            PostgresError::Connection {
+                context,
+                source: Box::new(e),
+            }
+        }
+    }
+}
+
+/// When to send standby status updates: soon after the acknowledgeable
+/// position rises, and every few seconds regardless (so the server never
+/// times the connection out).
+struct Feedback {
+    sent: u64,
+    sent_at: tokio::time::Instant,
+}
+
+impl Feedback {
+    const RAISE_DELAY: Duration = Duration::from_millis(100);
+    const HEARTBEAT: Duration = Duration::from_secs(10);
+
+    fn new(start: u64) -> Self {
+        Self {
+            sent: start,
+            sent_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// When the next update is due: shortly after a raise, else the heartbeat.
+    fn next_due(&self, acked: u64) -> tokio::time::Instant {
+        if acked > self.sent {
+            self.sent_at + Self::RAISE_DELAY
+        } else {
+            self.sent_at + Self::HEARTBEAT
+        }
+    }
+
+    async fn maybe_send(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        acked: u64,
+    ) -> Result<(), PostgresError> {
+        let elapsed = self.sent_at.elapsed();
+        if (acked > self.sent && elapsed >= Self::RAISE_DELAY) || elapsed >= Self::HEARTBEAT {
+            self.send(conn, acked, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        acked: u64,
+        reply: bool,
+    ) -> Result<(), PostgresError> {
+        let lsn = acked.max(self.sent);
+        conn.send_status(lsn, reply)
+            .await
+            .map_err(wire_error("sending a standby status update"))?;
+        self.sent = lsn;
+        self.sent_at = tokio::time::Instant::now();
+        Ok(())
     }
 }
 
@@ -340,34 +389,49 @@ struct RunState {
     budget: Arc<Budget>,
     next_seq: u64,
     batch: Vec<Record>,
+    /// `captured_at` of the records of the current transaction.
+    captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    /// Budget taken but not yet given to a record.
+    credit: usize,
 }
 
 impl RunState {
-    /// Takes budget for a record (acknowledging what completes meanwhile)
-    /// and adds it to the batch.
+    /// Takes budget for a record (sending status updates for what completes
+    /// meanwhile) and adds it to the batch.
     async fn push(
         &mut self,
         mut record: Record,
-        client: &ReplicationClient,
-        acked: &mut watch::Receiver<u64>,
+        conn: &mut ReplicationConnection,
+        feedback: &mut Feedback,
     ) -> Result<(), PostgresError> {
-        let weight = record.weight();
-        if self.budget.available() < weight.min(self.budget.capacity()) {
-            // Hand over what we hold so it can complete and free budget.
-            self.flush().await?;
-        }
-        {
-            let acquire = self.budget.acquire(weight);
+        let weight = record.weight().min(self.budget.capacity());
+        if self.credit < weight {
+            // Take budget in chunks, not per record (what is left over stays
+            // below one chunk). Give the remainder back first, so a record
+            // as large as the whole budget can still get it.
+            if self.credit > 0 {
+                self.budget.release(self.credit);
+                self.credit = 0;
+            }
+            let want = weight.max(BUDGET_CHUNK).min(self.budget.capacity());
+            if self.budget.available() < want {
+                // Hand over what we hold so it can complete and free budget.
+                self.flush().await?;
+            }
+            let budget = self.budget.clone();
+            let acquire = budget.acquire(want);
             tokio::pin!(acquire);
             loop {
                 tokio::select! {
                     _ = &mut acquire => break,
-                    Ok(()) = acked.changed() => {
-                        client.update_applied_lsn(Lsn::from_u64(*acked.borrow_and_update()));
+                    _ = tokio::time::sleep(Feedback::RAISE_DELAY) => {
+                        feedback.maybe_send(conn, self.tracker.acked()).await?;
                     }
                 }
             }
+            self.credit += want;
         }
+        self.credit -= weight;
         record.seq = self.next_seq;
         self.next_seq += 1;
         self.batch.push(record);

@@ -1,7 +1,7 @@
 //! Makes the server ready to stream: checks `wal_level`, creates the
 //! publication for the configured tables and the logical slot when missing.
 
-use pgwire_replication::Lsn;
+use crate::lsn::Lsn;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
@@ -120,8 +120,8 @@ pub async fn ensure(
     };
     let confirmed_flush_lsn = confirmed
         .as_deref()
-        .and_then(|s| Lsn::parse(s).ok())
-        .map(Lsn::as_u64)
+        .and_then(Lsn::parse)
+        .map(|lsn| lsn.0)
         .unwrap_or(0);
     Ok(SetupReport {
         tables: names,

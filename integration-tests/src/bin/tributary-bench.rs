@@ -17,12 +17,17 @@
 //!   sent_lsn` reached the end LSN); for Tributary the gap to the wall time
 //!   is the client's tail latency plus the standby status interval.
 //! - CPU seconds (user + system) of the client process up to the drain,
-//!   and its peak RSS. `pg_recvlogical` runs under `/usr/bin/time`, which
+//!   its peak RSS and its context switches. `pg_recvlogical` runs under `/usr/bin/time`, which
 //!   reports them from `wait4`; Tributary's are read from
 //!   `/proc/<pid>/stat` and `VmHWM` in `/proc/<pid>/status` at the drain
 //!   instant, before it is stopped with SIGTERM.
 //! - the walsender's CPU seconds, from `/proc/<pid>/stat` of the slot's
 //!   `active_pid` (sampled on every poll).
+//! - `other CPU s`: busy CPU time of the whole machine during the drain
+//!   (`/proc/stat`) minus the client's and the walsender's: the poller and
+//!   anything else running. Before each drain the benchmark waits until the
+//!   machine is `--wait-idle` percent idle, since on two cores any other
+//!   work skews the figures.
 //!
 //! The targets (issue 2): Tributary's wall time at most 1.05 x
 //! `pg_recvlogical`'s (median of the per-pair ratios) and at most 1.5
@@ -89,6 +94,15 @@ struct Args {
     /// Run only the Tributary drains (for profiling); no ratios.
     #[arg(long)]
     tributary_only: bool,
+    /// Before each drain, wait until the machine is at least this idle (in
+    /// percent, over 2 s): other work on the cores skews the figures.
+    /// 0 turns the wait off.
+    #[arg(long, default_value_t = 85)]
+    wait_idle: u32,
+    /// Give up waiting for an idle machine after this many seconds (and
+    /// run anyway, with a warning).
+    #[arg(long, default_value_t = 600)]
+    wait_idle_secs: u64,
 }
 
 /// Which client drained a slot.
@@ -119,8 +133,15 @@ struct Drain {
     cpu_secs: f64,
     /// Peak resident set size of the client process, KiB.
     peak_rss_kib: u64,
+    /// Context switches (voluntary + involuntary) of the client process:
+    /// roughly how often it went to sleep waiting for the socket.
+    context_switches: u64,
     /// CPU seconds of the walsender serving the drain, if sampled.
     walsender_cpu_secs: Option<f64>,
+    /// The walsender's pid, if seen (for matching a system-wide profile).
+    walsender_pid: Option<u32>,
+    /// Busy CPU seconds of the whole machine (all cores) during the drain.
+    machine_busy_secs: f64,
     /// Tributary only: SIGTERM to exit.
     shutdown: Option<Duration>,
     /// Tributary only: whether it exited with status 0 after SIGTERM.
@@ -155,6 +176,14 @@ async fn run(args: &Args) -> Result<()> {
         bail!("--repeat must be at least 1");
     }
     let tributary = tributary_bin()?;
+    if tributary.is_relative() {
+        // The binary runs in its config's directory: a relative path would
+        // not resolve there.
+        bail!(
+            "TRIBUTARY_BIN={} is relative: give an absolute path",
+            tributary.display()
+        );
+    }
     let recvlogical = find_recvlogical(args.pg_recvlogical.as_deref())?;
     if !Path::new(GNU_TIME).is_file() {
         bail!("{GNU_TIME} (GNU time) is missing: apt-get install time");
@@ -213,6 +242,7 @@ async fn run(args: &Args) -> Result<()> {
             }
             // Let the previous drain's processes go away first.
             tokio::time::sleep(Duration::from_secs(1)).await;
+            wait_for_idle(args).await?;
             eprintln!(
                 "tributary-bench: run {}: draining with {}",
                 i + 1,
@@ -225,10 +255,13 @@ async fn run(args: &Args) -> Result<()> {
                 }
             };
             eprintln!(
-                "tributary-bench: run {}: {} drained in {:.3} s",
+                "tributary-bench: run {}: {} drained in {:.3} s (walsender pid {})",
                 i + 1,
                 tool.label(),
-                drain.wall.as_secs_f64()
+                drain.wall.as_secs_f64(),
+                drain
+                    .walsender_pid
+                    .map_or_else(|| "unknown".into(), |pid| pid.to_string())
             );
             match tool {
                 Tool::Tributary => trib = Some(drain),
@@ -426,6 +459,7 @@ impl Monitor {
 struct WalsenderWatch {
     sent: Option<Duration>,
     cpu_ticks: Option<u64>,
+    pid: Option<u32>,
 }
 
 impl WalsenderWatch {
@@ -437,6 +471,7 @@ impl WalsenderWatch {
             && let Ok(ticks) = cpu_ticks(pid.unsigned_abs())
         {
             self.cpu_ticks = Some(ticks);
+            self.pid = Some(pid.unsigned_abs());
         }
     }
 }
@@ -456,11 +491,12 @@ async fn drain_tributary(
     let text = tributary_config(&pg.url(DEFAULT_DATABASE), slot, &state, &listen)?;
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
 
+    let machine_before = machine_busy_ticks()?;
     let started = Instant::now();
     let mut process = TributaryProcess::run(&config, &[])?;
     let pid = process.pid();
     let mut walsender = WalsenderWatch::default();
-    let (cpu, hwm) = loop {
+    let (cpu, hwm, switches, machine) = loop {
         let state = monitor.slot(slot).await?;
         let elapsed = started.elapsed();
         walsender.observe(&state, elapsed);
@@ -468,7 +504,9 @@ async fn drain_tributary(
             // Read the figures before anything else happens to the process.
             let cpu = cpu_ticks(pid)?;
             let hwm = peak_rss_kib(pid)?;
-            break (cpu, hwm);
+            let switches = context_switches(pid)?;
+            let machine = machine_busy_ticks()? - machine_before;
+            break (cpu, hwm, switches, machine);
         }
         if let Some(status) = process.try_exit()? {
             bail!(
@@ -511,7 +549,10 @@ async fn drain_tributary(
         sent: walsender.sent,
         cpu_secs: cpu as f64 / clk_tck,
         peak_rss_kib: hwm,
+        context_switches: switches,
         walsender_cpu_secs: walsender.cpu_ticks.map(|t| t as f64 / clk_tck),
+        walsender_pid: walsender.pid,
+        machine_busy_secs: machine as f64 / clk_tck,
         shutdown: Some(shutdown),
         clean_exit: status.success(),
     })
@@ -564,7 +605,7 @@ async fn drain_recvlogical(
     let mut command = tokio::process::Command::new(GNU_TIME);
     command
         .arg("-f")
-        .arg("%U %S %M")
+        .arg("%U %S %M %w %c")
         .arg("-o")
         .arg(&time_out)
         .arg(recvlogical)
@@ -587,6 +628,7 @@ async fn drain_recvlogical(
         .stderr(std::fs::File::create(&stderr)?)
         .kill_on_drop(true);
 
+    let machine_before = machine_busy_ticks()?;
     let started = Instant::now();
     let mut child = command
         .spawn()
@@ -606,6 +648,7 @@ async fn drain_recvlogical(
         }
     };
     let wall = started.elapsed();
+    let machine = machine_busy_ticks()? - machine_before;
     if !status.success() {
         bail!(
             "pg_recvlogical failed ({status}): {}",
@@ -622,32 +665,48 @@ async fn drain_recvlogical(
     }
     let timing = std::fs::read_to_string(&time_out)
         .with_context(|| format!("reading {}", time_out.display()))?;
-    let (cpu_secs, peak_rss_kib) = parse_gnu_time(&timing)?;
+    let timing = parse_gnu_time(&timing)?;
     Ok(Drain {
         tool: Tool::Recvlogical,
         wall,
         sent: walsender.sent,
-        cpu_secs,
-        peak_rss_kib,
+        cpu_secs: timing.cpu_secs,
+        peak_rss_kib: timing.peak_rss_kib,
+        context_switches: timing.context_switches,
         walsender_cpu_secs: walsender.cpu_ticks.map(|t| t as f64 / clk_tck),
+        walsender_pid: walsender.pid,
+        machine_busy_secs: machine as f64 / clk_tck,
         shutdown: None,
         clean_exit: true,
     })
 }
 
-/// `%U %S %M` as written by GNU time: user seconds, system seconds, peak
-/// RSS in KiB. A warning line may come first ("Command exited with ...").
-fn parse_gnu_time(text: &str) -> Result<(f64, u64)> {
+/// What GNU time reported about `pg_recvlogical`.
+#[derive(Debug, PartialEq)]
+struct GnuTime {
+    cpu_secs: f64,
+    peak_rss_kib: u64,
+    context_switches: u64,
+}
+
+/// `%U %S %M %w %c` as written by GNU time: user seconds, system seconds,
+/// peak RSS in KiB, voluntary and involuntary context switches. A warning
+/// line may come first ("Command exited with ...").
+fn parse_gnu_time(text: &str) -> Result<GnuTime> {
     let line = text
         .lines()
         .rev()
         .find(|line| !line.trim().is_empty())
         .context("GNU time wrote nothing")?;
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let [user, system, rss] = fields[..] else {
+    let [user, system, rss, voluntary, involuntary] = fields[..] else {
         bail!("unexpected GNU time output: {text:?}");
     };
-    Ok((user.parse::<f64>()? + system.parse::<f64>()?, rss.parse()?))
+    Ok(GnuTime {
+        cpu_secs: user.parse::<f64>()? + system.parse::<f64>()?,
+        peak_rss_kib: rss.parse()?,
+        context_switches: voluntary.parse::<u64>()? + involuntary.parse::<u64>()?,
+    })
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
@@ -670,6 +729,86 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .with_context(|| format!("field {n} of {path}"))
     };
     Ok(field(14)? + field(15)?)
+}
+
+/// Busy and total CPU time of the whole machine (all cores), in clock
+/// ticks, from the first line of `/proc/stat`: `cpu user nice system idle
+/// iowait irq softirq steal ...`.
+fn machine_ticks() -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text.lines().next().context("empty /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("parsing /proc/stat")?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = values[..] else {
+        bail!("short cpu line in /proc/stat: {line}");
+    };
+    let busy = user + nice + system + irq + softirq + steal;
+    Ok((busy, busy + idle + iowait))
+}
+
+fn machine_busy_ticks() -> Result<u64> {
+    Ok(machine_ticks()?.0)
+}
+
+/// Waits until the machine was at least `--wait-idle` percent idle over
+/// two seconds, or `--wait-idle-secs` have passed (then warns and goes on).
+async fn wait_for_idle(args: &Args) -> Result<()> {
+    if args.wait_idle == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.wait_idle_secs);
+    let mut announced = false;
+    loop {
+        let (busy0, total0) = machine_ticks()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (busy1, total1) = machine_ticks()?;
+        let total = total1.saturating_sub(total0).max(1);
+        let idle = 100.0 - 100.0 * busy1.saturating_sub(busy0) as f64 / total as f64;
+        if idle >= f64::from(args.wait_idle) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "tributary-bench: WARNING: the machine is only {idle:.0}% idle; \
+                 running anyway (see the `other CPU s` column)"
+            );
+            return Ok(());
+        }
+        if !announced {
+            eprintln!(
+                "tributary-bench: the machine is {idle:.0}% idle; waiting for >= {}%",
+                args.wait_idle
+            );
+            announced = true;
+        }
+    }
+}
+
+/// Voluntary + involuntary context switches of every live thread of a
+/// process (`/proc/<pid>/task/*/status`).
+fn context_switches(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        // A thread that ended in between has nothing to add.
+        let Ok(text) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += text
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|value| value.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
 }
 
 /// `VmHWM` of a process, in KiB.
@@ -753,11 +892,11 @@ fn render_report(results: &[(Drain, Option<Drain>)], backlog: &Backlog, args: &A
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| run | client | wall s | rows/s | walsender done s | CPU s | CPU s / M rows | peak RSS MiB | walsender CPU s | SIGTERM->exit s | wall ratio trib/recv |"
+        "| run | client | wall s | rows/s | walsender done s | CPU s | CPU s / M rows | peak RSS MiB | ctx switches | walsender CPU s | other CPU s | SIGTERM->exit s | wall ratio trib/recv |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut ratios = Vec::new();
     let mut trib_cpu = Vec::new();
@@ -796,7 +935,7 @@ fn render_report(results: &[(Drain, Option<Drain>)], backlog: &Backlog, args: &A
             let wall = drain.wall.as_secs_f64();
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.3} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {} | {} | {} |",
+                "| {} | {} | {:.3} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {} | {} | {:.2} | {} | {} |",
                 i + 1,
                 drain.tool.label(),
                 wall,
@@ -805,9 +944,11 @@ fn render_report(results: &[(Drain, Option<Drain>)], backlog: &Backlog, args: &A
                 drain.cpu_secs,
                 drain.cpu_secs / million_rows,
                 drain.peak_rss_kib as f64 / 1024.0,
+                drain.context_switches,
                 drain
                     .walsender_cpu_secs
                     .map_or_else(|| "-".into(), |s| format!("{s:.2}")),
+                other_cpu(drain),
                 secs(drain.shutdown),
                 match (drain.tool, ratio) {
                     (Tool::Tributary, Some(ratio)) => format!("{ratio:.3}"),
@@ -859,6 +1000,13 @@ fn render_report(results: &[(Drain, Option<Drain>)], backlog: &Backlog, args: &A
     out
 }
 
+/// Busy CPU seconds of the machine during a drain not spent by the client or
+/// the walsender: the slot poller, other PostgreSQL processes, and whatever
+/// else runs on the machine. Large values mean the drain was disturbed.
+fn other_cpu(drain: &Drain) -> f64 {
+    (drain.machine_busy_secs - drain.cpu_secs - drain.walsender_cpu_secs.unwrap_or(0.0)).max(0.0)
+}
+
 fn verdict(pass: bool) -> &'static str {
     if pass { "PASS" } else { "FAIL" }
 }
@@ -869,10 +1017,18 @@ mod tests {
 
     #[test]
     fn parses_gnu_time_output() {
-        assert_eq!(parse_gnu_time("1.23 0.40 8844\n").unwrap(), (1.63, 8844));
-        let warned = "Command exited with non-zero status 1\n0.01 0.00 4000\n";
-        assert_eq!(parse_gnu_time(warned).unwrap().1, 4000);
+        assert_eq!(
+            parse_gnu_time("1.25 0.50 8844 120 7\n").unwrap(),
+            GnuTime {
+                cpu_secs: 1.75,
+                peak_rss_kib: 8844,
+                context_switches: 127
+            }
+        );
+        let warned = "Command exited with non-zero status 1\n0.01 0.00 4000 1 2\n";
+        assert_eq!(parse_gnu_time(warned).unwrap().peak_rss_kib, 4000);
         assert!(parse_gnu_time("").is_err());
+        assert!(parse_gnu_time("1.0 2.0 3\n").is_err());
     }
 
     #[test]
@@ -880,6 +1036,13 @@ mod tests {
         let pid = std::process::id();
         cpu_ticks(pid).unwrap();
         assert!(peak_rss_kib(pid).unwrap() > 0);
+        context_switches(pid).unwrap();
+    }
+
+    #[test]
+    fn reads_machine_ticks() {
+        let (busy, total) = machine_ticks().unwrap();
+        assert!(total >= busy && total > 0);
     }
 
     #[test]
