@@ -40,7 +40,7 @@ pub use config::{PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
-pub use postgres::{DEFAULT_DATABASE, Lsn, Postgres, SUPERUSER, USER};
+pub use postgres::{DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, USER};
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;
 

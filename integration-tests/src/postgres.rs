@@ -26,6 +26,11 @@ pub const DEFAULT_DATABASE: &str = "shop";
 pub const USER: &str = "tributary";
 /// The bootstrap superuser of the cluster.
 pub const SUPERUSER: &str = "postgres";
+/// A role that must log in with SCRAM-SHA-256 (see `pg_hba.conf`); the auth
+/// tests create it.
+pub const SCRAM_USER: &str = "tributary_scram";
+/// A role that must log in with an MD5 password; the auth tests create it.
+pub const MD5_USER: &str = "tributary_md5";
 
 /// Where Debian's PostgreSQL 15 server binaries live. `TRIBUTARY_PG_BIN`
 /// overrides it.
@@ -310,7 +315,12 @@ impl Postgres {
         writeln!(conf, "full_page_writes = off")?;
         append(&data.join("postgresql.conf"), &conf)?;
         let hba = "\
-# added by tributary-integration-tests: everything local is trusted
+# added by tributary-integration-tests: the password roles of the auth tests
+# (SCRAM_USER, MD5_USER) must authenticate; everything else local is trusted
+host all tributary_scram 127.0.0.1/32 scram-sha-256
+host replication tributary_scram 127.0.0.1/32 scram-sha-256
+host all tributary_md5 127.0.0.1/32 md5
+host replication tributary_md5 127.0.0.1/32 md5
 local all all trust
 host all all 127.0.0.1/32 trust
 local replication all trust

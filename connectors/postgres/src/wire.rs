@@ -377,6 +377,8 @@ impl ReplicationConnection {
     /// Ends the stream (CopyDone) and waits briefly for the server to
     /// confirm, then closes the connection.
     pub async fn close(mut self) -> Result<(), WireError> {
+        // The server's last messages are small: do not wait for a burst.
+        self.set_low_water(1);
         frontend::copy_done(&mut self.out);
         self.flush().await?;
         let drain = async {
