@@ -156,9 +156,14 @@ impl PostgresSource {
         };
         let mut backoff = Duration::from_millis(200);
         loop {
+            let began = tokio::time::Instant::now();
             match self.session(&mut state, &mut shutdown, drain_timeout).await {
                 Ok(stopped) => return Ok(stopped),
                 Err(err) if err.is_transient() && !*shutdown.borrow() => {
+                    if began.elapsed() > Duration::from_secs(60) {
+                        // The session had been healthy: start over with short waits.
+                        backoff = Duration::from_millis(200);
+                    }
                     warn!(error = %err, retry_in = ?backoff, "replication session failed; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
