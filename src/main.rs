@@ -50,7 +50,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run { config } => {
             let explicit = config.config.as_os_str() != "config.toml";
-            let validated = settings::load(&config.config, explicit)?.validate()?;
+            let validated =
+                settings::load::<settings::Settings>(&config.config, explicit)?.validate()?;
             logging::init(&validated.settings.log);
             let code = pipeline::run(validated).await?;
             Ok(u8::try_from(code).unwrap_or(1))

@@ -311,8 +311,10 @@ fn default_level() -> String {
     "info".into()
 }
 
-/// Reads `path` (if it exists or was asked for) and the environment.
-pub fn load(path: &Path, explicit: bool) -> Result<Settings, ConfigError> {
+/// Reads `path` (if it exists or was asked for) and the
+/// `TRIBUTARY__SECTION__KEY` environment into `T` (the whole [`Settings`],
+/// or the part a command needs).
+pub fn load<T: serde::de::DeserializeOwned>(path: &Path, explicit: bool) -> Result<T, ConfigError> {
     let mut builder = config::Config::builder();
     if path.exists() {
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -588,7 +590,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, toml).unwrap();
-        load(&path, true)?.validate()
+        load::<Settings>(&path, true)?.validate()
     }
 
     const BASE: &str = r#"

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use tributary_kinesis::{StartFrom, tail};
 
 use crate::cli::From;
-use crate::settings::{ConfigError, SinkSettings};
+use crate::settings::SinkSettings;
 
 /// Only `[sink]` matters to `tail`; other sections are read by `run`.
 #[derive(Debug, Deserialize)]
@@ -16,21 +16,8 @@ struct TailSettings {
 
 /// Reads the stream and writes it to stdout; exit code 0.
 pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyhow::Result<u8> {
-    let mut builder = config::Config::builder();
-    if config.exists() {
-        builder = builder.add_source(config::File::from(config).format(config::FileFormat::Toml));
-    }
-    builder = builder.add_source(
-        config::Environment::with_prefix("TRIBUTARY")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true),
-    );
-    let raw = builder
-        .build()
-        .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
-    let settings: TailSettings =
-        serde_path_to_error::deserialize(raw).map_err(crate::settings::path_error)?;
+    // Only `[sink]` is read: `tail` works with a partial config or none.
+    let settings: TailSettings = crate::settings::load(config, false)?;
     let sink = settings.sink;
     let region = sink
         .as_ref()

@@ -152,11 +152,6 @@ impl Decoder {
         }
     }
 
-    /// True when the relation is known and captured.
-    pub fn is_captured(&self, relation: u32) -> bool {
-        self.tables.get(&relation).is_some_and(|t| t.captured)
-    }
-
     /// Whether a table is captured by the configured patterns.
     pub fn captures(&self, schema: &str, table: &str) -> bool {
         self.filter.matches(schema, table)
