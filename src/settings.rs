@@ -544,6 +544,9 @@ impl Settings {
                     format!("{secs} is too long: at most {max} seconds"),
                 ));
             }
+            if secs == 0 && key != "sink.drain_timeout_secs" {
+                return Err(invalid(key, "must be at least 1 second"));
+            }
         }
         let quota = &sink.quota;
         if !(quota.share > 0.0 && quota.share <= 1.0) {

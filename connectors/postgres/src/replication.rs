@@ -247,10 +247,15 @@ impl PostgresSource {
                                 let Some(tx) = tx.as_mut() else { continue };
                                 self.decoder
                                     .change(&msg, tx, &st.captured_at, &mut decoded)?;
-                                for record in decoded.drain(..) {
-                                    st.push(record, &mut conn, &mut feedback).await?;
-                                }
                             }
+                        }
+                        // The message's bytes are freed before its records
+                        // wait for budget: a large row is held once, as its
+                        // envelope, not twice.
+                        drop(msg);
+                        drop(data);
+                        for record in decoded.drain(..) {
+                            st.push(record, &mut conn, &mut feedback).await?;
                         }
                     }
                     StreamMessage::KeepAlive { wal_end, reply } => {
