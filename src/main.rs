@@ -1,6 +1,7 @@
 //! The `tributary` binary: command line, configuration, wiring, shutdown.
 
 mod cli;
+mod config_error;
 mod logging;
 mod null_sink;
 mod pipeline;
