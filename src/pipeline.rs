@@ -38,6 +38,7 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
         stream = settings.sink.stream.as_deref().unwrap_or(""),
         "tributary starting"
     );
+    crate::startup::check(&v).await?;
     let source = PostgresSource::connect(v.postgres.clone())
         .await
         .context("cannot start the postgres source")?;

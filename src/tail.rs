@@ -7,6 +7,7 @@ use tributary_kinesis::{StartFrom, tail};
 
 use crate::cli::From;
 use crate::settings::SinkSettings;
+use crate::startup::StartupError;
 
 /// Only `[sink]` matters to `tail`; other sections are read by `run`.
 #[derive(Debug, Deserialize)]
@@ -25,7 +26,19 @@ pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyho
         .or_else(|| std::env::var("AWS_REGION").ok())
         .unwrap_or_else(|| "us-east-1".to_owned());
     let endpoint = sink.as_ref().and_then(|s| s.endpoint_url.clone());
-    let client = tributary_kinesis::build_client(&region, endpoint.as_deref()).await;
+    // Credentials and the stream are checked first, so that a mistake is one
+    // message naming `--stream`, not an error from the first shard read.
+    let client = tributary_kinesis::checked_client(
+        &region,
+        endpoint.as_deref(),
+        tributary_kinesis::DEFAULT_REQUEST_TIMEOUT,
+        tributary_kinesis::DEFAULT_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(StartupError)?;
+    tributary_kinesis::check_stream(&client, stream, "--stream")
+        .await
+        .map_err(StartupError)?;
     let from = match from {
         From::TrimHorizon => StartFrom::TrimHorizon,
         From::Latest => StartFrom::Latest,

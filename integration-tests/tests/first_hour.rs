@@ -1,0 +1,164 @@
+//! The first mistakes a new user makes, against real servers: each ends in
+//! one message that names the problem and the fix, with the right exit code,
+//! at start-up, before the replication slot is touched.
+
+use std::time::{Duration, Instant};
+
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, Servers, TributaryProcess, write_config,
+};
+
+/// How long a start-up check may take to fail (no retry loop).
+const FAIL_FAST: Duration = Duration::from_secs(10);
+
+/// Debug formatting that must never reach a user.
+const JARGON: [&str; 4] = ["ProviderError", "Some(", "ServiceError {", "SdkBody"];
+
+fn assert_plain(output: &str) {
+    for jargon in JARGON {
+        assert!(!output.contains(jargon), "`{jargon}` in:\n{output}");
+    }
+}
+
+async fn slot_exists(pg: &Postgres) -> anyhow::Result<bool> {
+    let client = pg.client(DEFAULT_DATABASE).await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Runs `tributary run` on a config for `servers` with `stream`, and waits
+/// for it to exit within [`FAIL_FAST`]; returns its exit code and stderr.
+async fn run_until_exit(
+    pg: &Postgres,
+    kin: &Kinesalite,
+    stream: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(i32, String)> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), pg, kin, stream, "")?;
+    let started = Instant::now();
+    let mut process = TributaryProcess::run(&config.path, env)?;
+    let status = process.wait_exit(FAIL_FAST).await?;
+    assert!(started.elapsed() < FAIL_FAST);
+    Ok((status.code().unwrap_or(-1), process.stderr()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_aws_credentials_exits_2_naming_the_chain_and_leaves_the_slot_alone()
+-> anyhow::Result<()> {
+    let servers = Servers::start("creds-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let home = tempfile::tempdir()?;
+    let home_path = home.path().to_str().expect("utf-8 temp dir");
+    let (code, stderr) = run_until_exit(
+        &servers.pg,
+        &servers.kin,
+        "creds-cdc",
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("HOME", home_path),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 2, "{stderr}");
+    for needle in [
+        "no AWS credentials found",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "instance",
+    ] {
+        assert!(stderr.contains(needle), "`{needle}` missing in:\n{stderr}");
+    }
+    assert_eq!(
+        stderr.matches("no AWS credentials found").count(),
+        1,
+        "said once:\n{stderr}"
+    );
+    assert_plain(&stderr);
+    assert!(!slot_exists(&servers.pg).await?, "the slot was created");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_a_missing_stream_exits_2_before_the_slot_is_created() -> anyhow::Result<()> {
+    let servers = Servers::start("other-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let (code, stderr) = run_until_exit(&servers.pg, &servers.kin, "shop-cdc", &[]).await?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("kinesis stream `shop-cdc` does not exist in us-east-1")
+            && stderr.contains("create-stream --stream-name shop-cdc")
+            && stderr.contains("fix sink.stream"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");
+    assert_plain(&stderr);
+    assert!(!slot_exists(&servers.pg).await?, "the slot was created");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_of_a_missing_stream_names_the_flag() -> anyhow::Result<()> {
+    let kin = Kinesalite::start().await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("tail.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sink]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n",
+            kin.endpoint()
+        ),
+    )?;
+    let mut tail = TributaryProcess::spawn(
+        &["tail", "-c", "tail.toml", "--stream", "nope"],
+        &[],
+        dir.path(),
+    )?;
+    let status = tail.wait_exit(FAIL_FAST).await?;
+    let stderr = tail.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("kinesis stream `nope` does not exist") && stderr.contains("fix --stream"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sink.stream"), "{stderr}");
+    assert_plain(&stderr);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_stream_that_does_not_exist_fails_at_first_use_with_the_same_message()
+-> anyhow::Result<()> {
+    let servers = Servers::start("unused", 1, "CREATE TABLE orders (id int PRIMARY KEY)").await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        &servers.pg,
+        &servers.kin,
+        "shop.{schema}.{table}",
+        "",
+    )?;
+    let mut process = TributaryProcess::run(&config.path, &[])?;
+    process
+        .wait_streaming(&servers.pg, SLOT, Duration::from_secs(30))
+        .await?;
+    let before = servers.pg.confirmed_flush_lsn(SLOT).await?;
+    servers.pg.execute("INSERT INTO orders VALUES (1)").await?;
+    let status = process.wait_exit(Duration::from_secs(30)).await?;
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("kinesis stream `shop.public.orders` does not exist in us-east-1")
+            && stderr.contains("fix sink.stream"),
+        "{stderr}"
+    );
+    assert_plain(&stderr);
+    // The change was not acknowledged: it is sent again once the stream exists.
+    assert_eq!(servers.pg.confirmed_flush_lsn(SLOT).await?, before);
+    Ok(())
+}
