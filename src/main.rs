@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             } else if let Some(startup) = err.downcast_ref::<StartupError>() {
                 (startup.exit_code(), startup.to_string())
             } else {
-                (1, tributary_kinesis::causes(err.as_ref()))
+                (1, tributary_envelope::error_text::one_line(err.as_ref()))
             };
             report(&text);
             ExitCode::from(code)

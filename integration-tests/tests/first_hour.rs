@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Postgres, SLOT, Servers, TributaryProcess, write_config,
+    DEFAULT_DATABASE, Kinesalite, Pipeline, Postgres, SLOT, Servers, TributaryProcess, write_config,
 };
 
 /// How long a start-up check may take to fail (no retry loop).
@@ -160,5 +160,35 @@ async fn a_template_stream_that_does_not_exist_fails_at_first_use_with_the_same_
     assert_plain(&stderr);
     // The change was not acknowledged: it is sent again once the stream exists.
     assert_eq!(servers.pg.confirmed_flush_lsn(SLOT).await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_an_active_slot_logs_the_servers_reason_in_its_first_retry_line()
+-> anyhow::Result<()> {
+    let pipeline =
+        Pipeline::start("busy-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)", "").await?;
+    let mut second = TributaryProcess::run(&pipeline.config.path, &[])?;
+    second
+        .wait_for_log("reconnecting", Duration::from_secs(30))
+        .await?;
+    let stderr = second.stderr();
+    let first_retry = stderr
+        .lines()
+        .find(|line| line.contains("reconnecting"))
+        .expect("a retry line");
+    for needle in [
+        &format!("replication slot \\\"{SLOT}\\\" is active for PID"),
+        "55006",
+        "same source.postgres.slot",
+        "wal_sender_timeout",
+    ] {
+        assert!(
+            first_retry.contains(needle),
+            "`{needle}` missing in: {first_retry}"
+        );
+    }
+    assert_plain(&stderr);
+    second.kill9().await?;
     Ok(())
 }

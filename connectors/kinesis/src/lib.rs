@@ -54,7 +54,7 @@ pub use dead_letter::{DEAD_LETTER_FILE, DeadLetterStore};
 pub use error::{BoxError, KinesisError};
 pub use lane::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 pub use preflight::{
-    CREDENTIAL_CHAIN, CREDENTIALS_TIMEOUT, PreflightError, StreamSummary, causes, check_stream,
+    CREDENTIAL_CHAIN, CREDENTIALS_TIMEOUT, PreflightError, StreamSummary, check_stream,
     checked_client,
 };
 pub use shards::{

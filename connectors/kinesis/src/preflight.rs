@@ -21,6 +21,7 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::operation::describe_stream_summary::DescribeStreamSummaryError;
 use aws_sdk_kinesis::types::StreamStatus;
 use thiserror::Error;
+use tributary_envelope::error_text::one_line;
 
 use crate::client::sdk_config;
 use crate::shards::DEFAULT_MAX_RECORD_BYTES;
@@ -163,7 +164,7 @@ pub async fn checked_client(
         }
         Ok(Err(CredentialsError::ProviderTimedOut(_))) => Err(PreflightError::CredentialsTimedOut),
         Ok(Err(err)) => Err(PreflightError::NoCredentials {
-            detail: Some(causes(&err)),
+            detail: Some(one_line(&err)),
         }),
     }
 }
@@ -226,7 +227,7 @@ fn describe_failure(
         let detail = match (service.code(), service.message()) {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => code.to_owned(),
-            _ => causes(&err),
+            _ => one_line(&err),
         };
         return match service {
             DescribeStreamSummaryError::ResourceNotFoundException(_) => {
@@ -259,7 +260,7 @@ fn describe_failure(
         detail: format!(
             "Kinesis ({}) did not answer: {}",
             region_of(client),
-            causes(&err)
+            one_line(&err)
         ),
     }
 }
@@ -271,73 +272,9 @@ fn region_of(client: &Client) -> String {
         .map_or_else(|| "the default region".to_owned(), |r| r.to_string())
 }
 
-/// An error and its causes on one line, each text once: SDK errors repeat
-/// their cause's text in their own, and wrap it in words that say nothing
-/// (`dispatch failure`, `service error`).
-pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    const FILLER: [&str; 4] = [
-        "dispatch failure",
-        "service error",
-        "io error",
-        "an error occurred while loading credentials",
-    ];
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let text = e.to_string();
-        let known = parts.iter().any(|p| p.contains(&text));
-        if !text.is_empty() && !known && !FILLER.contains(&text.as_str()) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    if parts.is_empty() {
-        err.to_string()
-    } else {
-        parts.join(": ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, Error)]
-    #[error("{text}")]
-    struct Layer {
-        text: &'static str,
-        #[source]
-        source: Option<Box<Layer>>,
-    }
-
-    fn chain(texts: &[&'static str]) -> Layer {
-        texts
-            .iter()
-            .rev()
-            .fold(None, |source, text| {
-                Some(Layer {
-                    text,
-                    source: source.map(Box::new),
-                })
-            })
-            .expect("at least one layer")
-    }
-
-    #[test]
-    fn causes_are_printed_once_without_filler() {
-        let err = chain(&[
-            "dispatch failure",
-            "io error",
-            "client error (Connect): tcp connect error: Connection refused",
-            "tcp connect error: Connection refused",
-            "Connection refused",
-        ]);
-        assert_eq!(
-            causes(&err),
-            "client error (Connect): tcp connect error: Connection refused"
-        );
-        assert_eq!(causes(&chain(&["service error"])), "service error");
-    }
 
     #[test]
     fn only_mistakes_need_a_person() {
