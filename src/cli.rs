@@ -52,6 +52,10 @@ pub enum Command {
         /// Keep waiting for new records (until Ctrl-C).
         #[arg(long)]
         follow: bool,
+        /// Indent each envelope over several lines (coloured when stdout is
+        /// a terminal), for reading by eye.
+        #[arg(long)]
+        pretty: bool,
     },
 }
 

@@ -5,6 +5,7 @@ mod config_error;
 mod logging;
 mod null_sink;
 mod pipeline;
+mod pretty;
 mod settings;
 mod startup;
 mod tail;
@@ -80,6 +81,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             stream,
             from,
             follow,
-        } => tail::run(&config.config, &stream, from, follow).await,
+            pretty,
+        } => tail::run(&config.config, &stream, from, follow, pretty).await,
     }
 }

@@ -102,18 +102,23 @@ async fn run_with_a_missing_stream_exits_2_before_the_slot_is_created() -> anyho
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_of_a_missing_stream_names_the_flag() -> anyhow::Result<()> {
-    let kin = Kinesalite::start().await?;
+/// A directory holding `tail.toml`: only `[sink]`, pointed at `kin`.
+fn tail_config(kin: &Kinesalite) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("tail.toml");
     std::fs::write(
-        &config,
+        dir.path().join("tail.toml"),
         format!(
             "[sink]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n",
             kin.endpoint()
         ),
     )?;
+    Ok(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_of_a_missing_stream_names_the_flag() -> anyhow::Result<()> {
+    let kin = Kinesalite::start().await?;
+    let dir = tail_config(&kin)?;
     let mut tail = TributaryProcess::spawn(
         &["tail", "-c", "tail.toml", "--stream", "nope"],
         &[],
@@ -190,5 +195,43 @@ async fn a_second_run_on_an_active_slot_logs_the_servers_reason_in_its_first_ret
     }
     assert_plain(&stderr);
     second.kill9().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_pretty_indents_each_envelope_in_field_order() -> anyhow::Result<()> {
+    let kin = Kinesalite::start().await?;
+    kin.create_stream("pretty-cdc", 1).await?;
+    let envelope =
+        r#"{"v":1,"id":"shop:1","op":"insert","key":{"id":1},"after":{"id":1,"total":"19.90"}}"#;
+    kin.client()
+        .put_record()
+        .stream_name("pretty-cdc")
+        .partition_key("public.orders:1")
+        .data(envelope.as_bytes().to_vec().into())
+        .send()
+        .await?;
+    let dir = tail_config(&kin)?;
+    let mut tail = TributaryProcess::spawn(
+        &[
+            "tail",
+            "-c",
+            "tail.toml",
+            "--stream",
+            "pretty-cdc",
+            "--pretty",
+        ],
+        &[],
+        dir.path(),
+    )?;
+    let status = tail.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(0), "{}", tail.logs());
+    let expected = "{\n  \"v\": 1,\n  \"id\": \"shop:1\",\n  \"op\": \"insert\",\n  \"key\": {\n    \"id\": 1\n  },\n  \"after\": {\n    \"id\": 1,\n    \"total\": \"19.90\"\n  }\n}\n";
+    let stdout = tail.stdout();
+    assert!(stdout.starts_with(expected), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "no colour when stdout is not a terminal"
+    );
     Ok(())
 }
