@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Pipeline, Postgres, SLOT, Servers, TributaryProcess, write_config,
+    DEFAULT_DATABASE, Kinesalite, Pipeline, Postgres, SLOT, Servers, TributaryProcess, free_port,
+    write_config,
 };
 
 /// How long a start-up check may take to fail (no retry loop).
@@ -102,6 +103,63 @@ async fn run_with_a_missing_stream_exits_2_before_the_slot_is_created() -> anyho
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_without_aws_credentials_names_the_chain() -> anyhow::Result<()> {
+    let kin = Kinesalite::start().await?;
+    let dir = tail_config(&kin)?;
+    let home = dir.path().to_str().expect("utf-8 temp dir");
+    let mut tail = TributaryProcess::spawn(
+        &["tail", "-c", "tail.toml", "--stream", "shop-cdc"],
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("HOME", home),
+        ],
+        dir.path(),
+    )?;
+    let status = tail.wait_exit(FAIL_FAST).await?;
+    let stderr = tail.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: no AWS credentials found")
+            && stderr.contains("AWS_ACCESS_KEY_ID")
+            && stderr.lines().count() == 1,
+        "one line naming the chain: {stderr}"
+    );
+    assert_plain(&stderr);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kinesis_is_a_runtime_failure_said_once() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    let kin = Kinesalite::start().await?;
+    let dir = tempfile::tempdir()?;
+    // Nothing listens on this port.
+    let closed = format!("http://127.0.0.1:{}", free_port()?);
+    let config = write_config(
+        dir.path(),
+        &pg,
+        &kin,
+        "shop-cdc",
+        &format!("[sink]\nendpoint_url = \"{closed}\"\n"),
+    )?;
+    let mut process = TributaryProcess::run(&config.path, &[])?;
+    let status = process.wait_exit(Duration::from_secs(30)).await?;
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(1), "a restart may fix it: {stderr}");
+    assert!(
+        stderr
+            .contains("cannot check kinesis stream `shop-cdc`: Kinesis (us-east-1) did not answer")
+            && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+    assert_plain(&stderr);
+    assert!(!slot_exists(&pg).await?, "the slot was created");
+    Ok(())
+}
+
 /// A directory holding `tail.toml`: only `[sink]`, pointed at `kin`.
 fn tail_config(kin: &Kinesalite) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
@@ -195,6 +253,28 @@ async fn a_second_run_on_an_active_slot_logs_the_servers_reason_in_its_first_ret
     }
     assert_plain(&stderr);
     second.kill9().await?;
+
+    // The first one stops cleanly and logs positions as LSNs, not counts.
+    let mut pipeline = pipeline;
+    pipeline.stop_gracefully().await?;
+    let log = pipeline.tributary.stderr();
+    let stopped = log
+        .lines()
+        .find(|line| line.contains("replication stopped"))
+        .expect("a 'replication stopped' line");
+    let lsn = stopped
+        .split("\"acknowledged_lsn\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("acknowledged_lsn as a string");
+    let (high, low) = lsn.split_once('/').expect("an LSN is HIGH/LOW");
+    assert!(
+        u32::from_str_radix(high, 16).is_ok() && u32::from_str_radix(low, 16).is_ok(),
+        "{stopped}"
+    );
+    for line in log.lines().filter(|line| line.contains("acknowledged")) {
+        assert!(!line.contains("\"acknowledged\":"), "a raw count: {line}");
+    }
     Ok(())
 }
 
