@@ -54,16 +54,11 @@ async fn run_without_aws_credentials_exits_2_naming_the_chain_and_leaves_the_slo
 -> anyhow::Result<()> {
     let servers = Servers::start("creds-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)").await?;
     let home = tempfile::tempdir()?;
-    let home_path = home.path().to_str().expect("utf-8 temp dir");
     let (code, stderr) = run_until_exit(
         &servers.pg,
         &servers.kin,
         "creds-cdc",
-        &[
-            ("AWS_ACCESS_KEY_ID", ""),
-            ("AWS_SECRET_ACCESS_KEY", ""),
-            ("HOME", home_path),
-        ],
+        &no_credentials(&home),
     )
     .await?;
     assert_eq!(code, 2, "{stderr}");
@@ -105,21 +100,9 @@ async fn run_with_a_missing_stream_exits_2_before_the_slot_is_created() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_without_aws_credentials_names_the_chain() -> anyhow::Result<()> {
-    let kin = Kinesalite::start().await?;
-    let dir = tail_config(&kin)?;
-    let home = dir.path().to_str().expect("utf-8 temp dir");
-    let mut tail = TributaryProcess::spawn(
-        &["tail", "-c", "tail.toml", "--stream", "shop-cdc"],
-        &[
-            ("AWS_ACCESS_KEY_ID", ""),
-            ("AWS_SECRET_ACCESS_KEY", ""),
-            ("HOME", home),
-        ],
-        dir.path(),
-    )?;
-    let status = tail.wait_exit(FAIL_FAST).await?;
-    let stderr = tail.stderr();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let home = tempfile::tempdir()?;
+    let (code, stderr) = tail_until_exit("shop-cdc", &no_credentials(&home)).await?;
+    assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.starts_with("error: no AWS credentials found")
             && stderr.contains("AWS_ACCESS_KEY_ID")
@@ -160,6 +143,31 @@ async fn an_unreachable_kinesis_is_a_runtime_failure_said_once() -> anyhow::Resu
     Ok(())
 }
 
+/// Runs `tributary tail --stream STREAM` against a fresh kinesalite with
+/// the extra environment `env`, and waits for it to exit within
+/// [`FAIL_FAST`]; returns its exit code and stderr.
+async fn tail_until_exit(stream: &str, env: &[(&str, &str)]) -> anyhow::Result<(i32, String)> {
+    let kin = Kinesalite::start().await?;
+    let dir = tail_config(&kin)?;
+    let mut tail = TributaryProcess::spawn(
+        &["tail", "-c", "tail.toml", "--stream", stream],
+        env,
+        dir.path(),
+    )?;
+    let status = tail.wait_exit(FAIL_FAST).await?;
+    Ok((status.code().unwrap_or(-1), tail.stderr()))
+}
+
+/// Environment without AWS credentials: the harness' emulator keys blanked
+/// (the SDK treats blank as unset) and a `HOME` without `~/.aws`.
+fn no_credentials(home: &tempfile::TempDir) -> [(&'static str, &str); 3] {
+    [
+        ("AWS_ACCESS_KEY_ID", ""),
+        ("AWS_SECRET_ACCESS_KEY", ""),
+        ("HOME", home.path().to_str().expect("utf-8 temp dir")),
+    ]
+}
+
 /// A directory holding `tail.toml`: only `[sink]`, pointed at `kin`.
 fn tail_config(kin: &Kinesalite) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
@@ -175,16 +183,8 @@ fn tail_config(kin: &Kinesalite) -> anyhow::Result<tempfile::TempDir> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_of_a_missing_stream_names_the_flag() -> anyhow::Result<()> {
-    let kin = Kinesalite::start().await?;
-    let dir = tail_config(&kin)?;
-    let mut tail = TributaryProcess::spawn(
-        &["tail", "-c", "tail.toml", "--stream", "nope"],
-        &[],
-        dir.path(),
-    )?;
-    let status = tail.wait_exit(FAIL_FAST).await?;
-    let stderr = tail.stderr();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (code, stderr) = tail_until_exit("nope", &[]).await?;
+    assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("kinesis stream `nope` does not exist") && stderr.contains("fix --stream"),
         "{stderr}"
