@@ -42,7 +42,7 @@ pub fn explain(
     let inner = err.into_inner();
     let text = innermost_message(&inner);
     if let Some((field, expected)) = unknown_field(&text) {
-        let key = if path == "." || !path.ends_with(&field) {
+        let key = if path.rsplit('.').next() != Some(field.as_str()) {
             join(&path, &field)
         } else {
             path
@@ -80,6 +80,23 @@ pub fn explain(
     ConfigError::Invalid {
         message: format!("{}{origin}", described(&inner)),
         key,
+    }
+}
+
+/// Adds where the value of a validation error's key came from, when that
+/// is known precisely (an environment variable, or a line of the file).
+pub fn locate(err: ConfigError, file: Option<&Path>) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, message } => {
+            let message = match origin(&key, file) {
+                origin @ (Origin::Env(_) | Origin::File(_, Some(_))) => {
+                    format!("{message}{origin}")
+                }
+                _ => message,
+            };
+            ConfigError::Invalid { key, message }
+        }
+        other => other,
     }
 }
 

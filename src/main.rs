@@ -67,8 +67,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run { config } => {
             let explicit = config.config.as_os_str() != "config.toml";
-            let validated =
-                settings::load::<settings::Settings>(&config.config, explicit)?.validate()?;
+            let file = config.config.exists().then_some(config.config.as_path());
+            let validated = settings::load::<settings::Settings>(&config.config, explicit)?
+                .validate()
+                .map_err(|err| config_error::locate(err, file))?;
             logging::init(&validated.settings.log);
             let region = validated.region.clone();
             let code = pipeline::run(validated)

@@ -163,6 +163,16 @@ fn a_bad_enum_value_lists_the_valid_ones() {
 }
 
 #[test]
+fn a_bad_value_says_which_line_holds_it() {
+    let (code, stderr) = run_with(&format!("{GOOD}\n[sink.quota]\nshare = 1.5\n"), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("sink.quota.share: must be > 0 and <= 1, got 1.5 (bad.toml line 14)"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_key_says_where_to_add_it() {
     let (code, stderr) = run_with(&GOOD.replace("name = \"shop\"\n", ""), &[]);
     assert_eq!(code, 2, "{stderr}");
@@ -185,7 +195,9 @@ fn environment_overrides_every_key() {
     let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__URL", "mysql://x@y/z")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("source.url") && stderr.contains("mysql://x@y/z"),
+        stderr.contains("source.url")
+            && stderr.contains("mysql://x@y/z")
+            && stderr.contains("(environment variable TRIBUTARY__SOURCE__URL)"),
         "{stderr}"
     );
     let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__POSTGRES__SLOT", "Bad-Slot")]);
