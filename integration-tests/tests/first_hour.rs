@@ -315,3 +315,38 @@ async fn tail_pretty_indents_each_envelope_in_field_order() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_lines_while_kinesis_is_gone_carry_no_sdk_debug_dumps() -> anyhow::Result<()> {
+    let pipeline =
+        Pipeline::start("gone-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)", "").await?;
+    let Pipeline {
+        mut tributary,
+        pg,
+        kin,
+        ..
+    } = pipeline;
+    // The stream is opened with the first change; then Kinesis goes away.
+    pg.execute("INSERT INTO t VALUES (1)").await?;
+    kin.wait_for_records("gone-cdc", 1, Duration::from_secs(30))
+        .await?;
+    drop(kin);
+    pg.execute("INSERT INTO t VALUES (2)").await?;
+    tributary
+        .wait_for_log(
+            "putrecords failed; retrying the batch",
+            Duration::from_secs(30),
+        )
+        .await?;
+    let stderr = tributary.stderr();
+    let retry = stderr
+        .lines()
+        .find(|line| line.contains("putrecords failed"))
+        .expect("a retry line");
+    assert!(retry.contains("Connection refused"), "{retry}");
+    for jargon in ["DispatchFailure", "ConnectorError {", "Some(", "{ source"] {
+        assert!(!retry.contains(jargon), "`{jargon}` in: {retry}");
+    }
+    tributary.kill9().await?;
+    Ok(())
+}
