@@ -25,13 +25,14 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
+use tributary_envelope::error_text::one_line;
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
@@ -343,7 +344,7 @@ impl Lane {
                 throttled = failure == Failure::Throttled,
                 rate_factor = self.setup.quota.factor(), suppressed,
                 retry_in_ms = delay.as_millis() as u64,
-                error = %DisplayErrorContext(&err),
+                error = %one_line(&err),
                 "putrecords failed; retrying the batch"
             );
         }
