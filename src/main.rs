@@ -1,7 +1,9 @@
 //! The `tributary` binary: command line, configuration, wiring, shutdown.
 
+mod check;
 mod cli;
 mod config_error;
+mod dba;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -14,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ConfigArg, SlotsAction};
 use crate::settings::ConfigError;
 use crate::startup::StartupError;
 
@@ -66,11 +68,7 @@ fn report(text: &str) {
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run { config } => {
-            let explicit = config.config.as_os_str() != "config.toml";
-            let file = config.config.exists().then_some(config.config.as_path());
-            let validated = settings::load::<settings::Settings>(&config.config, explicit)?
-                .validate()
-                .map_err(|err| config_error::locate(err, file))?;
+            let validated = load(&config)?;
             logging::init(&validated.settings.log);
             let region = validated.region.clone();
             let code = pipeline::run(validated)
@@ -85,5 +83,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             follow,
             pretty,
         } => tail::run(&config.config, &stream, from, follow, pretty).await,
+        Command::Check { config, json } => Ok(check::run(&load(&config)?, json).await),
+        Command::Setup {
+            config,
+            apply,
+            admin_url,
+        } => dba::setup(&load(&config)?, apply, admin_url.as_deref()).await,
+        Command::Slots { config, action } => match action {
+            None | Some(SlotsAction::List) => dba::list_slots(&load(&config)?).await,
+            Some(SlotsAction::Drop { name }) => dba::drop_slot(&load(&config)?, &name).await,
+        },
     }
+}
+
+/// Loads and validates the configuration named by `-c`.
+fn load(config: &ConfigArg) -> anyhow::Result<settings::Validated> {
+    let explicit = config.config.as_os_str() != "config.toml";
+    let file = config.config.exists().then_some(config.config.as_path());
+    Ok(
+        settings::load::<settings::Settings>(&config.config, explicit)?
+            .validate()
+            .map_err(|err| config_error::locate(err, file))?,
+    )
 }

@@ -9,6 +9,7 @@
 //! that may be acknowledged to the source. This crate does no I/O.
 
 pub mod ack;
+pub mod check;
 pub mod encoder;
 pub mod error_text;
 pub mod filter;
@@ -20,6 +21,7 @@ pub mod sink;
 pub mod time;
 
 pub use ack::{AckTracker, Acks, Budget};
+pub use check::{CheckItem, CheckStatus};
 pub use encoder::{EnvelopeEncoder, Op, TableMeta, TxMeta};
 pub use filter::TableFilter;
 pub use position::Position;

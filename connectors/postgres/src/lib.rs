@@ -10,16 +10,23 @@
 //! acknowledgements), `wire` (the replication connection: startup,
 //! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
-//! and non-built-in types), `error`.
+//! and non-built-in types), `error`; beside the dataflow, for the DBA commands:
+//! `inspect` (server, role, tables, publication and slots as they are),
+//! `check` (`tributary check` items), `provision` (`tributary setup` SQL),
+//! `slots` (`tributary slots`).
 
 pub mod catalog;
+pub mod check;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod inspect;
 pub mod lsn;
 pub mod pgoutput;
+pub mod provision;
 pub mod replication;
 pub mod setup;
+pub mod slots;
 mod sockopt;
 pub mod types;
 pub mod wire;

@@ -1,0 +1,86 @@
+//! `tributary setup [--apply]` and `tributary slots [list|drop NAME]`: the
+//! DBA's commands for the Postgres source.
+//!
+//! Beside the dataflow, before it starts (setup) or after it is removed
+//! (slots drop). The SQL lives in the source crate (`provision`, `slots`);
+//! this module connects, prints and maps failures to exit codes.
+
+use anyhow::Context as _;
+use tributary_postgres::inspect::inspect;
+use tributary_postgres::replication::{connect_sql, describe};
+use tributary_postgres::slots::DropError;
+use tributary_postgres::{provision, slots};
+
+use crate::settings::{ConfigError, Validated};
+
+/// Prints the SQL that prepares the server, or runs it with `apply`.
+/// `admin_url` connects as someone allowed to run it (the connector's own
+/// role usually is not); privileges are planned for the role of
+/// `source.url` either way.
+pub async fn setup(v: &Validated, apply: bool, admin_url: Option<&str>) -> anyhow::Result<u8> {
+    let connection = match admin_url {
+        Some(url) => {
+            tributary_postgres::config::parse_url(url, None).map_err(|e| ConfigError::Invalid {
+                key: "--admin-url".into(),
+                message: e.message,
+            })?
+        }
+        None => v.postgres.connection.clone(),
+    };
+    let client = connect_sql(&connection).await?;
+    let role = v.postgres.connection.get_user().unwrap_or_default();
+    let cfg = &v.postgres;
+    let state = inspect(&client, role, &cfg.filter, &cfg.publication, &cfg.slot)
+        .await
+        .context("reading the server's state")?;
+    let plan = provision::plan(&state, role, &cfg.publication, &cfg.slot);
+    print!("{}", provision::render(&plan));
+    if apply && !plan.statements.is_empty() {
+        provision::apply(&client, &plan).await?;
+        println!(
+            "-- applied {} statement(s) on {}",
+            plan.statements.len(),
+            describe(&connection)
+        );
+    }
+    Ok(0)
+}
+
+/// `slots list`: every logical slot of the cluster.
+pub async fn list_slots(v: &Validated) -> anyhow::Result<u8> {
+    let client = connect_sql(&v.postgres.connection).await?;
+    let slots = slots::list(&client).await?;
+    println!(
+        "{:<32} {:<10} {:<16} {:>8} {:>14} {:<10}",
+        "SLOT", "PLUGIN", "DATABASE", "PID", "LAG_BYTES", "WAL_STATUS"
+    );
+    let dash = || "-".to_owned();
+    for slot in slots {
+        println!(
+            "{:<32} {:<10} {:<16} {:>8} {:>14} {:<10}",
+            slot.name,
+            slot.plugin.unwrap_or_else(dash),
+            slot.database.unwrap_or_else(dash),
+            slot.active_pid.map_or_else(dash, |p| p.to_string()),
+            slot.lag_bytes.map_or_else(dash, |l| l.to_string()),
+            slot.wal_status.unwrap_or_else(dash),
+        );
+    }
+    Ok(0)
+}
+
+/// `slots drop NAME`: refuses an active slot or a missing one (exit 2).
+pub async fn drop_slot(v: &Validated, name: &str) -> anyhow::Result<u8> {
+    let client = connect_sql(&v.postgres.connection).await?;
+    match slots::drop_slot(&client, name).await {
+        Ok(()) => {
+            println!("dropped replication slot {name}");
+            Ok(0)
+        }
+        Err(err @ (DropError::Active { .. } | DropError::Missing(_))) => {
+            eprintln!("error: {err}");
+            Ok(2)
+        }
+        Err(DropError::Postgres(err)) => Err(err.into()),
+    }
+}
