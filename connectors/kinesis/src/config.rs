@@ -25,7 +25,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// calls retryable (`ProvisionedThroughputExceededException`,
 /// `InternalFailure`) are retried without limit, with exponential backoff
 /// from `initial_backoff` doubling up to `max_backoff`, each delay jittered
-/// to between half and all of its value. Any other entry error is retried
+/// to between half and all of its value; entries refused inside an answered
+/// call wait much less (from at most 20 ms, doubling only while whole calls
+/// are refused, up to 500 ms), since the quota does the pacing. Any other
+/// entry error is retried
 /// `max_rejections` times in all; then the record goes to the dead-letter
 /// store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
@@ -81,7 +82,10 @@ pub(crate) struct Lane {
     input: mpsc::UnboundedReceiver<Record>,
     queue: VecDeque<Pending>,
     open: bool,
+    /// Backoff after a whole call failed: up to `retry.max_backoff`.
     backoff: Backoff,
+    /// Backoff before re-sending refused entries: tens to hundreds of ms.
+    entry_backoff: Backoff,
     call_warnings: WarnGate,
     entry_warnings: WarnGate,
 }
@@ -89,12 +93,14 @@ pub(crate) struct Lane {
 impl Lane {
     pub(crate) fn new(setup: LaneSetup, input: mpsc::UnboundedReceiver<Record>) -> Self {
         let backoff = Backoff::new(setup.retry);
+        let entry_backoff = Backoff::new(entry_retry_policy(setup.retry));
         Self {
             setup,
             input,
             queue: VecDeque::new(),
             open: true,
             backoff,
+            entry_backoff,
             call_warnings: WarnGate::new(WARN_EVERY),
             entry_warnings: WarnGate::new(WARN_EVERY),
         }
@@ -236,7 +242,8 @@ impl Lane {
                 .done(self.queue.iter().take(count).map(|p| &p.record));
             self.queue.drain(..count);
             self.backoff.reset();
-            self.setup.quota.accepted();
+            self.entry_backoff.reset();
+            self.setup.quota.observe(count, 0);
             return Ok(());
         }
         self.on_partial_failure(count, output).await
@@ -273,14 +280,18 @@ impl Lane {
         if !refused.is_empty() {
             self.dead_letter(&refused).await?;
         }
-        if sorted.throttled {
-            self.setup.quota.throttled();
-        }
+        self.setup.quota.observe(count, sorted.throttled);
+        self.backoff.reset();
         if sorted.retrying == 0 {
-            self.backoff.reset();
+            self.entry_backoff.reset();
             return Ok(());
         }
-        let delay = self.backoff.next_delay();
+        // A call that got something through starts the entry backoff over:
+        // only calls refused whole wait longer and longer.
+        if sorted.failed < count {
+            self.entry_backoff.reset();
+        }
+        let delay = self.entry_backoff.next_delay();
         if let Some(suppressed) = self.entry_warnings.allow() {
             warn!(
                 stream = %self.setup.stream, shard = %self.setup.shard_id,
@@ -332,7 +343,7 @@ impl Lane {
                     source: err.into(),
                 });
             }
-            Failure::Throttled => self.setup.quota.throttled(),
+            Failure::Throttled => self.setup.quota.observe(count, count),
             Failure::Transient => {}
         }
         let delay = self.backoff.next_delay();
@@ -375,7 +386,8 @@ struct SortedAnswer {
     outcomes: Vec<Outcome>,
     failed: usize,
     retrying: usize,
-    throttled: bool,
+    /// Entries refused as throttled.
+    throttled: usize,
     /// The first entry error: (code, message).
     first_error: (String, String),
 }
@@ -393,7 +405,7 @@ fn sort_answer(
         outcomes: Vec::with_capacity(batch.len()),
         failed: 0,
         retrying: 0,
-        throttled: false,
+        throttled: 0,
         first_error: (String::new(), String::new()),
     };
     let mut retried_keys: HashSet<&str> = HashSet::new();
@@ -409,7 +421,7 @@ fn sort_answer(
                     sorted.first_error = (code.to_owned(), message.to_owned());
                 }
                 sorted.failed += 1;
-                sorted.throttled |= entry_error_is_throttle(code);
+                sorted.throttled += usize::from(entry_error_is_throttle(code));
                 if !entry_error_is_retryable(code) {
                     pending.rejections += 1;
                 }
@@ -431,6 +443,25 @@ fn sort_answer(
     }
     sorted
 }
+
+/// Backoff for re-sending refused entries: from at most 20 ms, doubling
+/// only while whole calls are refused, up to at most 500 ms. Kinesis asks
+/// for a short pause, and the quota (slowed by the refused fraction) does
+/// the pacing; a pause of seconds after every partly refused call is what
+/// left a shard sharing its quota nearly idle.
+fn entry_retry_policy(policy: RetryPolicy) -> RetryPolicy {
+    let initial_backoff = policy.initial_backoff.min(ENTRY_INITIAL_BACKOFF);
+    RetryPolicy {
+        initial_backoff,
+        max_backoff: policy.max_backoff.clamp(initial_backoff, ENTRY_MAX_BACKOFF),
+        ..policy
+    }
+}
+
+/// The first pause before refused entries go again.
+const ENTRY_INITIAL_BACKOFF: Duration = Duration::from_millis(20);
+/// The longest pause before refused entries go again.
+const ENTRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// The request entry for a record: one copy of the data per attempt (the
 /// SDK's `Blob` owns its bytes).
@@ -504,7 +535,7 @@ mod tests {
         // Key a was accepted before anything of it failed: done. Key b's
         // later record goes again with the refused one.
         assert_eq!(kinds(&sorted), "drdddr");
-        assert!(sorted.throttled);
+        assert_eq!(sorted.throttled, 1);
         assert_eq!((sorted.failed, sorted.retrying), (1, 2));
         assert_eq!(
             sorted.first_error.0,
@@ -528,7 +559,7 @@ mod tests {
         // The third rejection dead-letters record 0, so record 1 of the same
         // key stands as accepted; record 2 failed with a retryable error.
         assert_eq!(kinds(&sorted), "xdr");
-        assert!(!sorted.throttled);
+        assert_eq!(sorted.throttled, 0);
         match &sorted.outcomes[0] {
             Outcome::DeadLetter(reason) => {
                 assert!(reason.contains("3 times") && reason.contains("InvalidArgumentException"))
