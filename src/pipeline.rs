@@ -92,6 +92,12 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     let sink_result = tokio::select! {
         result = &mut source => {
             let stopped = result.context("source task panicked")?.context("postgres source failed")?;
+            if matches!(stopped, Stopped::TimedOut) {
+                // The drain timeout is spent: the sink is stalled; what it
+                // holds is unacknowledged and sent again after a restart.
+                sink.abort();
+                return Ok(exit_code(stopped, &tracker));
+            }
             match tokio::time::timeout(Duration::from_secs(5), &mut sink).await {
                 Ok(joined) => joined.context("sink task panicked")??,
                 Err(_) => warn!("sink did not finish after the source stopped"),

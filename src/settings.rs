@@ -171,7 +171,8 @@ pub struct SinkSettings {
     /// Bytes of records between the reader and acknowledgement.
     #[serde(default = "default_in_flight")]
     pub max_in_flight_bytes: u64,
-    /// Seconds a graceful stop waits for in-flight records.
+    /// Seconds a graceful stop waits for in-flight records; a stop that
+    /// runs out of it (Kinesis down) exits 1 and leaves them unacknowledged.
     #[serde(default = "default_drain_secs")]
     pub drain_timeout_secs: u64,
     /// Seconds one attempt of a Kinesis call may take.
