@@ -1,6 +1,7 @@
 //! The `tributary` binary: command line, configuration, wiring, shutdown.
 
 mod cli;
+mod dead_letter;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, DeadLetterCommand};
 use crate::settings::ConfigError;
 
 /// Records are allocated on the reader's thread and freed on the sink's:
@@ -62,5 +63,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             from,
             follow,
         } => tail::run(&config.config, &stream, from, follow).await,
+        Command::DeadLetter { command } => match command {
+            DeadLetterCommand::List { config, json } => dead_letter::list(&config.config, json),
+            DeadLetterCommand::Replay { config, reason, id } => {
+                dead_letter::replay(&config.config, reason.as_deref(), id.as_deref()).await
+            }
+        },
     }
 }

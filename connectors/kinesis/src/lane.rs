@@ -37,7 +37,7 @@ use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
 use crate::config::RetryPolicy;
-use crate::dead_letter::DeadLetterStore;
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStore};
 use crate::error::KinesisError;
 use crate::quota::LaneQuota;
 use crate::retry::{
@@ -67,6 +67,8 @@ struct Pending {
     record: Record,
     /// Times Kinesis refused it with a non-retryable entry error.
     rejections: u32,
+    /// PutRecords calls that carried it.
+    attempts: u32,
 }
 
 /// What happens to one entry of an answered batch.
@@ -118,9 +120,12 @@ impl Lane {
             self.setup.quota.acquire(count, bytes).await;
             let entries: Vec<PutRecordsRequestEntry> = self
                 .queue
-                .iter()
+                .iter_mut()
                 .take(count)
-                .map(|p| entry(&p.record))
+                .map(|p| {
+                    p.attempts += 1;
+                    entry(&p.record)
+                })
                 .collect();
             let answer = self
                 .setup
@@ -142,7 +147,7 @@ impl Lane {
     /// dead-lettered on the way in.
     async fn fill(&mut self) -> Result<(), KinesisError> {
         loop {
-            let mut refused = Vec::new();
+            let mut refused: Vec<DeadLetter> = Vec::new();
             if self.queue.is_empty() && self.open {
                 match self.input.recv().await {
                     Some(record) => self.admit(record, &mut refused),
@@ -165,35 +170,22 @@ impl Lane {
         }
     }
 
-    fn admit(&mut self, record: Record, refused: &mut Vec<(Record, String)>) {
-        match self.never_writable(&record) {
-            Some(reason) => refused.push((record, reason)),
+    fn admit(&mut self, record: Record, refused: &mut Vec<DeadLetter>) {
+        match never_writable(&record, self.setup.max_record_bytes) {
+            Some((reason, error)) => refused.push(DeadLetter {
+                record,
+                reason,
+                error,
+                attempts: 0,
+                limit: (reason == DeadLetterReason::TooLarge)
+                    .then_some(self.setup.max_record_bytes),
+            }),
             None => self.queue.push_back(Pending {
                 record,
                 rejections: 0,
+                attempts: 0,
             }),
         }
-    }
-
-    /// Why Kinesis would refuse `record` whatever happens, if it would.
-    fn never_writable(&self, record: &Record) -> Option<String> {
-        let size = record.weight();
-        if size > self.setup.max_record_bytes {
-            return Some(format!(
-                "record of {size} bytes (data + partition key) exceeds the stream's maximum record size of {} bytes",
-                self.setup.max_record_bytes
-            ));
-        }
-        if record.partition_key.is_empty() {
-            return Some("the partition key is empty".to_owned());
-        }
-        let chars = record.partition_key.chars().count();
-        if chars > MAX_PARTITION_KEY_CHARS {
-            return Some(format!(
-                "the partition key has {chars} characters; kinesis allows at most {MAX_PARTITION_KEY_CHARS}"
-            ));
-        }
-        None
     }
 
     /// How many records from the front go into the next call, and their bytes.
@@ -267,13 +259,19 @@ impl Lane {
                 .filter(|(_, o)| matches!(o, Outcome::Done))
                 .map(|(p, _)| &p.record),
         );
-        let mut refused: Vec<(Record, String)> = Vec::new();
+        let mut refused: Vec<DeadLetter> = Vec::new();
         // Back to the front, oldest first: push in reverse.
         for (pending, outcome) in batch.into_iter().zip(sorted.outcomes).rev() {
             match outcome {
                 Outcome::Done => {}
                 Outcome::Retry => self.queue.push_front(pending),
-                Outcome::DeadLetter(reason) => refused.push((pending.record, reason)),
+                Outcome::DeadLetter(error) => refused.push(DeadLetter {
+                    record: pending.record,
+                    reason: DeadLetterReason::Rejected,
+                    error,
+                    attempts: pending.attempts,
+                    limit: None,
+                }),
             }
         }
         refused.reverse();
@@ -363,22 +361,51 @@ impl Lane {
     }
 
     /// Writes records to the dead-letter store, then reports them done.
-    async fn dead_letter(&self, refused: &[(Record, String)]) -> Result<(), KinesisError> {
-        self.setup
-            .dead_letters
-            .write(refused.iter().map(|(r, why)| (r, why.as_str())))
-            .await?;
-        for (record, reason) in refused {
+    async fn dead_letter(&self, refused: &[DeadLetter]) -> Result<(), KinesisError> {
+        self.setup.dead_letters.write(refused).await?;
+        for letter in refused {
+            let record = &letter.record;
             warn!(
                 stream = %record.stream, shard = %self.setup.shard_id,
-                partition_key = %record.partition_key, seq = record.seq, reason = %reason,
+                partition_key = %record.partition_key, seq = record.seq,
+                reason = %letter.reason, error = %letter.error, attempts = letter.attempts,
                 path = %self.setup.dead_letters.path().display(),
                 "record written to the dead-letter store"
             );
         }
-        self.setup.acks.done(refused.iter().map(|(r, _)| r));
+        self.setup.acks.done(refused.iter().map(|l| &l.record));
         Ok(())
     }
+}
+
+/// Why Kinesis would refuse `record` whatever happens, if it would: the
+/// reason and a message with the numbers.
+fn never_writable(record: &Record, max_record_bytes: usize) -> Option<(DeadLetterReason, String)> {
+    let size = record.weight();
+    if size > max_record_bytes {
+        return Some((
+            DeadLetterReason::TooLarge,
+            format!(
+                "record of {size} bytes (data + partition key) exceeds the stream's maximum record size of {max_record_bytes} bytes"
+            ),
+        ));
+    }
+    if record.partition_key.is_empty() {
+        return Some((
+            DeadLetterReason::InvalidPartitionKey,
+            "the partition key is empty".to_owned(),
+        ));
+    }
+    let chars = record.partition_key.chars().count();
+    if chars > MAX_PARTITION_KEY_CHARS {
+        return Some((
+            DeadLetterReason::InvalidPartitionKey,
+            format!(
+                "the partition key has {chars} characters; kinesis allows at most {MAX_PARTITION_KEY_CHARS}"
+            ),
+        ));
+    }
+    None
 }
 
 /// An answered batch, sorted entry by entry.
@@ -485,6 +512,7 @@ mod tests {
                 ..Record::new("s".into(), key.to_owned(), Vec::new())
             },
             rejections,
+            attempts: 1,
         }
     }
 

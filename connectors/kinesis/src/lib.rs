@@ -22,7 +22,8 @@
 //! - `quota.rs`: per-lane record and byte rate limits, adaptive slow-down.
 //! - `retry.rs`: sorting failures, backoff with jitter, rate-limited warnings.
 //! - `dead_letter.rs`: [`DeadLetterStore`], the JSON Lines file of records
-//!   Kinesis can never take.
+//!   Kinesis can never take, and reading it back.
+//! - `replay.rs`: [`replay`], sending dead-lettered entries again.
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
 //! - `error.rs`: [`KinesisError`].
 //!
@@ -34,6 +35,7 @@ mod dead_letter;
 mod error;
 mod lane;
 mod quota;
+mod replay;
 mod retry;
 mod shards;
 mod sink;
@@ -42,14 +44,20 @@ mod tail;
 #[cfg(test)]
 mod sink_tests;
 
+/// The SDK's Kinesis client, which [`build_client`] returns.
+pub use aws_sdk_kinesis::Client;
 pub use client::{build_client, build_client_with_timeouts, build_sink_client};
 pub use config::{
     DEFAULT_BYTES_PER_SHARD_PER_SEC, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECORDS_PER_SHARD_PER_SEC,
     DEFAULT_REQUEST_TIMEOUT, KinesisSinkConfig, RetryPolicy,
 };
-pub use dead_letter::{DEAD_LETTER_FILE, DeadLetterStore};
+pub use dead_letter::{
+    DEAD_LETTER_FILE, DeadLetterEntry, DeadLetterReason, DeadLetterStore, DeadLetters,
+    REPLAYED_FILE, mark_replayed, read_dead_letters,
+};
 pub use error::{BoxError, KinesisError};
 pub use lane::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+pub use replay::{ReplayReport, replay};
 pub use shards::{
     DEFAULT_MAX_RECORD_BYTES, ShardMap, ShardRange, StreamInfo, describe_stream, hash_key,
 };

@@ -650,14 +650,19 @@ async fn records_too_large_for_the_stream_are_dead_lettered() {
     assert_eq!(lines[0]["stream"], STREAM);
     assert_eq!(lines[0]["partition_key"], "public.t:2");
     assert_eq!(lines[0]["envelope"]["seq"], 1);
-    let reason = lines[0]["reason"].as_str().unwrap();
+    assert_eq!(lines[0]["reason"], "too_large");
+    assert_eq!(lines[0]["size"], 2_000 + 18 + "public.t:2".len());
+    assert_eq!(lines[0]["limit"], 1024);
+    assert_eq!(lines[0]["attempts"], 0);
+    let error = lines[0]["error"].as_str().unwrap();
     assert!(
-        reason.contains("exceeds") && reason.contains("1024"),
-        "{reason}"
+        error.contains("exceeds") && error.contains("1024"),
+        "{error}"
     );
     assert_eq!(lines[1]["envelope"]["seq"], 3);
+    assert_eq!(lines[1]["reason"], "invalid_partition_key");
     assert!(
-        lines[1]["reason"]
+        lines[1]["error"]
             .as_str()
             .unwrap()
             .contains("partition key is empty")
@@ -706,10 +711,12 @@ async fn an_entry_refused_every_time_is_dead_lettered_after_the_bounded_attempts
         .collect();
     assert_eq!(lines.len(), 1, "{text}");
     assert_eq!(lines[0]["envelope"]["seq"], 5);
-    let reason = lines[0]["reason"].as_str().unwrap();
+    assert_eq!(lines[0]["reason"], "rejected");
+    assert_eq!(lines[0]["attempts"], 3);
+    let error = lines[0]["error"].as_str().unwrap();
     assert!(
-        reason.contains("3 times") && reason.contains("InvalidArgumentException"),
-        "{reason}"
+        error.contains("3 times") && error.contains("InvalidArgumentException"),
+        "{error}"
     );
 }
 
