@@ -18,10 +18,12 @@ use crate::settings::{SinkSettings, StateSettings};
 
 /// Only `[sink]` and `[state]` matter here; other sections are read by `run`.
 #[derive(Debug, Deserialize)]
-struct DeadLetterSettings {
+struct StoreSettings {
     sink: Option<SinkSettings>,
     #[serde(default)]
     state: StateSettings,
+    #[serde(default)]
+    dead_letter: crate::settings::DeadLetterSettings,
 }
 
 /// The directory of the store, as `run` uses it.
@@ -31,8 +33,14 @@ fn store_dir(state: &StateSettings) -> PathBuf {
 
 /// Prints the entries not replayed yet; exit code 0.
 pub fn list(config: &Path, json: bool) -> anyhow::Result<u8> {
-    let settings: DeadLetterSettings = crate::settings::load(config, false)?;
+    let settings: StoreSettings = crate::settings::load(config, false)?;
     let dir = store_dir(&settings.state);
+    if let Some(stream) = &settings.dead_letter.stream {
+        eprintln!(
+            "dead letters go to kinesis stream {stream} (read it with `tributary tail --stream {stream}`); \
+             this lists only those that stream could not hold"
+        );
+    }
     let found = read_dead_letters(&dir)?;
     for (offset, error) in &found.unreadable {
         eprintln!("warning: entry at byte {offset} is not readable: {error}");
@@ -74,7 +82,7 @@ fn describe(entry: &DeadLetterEntry) -> String {
 
 /// Sends the selected entries again and marks the accepted ones replayed.
 pub async fn replay(config: &Path, reason: Option<&str>, id: Option<&str>) -> anyhow::Result<u8> {
-    let settings: DeadLetterSettings = crate::settings::load(config, false)?;
+    let settings: StoreSettings = crate::settings::load(config, false)?;
     let dir = store_dir(&settings.state);
     let found = read_dead_letters(&dir)?;
     let selected: Vec<&DeadLetterEntry> = found

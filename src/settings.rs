@@ -52,6 +52,9 @@ pub struct Settings {
     pub source: SourceSettings,
     /// `[sink]`: where envelopes go.
     pub sink: SinkSettings,
+    /// `[dead_letter]`: where records Kinesis can never take go.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSettings,
     /// `[state]`: local state.
     #[serde(default)]
     pub state: StateSettings,
@@ -232,6 +235,16 @@ fn default_bytes_quota() -> u32 {
 }
 fn default_share() -> f64 {
     1.0
+}
+
+/// `[dead_letter]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// A Kinesis stream for records that can never be written. Unset: the
+    /// JSON Lines file under `[state] dir` (which also keeps what the
+    /// stream cannot hold, e.g. a record too large for any stream).
+    pub stream: Option<String>,
 }
 
 /// `[state]`.

@@ -70,6 +70,9 @@ pub struct KinesisSinkConfig {
     pub share: f64,
     /// The directory of `dead-letters.jsonl` (under `state.dir`).
     pub dead_letter_dir: PathBuf,
+    /// `dead_letter.stream`: a Kinesis stream for dead letters instead of
+    /// the file (which keeps only what that stream cannot hold).
+    pub dead_letter_stream: Option<String>,
     /// How long one attempt of a Kinesis call may take.
     pub request_timeout: Duration,
     /// How long opening a connection may take.
@@ -89,6 +92,7 @@ impl KinesisSinkConfig {
             bytes_per_shard_per_sec: DEFAULT_BYTES_PER_SHARD_PER_SEC,
             share: 1.0,
             dead_letter_dir: dead_letter_dir.into(),
+            dead_letter_stream: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retry: RetryPolicy::default(),
@@ -134,6 +138,13 @@ impl KinesisSinkConfig {
         }
         if self.retry.max_rejections == 0 {
             return bad("retry policy", "max_rejections must be at least 1");
+        }
+        if self
+            .dead_letter_stream
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return bad("dead_letter.stream", "must not be empty when set");
         }
         if self.dead_letter_dir.as_os_str().is_empty() {
             return bad("state.dir", "must not be empty");

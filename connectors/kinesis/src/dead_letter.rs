@@ -16,6 +16,9 @@
 //! source sends them again): opening the store cuts it off, so later
 //! entries never glue onto it, and readers skip an unfinished last line.
 //!
+//! With `[dead_letter] stream`, entries go to that Kinesis stream instead
+//! (`dead_letter_stream.rs`); only those it cannot hold come here.
+//!
 //! `tributary dead-letter replay` never rewrites the file (the running sink
 //! appends to it): it appends the byte offsets of the entries Kinesis
 //! accepted to `<dir>/dead-letters.replayed`, and readers leave those out.
@@ -33,6 +36,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::Mutex;
 use tributary_envelope::{Record, json, time};
 
+use crate::dead_letter_stream::{DeadLetterStream, StreamEntry};
 use crate::error::KinesisError;
 
 /// The file name inside the dead-letter directory.
@@ -86,6 +90,7 @@ pub(crate) struct DeadLetter {
 pub struct DeadLetterStore {
     path: PathBuf,
     file: Mutex<File>,
+    stream: Option<DeadLetterStream>,
 }
 
 impl DeadLetterStore {
@@ -119,7 +124,20 @@ impl DeadLetterStore {
         Ok(Self {
             path,
             file: Mutex::new(file),
+            stream: None,
         })
+    }
+
+    /// Sends entries to the Kinesis stream `name` from now on; the file
+    /// keeps only those the stream cannot hold.
+    pub(crate) fn with_stream(mut self, stream: DeadLetterStream) -> Self {
+        self.stream = Some(stream);
+        self
+    }
+
+    /// The dead-letter stream, if entries go to one.
+    pub fn stream(&self) -> Option<&str> {
+        self.stream.as_ref().map(DeadLetterStream::name)
     }
 
     /// The file's path.
@@ -127,13 +145,34 @@ impl DeadLetterStore {
         &self.path
     }
 
-    /// Appends one line per dead letter and syncs the file. Only after this
-    /// returns `Ok` may the records be reported done.
+    /// Writes one entry per dead letter: to the dead-letter stream when
+    /// there is one and it can hold the entry, else appended to the file,
+    /// which is synced. Only after this returns `Ok` may the records be
+    /// reported done.
     pub(crate) async fn write(&self, letters: &[DeadLetter]) -> Result<(), KinesisError> {
         let at = time::now();
         let mut lines = Vec::new();
+        let mut to_stream = Vec::new();
         for letter in letters {
-            render_line(&mut lines, &at, letter);
+            let Some(stream) = &self.stream else {
+                render_line(&mut lines, &at, letter);
+                continue;
+            };
+            let mut line = Vec::new();
+            render_line(&mut line, &at, letter);
+            line.pop(); // the newline
+            let entry = StreamEntry::new(&letter.record.partition_key, line);
+            if stream.fits(&entry).await? {
+                to_stream.push(entry);
+            } else {
+                lines.extend_from_slice(&entry.data);
+                lines.push(b'\n');
+            }
+        }
+        if let Some(stream) = &self.stream
+            && !to_stream.is_empty()
+        {
+            stream.write(to_stream).await?;
         }
         if lines.is_empty() {
             return Ok(());

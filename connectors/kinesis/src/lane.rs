@@ -370,6 +370,7 @@ impl Lane {
                 partition_key = %record.partition_key, seq = record.seq,
                 reason = %letter.reason, error = %letter.error, attempts = letter.attempts,
                 path = %self.setup.dead_letters.path().display(),
+                dead_letter_stream = self.setup.dead_letters.stream().unwrap_or_default(),
                 "record written to the dead-letter store"
             );
         }

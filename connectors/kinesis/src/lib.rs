@@ -23,6 +23,7 @@
 //! - `retry.rs`: sorting failures, backoff with jitter, rate-limited warnings.
 //! - `dead_letter.rs`: [`DeadLetterStore`], the JSON Lines file of records
 //!   Kinesis can never take, and reading it back.
+//! - `dead_letter_stream.rs`: the same entries sent to `[dead_letter] stream`.
 //! - `replay.rs`: [`replay`], sending dead-lettered entries again.
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
 //! - `error.rs`: [`KinesisError`].
@@ -32,6 +33,7 @@
 mod client;
 mod config;
 mod dead_letter;
+mod dead_letter_stream;
 mod error;
 mod lane;
 mod quota;

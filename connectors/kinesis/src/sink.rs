@@ -22,6 +22,7 @@ use tributary_envelope::{Acks, Record, Sink};
 
 use crate::config::KinesisSinkConfig;
 use crate::dead_letter::DeadLetterStore;
+use crate::dead_letter_stream::DeadLetterStream;
 use crate::error::KinesisError;
 use crate::lane::{Lane, LaneSetup};
 use crate::quota::LaneQuota;
@@ -51,7 +52,15 @@ impl KinesisSink {
     /// directory). No Kinesis call is made until the first record arrives.
     pub async fn new(client: Client, config: KinesisSinkConfig) -> Result<Self, KinesisError> {
         config.validate()?;
-        let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_dir).await?);
+        let mut dead_letters = DeadLetterStore::open(&config.dead_letter_dir).await?;
+        if let Some(stream) = &config.dead_letter_stream {
+            dead_letters = dead_letters.with_stream(DeadLetterStream::new(
+                client.clone(),
+                stream.clone(),
+                config.retry,
+            ));
+        }
+        let dead_letters = Arc::new(dead_letters);
         Ok(Self {
             client,
             config,

@@ -37,6 +37,9 @@ use tributary_envelope::{AckTracker, Acks, Budget, Record, Sink};
 use crate::{KinesisError, KinesisSink, KinesisSinkConfig, RetryPolicy};
 
 const STREAM: &str = "shop-cdc";
+/// A second stream, for `[dead_letter] stream`: its first PutRecords is
+/// throttled whole, later ones are accepted.
+const DLQ_STREAM: &str = "shop-cdc-dlq";
 /// The position the tests commit for all their records.
 const END_POSITION: u64 = 7;
 
@@ -47,6 +50,9 @@ struct Entry {
     key: String,
     bytes: usize,
 }
+
+/// A record's partition key and data.
+type KeyedData = (String, Vec<u8>);
 
 /// How the fake answers one PutRecords call.
 enum Reply {
@@ -69,6 +75,8 @@ type Script = dyn Fn(usize, &[Entry]) -> Reply + Send + Sync;
 struct Fake {
     client: Client,
     calls: Arc<Mutex<Vec<Vec<Entry>>>>,
+    /// The data of every record [`DLQ_STREAM`] accepted.
+    dead_letter_records: Arc<Mutex<Vec<KeyedData>>>,
     list_requests: Arc<Mutex<Vec<ListRequest>>>,
     ranges: Vec<(u128, u128)>,
 }
@@ -86,7 +94,7 @@ impl Fake {
 
         let describe = mock!(Client::describe_stream_summary).then_compute_response(move |input| {
             let name = input.stream_name().unwrap_or_default();
-            if name != STREAM {
+            if name != STREAM && name != DLQ_STREAM {
                 return MockResponse::Error(DescribeStreamSummaryError::ResourceNotFoundException(
                     ResourceNotFoundException::builder()
                         .message(format!("Stream {name} under account 0 not found."))
@@ -136,8 +144,39 @@ impl Fake {
             });
 
         let log = calls.clone();
+        let dead_letter_records = Arc::new(Mutex::new(Vec::new()));
+        let dlq_log = dead_letter_records.clone();
+        let dlq_calls = Arc::new(Mutex::new(0usize));
         let put =
             mock!(Client::put_records).then_compute_response(move |input: &PutRecordsInput| {
+                if input.stream_name() == Some(DLQ_STREAM) {
+                    let mut dlq_calls = dlq_calls.lock().unwrap();
+                    *dlq_calls += 1;
+                    if *dlq_calls == 1 {
+                        return MockResponse::Error(
+                            PutRecordsError::ProvisionedThroughputExceededException(
+                                ProvisionedThroughputExceededException::builder().build(),
+                            ),
+                        );
+                    }
+                    let entries: Vec<Entry> = input
+                        .records()
+                        .iter()
+                        .map(|e| {
+                            let key = e.partition_key().unwrap_or_default().to_owned();
+                            dlq_log
+                                .lock()
+                                .unwrap()
+                                .push((key.clone(), e.data().as_ref().to_vec()));
+                            Entry {
+                                seq: 0,
+                                key,
+                                bytes: 0,
+                            }
+                        })
+                        .collect();
+                    return MockResponse::Output(answer(&entries, &[]));
+                }
                 assert_eq!(input.stream_name(), Some(STREAM));
                 let entries: Vec<Entry> = input
                     .records()
@@ -175,6 +214,7 @@ impl Fake {
         Self {
             client,
             calls,
+            dead_letter_records,
             list_requests,
             ranges,
         }
@@ -628,24 +668,11 @@ async fn records_too_large_for_the_stream_are_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     // A stream with a 1 KiB maximum record size.
     let fake = Fake::new(1, Some(1), |_, _| Reply::Accept);
-    let config = config(&dir);
-    let dead_letters = config.dead_letter_dir.join("dead-letters.jsonl");
-    let records = vec![
-        record(0, "public.t:1", 10),
-        record(1, "public.t:2", 2_000),
-        record(2, "public.t:3", 10),
-        record(3, "", 10),
-    ];
-    let run = run(fake.client.clone(), config, records, usize::MAX).await;
-    run.assert_all_done_once();
+    let dead_letters = run_dead_letter_records(&fake, config(&dir)).await;
     let sent: Vec<u64> = fake.calls().iter().flat_map(|c| seqs(c)).collect();
     assert_eq!(sent, [0, 2]);
 
-    let text = std::fs::read_to_string(dead_letters).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, lines) = dead_letter_lines(&dead_letters);
     assert_eq!(lines.len(), 2, "{text}");
     assert_eq!(lines[0]["stream"], STREAM);
     assert_eq!(lines[0]["partition_key"], "public.t:2");
@@ -704,11 +731,7 @@ async fn an_entry_refused_every_time_is_dead_lettered_after_the_bounded_attempts
     assert_eq!(seqs(&calls[2]), [5, 7]);
     assert_eq!(calls.len(), 3, "5 is given up after 3 tries");
 
-    let text = std::fs::read_to_string(dead_letters).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, lines) = dead_letter_lines(&dead_letters);
     assert_eq!(lines.len(), 1, "{text}");
     assert_eq!(lines[0]["envelope"]["seq"], 5);
     assert_eq!(lines[0]["reason"], "rejected");
@@ -718,6 +741,91 @@ async fn an_entry_refused_every_time_is_dead_lettered_after_the_bounded_attempts
         error.contains("3 times") && error.contains("InvalidArgumentException"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn dead_letters_go_to_the_dead_letter_stream_when_one_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 KiB stream: seq 1 is too large for the dead-letter stream too.
+    let fake = Fake::new(1, Some(1), |_, entries| {
+        let failures: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.seq == 2)
+            .map(|(i, _)| (i, "InvalidArgumentException"))
+            .collect();
+        Reply::Fail(failures)
+    });
+    let mut config = config(&dir);
+    config.dead_letter_stream = Some(DLQ_STREAM.to_owned());
+    let file = run_dead_letter_records(&fake, config).await;
+
+    // The rejected record and the one with an empty key went to the
+    // stream (after a throttled first try), as entries of the file's shape.
+    let sent = fake.dead_letter_records.lock().unwrap().clone();
+    let entries: Vec<(String, serde_json::Value)> = sent
+        .iter()
+        .map(|(key, data)| (key.clone(), serde_json::from_slice(data).unwrap()))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let by_seq = |seq: u64| {
+        entries
+            .iter()
+            .find(|(_, e)| e["envelope"]["seq"] == seq)
+            .unwrap_or_else(|| panic!("seq {seq} in {entries:?}"))
+    };
+    let (key, rejected) = by_seq(2);
+    assert_eq!(key, "public.t:3");
+    assert_eq!(rejected["reason"], "rejected");
+    assert_eq!(rejected["attempts"], 3);
+    let (key, keyless) = by_seq(3);
+    assert_eq!(
+        key, "dead-letter",
+        "an empty key cannot be used for the stream"
+    );
+    assert_eq!(keyless["reason"], "invalid_partition_key");
+
+    // The stream cannot hold the too-large one: it is in the file.
+    let (text, lines) = dead_letter_lines(&file);
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["envelope"]["seq"], 1);
+    assert_eq!(lines[0]["reason"], "too_large");
+}
+
+/// The dead-letter file: its text and its lines as JSON.
+fn dead_letter_lines(path: &std::path::Path) -> (String, Vec<serde_json::Value>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (text, lines)
+}
+
+/// The four records of the dead-letter tests: seq 1 is 2 KB, seq 3 has an
+/// empty partition key.
+fn dead_letter_records() -> Vec<Record> {
+    vec![
+        record(0, "public.t:1", 10),
+        record(1, "public.t:2", 2_000),
+        record(2, "public.t:3", 10),
+        record(3, "", 10),
+    ]
+}
+
+/// Runs the sink over [`dead_letter_records`], checks every record was
+/// reported done once, and returns the path of the dead-letter file.
+async fn run_dead_letter_records(fake: &Fake, config: KinesisSinkConfig) -> std::path::PathBuf {
+    let file = config.dead_letter_dir.join("dead-letters.jsonl");
+    run(
+        fake.client.clone(),
+        config,
+        dead_letter_records(),
+        usize::MAX,
+    )
+    .await
+    .assert_all_done_once();
+    file
 }
 
 /// Runs the sink over `records` for `window`, then stops it; returns the calls seen.
