@@ -68,6 +68,7 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
                 KinesisSinkConfig::new(v.region.clone(), settings.state.dir.join("dead-letters"));
             config.endpoint_url = settings.sink.endpoint_url.clone();
             config.dead_letter_stream = settings.dead_letter.stream.clone();
+            config.aggregation = settings.sink.aggregation;
             config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
             config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
             config.share = settings.sink.quota.share;

@@ -165,7 +165,8 @@ pub struct SinkSettings {
     pub region: Option<String>,
     /// Endpoint for emulators or VPC endpoints.
     pub endpoint_url: Option<String>,
-    /// KPL-compatible aggregation.
+    /// KPL-compatible aggregation: many envelopes of a shard per Kinesis
+    /// record, de-aggregated by the KCL and by `tributary tail`.
     #[serde(default)]
     pub aggregation: bool,
     /// `[sink.quota]`.
@@ -524,12 +525,6 @@ impl Settings {
                     return Err(invalid(
                         "sink.endpoint_url",
                         format!("`{url}` must start with http:// or https://"),
-                    ));
-                }
-                if sink.aggregation {
-                    return Err(invalid(
-                        "sink.aggregation",
-                        "record aggregation is not available in this build yet: set aggregation = false",
                     ));
                 }
                 (router, region)

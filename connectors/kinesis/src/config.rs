@@ -68,6 +68,9 @@ pub struct KinesisSinkConfig {
     /// `sink.quota.share`: the fraction of each shard's quota this producer
     /// may use, in (0, 1].
     pub share: f64,
+    /// `sink.aggregation`: pack the records of a shard into KPL aggregated
+    /// records (many envelopes per Kinesis record).
+    pub aggregation: bool,
     /// The directory of `dead-letters.jsonl` (under `state.dir`).
     pub dead_letter_dir: PathBuf,
     /// `dead_letter.stream`: a Kinesis stream for dead letters instead of
@@ -91,6 +94,7 @@ impl KinesisSinkConfig {
             records_per_shard_per_sec: DEFAULT_RECORDS_PER_SHARD_PER_SEC,
             bytes_per_shard_per_sec: DEFAULT_BYTES_PER_SHARD_PER_SEC,
             share: 1.0,
+            aggregation: false,
             dead_letter_dir: dead_letter_dir.into(),
             dead_letter_stream: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,

@@ -3,8 +3,10 @@
 //!
 //! The dispatcher hands a lane the records whose partition key hashes into
 //! its shard, in source order. The lane keeps them in one queue and loops:
-//! cut a batch off the front (at most 500 records, 5 MiB and the quota's
-//! burst), wait for the quota, send it, and sort the answer:
+//! cut a batch off the front (at most 500 entries, 5 MiB and the quota's
+//! burst; with `sink.aggregation`, records packed into KPL aggregated
+//! records, see `batch.rs`), wait for the quota, send it, and sort the
+//! answer (an aggregated entry's result is its every record's):
 //! - accepted entries (a sequence number) are reported done;
 //! - failed entries go back to the front of the queue, in their original
 //!   order, together with every later entry of the same batch that shares a
@@ -28,14 +30,14 @@ use std::time::Duration;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
+use aws_sdk_kinesis::types::PutRecordsResultEntry;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
+use crate::batch::{self, Batch, Limits};
 use crate::config::RetryPolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStore};
 use crate::error::KinesisError;
@@ -56,6 +58,8 @@ pub(crate) struct LaneSetup {
     pub(crate) stream: Arc<str>,
     pub(crate) shard_id: Arc<str>,
     pub(crate) max_record_bytes: usize,
+    /// `sink.aggregation`: pack records into KPL aggregated records.
+    pub(crate) aggregation: bool,
     pub(crate) quota: LaneQuota,
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letters: Arc<DeadLetterStore>,
@@ -116,28 +120,25 @@ impl Lane {
                 debug!(stream = %self.setup.stream, shard = %self.setup.shard_id, "lane drained");
                 return Ok(());
             }
-            let (count, bytes) = self.next_batch();
-            self.setup.quota.acquire(count, bytes).await;
-            let entries: Vec<PutRecordsRequestEntry> = self
-                .queue
-                .iter_mut()
-                .take(count)
-                .map(|p| {
-                    p.attempts += 1;
-                    entry(&p.record)
-                })
-                .collect();
+            let mut batch = self.next_batch();
+            self.setup
+                .quota
+                .acquire(batch.entries.len(), batch.bytes)
+                .await;
+            for pending in self.queue.iter_mut().take(batch.records) {
+                pending.attempts += 1;
+            }
             let answer = self
                 .setup
                 .client
                 .put_records()
                 .stream_name(&*self.setup.stream)
-                .set_records(Some(entries))
+                .set_records(Some(std::mem::take(&mut batch.entries)))
                 .send()
                 .await;
             match answer {
-                Ok(output) => self.on_answer(count, &output).await?,
-                Err(err) => self.on_call_error(count, err).await?,
+                Ok(output) => self.on_answer(&batch, &output).await?,
+                Err(err) => self.on_call_error(batch.records, err).await?,
             }
         }
     }
@@ -188,42 +189,42 @@ impl Lane {
         }
     }
 
-    /// How many records from the front go into the next call, and their bytes.
-    fn next_batch(&self) -> (usize, usize) {
-        let max_records = MAX_BATCH_RECORDS.min(self.setup.quota.max_records());
-        let max_bytes = MAX_BATCH_BYTES.min(self.setup.quota.max_bytes());
-        let (mut count, mut bytes) = (0, 0);
-        for pending in &self.queue {
-            let weight = pending.record.weight();
-            if count == max_records || (count > 0 && bytes + weight > max_bytes) {
-                break;
-            }
-            count += 1;
-            bytes += weight;
+    /// The next call, cut off the front of the queue.
+    fn next_batch(&self) -> Batch {
+        let limits = Limits {
+            entries: MAX_BATCH_RECORDS.min(self.setup.quota.max_records()),
+            bytes: MAX_BATCH_BYTES.min(self.setup.quota.max_bytes()),
+            record_bytes: self.setup.max_record_bytes,
+        };
+        let records = self.queue.iter().map(|p| &p.record);
+        if self.setup.aggregation {
+            batch::aggregated(records, limits)
+        } else {
+            batch::plain(records, limits)
         }
-        (count, bytes)
     }
 
-    /// Sorts an answer to a call that carried the first `count` queued records.
+    /// Sorts the answer to `batch`.
     async fn on_answer(
         &mut self,
-        count: usize,
+        batch: &Batch,
         output: &PutRecordsOutput,
     ) -> Result<(), KinesisError> {
+        let count = batch.records;
         let results = output.records();
-        if results.len() != count {
+        let Some(spread) = batch.spread(results) else {
             let delay = self.backoff.next_delay();
             if let Some(suppressed) = self.call_warnings.allow() {
                 warn!(
                     stream = %self.setup.stream, shard = %self.setup.shard_id,
-                    sent = count, answered = results.len(), suppressed,
+                    sent = batch.entries_sent(), answered = results.len(), suppressed,
                     retry_in_ms = delay.as_millis() as u64,
                     "kinesis answered putrecords with the wrong number of results; sending the batch again"
                 );
             }
             tokio::time::sleep(delay).await;
             return Ok(());
-        }
+        };
         let all_accepted = output.failed_record_count().unwrap_or(0) == 0
             && results
                 .iter()
@@ -238,20 +239,17 @@ impl Lane {
             self.setup.quota.observe(count, 0);
             return Ok(());
         }
-        self.on_partial_failure(count, output).await
+        self.on_partial_failure(count, &spread).await
     }
 
+    /// Sorts an answer with failures; `results` has one entry per record.
     async fn on_partial_failure(
         &mut self,
         count: usize,
-        output: &PutRecordsOutput,
+        results: &[PutRecordsResultEntry],
     ) -> Result<(), KinesisError> {
         let mut batch: Vec<Pending> = self.queue.drain(..count).collect();
-        let sorted = sort_answer(
-            &mut batch,
-            output.records(),
-            self.setup.retry.max_rejections,
-        );
+        let sorted = sort_answer(&mut batch, results, self.setup.retry.max_rejections);
         self.setup.acks.done(
             batch
                 .iter()
@@ -490,17 +488,6 @@ fn entry_retry_policy(policy: RetryPolicy) -> RetryPolicy {
 const ENTRY_INITIAL_BACKOFF: Duration = Duration::from_millis(20);
 /// The longest pause before refused entries go again.
 const ENTRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
-
-/// The request entry for a record: one copy of the data per attempt (the
-/// SDK's `Blob` owns its bytes).
-fn entry(record: &Record) -> PutRecordsRequestEntry {
-    PutRecordsRequestEntry::builder()
-        .data(Blob::new(record.data.clone()))
-        .partition_key(record.partition_key.clone())
-        .set_explicit_hash_key(record.explicit_hash_key.map(|hash| hash.to_string()))
-        .build()
-        .expect("data and partition key are set")
-}
 
 #[cfg(test)]
 mod tests {

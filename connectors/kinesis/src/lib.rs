@@ -15,6 +15,8 @@
 //!
 //! Files:
 //! - `config.rs`: [`KinesisSinkConfig`] and [`RetryPolicy`], range checks.
+//! - `batch.rs`: cutting a lane's next call, plain or aggregated.
+//! - `aggregate.rs`: the KPL aggregated record format, both ways.
 //! - `client.rs`: the SDK client with timeouts and the standard retry policy.
 //! - `shards.rs`: reading a stream's shards, routing a key to its lane.
 //! - `sink.rs`: [`KinesisSink`], the dispatcher and the [`Sink`] impl.
@@ -30,6 +32,8 @@
 //!
 //! [`Sink`]: tributary_envelope::Sink
 
+mod aggregate;
+mod batch;
 mod client;
 mod config;
 mod dead_letter;
@@ -46,6 +50,7 @@ mod tail;
 #[cfg(test)]
 mod sink_tests;
 
+pub use aggregate::{AggregationError, MAGIC as AGGREGATION_MAGIC, SubRecord, deaggregate};
 /// The SDK's Kinesis client, which [`build_client`] returns.
 pub use aws_sdk_kinesis::Client;
 pub use client::{build_client, build_client_with_timeouts, build_sink_client};
