@@ -227,10 +227,22 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
 /// Appends one dead-letter line (with its newline) to `out`.
 fn render_line(out: &mut Vec<u8>, at: &[u8], letter: &DeadLetter) {
     let record = &letter.record;
-    out.reserve(record.data.len() + record.partition_key.len() + letter.error.len() + 192);
     let data_is_json = is_json(&record.data);
+    let id = data_is_json.then(|| envelope_id(&record.data)).flatten();
+    // Room for the whole line up front (escapes aside): a dead letter can
+    // be tens of MiB, and growing the buffer past it would double that.
+    let text = id.as_ref().map_or(0, String::len)
+        + record.stream.len()
+        + record.partition_key.len()
+        + letter.error.len();
+    let data = if data_is_json {
+        record.data.len()
+    } else {
+        record.data.len().div_ceil(3) * 4
+    };
+    out.reserve(data + text + 320);
     out.extend_from_slice(b"{\"id\":");
-    match data_is_json.then(|| envelope_id(&record.data)).flatten() {
+    match id {
         Some(id) => json::write_str(out, &id),
         None => out.extend_from_slice(b"null"),
     }
@@ -272,13 +284,22 @@ fn render_line(out: &mut Vec<u8>, at: &[u8], letter: &DeadLetter) {
     out.extend_from_slice(b"}\n");
 }
 
-/// The `id` of a JSON envelope, if it has a string one.
+/// The `id` of a Tributary envelope (v1 writes `{"v":1,"id":"..."` first),
+/// read off its first bytes: a dead letter can be tens of MiB, and parsing
+/// it into a struct costs as much again. Other formats get no id.
 fn envelope_id(data: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Probe {
-        id: Option<String>,
+    const PREFIX: &[u8] = b"\"id\":\"";
+    let head = data.get(..data.len().min(256))?;
+    if !head.starts_with(b"{\"v\":") {
+        return None;
     }
-    serde_json::from_slice::<Probe>(data).ok()?.id
+    let start = head.windows(PREFIX.len()).position(|w| w == PREFIX)? + PREFIX.len();
+    let len = head[start..].iter().position(|&b| b == b'"')?;
+    let id = &head[start..start + len];
+    if id.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(id).ok().map(str::to_owned)
 }
 
 /// One entry of the dead-letter store, as `dead-letter list` shows it.
@@ -498,7 +519,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DeadLetterStore::open(dir.path()).await.unwrap();
         store
-            .write(&[letter("k:1", b"{\"id\":\"a\"}", DeadLetterReason::Rejected)])
+            .write(&[letter(
+                "k:1",
+                b"{\"v\":1,\"id\":\"a\"}",
+                DeadLetterReason::Rejected,
+            )])
             .await
             .unwrap();
         drop(store);
@@ -506,13 +531,20 @@ mod tests {
         let path = dir.path().join(DEAD_LETTER_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.extend_from_slice(b"{\"id\":\"b\",\"at\":\"2026-");
+        // (an envelope id that is not first, or not a string: no id)
+        assert_eq!(envelope_id(b"{\"v\":1,\"op\":\"x\"}"), None);
+        assert_eq!(envelope_id(b"{\"v\":1,\"id\":\"a\\\"b\"}"), None);
         std::fs::write(&path, &bytes).unwrap();
         // Readers skip the unfinished line.
         assert_eq!(read_dead_letters(dir.path()).unwrap().entries.len(), 1);
 
         let store = DeadLetterStore::open(dir.path()).await.unwrap();
         store
-            .write(&[letter("k:2", b"{\"id\":\"c\"}", DeadLetterReason::Rejected)])
+            .write(&[letter(
+                "k:2",
+                b"{\"v\":1,\"id\":\"c\"}",
+                DeadLetterReason::Rejected,
+            )])
             .await
             .unwrap();
         let found = read_dead_letters(dir.path()).unwrap();
