@@ -451,7 +451,12 @@ fn sort_answer(
                 if !entry_error_is_retryable(code) {
                     pending.rejections += 1;
                 }
-                if pending.rejections >= max_rejections {
+                // Not while an earlier record of its key is retried: an
+                // accepted copy of this one may already be in the stream,
+                // and the earlier record would land after it for good.
+                // Held, it goes again behind that record and is given up
+                // once it is the first of its key.
+                if pending.rejections >= max_rejections && !retried_keys.contains(key) {
                     Outcome::DeadLetter(format!(
                         "kinesis rejected the record {} times; last error: {code}: {message}",
                         pending.rejections
@@ -561,6 +566,25 @@ mod tests {
             batch[1].rejections, 0,
             "a retryable error is not a rejection"
         );
+    }
+
+    #[test]
+    fn a_record_is_not_given_up_while_an_earlier_one_of_its_key_is_retried() {
+        let mut batch = vec![pending(0, "a", 0), pending(1, "a", 2), pending(2, "a", 0)];
+        let results = [
+            refused("ProvisionedThroughputExceededException"),
+            refused("InvalidArgumentException"),
+            accepted(),
+        ];
+        let sorted = sort_answer(&mut batch, &results, 3);
+        // Record 1 reached its third rejection, but record 0 of its key is
+        // retried: it is held behind it (and counted), not dead-lettered.
+        assert_eq!(kinds(&sorted), "rrr");
+        assert_eq!(batch[1].rejections, 3);
+        // Once it leads its key, it is given up.
+        let mut again = vec![pending(1, "a", 3)];
+        let sorted = sort_answer(&mut again, &[refused("InvalidArgumentException")], 3);
+        assert_eq!(kinds(&sorted), "x");
     }
 
     #[test]
