@@ -37,10 +37,14 @@ use tracing::{debug, warn};
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
+use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use tokio::time::Instant;
+
 use crate::batch::{self, Batch, Limits};
 use crate::config::RetryPolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStore};
 use crate::error::KinesisError;
+use crate::metrics;
 use crate::quota::LaneQuota;
 use crate::retry::{
     Backoff, Failure, WARN_EVERY, WarnGate, classify, entry_error_is_retryable,
@@ -94,13 +98,51 @@ pub(crate) struct Lane {
     entry_backoff: Backoff,
     call_warnings: WarnGate,
     entry_warnings: WarnGate,
+    /// Bytes (record weights) in `queue`.
+    queued_bytes: usize,
+    metrics: LaneMetrics,
+}
+
+/// The lane's metric handles, registered once (see `metrics.rs`).
+struct LaneMetrics {
+    records_sent: Counter,
+    bytes_sent: Counter,
+    put_seconds: Histogram,
+    limiter_wait: Histogram,
+    rate_factor: Gauge,
+    entry_retries: Counter,
+    call_retries: Counter,
+    queued_records: Gauge,
+    queued_bytes: Gauge,
+}
+
+impl LaneMetrics {
+    fn new(stream: &str, shard: &str) -> Self {
+        let stream = stream.to_owned();
+        let shard = shard.to_owned();
+        Self {
+            records_sent: counter!(metrics::RECORDS_SENT, "stream" => stream.clone()),
+            bytes_sent: counter!(metrics::BYTES_SENT, "stream" => stream.clone()),
+            put_seconds: histogram!(metrics::PUT_RECORDS_SECONDS, "stream" => stream.clone()),
+            limiter_wait: histogram!(metrics::LIMITER_WAIT_SECONDS, "stream" => stream.clone()),
+            rate_factor: gauge!(metrics::RATE_FACTOR, "stream" => stream.clone(), "shard" => shard.clone()),
+            entry_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "entry"),
+            call_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "call"),
+            queued_records: gauge!(metrics::QUEUED_RECORDS, "stream" => stream.clone(), "shard" => shard.clone()),
+            queued_bytes: gauge!(metrics::QUEUED_BYTES, "stream" => stream, "shard" => shard),
+        }
+    }
 }
 
 impl Lane {
     pub(crate) fn new(setup: LaneSetup, input: mpsc::UnboundedReceiver<Record>) -> Self {
         let backoff = Backoff::new(setup.retry);
         let entry_backoff = Backoff::new(entry_retry_policy(setup.retry));
+        let metrics = LaneMetrics::new(&setup.stream, &setup.shard_id);
+        metrics.rate_factor.set(1.0);
         Self {
+            queued_bytes: 0,
+            metrics,
             setup,
             input,
             queue: VecDeque::new(),
@@ -120,11 +162,17 @@ impl Lane {
                 debug!(stream = %self.setup.stream, shard = %self.setup.shard_id, "lane drained");
                 return Ok(());
             }
+            self.report_queue();
             let mut batch = self.next_batch();
+            let waited = Instant::now();
             self.setup
                 .quota
                 .acquire(batch.entries.len(), batch.bytes)
                 .await;
+            self.metrics
+                .limiter_wait
+                .record(waited.elapsed().as_secs_f64());
+            let sent = Instant::now();
             for pending in self.queue.iter_mut().take(batch.records) {
                 pending.attempts += 1;
             }
@@ -136,6 +184,9 @@ impl Lane {
                 .set_records(Some(std::mem::take(&mut batch.entries)))
                 .send()
                 .await;
+            self.metrics
+                .put_seconds
+                .record(sent.elapsed().as_secs_f64());
             match answer {
                 Ok(output) => self.on_answer(&batch, &output).await?,
                 Err(err) => self.on_call_error(batch.records, err).await?,
@@ -181,11 +232,14 @@ impl Lane {
                 limit: (reason == DeadLetterReason::TooLarge)
                     .then_some(self.setup.max_record_bytes),
             }),
-            None => self.queue.push_back(Pending {
-                record,
-                rejections: 0,
-                attempts: 0,
-            }),
+            None => {
+                self.queued_bytes += record.weight();
+                self.queue.push_back(Pending {
+                    record,
+                    rejections: 0,
+                    attempts: 0,
+                });
+            }
         }
     }
 
@@ -214,6 +268,7 @@ impl Lane {
         let results = output.records();
         let Some(spread) = batch.spread(results) else {
             let delay = self.backoff.next_delay();
+            self.metrics.call_retries.increment(1);
             if let Some(suppressed) = self.call_warnings.allow() {
                 warn!(
                     stream = %self.setup.stream, shard = %self.setup.shard_id,
@@ -233,10 +288,13 @@ impl Lane {
             self.setup
                 .acks
                 .done(self.queue.iter().take(count).map(|p| &p.record));
-            self.queue.drain(..count);
+            let bytes: usize = self.queue.drain(..count).map(|p| p.record.weight()).sum();
+            self.queued_bytes -= bytes;
+            self.metrics.records_sent.increment(count as u64);
+            self.metrics.bytes_sent.increment(bytes as u64);
             self.backoff.reset();
             self.entry_backoff.reset();
-            self.setup.quota.observe(count, 0);
+            self.observe(count, 0);
             return Ok(());
         }
         self.on_partial_failure(count, &spread).await
@@ -250,19 +308,31 @@ impl Lane {
     ) -> Result<(), KinesisError> {
         let mut batch: Vec<Pending> = self.queue.drain(..count).collect();
         let sorted = sort_answer(&mut batch, results, self.setup.retry.max_rejections);
-        self.setup.acks.done(
+        let done = || {
             batch
                 .iter()
                 .zip(&sorted.outcomes)
                 .filter(|(_, o)| matches!(o, Outcome::Done))
-                .map(|(p, _)| &p.record),
-        );
+                .map(|(p, _)| &p.record)
+        };
+        self.setup.acks.done(done());
+        let done_bytes: usize = done().map(Record::weight).sum();
+        self.metrics.records_sent.increment(done().count() as u64);
+        self.metrics.bytes_sent.increment(done_bytes as u64);
+        for code in results.iter().filter_map(|r| r.error_code()) {
+            counter!(metrics::ENTRIES_REFUSED, "stream" => self.setup.stream.to_string(), "code" => code.to_owned())
+                .increment(1);
+        }
+        self.queued_bytes -= batch.iter().map(|p| p.record.weight()).sum::<usize>();
         let mut refused: Vec<DeadLetter> = Vec::new();
         // Back to the front, oldest first: push in reverse.
         for (pending, outcome) in batch.into_iter().zip(sorted.outcomes).rev() {
             match outcome {
                 Outcome::Done => {}
-                Outcome::Retry => self.queue.push_front(pending),
+                Outcome::Retry => {
+                    self.queued_bytes += pending.record.weight();
+                    self.queue.push_front(pending);
+                }
                 Outcome::DeadLetter(error) => refused.push(DeadLetter {
                     record: pending.record,
                     reason: DeadLetterReason::Rejected,
@@ -276,8 +346,9 @@ impl Lane {
         if !refused.is_empty() {
             self.dead_letter(&refused).await?;
         }
-        self.setup.quota.observe(count, sorted.throttled);
+        self.observe(count, sorted.throttled);
         self.backoff.reset();
+        self.metrics.entry_retries.increment(sorted.retrying as u64);
         if sorted.retrying == 0 {
             self.entry_backoff.reset();
             return Ok(());
@@ -339,10 +410,11 @@ impl Lane {
                     source: err.into(),
                 });
             }
-            Failure::Throttled => self.setup.quota.observe(count, count),
+            Failure::Throttled => self.observe(count, count),
             Failure::Transient => {}
         }
         let delay = self.backoff.next_delay();
+        self.metrics.call_retries.increment(1);
         if let Some(suppressed) = self.call_warnings.allow() {
             warn!(
                 stream = %self.setup.stream, shard = %self.setup.shard_id,
@@ -358,10 +430,23 @@ impl Lane {
         Ok(())
     }
 
+    /// Counts an answer in the quota's window and reports the rate factor.
+    fn observe(&mut self, sent: usize, throttled: usize) {
+        self.setup.quota.observe(sent, throttled);
+        self.metrics.rate_factor.set(self.setup.quota.factor());
+    }
+
+    fn report_queue(&self) {
+        self.metrics.queued_records.set(self.queue.len() as f64);
+        self.metrics.queued_bytes.set(self.queued_bytes as f64);
+    }
+
     /// Writes records to the dead-letter store, then reports them done.
     async fn dead_letter(&self, refused: &[DeadLetter]) -> Result<(), KinesisError> {
         self.setup.dead_letters.write(refused).await?;
         for letter in refused {
+            counter!(metrics::DEAD_LETTERS, "stream" => record_stream(letter), "reason" => letter.reason.as_str())
+                .increment(1);
             let record = &letter.record;
             warn!(
                 stream = %record.stream, shard = %self.setup.shard_id,
@@ -375,6 +460,10 @@ impl Lane {
         self.setup.acks.done(refused.iter().map(|l| &l.record));
         Ok(())
     }
+}
+
+fn record_stream(letter: &DeadLetter) -> String {
+    letter.record.stream.to_string()
 }
 
 /// Why Kinesis would refuse `record` whatever happens, if it would: the

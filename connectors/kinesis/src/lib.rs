@@ -27,6 +27,7 @@
 //!   Kinesis can never take, and reading it back.
 //! - `dead_letter_stream.rs`: the same entries sent to `[dead_letter] stream`.
 //! - `replay.rs`: [`replay`], sending dead-lettered entries again.
+//! - `metrics.rs`: the metric names the writer records (`metrics` facade).
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
 //! - `error.rs`: [`KinesisError`].
 //!
@@ -40,6 +41,7 @@ mod dead_letter;
 mod dead_letter_stream;
 mod error;
 mod lane;
+pub mod metrics;
 mod quota;
 mod replay;
 mod retry;

@@ -813,6 +813,88 @@ fn dead_letter_records() -> Vec<Record> {
     ]
 }
 
+#[test]
+fn the_writer_records_its_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 KiB stream (seq 1 is too large); the first call refuses two entries.
+    let fake = Fake::new(1, Some(1), |call, _| {
+        if call == 0 {
+            Reply::Fail(vec![
+                (0, "ProvisionedThroughputExceededException"),
+                (1, "InternalFailure"),
+            ])
+        } else {
+            Reply::Accept
+        }
+    });
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let records = (0..10)
+                    .map(|i| record(i, &format!("public.t:{i}"), if i == 1 { 2_000 } else { 10 }))
+                    .collect();
+                run(fake.client.clone(), config(&dir), records, usize::MAX)
+                    .await
+                    .assert_all_done_once();
+            });
+    });
+    let mut seen: HashMap<String, f64> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        let mut name = key.name().to_owned();
+        for label in key.labels() {
+            name.push_str(&format!(",{}={}", label.key(), label.value()));
+        }
+        let value = match value {
+            DebugValue::Counter(n) => n as f64,
+            DebugValue::Gauge(g) => g.into_inner(),
+            DebugValue::Histogram(h) => h.len() as f64,
+        };
+        seen.insert(name, value);
+    }
+    let get = |name: &str| {
+        *seen
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {seen:#?}"))
+    };
+    let stream = format!("stream={STREAM}");
+    use crate::metrics as m;
+    assert_eq!(get(&format!("{},{stream}", m::RECORDS_SENT)), 9.0);
+    assert!(get(&format!("{},{stream}", m::BYTES_SENT)) > 9.0 * 20.0);
+    assert_eq!(
+        get(&format!(
+            "{},{stream},code=ProvisionedThroughputExceededException",
+            m::ENTRIES_REFUSED
+        )),
+        1.0
+    );
+    assert_eq!(
+        get(&format!(
+            "{},{stream},code=InternalFailure",
+            m::ENTRIES_REFUSED
+        )),
+        1.0
+    );
+    assert_eq!(get(&format!("{},{stream},kind=entry", m::RETRIES)), 2.0);
+    assert_eq!(
+        get(&format!("{},{stream},reason=too_large", m::DEAD_LETTERS)),
+        1.0
+    );
+    assert_eq!(get(&format!("{},{stream}", m::PUT_RECORDS_SECONDS)), 2.0);
+    assert_eq!(get(&format!("{},{stream}", m::LIMITER_WAIT_SECONDS)), 2.0);
+    let shard = "shard=shardId-000000000000";
+    assert_eq!(get(&format!("{},{stream},{shard}", m::RATE_FACTOR)), 1.0);
+    assert!(seen.contains_key(&format!("{},{stream},{shard}", m::QUEUED_RECORDS)));
+    assert!(seen.contains_key(&format!("{},{stream},{shard}", m::QUEUED_BYTES)));
+}
+
 /// Runs the sink over [`dead_letter_records`], checks every record was
 /// reported done once, and returns the path of the dead-letter file.
 async fn run_dead_letter_records(fake: &Fake, config: KinesisSinkConfig) -> std::path::PathBuf {
