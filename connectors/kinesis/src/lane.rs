@@ -25,6 +25,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
@@ -68,6 +69,9 @@ pub(crate) struct LaneSetup {
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letters: Arc<DeadLetterStore>,
     pub(crate) acks: Acks,
+    /// Set when Kinesis put a record on another shard: the stream's shard
+    /// map changed, the dispatcher reads it again.
+    pub(crate) stale: Arc<AtomicBool>,
 }
 
 /// A record waiting in a lane.
@@ -280,6 +284,12 @@ impl Lane {
             tokio::time::sleep(delay).await;
             return Ok(());
         };
+        if results
+            .iter()
+            .any(|r| r.shard_id().is_some_and(|id| id != &*self.setup.shard_id))
+        {
+            self.setup.stale.store(true, Ordering::Relaxed);
+        }
         let all_accepted = output.failed_record_count().unwrap_or(0) == 0
             && results
                 .iter()

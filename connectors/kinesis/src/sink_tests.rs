@@ -49,6 +49,8 @@ struct Entry {
     seq: u64,
     key: String,
     bytes: usize,
+    /// The open shard Kinesis puts it on (by explicit hash key or key).
+    shard: usize,
 }
 
 /// A record's partition key and data.
@@ -144,6 +146,7 @@ impl Fake {
             });
 
         let log = calls.clone();
+        let put_ranges = ranges.clone();
         let dead_letter_records = Arc::new(Mutex::new(Vec::new()));
         let dlq_log = dead_letter_records.clone();
         let dlq_calls = Arc::new(Mutex::new(0usize));
@@ -172,6 +175,7 @@ impl Fake {
                                 seq: 0,
                                 key,
                                 bytes: 0,
+                                shard: 0,
                             }
                         })
                         .collect();
@@ -181,11 +185,21 @@ impl Fake {
                 let entries: Vec<Entry> = input
                     .records()
                     .iter()
-                    .map(|e| Entry {
-                        seq: seq_of(e.data().as_ref()),
-                        key: e.partition_key().unwrap_or_default().to_owned(),
-                        bytes: e.data().as_ref().len()
-                            + e.partition_key().unwrap_or_default().len(),
+                    .map(|e| {
+                        let key = e.partition_key().unwrap_or_default();
+                        let hash = e.explicit_hash_key().map_or_else(
+                            || u128::from_be_bytes(Md5::digest(key.as_bytes()).into()),
+                            |h| h.parse().unwrap(),
+                        );
+                        Entry {
+                            seq: seq_of(e.data().as_ref()),
+                            key: key.to_owned(),
+                            bytes: e.data().as_ref().len() + key.len(),
+                            shard: put_ranges
+                                .iter()
+                                .position(|&(start, end)| start <= hash && hash <= end)
+                                .unwrap(),
+                        }
                     })
                     .collect();
                 let index = {
@@ -277,7 +291,7 @@ fn answer(entries: &[Entry], failures: &[(usize, &str)]) -> PutRecordsOutput {
                 .build(),
             None => PutRecordsResultEntry::builder()
                 .sequence_number(format!("4960{:020}", entry.seq))
-                .shard_id("shardId-000000000000")
+                .shard_id(format!("shardId-{:012}", entry.shard))
                 .build(),
         }
     });
