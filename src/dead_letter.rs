@@ -95,7 +95,7 @@ pub async fn replay(config: &Path, reason: Option<&str>, id: Option<&str>) -> an
         eprintln!("no dead-lettered record matches; nothing to replay");
         return Ok(0);
     }
-    let client = crate::tail::client_for(settings.sink.as_ref()).await;
+    let client = crate::tail::checked_client_for(settings.sink.as_ref()).await?;
     let (report, failure) = match tributary_kinesis::replay(&client, &selected).await {
         Ok(report) => (report, None),
         Err((report, err)) => (report, Some(err)),

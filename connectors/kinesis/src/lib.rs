@@ -29,6 +29,8 @@
 //! - `replay.rs`: [`replay`], sending dead-lettered entries again.
 //! - `metrics.rs`: the metric names the writer records (`metrics` facade).
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
+//! - `preflight.rs`: [`checked_client`] and [`check_stream`], the
+//!   start-up checks that run before the source is touched.
 //! - `error.rs`: [`KinesisError`].
 //!
 //! [`Sink`]: tributary_envelope::Sink
@@ -42,6 +44,7 @@ mod dead_letter_stream;
 mod error;
 mod lane;
 pub mod metrics;
+mod preflight;
 mod quota;
 mod replay;
 mod retry;
@@ -66,6 +69,10 @@ pub use dead_letter::{
 };
 pub use error::{BoxError, KinesisError};
 pub use lane::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+pub use preflight::{
+    CREDENTIAL_CHAIN, CREDENTIALS_TIMEOUT, PreflightError, StreamSummary, check_stream,
+    checked_client,
+};
 pub use replay::{ReplayReport, replay};
 pub use shards::{
     DEFAULT_MAX_RECORD_BYTES, ShardMap, ShardRange, StreamInfo, describe_stream, hash_key,

@@ -226,9 +226,13 @@ impl ReplicationConnection {
             return Ok(None);
         }
         let frame = self.buf.split_to(total).freeze();
-        if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER_BYTES {
-            // One large message grew the buffer: do not keep that memory.
-            self.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        if total > KEEP_BUFFER_BYTES {
+            // A large message grew the buffer, whose rest still shares the
+            // message's allocation: move the rest to a buffer of its own so
+            // the memory goes with the message.
+            let mut rest = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len()));
+            rest.extend_from_slice(&self.buf);
+            self.buf = rest;
         }
         Ok(Some((tag, frame)))
     }
