@@ -4,6 +4,8 @@ mod check;
 mod cli;
 mod config_error;
 mod dba;
+mod dead_letter;
+mod format_stage;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -16,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, ConfigArg, SlotsAction};
+use crate::cli::{Cli, Command, ConfigArg, DeadLetterCommand, SlotsAction};
 use crate::settings::ConfigError;
 use crate::startup::StartupError;
 
@@ -92,6 +94,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Slots { config, action } => match action {
             None | Some(SlotsAction::List) => dba::list_slots(&load(&config)?).await,
             Some(SlotsAction::Drop { name }) => dba::drop_slot(&load(&config)?, &name).await,
+        },
+        Command::DeadLetter { command } => match command {
+            DeadLetterCommand::List { config, json } => dead_letter::list(&config.config, json),
+            DeadLetterCommand::Replay { config, reason, id } => {
+                dead_letter::replay(&config.config, reason.as_deref(), id.as_deref()).await
+            }
         },
     }
 }

@@ -22,6 +22,27 @@ struct TailSettings {
     sink: Option<SinkSettings>,
 }
 
+/// A Kinesis client for the region and endpoint of `[sink]` (region from
+/// `AWS_REGION`, else us-east-1, when the config has none), once the AWS
+/// credentials were found.
+pub async fn checked_client_for(
+    sink: Option<&SinkSettings>,
+) -> anyhow::Result<tributary_kinesis::Client> {
+    let region = sink
+        .and_then(|s| s.region.clone())
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let endpoint = sink.and_then(|s| s.endpoint_url.clone());
+    Ok(tributary_kinesis::checked_client(
+        &region,
+        endpoint.as_deref(),
+        tributary_kinesis::DEFAULT_REQUEST_TIMEOUT,
+        tributary_kinesis::DEFAULT_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(StartupError)?)
+}
+
 /// Reads the stream and writes it to stdout; exit code 0.
 pub async fn run(
     config: &Path,
@@ -32,23 +53,9 @@ pub async fn run(
 ) -> anyhow::Result<u8> {
     // Only `[sink]` is read: `tail` works with a partial config or none.
     let settings: TailSettings = crate::settings::load(config, false)?;
-    let sink = settings.sink;
-    let region = sink
-        .as_ref()
-        .and_then(|s| s.region.clone())
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .unwrap_or_else(|| "us-east-1".to_owned());
-    let endpoint = sink.as_ref().and_then(|s| s.endpoint_url.clone());
     // Credentials and the stream are checked first, so that a mistake is one
     // message naming `--stream`, not an error from the first shard read.
-    let client = tributary_kinesis::checked_client(
-        &region,
-        endpoint.as_deref(),
-        tributary_kinesis::DEFAULT_REQUEST_TIMEOUT,
-        tributary_kinesis::DEFAULT_CONNECT_TIMEOUT,
-    )
-    .await
-    .map_err(StartupError)?;
+    let client = checked_client_for(settings.sink.as_ref()).await?;
     tributary_kinesis::check_stream(&client, stream, "--stream")
         .await
         .map_err(StartupError)?;
