@@ -6,6 +6,7 @@ mod config_error;
 mod dba;
 mod dead_letter;
 mod format_stage;
+mod http;
 mod logging;
 mod null_sink;
 mod pipeline;

@@ -25,6 +25,9 @@ use crate::settings::{SinkKind, SnapshotMode, Validated};
 /// real bound on memory).
 const CHANNEL_BATCHES: usize = 1024;
 
+/// How often the slot's lag is read for `tributary_source_lag_bytes`.
+const LAG_SAMPLE: Duration = Duration::from_secs(5);
+
 /// Runs the pipeline until a signal; returns the process exit code.
 pub async fn run(v: Validated) -> anyhow::Result<i32> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -44,9 +47,19 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
         "tributary starting"
     );
     crate::startup::check(&v).await?;
+    let health = crate::http::start(
+        &settings.http.listen,
+        Duration::from_secs(settings.http.stall_timeout_secs),
+    )
+    .await?;
     let source = PostgresSource::connect(v.postgres.clone())
         .await
         .context("cannot start the postgres source")?;
+    health.source_connected();
+    tokio::spawn(tributary_postgres::metrics::report_lag(
+        v.postgres.clone(),
+        LAG_SAMPLE,
+    ));
     let report = source.report().clone();
     if report.slot_created && settings.source.snapshot == SnapshotMode::Initial {
         warn!(
@@ -94,6 +107,8 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
             tokio::spawn(async move { Ok(kinesis.run(rx, acks).await?) })
         }
     };
+    health.sink_connected();
+    health.watch(tracker.clone());
 
     let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
     let mut source = tokio::spawn(source.run(tx, tracker.clone(), budget, shutdown_rx, drain));

@@ -13,7 +13,7 @@
 //! and non-built-in types), `error`; beside the dataflow, for the DBA commands:
 //! `inspect` (server, role, tables, publication and slots as they are),
 //! `check` (`tributary check` items), `provision` (`tributary setup` SQL),
-//! `slots` (`tributary slots`).
+//! `slots` (`tributary slots`); `metrics` (event, byte and lag metric names).
 
 pub mod catalog;
 pub mod check;
@@ -22,6 +22,7 @@ pub mod decoder;
 pub mod error;
 pub mod inspect;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod provision;
 pub mod replication;
