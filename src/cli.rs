@@ -65,6 +65,11 @@ pub enum Command {
         /// a terminal), for reading by eye.
         #[arg(long)]
         pretty: bool,
+        /// Check every envelope against the envelope's JSON Schema: the
+        /// failures go to stderr with their ids, and the exit code is 1
+        /// when any envelope is invalid.
+        #[arg(long)]
+        validate: bool,
     },
     /// Check the source and the sink: one line per item (✓ ok, ! warning,
     /// ✗ problem, with the SQL or setting that fixes it).

@@ -14,6 +14,7 @@ mod pretty;
 mod settings;
 mod startup;
 mod tail;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -85,7 +86,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             from,
             follow,
             pretty,
-        } => tail::run(&config.config, &stream, from, follow, pretty).await,
+            validate,
+        } => tail::run(&config.config, &stream, from, follow, pretty, validate).await,
         Command::Check { config, json } => Ok(check::run(&load(&config)?, json).await),
         Command::Setup {
             config,
