@@ -204,3 +204,35 @@ fn respond(health: &Health, prometheus: &PrometheusHandle, path: &str) -> Respon
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    /// docs/operations.md documents exactly the metrics the code records.
+    #[test]
+    fn every_metric_is_documented_and_every_documented_metric_exists() {
+        let doc = include_str!("../docs/operations.md");
+        let names: Vec<&str> = tributary_postgres::metrics::ALL
+            .iter()
+            .chain(tributary_kinesis::metrics::ALL.iter())
+            .copied()
+            .collect();
+        for name in &names {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is not in docs/operations.md"
+            );
+        }
+        let documented: Vec<&str> = doc
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `tributary_"))
+            .filter_map(|rest| rest.split('`').next())
+            .collect();
+        assert_eq!(documented.len(), names.len(), "{documented:?}");
+        for name in documented {
+            assert!(
+                names.contains(&format!("tributary_{name}").as_str()),
+                "tributary_{name} is documented but not recorded"
+            );
+        }
+    }
+}
