@@ -221,11 +221,15 @@ impl Acks {
         let mut bytes = 0usize;
         let mut count = 0usize;
         let tracker = &self.tracker;
-        let seqs = records.into_iter().map(|r| {
-            bytes += self.budget.clamp(r.weight()) as usize;
-            count += 1;
-            r.seq
-        });
+        // A fanned-out record is done when its last copy is.
+        let seqs = records
+            .into_iter()
+            .filter(|r| r.copies.as_ref().is_none_or(|c| c.finish_one()))
+            .map(|r| {
+                bytes += self.budget.clamp(r.weight()) as usize;
+                count += 1;
+                r.seq
+            });
         tracker.complete(seqs);
         if count > 0 {
             self.budget.semaphore.add_permits(bytes);
@@ -294,12 +298,7 @@ mod tests {
             let budget = Arc::new(Budget::new(100));
             let tracker = Arc::new(AckTracker::new(0));
             let acks = Acks::new(tracker.clone(), budget.clone());
-            let record = Record {
-                seq: 0,
-                stream: "s".into(),
-                partition_key: "k".into(),
-                data: vec![0; 79],
-            };
+            let record = Record::new("s".into(), "k".into(), vec![0; 79]);
             budget.acquire(record.weight()).await;
             assert_eq!(budget.available(), 20);
             let blocked =
@@ -315,5 +314,27 @@ mod tests {
             tracker.commit(1, 5);
             assert_eq!(tracker.acked(), 5);
         });
+    }
+
+    #[tokio::test]
+    async fn a_fanned_out_record_is_done_with_its_last_copy() {
+        let budget = Arc::new(Budget::new(1_000));
+        let tracker = Arc::new(AckTracker::new(0));
+        let acks = Acks::new(tracker.clone(), budget.clone());
+        let record = Record::new("s".into(), "public.t".into(), vec![0; 92]);
+        budget.acquire(record.weight()).await;
+        let copies = crate::record::Copies::new(3);
+        let a = record.copy_for(1, &copies);
+        let b = record.copy_for(2, &copies);
+        let c = record.copy_for(3, &copies);
+        tracker.commit(1, 40);
+        acks.done([&a]);
+        acks.done([&c]);
+        assert_eq!(tracker.acked(), 0, "one copy is still undelivered");
+        assert_eq!(budget.available(), 900, "its bytes are still held");
+        acks.done([&b]);
+        assert_eq!(tracker.acked(), 40);
+        assert_eq!(budget.available(), 1_000, "released once, not per copy");
+        assert_eq!(tracker.in_flight(), 0);
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
 
@@ -17,12 +18,67 @@ pub struct Record {
     pub partition_key: String,
     /// The envelope, UTF-8 JSON.
     pub data: Vec<u8>,
+    /// Write one copy of this record to every shard of its stream (set by a
+    /// source for a `truncate`: it must reach every shard that holds the
+    /// table's keys before any later change of that table).
+    pub fan_out: bool,
+    /// The hash key that places this record on a shard, overriding the MD5
+    /// of the partition key (set by a sink on the copies of a fanned-out
+    /// record).
+    pub explicit_hash_key: Option<u128>,
+    /// The copies of a fanned-out record still undelivered (set by a sink):
+    /// the record is done only when the last copy is.
+    pub copies: Option<Arc<Copies>>,
 }
 
 impl Record {
+    /// A record for `stream` (sequence number 0: the source numbers it
+    /// when it hands it over).
+    pub fn new(stream: Arc<str>, partition_key: String, data: Vec<u8>) -> Self {
+        Self {
+            seq: 0,
+            stream,
+            partition_key,
+            data,
+            fan_out: false,
+            explicit_hash_key: None,
+            copies: None,
+        }
+    }
+
+    /// One copy of a fanned-out record, placed by `explicit_hash_key` and
+    /// counted in `copies`.
+    pub fn copy_for(&self, explicit_hash_key: u128, copies: &Arc<Copies>) -> Self {
+        Self {
+            seq: self.seq,
+            stream: self.stream.clone(),
+            partition_key: self.partition_key.clone(),
+            data: self.data.clone(),
+            fan_out: false,
+            explicit_hash_key: Some(explicit_hash_key),
+            copies: Some(copies.clone()),
+        }
+    }
+
     /// The bytes this record holds against the in-flight [`crate::Budget`].
     pub fn weight(&self) -> usize {
         self.data.len() + self.partition_key.len()
+    }
+}
+
+/// The count of a fanned-out record's copies not yet delivered.
+#[derive(Debug)]
+pub struct Copies(AtomicUsize);
+
+impl Copies {
+    /// `count` copies, none delivered.
+    pub fn new(count: usize) -> Arc<Self> {
+        Arc::new(Self(AtomicUsize::new(count)))
+    }
+
+    /// One copy was delivered; true when it was the last one.
+    pub fn finish_one(&self) -> bool {
+        self.0.fetch_sub(1, Ordering::AcqRel) == 1
     }
 }
 

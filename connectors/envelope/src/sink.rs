@@ -16,6 +16,10 @@ use crate::record::Record;
 /// - records with the same `stream` and `partition_key` reach the destination
 ///   in the order received, and a retried record is never the last occurrence
 ///   before a newer record of the same key;
+/// - a record with [`Record::fan_out`] is written once to every shard
+///   (partition) of its stream, each copy ahead of every record received
+///   after it that lands on that shard, and is reported done when its last
+///   copy is (a sink without shards writes it once);
 /// - `run` returns `Ok` only after `input` is closed and every received record
 ///   is reported done (this is the graceful flush).
 ///

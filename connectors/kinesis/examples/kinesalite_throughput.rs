@@ -84,9 +84,7 @@ async fn main() {
                 data.extend_from_slice(b"\"}");
                 let record = Record {
                     seq,
-                    stream: stream_name.clone(),
-                    partition_key: key,
-                    data,
+                    ..Record::new(stream_name.clone(), key, data)
                 };
                 budget.acquire(record.weight()).await;
                 batch.push(record);

@@ -130,12 +130,7 @@ mod tests {
     use super::*;
 
     fn record(key: &str, data: &[u8]) -> Record {
-        Record {
-            seq: 0,
-            stream: "orders".into(),
-            partition_key: key.to_owned(),
-            data: data.to_vec(),
-        }
+        Record::new("orders".into(), key.to_owned(), data.to_vec())
     }
 
     #[tokio::test]

@@ -438,6 +438,7 @@ fn entry(record: &Record) -> PutRecordsRequestEntry {
     PutRecordsRequestEntry::builder()
         .data(Blob::new(record.data.clone()))
         .partition_key(record.partition_key.clone())
+        .set_explicit_hash_key(record.explicit_hash_key.map(|hash| hash.to_string()))
         .build()
         .expect("data and partition key are set")
 }
@@ -450,9 +451,7 @@ mod tests {
         Pending {
             record: Record {
                 seq,
-                stream: "s".into(),
-                partition_key: key.to_owned(),
-                data: Vec::new(),
+                ..Record::new("s".into(), key.to_owned(), Vec::new())
             },
             rejections,
         }

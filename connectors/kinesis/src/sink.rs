@@ -17,6 +17,7 @@ use aws_sdk_kinesis::Client;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinSet};
 use tracing::{info, warn};
+use tributary_envelope::record::Copies;
 use tributary_envelope::{Acks, Record, Sink};
 
 use crate::config::KinesisSinkConfig;
@@ -132,8 +133,16 @@ impl Dispatcher {
                 self.open_stream(record.stream.clone()).await?;
             }
             let stream = &self.streams[&*record.stream];
-            let lane = stream.shards.lane_of(&record.partition_key);
-            if stream.lanes[lane].send(record).is_err() {
+            let sent = if record.fan_out {
+                fan_out(stream, &record)
+            } else {
+                let lane = match record.explicit_hash_key {
+                    Some(hash) => stream.shards.lane_of_hash(hash),
+                    None => stream.shards.lane_of(&record.partition_key),
+                };
+                stream.lanes[lane].send(record).is_ok()
+            };
+            if !sent {
                 // A lane only stops early on a fatal error: report it.
                 return Err(self.lane_failure().await);
             }
@@ -209,6 +218,21 @@ impl Dispatcher {
             message: "a lane stopped without an error".to_owned(),
         }
     }
+}
+
+/// Queues one copy of `record` on every lane, each placed on its lane's
+/// shard by an explicit hash key (the shard's first hash key). Every lane
+/// is FIFO, so each shard gets the copy before anything the source sent
+/// after the record; the record is done when its last copy is. False when
+/// a lane has stopped.
+fn fan_out(stream: &StreamLanes, record: &Record) -> bool {
+    let copies = Copies::new(stream.lanes.len());
+    stream
+        .shards
+        .shards()
+        .iter()
+        .zip(&stream.lanes)
+        .all(|(shard, lane)| lane.send(record.copy_for(shard.start, &copies)).is_ok())
 }
 
 fn lane_result(joined: Result<Result<(), KinesisError>, JoinError>) -> Result<(), KinesisError> {

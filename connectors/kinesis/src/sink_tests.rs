@@ -257,11 +257,10 @@ fn seq_of(data: &[u8]) -> u64 {
 }
 
 fn record(seq: u64, key: &str, pad: usize) -> Record {
+    let data = format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(pad)).into_bytes();
     Record {
         seq,
-        stream: STREAM.into(),
-        partition_key: key.to_owned(),
-        data: format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "x".repeat(pad)).into_bytes(),
+        ..Record::new(STREAM.into(), key.to_owned(), data)
     }
 }
 

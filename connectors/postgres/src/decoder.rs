@@ -255,10 +255,12 @@ impl Decoder {
             EnvelopeEncoder::begin(&mut data, &table.meta, Op::Truncate, pos, &tx.meta, false)
                 .finish([], captured_at);
             out.push(Record {
-                seq: 0,
-                stream: table.stream.clone(),
-                partition_key: PartitionKey::new(table.meta.qualified_name()).finish(),
-                data,
+                fan_out: true,
+                ..Record::new(
+                    table.stream.clone(),
+                    PartitionKey::new(table.meta.qualified_name()).finish(),
+                    data,
+                )
             });
         }
         Ok(())
@@ -355,12 +357,11 @@ impl Decoder {
             .filter(|(_, slot)| new.is_some() && matches!(slot, Slot::Unchanged))
             .map(|(column, _)| column.name.as_str());
         enc.finish(unchanged, captured_at);
-        out.push(Record {
-            seq: 0,
-            stream: table.stream.clone(),
-            partition_key: partition_key.finish(),
+        out.push(Record::new(
+            table.stream.clone(),
+            partition_key.finish(),
             data,
-        });
+        ));
         Ok(())
     }
 }
