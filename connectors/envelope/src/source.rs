@@ -323,12 +323,7 @@ mod tests {
     use crate::ack::Acks;
 
     fn record(len: usize) -> Record {
-        Record {
-            seq: u64::MAX,
-            stream: "s".into(),
-            partition_key: "k".into(),
-            data: vec![b'x'; len],
-        }
+        Record::new("s".into(), "k".into(), vec![b'x'; len])
     }
 
     #[test]

@@ -302,12 +302,7 @@ impl Decoder {
             .filter(|(i, _)| with_after && value(&self.after, *i).is_none())
             .map(|(_, c)| c.name.as_str());
         enc.finish(unchanged, captured_at);
-        out.push(Record {
-            seq: 0,
-            stream: table.stream.clone(),
-            partition_key: partition.finish(),
-            data,
-        });
+        out.push(Record::new(table.stream.clone(), partition.finish(), data));
     }
 
     /// A `TRUNCATE` of `db.table`: one envelope with key, before and after null.
@@ -330,12 +325,11 @@ impl Decoder {
             false,
         );
         enc.finish([], captured_at);
-        out.push(Record {
-            seq: 0,
-            stream: self.router.resolve(&self.name, db, None, table).into(),
-            partition_key: meta.qualified_name().to_owned(),
-            data,
-        });
+        let stream = self.router.resolve(&self.name, db, None, table).into();
+        let mut record = Record::new(stream, meta.qualified_name().to_owned(), data);
+        // Every shard that holds the table's keys must see the truncate.
+        record.fan_out = true;
+        out.push(record);
     }
 }
 
