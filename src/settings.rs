@@ -383,7 +383,8 @@ impl SourceConfig {
     pub async fn dispatch<R: RunSource>(self, with: R) -> R::Output {
         match self {
             SourceConfig::Postgres(config) => {
-                with.run::<tributary_postgres::PostgresSource>(*config).await
+                with.run::<tributary_postgres::PostgresSource>(*config)
+                    .await
             }
             SourceConfig::Mysql(config) => with.run::<tributary_mysql::MysqlSource>(config).await,
         }
@@ -567,7 +568,9 @@ impl Settings {
             state_dir: self.state.dir.clone(),
         };
         let source = match source.kind {
-            SourceKind::Postgres => SourceConfig::Postgres(Box::new(source.postgres.validate(&common)?)),
+            SourceKind::Postgres => {
+                SourceConfig::Postgres(Box::new(source.postgres.validate(&common)?))
+            }
             SourceKind::Mysql => SourceConfig::Mysql(source.mysql.validate(&common)?),
         };
         Ok(Validated {

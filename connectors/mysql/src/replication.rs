@@ -323,13 +323,17 @@ impl MysqlSource {
         };
         match data {
             EventData::RotateEvent(rotate) => {
-                r.file = rotate.name().into_owned();
-                r.file_index = file_index(&r.file).ok_or_else(|| {
+                let (name, index) = rotated_file(rotate.name_raw()).ok_or_else(|| {
                     decode_error(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        format!("binlog file {} has no numeric suffix", r.file),
+                        format!(
+                            "binlog file {} has no numeric suffix",
+                            String::from_utf8_lossy(rotate.name_raw())
+                        ),
                     ))
                 })?;
+                r.file = name;
+                r.file_index = index;
             }
             EventData::GtidEvent(gtid) => {
                 let gtid = format!("{}:{}", uuid_text(&gtid.sid()), gtid.gno());
@@ -517,6 +521,19 @@ fn may_hold_json(schema: &TableSchema) -> bool {
     })
 }
 
+/// The file name of a rotate event. The server's first (artificial) rotate
+/// arrives before the stream's checksum setting is known, so its name may
+/// carry the 4 checksum bytes: the name ends at the digits of its suffix.
+fn rotated_file(raw: &[u8]) -> Option<(String, u32)> {
+    let dot = raw.iter().rposition(|b| *b == b'.')?;
+    let digits = raw[dot + 1..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let name = std::str::from_utf8(&raw[..dot + 1 + digits]).ok()?;
+    file_index(name).map(|index| (name.to_owned(), index))
+}
+
 fn parse_gtids(text: Option<&str>) -> BTreeMap<u32, String> {
     text.unwrap_or_default()
         .split(',')
@@ -547,6 +564,19 @@ fn uuid_text(sid: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotate_names_lose_trailing_checksum_bytes() {
+        assert_eq!(
+            rotated_file(b"binlog.000001\xf19'\x07"),
+            Some(("binlog.000001".into(), 1))
+        );
+        assert_eq!(
+            rotated_file(b"binlog.000002"),
+            Some(("binlog.000002".into(), 2))
+        );
+        assert_eq!(rotated_file(b"binlog"), None);
+    }
 
     #[test]
     fn gtid_state_round_trips() {

@@ -82,6 +82,7 @@ impl TableSchema {
                     column_type,
                     precision,
                     labels: Vec::new(),
+                    unsigned: false,
                     json_text: false,
                 },
             });
@@ -91,6 +92,16 @@ impl TableSchema {
         let (mut enums, mut sets) = (Vec::new(), Vec::new());
         for field in tme.iter_optional_meta() {
             match field.map_err(|e| err(e.to_string()))? {
+                OptionalMetadataField::Signedness(bits) => {
+                    // One bit per numeric column, in column order.
+                    let mut bits = bits.iter().map(|b| *b);
+                    for column in columns
+                        .iter_mut()
+                        .filter(|c| c.kind.column_type.is_numeric_type())
+                    {
+                        column.kind.unsigned = bits.next().unwrap_or(false);
+                    }
+                }
                 OptionalMetadataField::ColumnName(names) => {
                     for (column, name) in columns.iter_mut().zip(names.iter_names()) {
                         column.name = name.map_err(|e| err(e.to_string()))?.name().into_owned();

@@ -24,6 +24,8 @@ pub struct ColumnKind {
     pub precision: u8,
     /// ENUM / SET labels in declaration order.
     pub labels: Vec<String>,
+    /// Declared UNSIGNED (numeric columns).
+    pub unsigned: bool,
     /// The column holds JSON text (MariaDB's JSON is LONGTEXT with a
     /// `json_valid` check): embed it.
     pub json_text: bool,
@@ -85,6 +87,12 @@ fn render_value(kind: &ColumnKind, charset: u16, value: &Value, out: &mut Vec<u8
             Value::Bytes(bytes),
         ) => string(kind, charset, bytes, out),
         (MYSQL_TYPE_JSON, Value::Bytes(bytes)) => embed_json(bytes, out),
+        (MYSQL_TYPE_INT24, Value::Int(v)) if !kind.unsigned && *v >= 0x80_0000 => {
+            // A signed MEDIUMINT read without sign extension.
+            let v = v - 0x100_0000;
+            out.push(b'-');
+            json::write_u64(out, v.unsigned_abs());
+        }
         (_, Value::Int(i)) => {
             if *i < 0 {
                 out.push(b'-');
@@ -235,6 +243,7 @@ mod tests {
             column_type,
             precision: 0,
             labels: Vec::new(),
+            unsigned: false,
             json_text: false,
         }
     }
@@ -268,6 +277,11 @@ mod tests {
             "-12345678901234567890.000001"
         );
         assert_eq!(r(&kind(MYSQL_TYPE_FLOAT), 0, Value::Float(1.5)), 1.5);
+        let mut medium = kind(MYSQL_TYPE_INT24);
+        assert_eq!(r(&medium, 0, Value::Int(0x80_0000)), -8_388_608);
+        assert_eq!(r(&medium, 0, Value::Int(0x7F_FFFF)), 8_388_607);
+        medium.unsigned = true;
+        assert_eq!(r(&medium, 0, Value::Int(0x80_0000)), 8_388_608);
         assert_eq!(r(&kind(MYSQL_TYPE_BIT), 0, Value::Bytes(vec![1, 2])), 258);
         assert_eq!(
             r(&kind(MYSQL_TYPE_YEAR), 0, Value::Bytes(b"2155".to_vec())),
