@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -56,7 +57,11 @@ async fn run_source<S: Source>(
     config: S::Config,
 ) -> anyhow::Result<i32> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(watch_signals(shutdown_tx));
+    // Installed before anything starts: a pipeline that cannot be stopped
+    // gracefully does not start.
+    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::spawn(watch_signals(term, int, shutdown_tx));
 
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -180,15 +185,7 @@ fn exit_code(stopped: Stopped, tracker: &AckTracker) -> i32 {
     }
 }
 
-async fn watch_signals(shutdown: watch::Sender<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(mut term: Signal, mut int: Signal, shutdown: watch::Sender<bool>) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

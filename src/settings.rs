@@ -181,6 +181,11 @@ fn default_in_flight() -> u64 {
     64 * 1024 * 1024
 }
 
+/// The longest graceful stop `sink.drain_timeout_secs` may ask for: a day.
+const MAX_DRAIN_SECS: u64 = 24 * 60 * 60;
+/// The longest Kinesis request or connect timeout: an hour.
+const MAX_TIMEOUT_SECS: u64 = 60 * 60;
+
 fn default_drain_secs() -> u64 {
     30
 }
@@ -515,6 +520,30 @@ impl Settings {
                 (router, region)
             }
         };
+        for (key, secs, max) in [
+            (
+                "sink.drain_timeout_secs",
+                sink.drain_timeout_secs,
+                MAX_DRAIN_SECS,
+            ),
+            (
+                "sink.request_timeout_secs",
+                sink.request_timeout_secs,
+                MAX_TIMEOUT_SECS,
+            ),
+            (
+                "sink.connect_timeout_secs",
+                sink.connect_timeout_secs,
+                MAX_TIMEOUT_SECS,
+            ),
+        ] {
+            if secs > max {
+                return Err(invalid(
+                    key,
+                    format!("{secs} is too long: at most {max} seconds"),
+                ));
+            }
+        }
         let quota = &sink.quota;
         if !(quota.share > 0.0 && quota.share <= 1.0) {
             return Err(invalid(
@@ -644,6 +673,14 @@ region = "us-east-1"
                 "source.postgres.slot",
             ),
             (BASE.replace("shop-cdc", "shop.{tabel}"), "sink.stream"),
+            (
+                BASE.replace("[sink]", "[sink]\ndrain_timeout_secs = 99999999999"),
+                "sink.drain_timeout_secs",
+            ),
+            (
+                BASE.replace("[sink]", "[sink]\nrequest_timeout_secs = 99999999"),
+                "sink.request_timeout_secs",
+            ),
         ];
         for (toml, key) in cases {
             let err = load_str(&toml).unwrap_err().to_string();

@@ -24,6 +24,8 @@
 //!   everything in a stream.
 //! - `process.rs`: locating, building and running the `tributary` binary.
 //! - `config.rs`: the config file a test hands to the binary.
+//! - `consumer.rs`: a consumer applying a stream per shard by the
+//!   documented rules, and the source rows to compare it with.
 //! - `pipeline.rs`: [`Servers`] and [`Pipeline`], the fixture of the
 //!   end-to-end tests.
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
@@ -31,6 +33,7 @@
 //! - `net.rs`: free loopback ports.
 
 mod config;
+pub mod consumer;
 mod kinesalite;
 mod mariadb;
 mod mysql_pipeline;

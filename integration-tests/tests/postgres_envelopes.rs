@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tributary_integration_tests::consumer::shards_with_op;
 use tributary_integration_tests::{Pipeline, StreamRecord, repo_root};
 
 const STREAM: &str = "shop-cdc";
@@ -78,9 +79,11 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
 
     let records = pipeline
         .kin
-        .wait_for_records(STREAM, 8, Duration::from_secs(60))
+        .wait_for_records(STREAM, 10, Duration::from_secs(60))
         .await?;
-    assert_eq!(records.len(), 8, "exactly one record per change");
+    // One record per change; a key change is two (delete, insert), and the
+    // truncate is written once to each of the two shards.
+    assert_eq!(records.len(), 10, "exactly one record per change");
     let envelopes = valid_envelopes_by_position(&records)?;
     for record in &records {
         let envelope = record.json()?;
@@ -112,8 +115,10 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
             ("everything", "insert"),
             ("everything", "insert"),
             ("everything", "update"),
-            ("everything", "update"),
             ("everything", "delete"),
+            ("everything", "insert"),
+            ("everything", "delete"),
+            ("everything", "truncate"),
             ("everything", "truncate"),
             ("docs", "insert"),
             ("docs", "update"),
@@ -171,27 +176,49 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
     assert_eq!(update["after"]["t"], "changed");
     assert_eq!(update["after"]["i8"], json!(9223372036854775807i64));
 
-    let key_change = &envelopes[3];
-    assert_eq!(key_change["key"], json!({"id": 3}));
-    assert_eq!(key_change["before"], json!({"id": 2}));
-    assert_eq!(key_change["after"]["id"], 3);
-    assert_eq!(key_change["after"]["num"], "NaN");
+    // A key change: a delete under the old key, then an insert under the
+    // new one, at consecutive positions of the same transaction.
+    let (old_key, new_key) = (&envelopes[3], &envelopes[4]);
+    assert_eq!(old_key["key"], json!({"id": 2}));
+    assert_eq!(old_key["before"], json!({"id": 2}));
+    assert_eq!(old_key["after"], Value::Null);
+    assert_eq!(new_key["key"], json!({"id": 3}));
+    assert_eq!(new_key["before"], Value::Null);
+    assert_eq!(new_key["after"]["id"], 3);
+    assert_eq!(new_key["after"]["num"], "NaN");
+    assert_eq!(old_key["source"]["tx_id"], new_key["source"]["tx_id"]);
+    let (old_pos, new_pos) = (
+        old_key["source"]["position"].as_str().unwrap(),
+        new_key["source"]["position"].as_str().unwrap(),
+    );
+    assert_eq!(old_pos[..16], new_pos[..16], "same commit");
+    assert!(old_pos < new_pos && old_key["id"] != new_key["id"]);
 
-    let delete = &envelopes[4];
+    let delete = &envelopes[5];
     assert_eq!(delete["key"], json!({"id": 3}));
     assert_eq!(delete["before"], json!({"id": 3}));
     assert_eq!(delete["after"], Value::Null);
 
-    let truncate = &envelopes[5];
-    assert_eq!(truncate["key"], Value::Null);
-    assert_eq!(truncate["after"], Value::Null);
+    assert_eq!(
+        shards_with_op(&records, "truncate").len(),
+        2,
+        "the truncate reaches every shard"
+    );
+    for truncate in [&envelopes[6], &envelopes[7]] {
+        assert_eq!(truncate["key"], Value::Null);
+        assert_eq!(truncate["after"], Value::Null);
+    }
+    assert_eq!(
+        envelopes[6]["id"], envelopes[7]["id"],
+        "copies of one event"
+    );
 
-    let toast_insert = &envelopes[6];
+    let toast_insert = &envelopes[8];
     assert_eq!(
         toast_insert["after"]["body"].as_str().unwrap().len(),
         3200 * 32
     );
-    let toast_update = &envelopes[7];
+    let toast_update = &envelopes[9];
     assert_eq!(toast_update["unchanged"], json!(["body"]));
     let after = toast_update["after"].as_object().unwrap();
     assert!(

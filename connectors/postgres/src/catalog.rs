@@ -17,6 +17,31 @@ pub struct Catalog {
     kinds: HashMap<u32, ValueKind>,
 }
 
+/// Says when a table's events are keyed by its replica-identity index
+/// instead of its primary key (see [`crate::decoder::table_key`]).
+fn warn_on_index_identity(rel: &Relation, primary_key: Option<&[String]>) {
+    let Some(primary_key) = primary_key else {
+        return;
+    };
+    let identity: Vec<&str> = rel
+        .columns
+        .iter()
+        .filter(|c| c.is_identity)
+        .map(|c| c.name.as_str())
+        .collect();
+    if rel.replica_identity == b'i' && !primary_key.iter().all(|c| identity.contains(&c.as_str())) {
+        warn!(
+            table = %format!("{}.{}", rel.schema, rel.table),
+            primary_key = %primary_key.join(","),
+            replica_identity = %identity.join(","),
+            "REPLICA IDENTITY USING INDEX does not cover the primary key, so a delete cannot tell \
+             it: every event of this table is keyed (envelope key and partition key) by the \
+             replica identity columns instead; ALTER TABLE ... REPLICA IDENTITY DEFAULT keys \
+             them by the primary key"
+        );
+    }
+}
+
 impl Catalog {
     /// The facts about a relation the decoder needs.
     pub async fn describe(
@@ -50,8 +75,9 @@ impl Catalog {
                 "looking up the primary key of {}.{}",
                 rel.schema, rel.table
             )))?;
-        let primary_key =
+        let primary_key: Option<Vec<String>> =
             (!rows.is_empty()).then(|| rows.iter().map(|r| r.get::<_, String>(0)).collect());
+        warn_on_index_identity(rel, primary_key.as_deref());
         Ok(RelationFacts { kinds, primary_key })
     }
 

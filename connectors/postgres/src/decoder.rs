@@ -134,6 +134,7 @@ pub struct Decoder {
     values: Vec<u8>,
     new_slots: Vec<Slot>,
     old_slots: Vec<Slot>,
+    key_slots: Vec<Slot>,
 }
 
 impl Decoder {
@@ -149,6 +150,7 @@ impl Decoder {
             values: Vec::with_capacity(4096),
             new_slots: Vec::new(),
             old_slots: Vec::new(),
+            key_slots: Vec::new(),
         }
     }
 
@@ -176,14 +178,13 @@ impl Decoder {
                 .filter(|&i| rel.columns[i].is_identity)
                 .collect()
         };
-        let key = match &facts.primary_key {
-            Some(names) => names
+        let primary_key: Option<Vec<usize>> = facts.primary_key.as_ref().map(|names| {
+            names
                 .iter()
                 .filter_map(|n| columns.iter().position(|c| &c.name == n))
-                .collect(),
-            None if rel.replica_identity == b'i' => identity.clone(),
-            None => Vec::new(),
-        };
+                .collect()
+        });
+        let key = table_key(rel.replica_identity, primary_key, &identity);
         let stream_name = self
             .router
             .resolve(&self.name, &self.db, Some(&rel.schema), &rel.table);
@@ -231,8 +232,7 @@ impl Decoder {
             | Message::Commit { .. }
             | Message::Other(_) => return Ok(()),
         };
-        let pos = tx.next_position();
-        self.row(relation, op, pos, &tx.meta, old, new, captured_at, out)
+        self.row(relation, op, tx, old, new, captured_at, out)
     }
 
     fn truncate(
@@ -271,13 +271,17 @@ impl Decoder {
         &mut self,
         relation: u32,
         op: Op,
-        pos: Position,
-        tx: &TxMeta,
+        tx: &mut Transaction,
         old: Option<(OldKind, Tuple<'_>)>,
         new: Option<Tuple<'_>>,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
+        let pos = tx.next_position();
+        // An update that carries an old tuple may be a key change, written
+        // as two envelopes: it owns the next ordinal too, whatever it turns
+        // out to be, so positions depend on the message alone.
+        let insert_pos = (op == Op::Update && old.is_some()).then(|| tx.next_position());
         let table = self
             .tables
             .get(&relation)
@@ -294,58 +298,172 @@ impl Decoder {
             &mut self.values,
             &mut self.old_slots,
         )?;
-        let values = &self.values;
-        let value = |slot: Slot| -> &[u8] {
-            match slot {
-                Slot::Value(start, end) => &values[start..end],
-                Slot::Null | Slot::Unchanged => b"null",
-            }
+        let rows = Rows {
+            table,
+            values: &self.values,
+            new: &self.new_slots,
+            old: &self.old_slots,
         };
+        // Each key column from the new tuple unless it is absent or an
+        // unchanged TOAST value, then from the old one.
+        self.key_slots.clear();
+        self.key_slots
+            .extend(table.key.iter().map(|&i| match rows.new.get(i) {
+                Some(slot @ (Slot::Value(..) | Slot::Null)) => *slot,
+                _ => rows.old.get(i).copied().unwrap_or(Slot::Null),
+            }));
+        let before = match old {
+            Some((OldKind::Full, _)) => Before::Old(None),
+            Some((OldKind::Key, _)) => Before::Old(Some(&table.identity)),
+            // The key did not change: the old key columns equal the new ones.
+            None if op == Op::Update && !table.key.is_empty() => Before::Key,
+            None => Before::Null,
+        };
+        let tx_meta = &tx.meta;
+        if let Some(insert_pos) = insert_pos.filter(|_| rows.key_changed(&self.key_slots)) {
+            // A key change: a delete under the old key, then an insert under
+            // the new one, so each key's events stay in its own shard in order.
+            // An unchanged TOAST value of the new row is taken from a full
+            // old row where there is one.
+            let old_key: Vec<Slot> = table.key.iter().map(|&i| rows.old[i]).collect();
+            let after: Vec<Slot> = rows
+                .new
+                .iter()
+                .zip(rows.old)
+                .map(|(&new, &old)| match new {
+                    Slot::Unchanged => old,
+                    new => new,
+                })
+                .collect();
+            out.push(rows.envelope(
+                Op::Delete,
+                pos,
+                tx_meta,
+                &old_key,
+                before,
+                None,
+                captured_at,
+            ));
+            out.push(rows.envelope(
+                Op::Insert,
+                insert_pos,
+                tx_meta,
+                &self.key_slots,
+                Before::Null,
+                Some(&after),
+                captured_at,
+            ));
+            return Ok(());
+        }
+        out.push(rows.envelope(
+            op,
+            pos,
+            tx_meta,
+            &self.key_slots,
+            before,
+            new.is_some().then_some(rows.new),
+            captured_at,
+        ));
+        Ok(())
+    }
+}
 
-        let mut data = Vec::with_capacity(512 + values.len() * 2);
+/// Where an envelope's `before` comes from.
+#[derive(Clone, Copy)]
+enum Before<'a> {
+    /// `null`.
+    Null,
+    /// The old tuple: every column it has, or only these (the identity).
+    Old(Option<&'a [usize]>),
+    /// The key columns (an update that kept its key).
+    Key,
+}
+
+/// The rendered tuples of one row change.
+struct Rows<'a> {
+    table: &'a Table,
+    values: &'a [u8],
+    new: &'a [Slot],
+    old: &'a [Slot],
+}
+
+impl Rows<'_> {
+    fn value(&self, slot: Slot) -> &[u8] {
+        match slot {
+            Slot::Value(start, end) => &self.values[start..end],
+            Slot::Null | Slot::Unchanged => b"null",
+        }
+    }
+
+    /// Whether the old tuple holds a key value other than the new key's.
+    fn key_changed(&self, new_key: &[Slot]) -> bool {
+        self.table
+            .key
+            .iter()
+            .zip(new_key)
+            .any(|(&i, &new)| match self.old.get(i) {
+                Some(&old @ Slot::Value(..)) => self.value(old) != self.value(new),
+                _ => false,
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn envelope(
+        &self,
+        op: Op,
+        pos: Position,
+        tx: &TxMeta,
+        key: &[Slot],
+        before: Before<'_>,
+        after: Option<&[Slot]>,
+        captured_at: &[u8; TIMESTAMP_LEN],
+    ) -> Record {
+        let table = self.table;
+        let with_after = after.is_some();
+        let mut data = Vec::with_capacity(512 + self.values.len() * 2);
         let mut enc = EnvelopeEncoder::begin(&mut data, &table.meta, op, pos, tx, false);
         let mut partition_key = PartitionKey::new(table.meta.qualified_name());
-        let key_slots = if new.is_some() {
-            &self.new_slots
-        } else {
-            &self.old_slots
-        };
         if !table.key.is_empty() {
             enc.key();
-            for &i in &table.key {
-                let v = value(key_slots[i]);
+            for (&i, &slot) in table.key.iter().zip(key) {
+                let v = self.value(slot);
                 enc.column(&table.columns[i].label, v);
                 partition_key.push(v);
             }
             enc.end_object();
         }
-        let before: Option<(&[usize], &[Slot])> = match (op, old) {
-            (_, Some((OldKind::Full, _))) => Some((&[], &self.old_slots)),
-            (_, Some((OldKind::Key, _))) => Some((&table.identity, &self.old_slots)),
-            // The key did not change: the old key columns equal the new ones.
-            (Op::Update, None) if !table.key.is_empty() => Some((&table.key, &self.new_slots)),
-            _ => None,
-        };
-        if let Some((columns, slots)) = before {
-            enc.before();
-            if columns.is_empty() {
-                for (column, &slot) in table.columns.iter().zip(slots.iter()) {
+        match before {
+            Before::Null => {}
+            Before::Old(None) => {
+                enc.before();
+                for (column, &slot) in table.columns.iter().zip(self.old) {
                     if !matches!(slot, Slot::Unchanged) {
-                        enc.column(&column.label, value(slot));
+                        enc.column(&column.label, self.value(slot));
                     }
                 }
-            } else {
-                for &i in columns {
-                    enc.column(&table.columns[i].label, value(slots[i]));
-                }
+                enc.end_object();
             }
-            enc.end_object();
+            Before::Old(Some(columns)) => {
+                enc.before();
+                for &i in columns {
+                    enc.column(&table.columns[i].label, self.value(self.old[i]));
+                }
+                enc.end_object();
+            }
+            Before::Key => {
+                enc.before();
+                for (&i, &slot) in table.key.iter().zip(key) {
+                    enc.column(&table.columns[i].label, self.value(slot));
+                }
+                enc.end_object();
+            }
         }
-        if new.is_some() {
+        let after = after.unwrap_or_default();
+        if with_after {
             enc.after();
-            for (column, &slot) in table.columns.iter().zip(self.new_slots.iter()) {
+            for (column, &slot) in table.columns.iter().zip(after) {
                 if !matches!(slot, Slot::Unchanged) {
-                    enc.column(&column.label, value(slot));
+                    enc.column(&column.label, self.value(slot));
                 }
             }
             enc.end_object();
@@ -353,16 +471,32 @@ impl Decoder {
         let unchanged = table
             .columns
             .iter()
-            .zip(self.new_slots.iter())
-            .filter(|(_, slot)| new.is_some() && matches!(slot, Slot::Unchanged))
+            .zip(after)
+            .filter(|(_, slot)| matches!(slot, Slot::Unchanged))
             .map(|(column, _)| column.name.as_str());
         enc.finish(unchanged, captured_at);
-        out.push(Record::new(
-            table.stream.clone(),
-            partition_key.finish(),
-            data,
-        ));
-        Ok(())
+        Record::new(table.stream.clone(), partition_key.finish(), data)
+    }
+}
+
+/// The columns that key a table's envelopes and partition keys: the primary
+/// key, unless a delete cannot tell it (REPLICA IDENTITY USING INDEX on
+/// other columns: a delete's old tuple then holds only the index columns),
+/// in which case the replica-identity columns key every op of the table so
+/// that a row's inserts, updates and deletes share one partition key.
+/// Without a primary key: the identity index, else no key.
+pub fn table_key(
+    replica_identity: u8,
+    primary_key: Option<Vec<usize>>,
+    identity: &[usize],
+) -> Vec<usize> {
+    match primary_key {
+        Some(pk) if replica_identity == b'i' && !pk.iter().all(|c| identity.contains(c)) => {
+            identity.to_vec()
+        }
+        Some(pk) => pk,
+        None if replica_identity == b'i' => identity.to_vec(),
+        None => Vec::new(),
     }
 }
 

@@ -158,7 +158,7 @@ impl PostgresSource {
                     warn!(error = %err, retry_in = ?backoff, "replication session failed; reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
+                        _ = stop_requested(&mut shutdown) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     if let Ok(side) = connect_sql(&self.cfg.connection).await {
@@ -272,7 +272,7 @@ impl PostgresSource {
             let feedback_due = feedback.next_due(st.tracker.acked());
             tokio::select! {
                 biased;
-                _ = shutdown.changed(), if !stopping => stopping = *shutdown.borrow(),
+                requested = stop_requested(shutdown), if !stopping => stopping = requested,
                 _ = acked.changed() => {}
                 _ = tokio::time::sleep_until(feedback_due) => {}
                 more = conn.fill() => {
@@ -307,6 +307,16 @@ impl PostgresSource {
         info!(acknowledged_lsn = %Lsn(last), in_flight = st.tracker.in_flight(), "replication stopped");
         Ok(stopped)
     }
+}
+
+/// Waits for the shutdown flag to change and returns it. When the sender is
+/// gone no request can come any more: it waits forever rather than return
+/// at once (which would turn every `select!` on it into a busy loop).
+async fn stop_requested(shutdown: &mut watch::Receiver<bool>) -> bool {
+    if shutdown.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    *shutdown.borrow()
 }
 
 fn wire_error(context: &str) -> impl FnOnce(crate::wire::WireError) -> PostgresError {
@@ -448,5 +458,26 @@ impl RunState {
         out.send(batch)
             .await
             .map_err(|_| PostgresError::PipelineClosed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dropped_shutdown_sender_is_never_a_request() {
+        let (sender, mut receiver) = watch::channel(false);
+        drop(sender);
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), stop_requested(&mut receiver)).await;
+        assert!(
+            waited.is_err(),
+            "returned at once: a select! on it would spin"
+        );
+
+        let (sender, mut receiver) = watch::channel(false);
+        sender.send(true).unwrap();
+        assert!(stop_requested(&mut receiver).await);
     }
 }

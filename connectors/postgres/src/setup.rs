@@ -26,16 +26,34 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Tables (ordinary and partitioned) matching the filter, as (schema, table).
+/// What [`matching_tables`] found.
+#[derive(Debug, Default)]
+pub struct MatchingTables {
+    /// Tables (ordinary and partitioned) matching the filter, as (schema, table).
+    pub tables: Vec<(String, String)>,
+    /// Those that are partitioned, `schema.table`.
+    pub partitioned: Vec<String>,
+}
+
+/// Tables (ordinary and partitioned) matching the filter, as (schema,
+/// table). Partitions are never listed themselves: the publication
+/// publishes their changes under their root table
+/// (`publish_via_partition_root`), so a partition named by the patterns
+/// without its root is reported with a warning.
 pub async fn matching_tables(
     client: &Client,
     filter: &TableFilter,
-) -> Result<Vec<(String, String)>, PostgresError> {
+) -> Result<MatchingTables, PostgresError> {
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+            "SELECT n.nspname::text, c.relname::text, c.relispartition, \
+                    rn.nspname::text, r.relname::text, c.relkind = 'p' \
+             FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+             JOIN pg_class r ON r.oid = CASE WHEN c.relispartition \
+                  THEN pg_partition_root(c.oid) ELSE c.oid END \
+             JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             WHERE c.relkind IN ('r', 'p') \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg\\_toast%' \
              ORDER BY 1, 2",
@@ -43,11 +61,31 @@ pub async fn matching_tables(
         )
         .await
         .map_err(PostgresError::query("listing tables"))?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-        .filter(|(s, t)| filter.matches(s, t))
-        .collect())
+    let mut tables = MatchingTables::default();
+    for row in &rows {
+        let (schema, table): (String, String) = (row.get(0), row.get(1));
+        if !filter.matches(&schema, &table) {
+            continue;
+        }
+        if !row.get::<_, bool>(2) {
+            if row.get::<_, bool>(5) {
+                tables.partitioned.push(format!("{schema}.{table}"));
+            }
+            tables.tables.push((schema, table));
+            continue;
+        }
+        let (root_schema, root): (String, String) = (row.get(3), row.get(4));
+        if !filter.matches(&root_schema, &root) {
+            warn!(
+                partition = %format!("{schema}.{table}"),
+                root = %format!("{root_schema}.{root}"),
+                "source.tables names a partition but not its partitioned table: changes of \
+                 partitions are published under the partitioned table, which is not captured; \
+                 add it to source.tables"
+            );
+        }
+    }
+    Ok(tables)
 }
 
 /// Ensures the publication and the slot exist; returns where streaming resumes.
@@ -68,12 +106,16 @@ pub async fn ensure(
              (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
         )));
     }
-    let tables = matching_tables(client, filter).await?;
+    let MatchingTables {
+        tables,
+        partitioned,
+    } = matching_tables(client, filter).await?;
     let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
     if tables.is_empty() {
         warn!(patterns = ?filter.include(), "no table matches source.tables yet");
     }
-    let publication_created = ensure_publication(client, publication, &tables).await?;
+    let publication_created =
+        ensure_publication(client, publication, &tables, &partitioned).await?;
 
     let existing = client
         .query_opt(
@@ -131,14 +173,46 @@ pub async fn ensure(
     })
 }
 
+/// The publication option that publishes a partition's changes under its
+/// partitioned (root) table: without it pgoutput names the leaf partition,
+/// which the table patterns do not match.
+const VIA_ROOT: &str = "publish_via_partition_root = true";
+
+/// Turns `publish_via_partition_root` on for an existing publication.
+async fn publish_via_root(
+    client: &Client,
+    publication: &str,
+    partitioned: &[String],
+) -> Result<(), PostgresError> {
+    let sql = format!(
+        "ALTER PUBLICATION {} SET ({VIA_ROOT})",
+        quote_ident(publication)
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(PostgresError::query(format!(
+            "publication {publication} publishes partitions under their own names, so changes \
+             of the partitioned tables {} would be lost; the user must own the publication, or \
+             a DBA runs: {sql}",
+            partitioned.join(", ")
+        )))?;
+    info!(
+        publication,
+        "publication now publishes partitions via their root table"
+    );
+    Ok(())
+}
+
 async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[(String, String)],
+    partitioned: &[String],
 ) -> Result<bool, PostgresError> {
     let existing = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
@@ -154,10 +228,13 @@ async fn ensure_publication(
         None => {
             let all: Vec<&(String, String)> = tables.iter().collect();
             let sql = if all.is_empty() {
-                format!("CREATE PUBLICATION {}", quote_ident(publication))
+                format!(
+                    "CREATE PUBLICATION {} WITH ({VIA_ROOT})",
+                    quote_ident(publication)
+                )
             } else {
                 format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH ({VIA_ROOT})",
                     quote_ident(publication),
                     list(&all)
                 )
@@ -172,8 +249,13 @@ async fn ensure_publication(
             info!(publication, tables = tables.len(), "created publication");
             Ok(true)
         }
-        Some(row) if row.get::<_, bool>(0) => Ok(false),
-        Some(_) => {
+        Some(row) => {
+            if !row.get::<_, bool>(1) && !partitioned.is_empty() {
+                publish_via_root(client, publication, partitioned).await?;
+            }
+            if row.get::<_, bool>(0) {
+                return Ok(false);
+            }
             let published = client
                 .query(
                     "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",

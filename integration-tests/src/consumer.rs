@@ -1,0 +1,162 @@
+//! A consumer that applies a stream the way `docs/envelope.md` tells one
+//! to, for tests that compare what a consumer ends up with against the
+//! source table.
+//!
+//! The rules (one worker per shard, each applying its shard in order):
+//! - `insert`, `update`, `snapshot`: the row under its `key` becomes
+//!   `after`; columns listed in `unchanged` keep their previous value; an
+//!   `update` whose `before` holds other key values (a key change written
+//!   as one update) first removes the row under the old key;
+//! - `delete`: the row under its `key` is removed;
+//! - `truncate`: every row of that table that this shard's events wrote is
+//!   removed (the truncate is written to every shard).
+//!
+//! Only per-shard order may be relied on, so [`replay`] applies whole shards
+//! one after the other into one shared table: a stream keeps per-key order
+//! exactly when the result is the same whatever order the shards are
+//! applied in. [`replay_every_order`] checks that for the forward and the
+//! reverse shard order.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value};
+
+use crate::kinesalite::StreamRecord;
+
+/// Rows a consumer holds: `{schema or db}.{table}` → key JSON → row.
+pub type Replica = BTreeMap<String, BTreeMap<String, Map<String, Value>>>;
+
+/// [`Replica`] while replaying: each row with the shard that wrote it.
+type Applied = BTreeMap<String, BTreeMap<String, (String, Map<String, Value>)>>;
+
+/// Applies `records` (as [`crate::Kinesalite::read_all`] returns them:
+/// grouped by shard, each shard in sequence order), shard after shard in
+/// the order of `shards`.
+pub fn replay(records: &[StreamRecord], shards: &[String]) -> Result<Replica> {
+    // Rows with the shard whose events wrote them.
+    let mut rows = Applied::new();
+    for shard in shards {
+        for record in records.iter().filter(|r| &r.shard_id == shard) {
+            let envelope = record.json()?;
+            apply(&mut rows, shard, &envelope)
+                .with_context(|| format!("applying {envelope} from {shard}"))?;
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|(table, rows)| {
+            let rows = rows.into_iter().map(|(k, (_, row))| (k, row)).collect();
+            (table, rows)
+        })
+        .filter(|(_, rows): &(String, BTreeMap<_, _>)| !rows.is_empty())
+        .collect())
+}
+
+/// [`replay`] with the shards in their order and in reverse; fails unless
+/// both give the same rows, and returns them.
+pub fn replay_every_order(records: &[StreamRecord]) -> Result<Replica> {
+    let mut shards: Vec<String> = records.iter().map(|r| r.shard_id.clone()).collect();
+    shards.sort();
+    shards.dedup();
+    let forward = replay(records, &shards)?;
+    shards.reverse();
+    let reverse = replay(records, &shards)?;
+    if forward != reverse {
+        bail!(
+            "the result depends on the order the shards are applied in: per-key order is \
+             broken\nforward: {forward:?}\nreverse: {reverse:?}"
+        );
+    }
+    Ok(forward)
+}
+
+fn apply(rows: &mut Applied, shard: &str, envelope: &Value) -> Result<()> {
+    let source = &envelope["source"];
+    let scope = source["schema"]
+        .as_str()
+        .or_else(|| source["db"].as_str())
+        .context("no schema or db")?;
+    let table = format!("{scope}.{}", source["table"].as_str().context("no table")?);
+    let table_rows = rows.entry(table).or_default();
+    let key = envelope["key"].to_string();
+    let op = envelope["op"].as_str().context("no op")?;
+    if op == "update"
+        && let Some(old_key) = old_key(envelope)
+        && old_key != key
+    {
+        table_rows.remove(&old_key);
+    }
+    match op {
+        "insert" | "update" | "snapshot" => {
+            let mut after = envelope["after"].as_object().context("no after")?.clone();
+            if let Some(unchanged) = envelope["unchanged"].as_array() {
+                let previous = table_rows.get(&key).map(|(_, row)| row);
+                for column in unchanged.iter().filter_map(Value::as_str) {
+                    let value = previous.and_then(|row| row.get(column)).cloned();
+                    after.insert(column.to_owned(), value.unwrap_or(Value::Null));
+                }
+            }
+            table_rows.insert(key, (shard.to_owned(), after));
+        }
+        "delete" => {
+            table_rows.remove(&key);
+        }
+        "truncate" => table_rows.retain(|_, (written_by, _)| written_by != shard),
+        other => bail!("unknown op {other}"),
+    }
+    Ok(())
+}
+
+/// The distinct shards (sorted) that hold an event with `op`.
+pub fn shards_with_op(records: &[StreamRecord], op: &str) -> Vec<String> {
+    let mut shards: Vec<String> = records
+        .iter()
+        .filter(|r| r.json().is_ok_and(|e| e["op"] == op))
+        .map(|r| r.shard_id.clone())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    shards
+}
+
+/// The key columns' values in `before`, as a `key` object, when `before`
+/// holds them all.
+fn old_key(envelope: &Value) -> Option<String> {
+    let key = envelope["key"].as_object()?;
+    let before = envelope["before"].as_object()?;
+    let old: Option<Map<String, Value>> = key
+        .keys()
+        .map(|column| Some((column.clone(), before.get(column)?.clone())))
+        .collect();
+    Some(Value::Object(old?).to_string())
+}
+
+/// The rows of `table` in Postgres as a consumer would hold them: key JSON
+/// (the `key_columns`, as `key` objects are written) → row JSON
+/// (`to_jsonb`; compare only tables whose column types render the same
+/// way in both, such as integers and text).
+pub async fn postgres_rows(
+    client: &tokio_postgres::Client,
+    table: &str,
+    key_columns: &[&str],
+) -> Result<BTreeMap<String, Map<String, Value>>> {
+    let sql = format!("SELECT to_jsonb(t)::text FROM {table} t");
+    let mut rows = BTreeMap::new();
+    for row in client
+        .query(&sql, &[])
+        .await
+        .with_context(|| format!("reading {table}"))?
+    {
+        let text: String = row.get(0);
+        let Value::Object(object) = serde_json::from_str(&text)? else {
+            bail!("to_jsonb gave no object: {text}");
+        };
+        let key: Map<String, Value> = key_columns
+            .iter()
+            .map(|c| ((*c).to_owned(), object[*c].clone()))
+            .collect();
+        rows.insert(Value::Object(key).to_string(), object);
+    }
+    Ok(rows)
+}
