@@ -110,3 +110,30 @@ pub fn valid_envelopes_by_position(
     });
     Ok(envelopes)
 }
+
+/// Quotas far above what kinesalite needs, for tests that should not wait
+/// on the 1,000 records/s default (kinesalite does not throttle).
+pub const FAST_QUOTA: &str =
+    "[sink.quota]\nrecords_per_shard_per_sec = 20000\nbytes_per_shard_per_sec = 20000000\n";
+
+/// Per-key order after a crash: for each key, the values of its events in
+/// stream order (values increase in commit order, duplicates allowed).
+/// Panics unless the last occurrence of each value comes in commit order
+/// (guarantee 3: a replayed record never ends up after a newer change).
+pub fn assert_last_occurrences_in_commit_order(per_key: &std::collections::HashMap<i64, Vec<i64>>) {
+    for (key, events) in per_key {
+        let mut last = std::collections::HashMap::new();
+        for (index, v) in events.iter().enumerate() {
+            last.insert(*v, index);
+        }
+        let mut order: Vec<(usize, i64)> = last.iter().map(|(v, i)| (*i, *v)).collect();
+        order.sort();
+        let values: Vec<i64> = order.iter().map(|(_, v)| *v).collect();
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(
+            values, sorted,
+            "key {key}: last occurrences out of commit order"
+        );
+    }
+}

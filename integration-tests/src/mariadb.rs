@@ -253,14 +253,30 @@ impl Mariadb {
         ))
     }
 
-    /// Starts a new binlog file and purges every older one.
+    /// Starts a new binlog file and purges every older one. The server
+    /// keeps a file until its binlog checkpoint is written (asynchronously
+    /// after the rotation), so this retries until the older files are gone.
     pub async fn rotate_and_purge(&self) -> Result<()> {
         let mut conn = self.root().await?;
+        let (before, _) = self.binlog_position().await?;
         conn.query_drop("FLUSH BINARY LOGS").await?;
         let (file, _) = self.binlog_position().await?;
-        conn.query_drop(format!("PURGE BINARY LOGS TO '{file}'"))
-            .await?;
-        Ok(())
+        if file == before {
+            bail!("FLUSH BINARY LOGS did not start a new binlog (still {file})");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            conn.query_drop(format!("PURGE BINARY LOGS TO '{file}'"))
+                .await?;
+            let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await?;
+            if logs.len() == 1 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("older binlogs still present after PURGE BINARY LOGS TO '{file}'");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Where the test writes its own data (the server's directory).

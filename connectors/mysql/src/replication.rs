@@ -323,15 +323,17 @@ impl MysqlSource {
         };
         match data {
             EventData::RotateEvent(rotate) => {
-                let (name, index) = rotated_file(rotate.name_raw()).ok_or_else(|| {
-                    decode_error(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "binlog file {} has no numeric suffix",
-                            String::from_utf8_lossy(rotate.name_raw())
-                        ),
-                    ))
-                })?;
+                let artificial = header.log_pos() == 0;
+                let (name, index) = rotated_file(rotate.name_raw(), artificial, &r.file)
+                    .ok_or_else(|| {
+                        decode_error(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "binlog file {} has no numeric suffix",
+                                String::from_utf8_lossy(rotate.name_raw())
+                            ),
+                        ))
+                    })?;
                 r.file = name;
                 r.file_index = index;
             }
@@ -521,16 +523,21 @@ fn may_hold_json(schema: &TableSchema) -> bool {
     })
 }
 
-/// The file name of a rotate event. The server's first (artificial) rotate
-/// arrives before the stream's checksum setting is known, so its name may
-/// carry the 4 checksum bytes: the name ends at the digits of its suffix.
-fn rotated_file(raw: &[u8]) -> Option<(String, u32)> {
-    let dot = raw.iter().rposition(|b| *b == b'.')?;
-    let digits = raw[dot + 1..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    let name = std::str::from_utf8(&raw[..dot + 1 + digits]).ok()?;
+/// The file name of a rotate event. The server's first, artificial rotate
+/// (`log_pos` 0) arrives before the stream's checksum setting is known, so
+/// its name may carry the 4 checksum bytes: it names the file we asked for
+/// (`requested`), with or without them. Later rotates are clean.
+fn rotated_file(raw: &[u8], artificial: bool, requested: &str) -> Option<(String, u32)> {
+    let name = if artificial {
+        match raw.strip_prefix(requested.as_bytes()) {
+            Some(rest) if rest.is_empty() || rest.len() == 4 => requested.as_bytes(),
+            _ if raw.len() > 4 => &raw[..raw.len() - 4],
+            _ => raw,
+        }
+    } else {
+        raw
+    };
+    let name = std::str::from_utf8(name).ok()?;
     file_index(name).map(|index| (name.to_owned(), index))
 }
 
@@ -567,15 +574,24 @@ mod tests {
 
     #[test]
     fn rotate_names_lose_trailing_checksum_bytes() {
+        let requested = "binlog.000001";
+        for checksum in [&b"\xf19'\x07"[..], b"8\xff\xfe.", b"1234", b""] {
+            let raw = [requested.as_bytes(), checksum].concat();
+            assert_eq!(
+                rotated_file(&raw, true, requested),
+                Some((requested.into(), 1)),
+                "{checksum:?}"
+            );
+        }
         assert_eq!(
-            rotated_file(b"binlog.000001\xf19'\x07"),
-            Some(("binlog.000001".into(), 1))
-        );
-        assert_eq!(
-            rotated_file(b"binlog.000002"),
+            rotated_file(b"binlog.000002\x01\x02\x03\x04", true, requested),
             Some(("binlog.000002".into(), 2))
         );
-        assert_eq!(rotated_file(b"binlog"), None);
+        assert_eq!(
+            rotated_file(b"binlog.000002", false, requested),
+            Some(("binlog.000002".into(), 2))
+        );
+        assert_eq!(rotated_file(b"binlog", false, ""), None);
     }
 
     #[test]
