@@ -72,6 +72,7 @@ async fn run_source<S: Source>(
         stream = settings.sink.stream.as_deref().unwrap_or(""),
         "tributary starting"
     );
+    crate::startup::check(&settings, &region).await?;
     let source = match S::connect(config).await {
         Ok(source) => source,
         Err(err) => return Err(source_error(err, "cannot start the source")),
@@ -172,7 +173,9 @@ fn source_error<E: SourceError>(err: E, context: &'static str) -> anyhow::Error 
 fn exit_code(stopped: Stopped, tracker: &AckTracker) -> i32 {
     match stopped {
         Stopped::Drained => {
-            info!(acknowledged = tracker.acked(), "stopped cleanly");
+            // The source logged its last acknowledged position in its own
+            // notation just before.
+            info!("stopped cleanly");
             0
         }
         Stopped::TimedOut => {

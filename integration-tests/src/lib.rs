@@ -28,6 +28,8 @@
 //!   documented rules, and the source rows to compare it with.
 //! - `pipeline.rs`: [`Servers`] and [`Pipeline`], the fixture of the
 //!   end-to-end tests.
+//! - `kinesis_faults.rs`: [`KinesisFaults`], an HTTP proxy in front of
+//!   kinesalite that refuses PutRecords entries and fails whole calls.
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
@@ -35,6 +37,7 @@
 mod config;
 pub mod consumer;
 mod kinesalite;
+mod kinesis_faults;
 mod mariadb;
 mod mysql_pipeline;
 mod net;
@@ -49,6 +52,7 @@ pub use config::{
     MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config, write_mysql_config,
 };
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
+pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};
 pub use mysql_pipeline::MysqlPipeline;
 pub use net::{free_port, listening_addresses};

@@ -24,6 +24,14 @@ use tokio_postgres::config::Host;
 
 /// Bytes the kernel should gather before waking the reader during a burst.
 const BURST_LOW_WATER: i32 = 64 * 1024;
+/// The largest message the connection accepts: PostgreSQL allocates no
+/// datum above 1 GiB, so a longer length is a corrupt frame, not data.
+pub const MAX_MESSAGE_BYTES: usize = (1 << 30) + (1 << 20);
+/// A read buffer grown past this by one large message is given back once
+/// that message has been taken.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
+/// The read buffer's usual size.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a burst read may wait for [`BURST_LOW_WATER`] bytes.
 const BURST_WAIT: Duration = Duration::from_millis(2);
 
@@ -207,15 +215,26 @@ impl ReplicationConnection {
         };
         let tag = header[0];
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if len < 4 {
-            return Err(protocol(format!("invalid message length {len}")));
+        if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
+            return Err(protocol(format!(
+                "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
+            )));
         }
         let total = len + 1;
         if self.buf.len() < total {
             self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
-        Ok(Some((tag, self.buf.split_to(total).freeze())))
+        let frame = self.buf.split_to(total).freeze();
+        if total > KEEP_BUFFER_BYTES {
+            // A large message grew the buffer, whose rest still shares the
+            // message's allocation: move the rest to a buffer of its own so
+            // the memory goes with the message.
+            let mut rest = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len()));
+            rest.extend_from_slice(&self.buf);
+            self.buf = rest;
+        }
+        Ok(Some((tag, frame)))
     }
 
     async fn authenticate(&mut self, user: &str, password: &[u8]) -> Result<(), WireError> {
@@ -292,7 +311,7 @@ impl ReplicationConnection {
     }
 
     async fn read_some(&mut self) -> io::Result<usize> {
-        self.buf.reserve(64 * 1024);
+        self.buf.reserve(READ_BUFFER_BYTES);
         match &mut self.socket {
             Socket::Tcp(s) => s.read_buf(&mut self.buf).await,
             Socket::Unix(s) => s.read_buf(&mut self.buf).await,
