@@ -89,23 +89,7 @@ impl Mariadb {
         }
         let user_flag = format!("--user={}", if as_root { OS_USER } else { "" });
         let data = dir.path().join("data");
-        let mut install = Command::new(which("mariadb-install-db").expect("checked above"));
-        install
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
-        if as_root {
-            install.arg(&user_flag);
-        }
-        let output = install.output().context("running mariadb-install-db")?;
-        if !output.status.success() {
-            bail!(
-                "mariadb-install-db failed ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        install_db(dir.path(), &data, as_root.then_some(user_flag.as_str()))?;
         let p = |name: &str| dir.path().join(name).display().to_string();
         let mut server = Command::new(which("mariadbd").expect("checked above"));
         server
@@ -117,6 +101,7 @@ impl Mariadb {
             .arg(format!("--pid-file={}", p("pid")))
             .arg(format!("--log-error={}", p("err.log")))
             .arg(format!("--log-bin={}", p("binlog")))
+            .arg(format!("--tmpdir={}", p("tmp")))
             .arg(format!("--server-id={MARIADB_SERVER_ID}"))
             .args(["--innodb-buffer-pool-size=32M", "--skip-name-resolve"])
             .args(flags)
@@ -292,6 +277,43 @@ impl Drop for Mariadb {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `mariadb-install-db` into `data`, with its own temporary directory.
+/// Bootstraps running at the same moment (tests in parallel) now and then
+/// fail on a system table; a fresh attempt succeeds.
+fn install_db(dir: &Path, data: &Path, user_flag: Option<&str>) -> Result<()> {
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    if user_flag.is_some() {
+        let user = nix::unistd::User::from_name(OS_USER)?
+            .with_context(|| format!("no `{OS_USER}` account"))?;
+        std::os::unix::fs::chown(&tmp, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+    }
+    let mut failure = String::new();
+    for _ in 0..3 {
+        let _ = std::fs::remove_dir_all(data);
+        let mut install = Command::new(which("mariadb-install-db").context("mariadb-install-db")?);
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        if let Some(flag) = user_flag {
+            install.arg(flag);
+        }
+        let output = install.output().context("running mariadb-install-db")?;
+        if output.status.success() {
+            return Ok(());
+        }
+        failure = format!(
+            "mariadb-install-db failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    bail!(failure)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
