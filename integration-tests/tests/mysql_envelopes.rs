@@ -200,3 +200,49 @@ async fn each_event_carries_the_columns_its_row_had_when_written() -> anyhow::Re
     pipeline.stop_gracefully().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimal_row_metadata_falls_back_to_information_schema() -> anyhow::Result<()> {
+    use tributary_integration_tests::{Kinesalite, Mariadb, TributaryProcess, write_mysql_config};
+    let db = Mariadb::start_with(&[
+        "--binlog-format=ROW",
+        "--binlog-row-image=FULL",
+        "--binlog-row-metadata=MINIMAL",
+    ])
+    .await?;
+    db.execute(
+        "CREATE TABLE t (a INT, id INT PRIMARY KEY, size ENUM('s','m','l'), doc JSON) \
+         DEFAULT CHARSET = utf8mb4",
+    )
+    .await?;
+    let kin = Kinesalite::start().await?;
+    kin.create_stream(STREAM, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_mysql_config(dir.path(), &db, &kin, STREAM, "")?;
+    let mut tributary = TributaryProcess::run(&config.path, &[])?;
+    tributary
+        .wait_for_log("streaming changes from mysql", Duration::from_secs(30))
+        .await?;
+    db.execute(r#"INSERT INTO t VALUES (1, 2, 'm', '{"k": [1]}')"#)
+        .await?;
+    let records = kin
+        .wait_for_records(STREAM, 1, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", tributary.logs()))?;
+    let envelopes = valid_envelopes_by_position(&records)?;
+    assert_eq!(envelopes[0]["key"], json!({"id": 2}));
+    assert_eq!(
+        envelopes[0]["after"],
+        json!({"a": 1, "id": 2, "size": "m", "doc": {"k": [1]}})
+    );
+    assert_eq!(records[0].partition_key, "shop.t:2");
+    assert!(
+        tributary
+            .stderr()
+            .contains("binlog_row_metadata is not FULL"),
+        "the fallback is warned about: {}",
+        tributary.logs()
+    );
+    tributary.stop_gracefully(Duration::from_secs(30)).await?;
+    Ok(())
+}
