@@ -32,6 +32,10 @@ use crate::types;
 /// The connector name in envelopes.
 pub const CONNECTOR: &str = "mysql";
 
+/// The server's own databases, never captured (`tables = ["*.*"]` means
+/// the user's tables).
+const SYSTEM_DATABASES: [&str; 4] = ["mysql", "sys", "performance_schema", "information_schema"];
+
 /// A captured table as of its last TABLE_MAP.
 #[derive(Debug)]
 struct Table {
@@ -126,9 +130,10 @@ impl Decoder {
         }
     }
 
-    /// True when `db.table` is captured.
+    /// True when `db.table` is captured: it matches `source.tables` and is
+    /// not in one of the server's own databases.
     pub fn captures(&self, db: &str, table: &str) -> bool {
-        self.filter.matches(db, table)
+        !SYSTEM_DATABASES.contains(&db) && self.filter.matches(db, table)
     }
 
     /// A TABLE_MAP event mapped `table_id` to `schema` (only called for
@@ -442,6 +447,18 @@ mod tests {
         );
         assert_eq!(t("TRUNCATED t"), None);
         assert_eq!(t("ALTER TABLE t ADD c INT"), None);
+    }
+
+    #[test]
+    fn system_databases_are_never_captured() {
+        let decoder = Decoder::new(
+            "shop",
+            StreamRouter::parse("cdc").unwrap(),
+            TableFilter::new(&["*.*".into()], &[]),
+        );
+        assert!(decoder.captures("shop", "orders"));
+        assert!(!decoder.captures("mysql", "gtid_slave_pos"));
+        assert!(!decoder.captures("sys", "x"));
     }
 
     #[test]
