@@ -11,7 +11,19 @@ use tributary_postgres::replication::{connect_sql, describe};
 use tributary_postgres::slots::DropError;
 use tributary_postgres::{provision, slots};
 
-use crate::settings::{ConfigError, Validated};
+use crate::settings::{ConfigError, SourceConfig, Validated};
+
+/// The Postgres source's config; these commands have no MySQL side yet.
+fn postgres(v: &Validated) -> Result<&tributary_postgres::PostgresSourceConfig, ConfigError> {
+    match &v.source {
+        SourceConfig::Postgres(config) => Ok(config),
+        SourceConfig::Mysql(_) => Err(ConfigError::Invalid {
+            key: "source.kind".into(),
+            message: "setup and slots are available for kind = \"postgres\" only in this build"
+                .into(),
+        }),
+    }
+}
 
 /// Prints the SQL that prepares the server, or runs it with `apply`.
 /// `admin_url` connects as someone allowed to run it (the connector's own
@@ -25,11 +37,11 @@ pub async fn setup(v: &Validated, apply: bool, admin_url: Option<&str>) -> anyho
                 message: e.message,
             })?
         }
-        None => v.postgres.connection.clone(),
+        None => postgres(v)?.connection.clone(),
     };
     let client = connect_sql(&connection).await?;
-    let role = v.postgres.connection.get_user().unwrap_or_default();
-    let cfg = &v.postgres;
+    let cfg = postgres(v)?;
+    let role = cfg.connection.get_user().unwrap_or_default();
     let state = inspect(&client, role, &cfg.filter, &cfg.publication, &cfg.slot)
         .await
         .context("reading the server's state")?;
@@ -48,7 +60,7 @@ pub async fn setup(v: &Validated, apply: bool, admin_url: Option<&str>) -> anyho
 
 /// `slots list`: every logical slot of the cluster.
 pub async fn list_slots(v: &Validated) -> anyhow::Result<u8> {
-    let client = connect_sql(&v.postgres.connection).await?;
+    let client = connect_sql(&postgres(v)?.connection).await?;
     let slots = slots::list(&client).await?;
     println!(
         "{:<32} {:<10} {:<16} {:>8} {:>14} {:<10}",
@@ -71,7 +83,7 @@ pub async fn list_slots(v: &Validated) -> anyhow::Result<u8> {
 
 /// `slots drop NAME`: refuses an active slot or a missing one (exit 2).
 pub async fn drop_slot(v: &Validated, name: &str) -> anyhow::Result<u8> {
-    let client = connect_sql(&v.postgres.connection).await?;
+    let client = connect_sql(&postgres(v)?.connection).await?;
     match slots::drop_slot(&client, name).await {
         Ok(()) => {
             println!("dropped replication slot {name}");
