@@ -28,13 +28,7 @@ const KINESIS: &str = "kinesis";
 pub async fn run(v: &Validated, as_json: bool) -> u8 {
     let mut items = match &v.source {
         SourceConfig::Postgres(config) => tributary_postgres::check::check(config).await,
-        SourceConfig::Mysql(_) => vec![CheckItem::warn(
-            "mysql",
-            "source",
-            "the MySQL source's checks are not in this build yet; `run` checks log_bin, \
-             binlog_format, binlog_row_image and the stored offset at start-up",
-            "see docs/operations.md for the MySQL prerequisites",
-        )],
+        SourceConfig::Mysql(config) => tributary_mysql::check::check(config).await,
     };
     if v.settings.sink.kind == SinkKind::Kinesis {
         items.extend(kinesis_items(v).await);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tributary_integration_tests::{
     DEFAULT_DATABASE, EMULATOR_AWS_ENV, Kinesalite, Postgres, SLOT, TributaryProcess,
-    tributary_bin, write_config,
+    assert_check_fails_with, tributary_bin, write_config,
 };
 
 /// Runs `tributary <args>` with the emulator's AWS credentials; returns
@@ -27,19 +27,6 @@ fn tributary(args: &[&str], cwd: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Asserts that the text report has a `✗` line for `check` with a fix
-/// containing `fix`.
-fn assert_fails_with(report: &str, check: &str, fix: &str) {
-    let mut lines = report.lines();
-    let found = lines.any(|line| line.starts_with("✗ ") && line.contains(&format!(" {check}: ")));
-    assert!(found, "no ✗ {check} line in:\n{report}");
-    let fix_line = lines.next().unwrap_or_default();
-    assert!(
-        fix_line.trim_start().starts_with("fix: ") && fix_line.contains(fix),
-        "the fix of {check} is not `{fix}` in:\n{report}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,29 +52,29 @@ async fn check_names_each_problem_setup_repairs_and_check_passes() -> anyhow::Re
 
     let (code, report, stderr) = tributary(&["check", "-c", config], dir.path());
     assert_eq!(code, 2, "check must fail:\n{report}\n{stderr}");
-    assert_fails_with(&report, "wal_level", "ALTER SYSTEM SET wal_level = logical");
-    assert_fails_with(
+    assert_check_fails_with(&report, "wal_level", "ALTER SYSTEM SET wal_level = logical");
+    assert_check_fails_with(
         &report,
         "replication_role",
         "ALTER ROLE \"tributary\" WITH REPLICATION;",
     );
-    assert_fails_with(
+    assert_check_fails_with(
         &report,
         "select",
         "GRANT SELECT ON \"public\".\"audit\", \"public\".\"orders\" TO \"tributary\";",
     );
-    assert_fails_with(
+    assert_check_fails_with(
         &report,
         "publication",
         "CREATE PUBLICATION \"tributary_shop\" FOR TABLE \"public\".\"audit\", \
          \"public\".\"orders\" WITH (publish_via_partition_root = true);",
     );
-    assert_fails_with(
+    assert_check_fails_with(
         &report,
         "primary_key",
         "ALTER TABLE \"public\".\"audit\" REPLICA IDENTITY FULL;",
     );
-    assert_fails_with(
+    assert_check_fails_with(
         &report,
         "stream",
         "aws kinesis create-stream --stream-name ops-cdc",
@@ -223,6 +210,23 @@ async fn slots_lists_with_lag_and_drop_refuses_an_active_slot() -> anyhow::Resul
     assert!(check.contains("! postgres slot_active:"), "{check}");
 
     run.stop_gracefully(Duration::from_secs(30)).await?;
+    // The server's walsender ends a moment after the connector exits.
+    let client = pg.client(DEFAULT_DATABASE).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client
+        .query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await?
+        .get::<_, bool>(0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stays active"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (code, out, stderr) = tributary(&["slots", "drop", SLOT, "-c", path], dir.path());
     assert_eq!(code, 0, "{out}{stderr}");
     let (_, list, _) = tributary(&["slots", "-c", path], dir.path());
