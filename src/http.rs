@@ -2,7 +2,9 @@
 //! `/metrics` (Prometheus text).
 //!
 //! Beside the dataflow, watching it: the pipeline marks the source and the
-//! sink connected as they come up, and a watcher samples the ack tracker
+//! sink connected as they come up (a Postgres source's slot is then sampled
+//! every 5 s: inactive or unreachable marks the source disconnected until
+//! it streams again), and a watcher samples the ack tracker
 //! every second. The pipeline counts as stalled when records are in flight
 //! and the acknowledged position has not moved for `http.stall_timeout_secs`
 //! (Kinesis unreachable or refusing everything, a sink stuck): then
@@ -53,7 +55,13 @@ pub struct Health {
 impl Health {
     /// The source is connected and streaming.
     pub fn source_connected(&self) {
-        self.source.store(true, Ordering::Relaxed);
+        self.set_source(true);
+    }
+
+    /// Whether the source is connected (a Postgres source's slot is
+    /// sampled: active means its walsender streams to us).
+    pub fn set_source(&self, connected: bool) {
+        self.source.store(connected, Ordering::Relaxed);
     }
 
     /// The sink is connected.

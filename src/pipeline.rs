@@ -100,7 +100,12 @@ async fn run_source<S: Source>(
     };
     health.source_connected();
     if let Some(lag) = lag {
-        tokio::spawn(tributary_postgres::metrics::report_lag(lag, LAG_SAMPLE));
+        let health = health.clone();
+        tokio::spawn(tributary_postgres::metrics::report_lag(
+            lag,
+            LAG_SAMPLE,
+            move |streaming| health.set_source(streaming),
+        ));
     }
     if source.starts_fresh() && settings.source.snapshot == SnapshotMode::Initial {
         warn!(

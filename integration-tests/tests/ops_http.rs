@@ -1,7 +1,8 @@
 //! The HTTP endpoints of a running `tributary run`: `/metrics` shows the
 //! source's event counters and lag moving with the changes; `/readyz` fails
 //! while Kinesis is unreachable (a paused proxy in front of kinesalite) and
-//! recovers after; `/healthz` answers throughout.
+//! recovers after, and so while PostgreSQL is down; `/healthz` answers
+//! throughout.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

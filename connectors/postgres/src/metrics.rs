@@ -65,16 +65,23 @@ impl TableCounters {
 }
 
 /// Sets [`LAG_BYTES`] for the configured slot every `every`, over its own
-/// ordinary connection (reconnected after a failure); runs until the
-/// process exits.
-pub async fn report_lag(config: crate::PostgresSourceConfig, every: std::time::Duration) {
+/// ordinary connection (reconnected after a failure), and tells `streaming`
+/// each time whether a walsender streams from the slot (false when the
+/// server cannot be asked): the server's own view of whether the source is
+/// connected. Runs until the process exits.
+pub async fn report_lag(
+    config: crate::PostgresSourceConfig,
+    every: std::time::Duration,
+    streaming: impl Fn(bool) + Send + 'static,
+) {
     let gauge = metrics::gauge!(
         LAG_BYTES,
         "source" => config.name.clone(),
         "slot" => config.slot.clone()
     );
     let mut client = None;
-    let mut tick = tokio::time::interval(every);
+    // The first sample comes one period after start, once the source streams.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tick.tick().await;
         if client.is_none() {
@@ -83,15 +90,14 @@ pub async fn report_lag(config: crate::PostgresSourceConfig, every: std::time::D
                 .ok();
         }
         let Some(connected) = &client else {
+            streaming(false);
             continue;
         };
         match crate::inspect::list_slots(connected).await {
             Ok(slots) => {
-                if let Some(lag) = slots
-                    .iter()
-                    .find(|s| s.name == config.slot)
-                    .and_then(|s| s.lag_bytes)
-                {
+                let slot = slots.iter().find(|s| s.name == config.slot);
+                streaming(slot.is_some_and(|s| s.active_pid.is_some()));
+                if let Some(lag) = slot.and_then(|s| s.lag_bytes) {
                     // Lag in bytes fits an f64 exactly up to 2^53 (8 PiB).
                     #[allow(clippy::cast_precision_loss)]
                     gauge.set(lag as f64);
@@ -99,6 +105,7 @@ pub async fn report_lag(config: crate::PostgresSourceConfig, every: std::time::D
             }
             Err(err) => {
                 tracing::debug!(error = %err, "cannot read the slot's lag; reconnecting");
+                streaming(false);
                 client = None;
             }
         }
