@@ -83,8 +83,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the SQL that prepares PostgreSQL for the connector (role,
-    /// grants, publication, slot), only what is missing.
+    /// Print the statements that prepare the source's server for the
+    /// connector, only what is missing (PostgreSQL: wal_level, role, grants,
+    /// publication, slot; MySQL: binlog settings, user, grants).
     Setup {
         #[command(flatten)]
         #[allow(missing_docs)]

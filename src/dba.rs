@@ -1,5 +1,5 @@
-//! `tributary setup [--apply]` and `tributary slots [list|drop NAME]`: the
-//! DBA's commands for the Postgres source.
+//! `tributary setup [--apply]` (both sources) and `tributary slots
+//! [list|drop NAME]` (Postgres): the DBA's commands.
 //!
 //! Beside the dataflow, before it starts (setup) or after it is removed
 //! (slots drop). The SQL lives in the source crate (`provision`, `slots`);
@@ -19,34 +19,46 @@ fn postgres(v: &Validated) -> Result<&tributary_postgres::PostgresSourceConfig, 
         SourceConfig::Postgres(config) => Ok(config),
         SourceConfig::Mysql(_) => Err(ConfigError::Invalid {
             key: "source.kind".into(),
-            message: "setup and slots are available for kind = \"postgres\" only in this build"
-                .into(),
+            message: "slots are PostgreSQL replication slots: use kind = \"postgres\"".into(),
         }),
     }
 }
 
-/// Prints the SQL that prepares the server, or runs it with `apply`.
-/// `admin_url` connects as someone allowed to run it (the connector's own
-/// role usually is not); privileges are planned for the role of
-/// `source.url` either way.
+/// Prints the statements that prepare the server, or runs them with
+/// `apply`. `admin_url` connects as someone allowed to run them (the
+/// connector's own user usually is not); privileges are planned for the
+/// user of `source.url` either way.
 pub async fn setup(v: &Validated, apply: bool, admin_url: Option<&str>) -> anyhow::Result<u8> {
+    match &v.source {
+        SourceConfig::Postgres(config) => setup_postgres(config, apply, admin_url).await,
+        SourceConfig::Mysql(config) => setup_mysql(config, apply, admin_url).await,
+    }
+}
+
+fn admin_url_error(message: String) -> ConfigError {
+    ConfigError::Invalid {
+        key: "--admin-url".into(),
+        message,
+    }
+}
+
+async fn setup_postgres(
+    cfg: &tributary_postgres::PostgresSourceConfig,
+    apply: bool,
+    admin_url: Option<&str>,
+) -> anyhow::Result<u8> {
     let connection = match admin_url {
-        Some(url) => {
-            tributary_postgres::config::parse_url(url, None).map_err(|e| ConfigError::Invalid {
-                key: "--admin-url".into(),
-                message: e.message,
-            })?
-        }
-        None => postgres(v)?.connection.clone(),
+        Some(url) => tributary_postgres::config::parse_url(url, None)
+            .map_err(|e| admin_url_error(e.message))?,
+        None => cfg.connection.clone(),
     };
     let client = connect_sql(&connection).await?;
-    let cfg = postgres(v)?;
     let role = cfg.connection.get_user().unwrap_or_default();
     let state = inspect(&client, role, &cfg.filter, &cfg.publication, &cfg.slot)
         .await
         .context("reading the server's state")?;
     let plan = provision::plan(&state, role, &cfg.publication, &cfg.slot);
-    print!("{}", provision::render(&plan));
+    print!("{}", plan.render());
     if apply && !plan.statements.is_empty() {
         provision::apply(&client, &plan).await?;
         println!(
@@ -54,6 +66,26 @@ pub async fn setup(v: &Validated, apply: bool, admin_url: Option<&str>) -> anyho
             plan.statements.len(),
             describe(&connection)
         );
+    }
+    Ok(0)
+}
+
+async fn setup_mysql(
+    cfg: &tributary_mysql::MysqlSourceConfig,
+    apply: bool,
+    admin_url: Option<&str>,
+) -> anyhow::Result<u8> {
+    let opts = match admin_url {
+        Some(url) => tributary_mysql::config::parse_url(url, None)
+            .map_err(|e| admin_url_error(e.to_string()))?,
+        None => cfg.opts.clone(),
+    };
+    let user = cfg.opts.user().unwrap_or_default();
+    let ran =
+        tributary_mysql::provision::setup(opts, user, apply, |plan| print!("{}", plan.render()))
+            .await?;
+    if ran > 0 {
+        println!("-- applied {ran} statement(s)");
     }
     Ok(0)
 }

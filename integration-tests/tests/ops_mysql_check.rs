@@ -1,7 +1,8 @@
 //! `tributary check` on a MariaDB source: a statement binlog, MINIMAL row
 //! metadata, a clashing server_id, a user without replication grants and a
 //! stored offset in a purged binlog are each named with their fix (exit 2);
-//! once fixed, check exits 0.
+//! once fixed (`setup --apply` as a DBA for the binlog settings and the
+//! grant), check exits 0.
 
 use std::path::Path;
 
@@ -72,7 +73,7 @@ async fn check_names_each_mysql_problem_and_passes_once_fixed() -> anyhow::Resul
     assert_check_fails_with(
         &report,
         "privileges",
-        "GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT ON *.* TO 'tributary'@'%';",
+        "GRANT REPLICATION SLAVE, BINLOG MONITOR, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
     );
     assert_check_fails_with(&report, "offset", &format!("delete {}", offset.display()));
     assert_check_fails_with(&report, "stream", "aws kinesis create-stream");
@@ -82,13 +83,38 @@ async fn check_names_each_mysql_problem_and_passes_once_fixed() -> anyhow::Resul
         "{report}"
     );
 
-    root.query_drop("SET GLOBAL binlog_format = 'ROW'").await?;
-    root.query_drop("SET GLOBAL binlog_row_metadata = 'FULL'")
-        .await?;
-    root.query_drop(format!(
-        "GRANT REPLICATION SLAVE ON *.* TO '{MYSQL_USER}'@'127.0.0.1'"
-    ))
+    // setup, as a DBA, plans and applies the binlog settings and the grant.
+    root.query_drop(
+        "CREATE USER 'dba'@'127.0.0.1' IDENTIFIED BY 'dba-pw'; \
+         GRANT ALL PRIVILEGES ON *.* TO 'dba'@'127.0.0.1' WITH GRANT OPTION",
+    )
     .await?;
+    let admin_url = format!("mysql://dba:dba-pw@127.0.0.1:{}", db.port());
+    let setup = |apply: bool| {
+        let mut args = vec!["setup", "-c", &path, "--admin-url", &admin_url];
+        if apply {
+            args.push("--apply");
+        }
+        let out = std::process::Command::new(tributary_bin().expect("tributary binary"))
+            .args(&args)
+            .current_dir(cwd)
+            .output()
+            .expect("tributary runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plan = setup(false);
+    for statement in [
+        "SET GLOBAL binlog_format = 'ROW';",
+        "SET GLOBAL binlog_row_metadata = 'FULL';",
+        "GRANT REPLICATION SLAVE, BINLOG MONITOR, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
+        "-- then: add binlog_format = ROW, binlog_row_metadata = FULL to the [mysqld] section",
+    ] {
+        assert!(plan.contains(statement), "no `{statement}` in:\n{plan}");
+    }
+    assert!(!plan.contains("binlog_row_image"), "{plan}");
+    assert!(setup(true).contains("-- applied 3 statement(s)"));
+    assert!(setup(false).contains("nothing to do"));
     std::fs::remove_file(&offset)?;
     kin.create_stream(STREAM, 1).await?;
     let (code, report) = check(&path, &[], cwd);

@@ -20,6 +20,7 @@ pub mod json;
 pub mod position;
 pub mod record;
 pub mod route;
+pub mod setup_plan;
 pub mod sink;
 pub mod source;
 pub mod time;
@@ -32,6 +33,7 @@ pub use format::Format;
 pub use position::Position;
 pub use record::{PartitionKey, Record};
 pub use route::{StreamRouter, TemplateError};
+pub use setup_plan::{SetupPlan, SetupStatement};
 pub use sink::Sink;
 pub use source::{
     Emitter, OffsetStore, PipelineClosed, Source, SourceContext, SourceError, Stopped,

@@ -13,18 +13,11 @@ use tributary_envelope::{CheckItem, OffsetStore as _};
 
 use crate::config::MysqlSourceConfig;
 use crate::offsets::{FileOffsetStore, Offset};
+use crate::provision::{grant_sql, is_mariadb, missing_privileges};
 use crate::setup::{ServerSettings, server_settings};
 
 /// The component name in every item.
 const COMPONENT: &str = "mysql";
-
-/// The grants the connector needs, as one statement for `user`@`host`.
-fn grant_sql(user: &str) -> String {
-    format!(
-        "GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR, SELECT ON *.* TO '{}'@'%';",
-        user.replace('\'', "''")
-    )
-}
 
 /// Checks the binlog settings, `server_id`, GTIDs, privileges and the
 /// stored offset.
@@ -68,7 +61,7 @@ pub async fn check(config: &MysqlSourceConfig) -> Vec<CheckItem> {
     items.extend(binlog_items(&settings));
     items.push(server_id_item(&mut conn, &settings, config.server_id).await);
     items.push(gtid_item(&mut conn).await);
-    items.push(privileges_item(&mut conn, &user).await);
+    items.push(privileges_item(&mut conn, &user, is_mariadb(&settings)).await);
     items.push(offset_item(&mut conn, config).await);
     // Best effort: the checks are done either way.
     let _ = conn.disconnect().await;
@@ -196,7 +189,7 @@ async fn gtid_item(conn: &mut Conn) -> CheckItem {
     }
 }
 
-async fn privileges_item(conn: &mut Conn, user: &str) -> CheckItem {
+async fn privileges_item(conn: &mut Conn, user: &str, mariadb: bool) -> CheckItem {
     let grants: Vec<String> = match conn.query("SHOW GRANTS").await {
         Ok(grants) => grants,
         Err(err) => {
@@ -204,23 +197,17 @@ async fn privileges_item(conn: &mut Conn, user: &str) -> CheckItem {
                 COMPONENT,
                 "privileges",
                 format!("cannot read the user's grants: {err}"),
-                grant_sql(user),
+                grant_sql(user, "%", mariadb),
             );
         }
     };
-    let text = grants.join("\n").to_ascii_uppercase();
-    let all = text.contains("ALL PRIVILEGES");
-    let has = |privilege: &str| all || text.contains(privilege);
-    let mut missing = Vec::new();
-    if !has("REPLICATION SLAVE") && !has("REPLICATION REPLICA") {
-        missing.push("REPLICATION SLAVE");
-    }
-    if !has("REPLICATION CLIENT") && !has("BINLOG MONITOR") {
-        missing.push("REPLICATION CLIENT (BINLOG MONITOR)");
-    }
-    if !has("SELECT") {
-        missing.push("SELECT");
-    }
+    let missing = missing_privileges(&grants);
+    let host: String = conn
+        .query_first("SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', -1)")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "%".to_owned());
     if missing.is_empty() {
         CheckItem::ok(
             COMPONENT,
@@ -232,7 +219,7 @@ async fn privileges_item(conn: &mut Conn, user: &str) -> CheckItem {
             COMPONENT,
             "privileges",
             format!("{user} lacks {}", missing.join(", ")),
-            grant_sql(user),
+            grant_sql(user, &host, mariadb),
         )
     }
 }

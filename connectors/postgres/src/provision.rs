@@ -8,34 +8,10 @@
 //! prints the plan; `setup --apply` runs it statement by statement.
 
 use tokio_postgres::Client;
+use tributary_envelope::SetupPlan as Plan;
 
 use crate::error::PostgresError;
 use crate::inspect::{ServerState, TableState, quote_ident, quote_literal};
-
-/// One statement of the plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Statement {
-    /// The SQL, ending in `;`.
-    pub sql: String,
-    /// Why it is needed, printed as a comment above it.
-    pub why: String,
-}
-
-/// The plan, and what it cannot do itself.
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    /// The statements, in the order they must run.
-    pub statements: Vec<Statement>,
-    /// Steps outside SQL (a restart), printed after the statements.
-    pub afterwards: Vec<String>,
-}
-
-fn statement(sql: String, why: impl Into<String>) -> Statement {
-    Statement {
-        sql,
-        why: why.into(),
-    }
-}
 
 /// `CREATE PUBLICATION` for `tables`, publishing partitions via their
 /// root table.
@@ -61,13 +37,13 @@ pub fn plan(state: &ServerState, role: &str, publication: &str, slot: &str) -> P
     let mut plan = Plan::default();
     let logical = state.wal_level == "logical";
     if !logical {
-        plan.statements.push(statement(
+        plan.push(
             "ALTER SYSTEM SET wal_level = logical;".into(),
             format!(
                 "wal_level is {}; logical decoding needs logical",
                 state.wal_level
             ),
-        ));
+        );
         plan.afterwards.push(
             "restart PostgreSQL for wal_level = logical to take effect, then run tributary setup \
              again to create the slot"
@@ -77,20 +53,20 @@ pub fn plan(state: &ServerState, role: &str, publication: &str, slot: &str) -> P
     let quoted_role = quote_ident(role);
     match &state.role {
         None => {
-            plan.statements.push(statement(
+            plan.push(
                 format!("CREATE ROLE {quoted_role} WITH LOGIN REPLICATION;"),
                 format!("the connector's role {role}: may log in and stream, nothing more"),
-            ));
+            );
             plan.afterwards.push(format!(
                 "give {role} a password (\\password {role} in psql) and put it in \
                  TRIBUTARY__SOURCE__PASSWORD or source.password_file"
             ));
         }
         Some(attrs) if !attrs.replication && !attrs.superuser => {
-            plan.statements.push(statement(
+            plan.push(
                 format!("ALTER ROLE {quoted_role} WITH REPLICATION;"),
                 format!("{role} must be allowed to open a replication stream"),
-            ));
+            );
         }
         Some(_) => {}
     }
@@ -102,17 +78,17 @@ pub fn plan(state: &ServerState, role: &str, publication: &str, slot: &str) -> P
         .collect();
     schemas.dedup();
     for schema in schemas {
-        plan.statements.push(statement(
+        plan.push(
             format!(
                 "GRANT USAGE ON SCHEMA {} TO {quoted_role};",
                 quote_ident(schema)
             ),
             format!("{role} must see the tables of schema {schema}"),
-        ));
+        );
     }
     let unreadable: Vec<&TableState> = state.tables.iter().filter(|t| !t.select).collect();
     if !unreadable.is_empty() {
-        plan.statements.push(statement(
+        plan.push(
             format!(
                 "GRANT SELECT ON {} TO {quoted_role};",
                 unreadable
@@ -122,11 +98,11 @@ pub fn plan(state: &ServerState, role: &str, publication: &str, slot: &str) -> P
                     .join(", ")
             ),
             format!("{role} reads the captured tables (snapshots, check)"),
-        ));
+        );
     }
     plan_publication(&mut plan, state, publication);
     if logical && state.slot.is_none() {
-        plan.statements.push(statement(
+        plan.push(
             format!(
                 "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
                 quote_literal(slot)
@@ -135,17 +111,17 @@ pub fn plan(state: &ServerState, role: &str, publication: &str, slot: &str) -> P
                 "the slot keeps the changes from now on until {role} confirms them; drop it when \
                  the connector is removed (tributary slots drop {slot})"
             ),
-        ));
+        );
     }
     plan
 }
 
 fn plan_publication(plan: &mut Plan, state: &ServerState, name: &str) {
     let Some(publication) = &state.publication else {
-        plan.statements.push(statement(
+        plan.push(
             create_publication_sql(name, &state.tables),
             "the publication names the captured tables; partitions publish as their root table",
-        ));
+        );
         return;
     };
     let missing: Vec<String> = state
@@ -155,23 +131,23 @@ fn plan_publication(plan: &mut Plan, state: &ServerState, name: &str) {
         .map(TableState::quoted)
         .collect();
     if !missing.is_empty() {
-        plan.statements.push(statement(
+        plan.push(
             format!(
                 "ALTER PUBLICATION {} ADD TABLE {};",
                 quote_ident(name),
                 missing.join(", ")
             ),
             format!("publication {name} must publish every captured table"),
-        ));
+        );
     }
     if !publication.via_root {
-        plan.statements.push(statement(
+        plan.push(
             format!(
                 "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
                 quote_ident(name)
             ),
             "partitions must publish as their partitioned table",
-        ));
+        );
     }
 }
 
@@ -184,19 +160,4 @@ pub async fn apply(client: &Client, plan: &Plan) -> Result<(), PostgresError> {
             .map_err(PostgresError::query(format!("running {}", step.sql)))?;
     }
     Ok(())
-}
-
-/// The plan as an SQL script: each statement under a comment saying why.
-pub fn render(plan: &Plan) -> String {
-    let mut out = String::new();
-    if plan.statements.is_empty() {
-        out.push_str("-- nothing to do: the server is ready for the connector\n");
-    }
-    for step in &plan.statements {
-        out.push_str(&format!("-- {}\n{}\n", step.why, step.sql));
-    }
-    for note in &plan.afterwards {
-        out.push_str(&format!("-- then: {note}\n"));
-    }
-    out
 }
