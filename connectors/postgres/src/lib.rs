@@ -20,6 +20,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
 mod sockopt;
 mod source;
 pub mod types;

@@ -139,6 +139,18 @@ impl ReplicationConnection {
         publication: &str,
         start: u64,
     ) -> Result<Self, WireError> {
+        let mut conn = Self::open(config, options, application_name).await?;
+        conn.start_replication(slot, publication, start).await?;
+        Ok(conn)
+    }
+
+    /// Connects and authenticates with `replication=database`, ready for a
+    /// replication command.
+    pub async fn open(
+        config: &tokio_postgres::Config,
+        options: &str,
+        application_name: &str,
+    ) -> Result<Self, WireError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let socket = match config.get_hosts().first() {
             Some(Host::Unix(dir)) => {
@@ -174,6 +186,61 @@ impl ReplicationConnection {
         conn.flush().await?;
         conn.authenticate(user, config.get_password().unwrap_or_default())
             .await?;
+        Ok(conn)
+    }
+
+    /// Creates the logical slot `slot` (pgoutput) and exports a snapshot of
+    /// the database at its consistent point: returns (consistent point,
+    /// snapshot name). The snapshot can be imported (`SET TRANSACTION
+    /// SNAPSHOT`) only while this connection stays open and runs nothing
+    /// else.
+    pub async fn create_slot_exporting(&mut self, slot: &str) -> Result<(u64, String), WireError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT \"{}\" LOGICAL pgoutput (SNAPSHOT 'export')",
+            slot.replace('"', "\"\"")
+        );
+        frontend::query(&sql, &mut self.out)?;
+        self.flush().await?;
+        let mut created = None;
+        loop {
+            match self.next_backend().await? {
+                Message::DataRow(row) => {
+                    let buffer = row.buffer();
+                    let mut fields = Vec::new();
+                    let mut ranges = row.ranges();
+                    while let Some(range) = ranges.next()? {
+                        let text = range
+                            .and_then(|r| buffer.get(r))
+                            .map(|b| String::from_utf8_lossy(b).into_owned());
+                        fields.push(text);
+                    }
+                    // slot_name, consistent_point, snapshot_name, output_plugin
+                    let point = fields.get(1).cloned().flatten();
+                    let name = fields.get(2).cloned().flatten();
+                    created = point
+                        .as_deref()
+                        .and_then(crate::lsn::Lsn::parse)
+                        .zip(name)
+                        .map(|(lsn, name)| (lsn.0, name));
+                }
+                Message::ReadyForQuery(_) => {
+                    return created.ok_or_else(|| {
+                        protocol("CREATE_REPLICATION_SLOT answered without a snapshot")
+                    });
+                }
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                _ => {}
+            }
+        }
+    }
+
+    async fn start_replication(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        start: u64,
+    ) -> Result<(), WireError> {
+        let conn = self;
         let sql = format!(
             "START_REPLICATION SLOT \"{}\" LOGICAL {:X}/{:X} (proto_version '1', publication_names {})",
             slot.replace('"', "\"\""),
@@ -195,7 +262,7 @@ impl ReplicationConnection {
                 continue;
             };
             match tag {
-                b'W' => return Ok(conn), // CopyBothResponse
+                b'W' => return Ok(()), // CopyBothResponse
                 b'E' => return Err(error_frame(frame)),
                 b'N' | b'S' => {}
                 other => {
