@@ -210,6 +210,19 @@ impl<'a> EnvelopeEncoder<'a> {
         self.out.extend_from_slice(value);
     }
 
+    /// Writes one column of the open object whose value `render` writes
+    /// as JSON straight into the envelope (no intermediate copy: what a
+    /// large value needs).
+    #[inline]
+    pub fn column_with(&mut self, label: &[u8], render: impl FnOnce(&mut Vec<u8>)) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.extend_from_slice(label);
+        render(self.out);
+    }
+
     /// Closes the open object.
     pub fn end_object(&mut self) {
         self.out.push(b'}');

@@ -18,6 +18,9 @@ use tributary_envelope::{
 use crate::pgoutput::{Cell, Message, OldKind, Relation, Tuple};
 use crate::types::{ValueKind, render};
 
+/// The value buffer is given back when a large row grew it past this.
+const KEEP_VALUES_BYTES: usize = 8 << 20;
+
 /// What the catalog adds to a Relation message.
 #[derive(Clone, Debug, Default)]
 pub struct RelationFacts {
@@ -43,6 +46,8 @@ struct Table {
     key: Vec<usize>,
     /// Columns an old-key (`K`) tuple carries.
     identity: Vec<usize>,
+    /// `is_key[i]`: column `i` is in `key`.
+    is_key: Vec<bool>,
     captured: bool,
 }
 
@@ -83,7 +88,11 @@ impl Transaction {
 enum Slot {
     Null,
     Unchanged,
+    /// Rendered into the decoder's value buffer, at this range.
     Value(usize, usize),
+    /// A value not rendered ahead (a new row's non-key column: it is
+    /// rendered straight into the envelope's `after`).
+    Deferred,
 }
 
 /// What a change message needs before it can be decoded.
@@ -185,6 +194,10 @@ impl Decoder {
                 .collect()
         });
         let key = table_key(rel.replica_identity, primary_key, &identity);
+        let mut is_key = vec![false; columns.len()];
+        for &i in &key {
+            is_key[i] = true;
+        }
         let stream_name = self
             .router
             .resolve(&self.name, &self.db, Some(&rel.schema), &rel.table);
@@ -205,6 +218,7 @@ impl Decoder {
             columns,
             key,
             identity,
+            is_key,
             captured: self.filter.matches(&rel.schema, &rel.table),
         };
         self.tables.insert(rel.id, table);
@@ -289,12 +303,25 @@ impl Decoder {
         if !table.captured {
             return Ok(());
         }
+        if self.values.capacity() > KEEP_VALUES_BYTES {
+            // A large old row grew the buffer: do not keep that memory.
+            self.values = Vec::with_capacity(4096);
+        }
         self.values.clear();
-        render_cells(table, relation, new, &mut self.values, &mut self.new_slots)?;
+        // The new row's key columns only: the rest goes straight into `after`.
+        render_cells(
+            table,
+            relation,
+            new,
+            Some(&table.is_key),
+            &mut self.values,
+            &mut self.new_slots,
+        )?;
         render_cells(
             table,
             relation,
             old.map(|o| o.1),
+            None,
             &mut self.values,
             &mut self.old_slots,
         )?;
@@ -310,7 +337,10 @@ impl Decoder {
         self.key_slots
             .extend(table.key.iter().map(|&i| match rows.new.get(i) {
                 Some(slot @ (Slot::Value(..) | Slot::Null)) => *slot,
-                _ => rows.old.get(i).copied().unwrap_or(Slot::Null),
+                _ => match rows.old.get(i) {
+                    Some(slot @ Slot::Value(..)) => *slot,
+                    _ => Slot::Null,
+                },
             }));
         let before = match old {
             Some((OldKind::Full, _)) => Before::Old(None),
@@ -323,18 +353,13 @@ impl Decoder {
         if let Some(insert_pos) = insert_pos.filter(|_| rows.key_changed(&self.key_slots)) {
             // A key change: a delete under the old key, then an insert under
             // the new one, so each key's events stay in its own shard in order.
+            let old_key: Vec<Slot> = table.key.iter().map(|&i| rows.old[i]).collect();
             // An unchanged TOAST value of the new row is taken from a full
             // old row where there is one.
-            let old_key: Vec<Slot> = table.key.iter().map(|&i| rows.old[i]).collect();
-            let after: Vec<Slot> = rows
-                .new
-                .iter()
-                .zip(rows.old)
-                .map(|(&new, &old)| match new {
-                    Slot::Unchanged => old,
-                    new => new,
-                })
-                .collect();
+            let after = new.map(|cells| After {
+                cells,
+                fill_from_old: true,
+            });
             out.push(rows.envelope(
                 Op::Delete,
                 pos,
@@ -350,7 +375,7 @@ impl Decoder {
                 tx_meta,
                 &self.key_slots,
                 Before::Null,
-                Some(&after),
+                after,
                 captured_at,
             ));
             return Ok(());
@@ -361,7 +386,10 @@ impl Decoder {
             tx_meta,
             &self.key_slots,
             before,
-            new.is_some().then_some(rows.new),
+            new.map(|cells| After {
+                cells,
+                fill_from_old: false,
+            }),
             captured_at,
         ));
         Ok(())
@@ -379,6 +407,15 @@ enum Before<'a> {
     Key,
 }
 
+/// Where an envelope's `after` comes from: the new tuple's cells, rendered
+/// straight into the envelope.
+#[derive(Clone, Copy)]
+struct After<'t> {
+    cells: Tuple<'t>,
+    /// Fill unchanged TOAST values in from the old tuple where it has them.
+    fill_from_old: bool,
+}
+
 /// The rendered tuples of one row change.
 struct Rows<'a> {
     table: &'a Table,
@@ -391,7 +428,16 @@ impl Rows<'_> {
     fn value(&self, slot: Slot) -> &[u8] {
         match slot {
             Slot::Value(start, end) => &self.values[start..end],
-            Slot::Null | Slot::Unchanged => b"null",
+            Slot::Null | Slot::Unchanged | Slot::Deferred => b"null",
+        }
+    }
+
+    /// The stand-in for a new tuple's unsent (unchanged TOAST) cell: the old
+    /// tuple's value when `fill_from_old` and the old tuple has it.
+    fn unsent(&self, column: usize, fill_from_old: bool) -> Option<Slot> {
+        match self.old.get(column) {
+            Some(&slot @ (Slot::Value(..) | Slot::Null)) if fill_from_old => Some(slot),
+            _ => None,
         }
     }
 
@@ -415,12 +461,12 @@ impl Rows<'_> {
         tx: &TxMeta,
         key: &[Slot],
         before: Before<'_>,
-        after: Option<&[Slot]>,
+        after: Option<After<'_>>,
         captured_at: &[u8; TIMESTAMP_LEN],
     ) -> Record {
         let table = self.table;
-        let with_after = after.is_some();
-        let mut data = Vec::with_capacity(512 + self.values.len() * 2);
+        let after_bytes = after.map_or(0, |a| a.cells.byte_len());
+        let mut data = Vec::with_capacity(512 + self.values.len() + after_bytes + after_bytes / 8);
         let mut enc = EnvelopeEncoder::begin(&mut data, &table.meta, op, pos, tx, false);
         let mut partition_key = PartitionKey::new(table.meta.qualified_name());
         if !table.key.is_empty() {
@@ -458,22 +504,27 @@ impl Rows<'_> {
                 enc.end_object();
             }
         }
-        let after = after.unwrap_or_default();
-        if with_after {
+        let mut unchanged: Vec<&str> = Vec::new();
+        if let Some(After {
+            cells,
+            fill_from_old,
+        }) = after
+        {
             enc.after();
-            for (column, &slot) in table.columns.iter().zip(after) {
-                if !matches!(slot, Slot::Unchanged) {
-                    enc.column(&column.label, self.value(slot));
+            for (i, (column, cell)) in table.columns.iter().zip(cells.iter()).enumerate() {
+                match cell {
+                    Cell::Null => enc.column(&column.label, b"null"),
+                    Cell::Text(text) | Cell::Binary(text) => {
+                        enc.column_with(&column.label, |out| render(&column.kind, text, out))
+                    }
+                    Cell::Unchanged => match self.unsent(i, fill_from_old) {
+                        Some(slot) => enc.column(&column.label, self.value(slot)),
+                        None => unchanged.push(column.name.as_str()),
+                    },
                 }
             }
             enc.end_object();
         }
-        let unchanged = table
-            .columns
-            .iter()
-            .zip(after)
-            .filter(|(_, slot)| matches!(slot, Slot::Unchanged))
-            .map(|(column, _)| column.name.as_str());
         enc.finish(unchanged, captured_at);
         Record::new(table.stream.clone(), partition_key.finish(), data)
     }
@@ -500,10 +551,13 @@ pub fn table_key(
     }
 }
 
+/// Sorts the cells of a tuple into `slots`, rendering the values of the
+/// columns `only` marks (all of them when `None`) into `values`.
 fn render_cells(
     table: &Table,
     relation: u32,
     cells: Option<Tuple<'_>>,
+    only: Option<&[bool]>,
     values: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
 ) -> Result<(), DecodeError> {
@@ -518,10 +572,12 @@ fn render_cells(
             found: cells.len(),
         });
     }
-    for (cell, column) in cells.iter().zip(&table.columns) {
+    for (i, (cell, column)) in cells.iter().zip(&table.columns).enumerate() {
+        let wanted = only.is_none_or(|only| only.get(i).copied().unwrap_or(false));
         slots.push(match cell {
             Cell::Null => Slot::Null,
             Cell::Unchanged => Slot::Unchanged,
+            Cell::Text(_) | Cell::Binary(_) if !wanted => Slot::Deferred,
             Cell::Text(text) | Cell::Binary(text) => {
                 let start = values.len();
                 render(&column.kind, text, values);

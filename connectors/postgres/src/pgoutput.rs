@@ -82,6 +82,12 @@ impl<'a> Tuple<'a> {
         usize::from(self.columns)
     }
 
+    /// The bytes of the tuple's cells as sent (about the size of their
+    /// rendered JSON).
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// True for a tuple without columns.
     pub fn is_empty(&self) -> bool {
         self.columns == 0

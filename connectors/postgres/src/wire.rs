@@ -24,6 +24,14 @@ use tokio_postgres::config::Host;
 
 /// Bytes the kernel should gather before waking the reader during a burst.
 const BURST_LOW_WATER: i32 = 64 * 1024;
+/// The largest message the connection accepts: PostgreSQL allocates no
+/// datum above 1 GiB, so a longer length is a corrupt frame, not data.
+pub const MAX_MESSAGE_BYTES: usize = (1 << 30) + (1 << 20);
+/// A read buffer grown past this by one large message is given back once
+/// that message has been taken.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
+/// The read buffer's usual size.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a burst read may wait for [`BURST_LOW_WATER`] bytes.
 const BURST_WAIT: Duration = Duration::from_millis(2);
 
@@ -200,19 +208,22 @@ impl ReplicationConnection {
         }
     }
 
-    /// Splits the next complete message (tag, whole frame) off the buffer,
-    /// making room for the rest of a partial one.
+    /// Splits the next complete message (tag, whole frame) off the buffer.
     fn next_frame(&mut self) -> Result<Option<(u8, Bytes)>, WireError> {
         let frame = split_frame(&mut self.buf)?;
-        if frame.is_none() {
-            self.reserve_partial_frame()?;
-        }
+        self.settle_buffer(frame.is_some())?;
         Ok(frame)
     }
 
-    /// Grows the buffer to hold the whole of the partial frame it starts with.
-    fn reserve_partial_frame(&mut self) -> Result<(), WireError> {
-        if let Some(total) = frame_length(&self.buf)? {
+    /// After a split: gives back the memory one large message grew the
+    /// buffer to once it has been taken, or makes room for the whole of the
+    /// partial frame the buffer starts with.
+    fn settle_buffer(&mut self, took_frame: bool) -> Result<(), WireError> {
+        if took_frame {
+            if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER_BYTES {
+                self.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+            }
+        } else if let Some(total) = frame_length(&self.buf)? {
             self.buf.reserve(total.saturating_sub(self.buf.len()));
         }
         Ok(())
@@ -292,7 +303,7 @@ impl ReplicationConnection {
     }
 
     async fn read_some(&mut self) -> io::Result<usize> {
-        self.buf.reserve(64 * 1024);
+        self.buf.reserve(READ_BUFFER_BYTES);
         match &mut self.socket {
             Socket::Tcp(s) => s.read_buf(&mut self.buf).await,
             Socket::Unix(s) => s.read_buf(&mut self.buf).await,
@@ -310,9 +321,7 @@ impl ReplicationConnection {
     /// The next complete message already read, without waiting.
     pub fn next_message(&mut self) -> Result<Option<StreamMessage>, WireError> {
         let message = split_stream_message(&mut self.buf)?;
-        if message.is_none() {
-            self.reserve_partial_frame()?;
-        }
+        self.settle_buffer(message.is_some())?;
         Ok(message)
     }
 
@@ -393,8 +402,10 @@ fn frame_length(buf: &[u8]) -> Result<Option<usize>, WireError> {
         return Ok(None);
     };
     let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    if len < 4 {
-        return Err(protocol(format!("invalid message length {len}")));
+    if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
+        return Err(protocol(format!(
+            "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
+        )));
     }
     Ok(Some(len + 1))
 }
