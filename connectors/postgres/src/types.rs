@@ -33,6 +33,34 @@ pub enum ValueKind {
     Array(Box<ValueKind>),
 }
 
+impl ValueKind {
+    /// Every kind but [`ValueKind::Array`] (the property tests and fuzz
+    /// targets cover each of these and an array of each).
+    pub const SCALARS: [ValueKind; 10] = [
+        ValueKind::Integer,
+        ValueKind::Float,
+        ValueKind::Numeric,
+        ValueKind::Money,
+        ValueKind::Bool,
+        ValueKind::Text,
+        ValueKind::Bytea,
+        ValueKind::Json,
+        ValueKind::Timestamp,
+        ValueKind::TimestampTz,
+    ];
+
+    /// json / jsonb, or an array of them: the server's validated JSON is
+    /// embedded as sent, so only for these kinds is the rendering of
+    /// arbitrary text not always valid JSON.
+    pub fn embeds_json(&self) -> bool {
+        match self {
+            ValueKind::Json => true,
+            ValueKind::Array(element) => element.embeds_json(),
+            _ => false,
+        }
+    }
+}
+
 /// The kind of a built-in type, `None` for types that need a catalog lookup
 /// (enums, domains, arrays of those, extension types).
 pub fn builtin_kind(oid: u32) -> Option<ValueKind> {
@@ -103,7 +131,7 @@ pub fn render(kind: &ValueKind, text: &[u8], out: &mut Vec<u8>) {
             }
         }
         ValueKind::Float => {
-            if is_json_number(text) {
+            if is_json_number(text) && is_finite_double(text) {
                 out.extend_from_slice(text);
             } else {
                 quoted(out, text); // NaN, Infinity, -Infinity
@@ -173,6 +201,15 @@ fn is_json_number(text: &[u8]) -> bool {
         !e.is_empty() && e.iter().all(u8::is_ascii_digit)
     });
     int_ok && frac_ok && exp_ok
+}
+
+/// Whether a number (already checked to be JSON) is one a double holds:
+/// `1e999` is valid JSON that JSON parsers refuse as out of range.
+fn is_finite_double(text: &[u8]) -> bool {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .is_some_and(f64::is_finite)
 }
 
 fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
@@ -431,6 +468,19 @@ mod tests {
         let mut out = Vec::new();
         render(&Timestamp, b"0001\xff01-01 00:00:00", &mut out);
         assert!(serde_json::from_slice::<Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn floats_out_of_double_range_are_strings() {
+        // Found by the `render` fuzz target: valid JSON numbers that no
+        // double holds were passed on, and JSON parsers refuse them.
+        assert_eq!(r(&ValueKind::Float, "1E6666"), json!("1E6666"));
+        assert_eq!(r(&ValueKind::Float, "-1e309"), json!("-1e309"));
+        assert_eq!(
+            r(&ValueKind::Float, "1.7976931348623157e+308"),
+            json!(f64::MAX)
+        );
+        assert_eq!(r(&ValueKind::Float, "5e-324"), json!(5e-324));
     }
 
     #[test]

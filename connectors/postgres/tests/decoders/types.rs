@@ -25,30 +25,8 @@ fn render_json(kind: &ValueKind, text: &[u8]) -> Result<Value, TestCaseError> {
 }
 
 fn every_kind() -> Vec<ValueKind> {
-    use ValueKind::*;
-    let scalars = [
-        Integer,
-        Float,
-        Numeric,
-        Money,
-        Bool,
-        Text,
-        Bytea,
-        Json,
-        Timestamp,
-        TimestampTz,
-    ];
-    let arrays = scalars.clone().map(|k| Array(Box::new(k)));
-    scalars.into_iter().chain(arrays).collect()
-}
-
-/// json and jsonb (and their arrays) embed what the server validated.
-fn embeds_server_json(kind: &ValueKind) -> bool {
-    match kind {
-        ValueKind::Json => true,
-        ValueKind::Array(element) => embeds_server_json(element),
-        _ => false,
-    }
+    let arrays = ValueKind::SCALARS.map(|k| ValueKind::Array(Box::new(k)));
+    ValueKind::SCALARS.into_iter().chain(arrays).collect()
 }
 
 /// Bytes biased toward what the renderers look at: digits, signs, braces,
@@ -174,7 +152,7 @@ proptest! {
     fn any_bytes_render_valid_json(text in shaped_bytes(), raw in prop::collection::vec(any::<u8>(), 0..32)) {
         for kind in every_kind() {
             for bytes in [&text, &raw] {
-                if embeds_server_json(&kind) {
+                if kind.embeds_json() {
                     render_bytes(&kind, bytes);
                 } else {
                     render_json(&kind, bytes)?;
@@ -204,7 +182,7 @@ proptest! {
                 bytes[i] = *byte;
             }
             bytes.truncate(cut.index(bytes.len() + 1));
-            for kind in every_kind().iter().filter(|k| !embeds_server_json(k)) {
+            for kind in every_kind().iter().filter(|k| !k.embeds_json()) {
                 render_json(kind, &bytes)?;
             }
         }
@@ -232,6 +210,19 @@ proptest! {
             prop_assert_eq!(out, text.as_bytes(), "the digits are passed on as printed");
         } else {
             prop_assert_eq!(value, json!(text));
+        }
+    }
+
+    #[test]
+    fn float_shaped_text_is_a_double_or_a_string(
+        text in "-?[0-9]{1,30}(\\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?",
+    ) {
+        let value = render_json(&ValueKind::Float, text.as_bytes())?;
+        match text.parse::<f64>() {
+            Ok(x) if x.is_finite() && value.is_number() => {
+                prop_assert_eq!(render_bytes(&ValueKind::Float, text.as_bytes()), text.as_bytes());
+            }
+            _ => prop_assert_eq!(value, json!(text)),
         }
     }
 
