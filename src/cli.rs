@@ -27,9 +27,11 @@ pub struct ConfigArg {
 pub enum Command {
     /// Stream changes from the source into the sink until SIGTERM/SIGINT.
     ///
-    /// Creates the publication and the replication slot when missing, resumes
-    /// after the last acknowledged transaction, and on SIGTERM finishes the
-    /// current transaction, flushes, acknowledges and exits 0.
+    /// First checks the AWS credentials and that the stream exists (exit 2
+    /// with the fix if not), then creates the publication and the
+    /// replication slot when missing, resumes after the last acknowledged
+    /// transaction, and on SIGTERM finishes the current transaction,
+    /// flushes, acknowledges and exits 0.
     Run {
         #[command(flatten)]
         #[allow(missing_docs)]
@@ -37,7 +39,8 @@ pub enum Command {
     },
     /// Print the envelopes of a Kinesis stream, one JSON object per line.
     ///
-    /// Reads every shard (region and endpoint from the config's [sink]).
+    /// Reads every shard (region and endpoint from the config's [sink]),
+    /// after checking the AWS credentials and that the stream exists.
     /// Without --follow it stops once every shard is read to its end.
     Tail {
         #[command(flatten)]
@@ -52,6 +55,10 @@ pub enum Command {
         /// Keep waiting for new records (until Ctrl-C).
         #[arg(long)]
         follow: bool,
+        /// Indent each envelope over several lines (coloured when stdout is
+        /// a terminal), for reading by eye.
+        #[arg(long)]
+        pretty: bool,
     },
 }
 

@@ -1,10 +1,13 @@
 //! The `tributary` binary: command line, configuration, wiring, shutdown.
 
 mod cli;
+mod config_error;
 mod logging;
 mod null_sink;
 mod pipeline;
+mod pretty;
 mod settings;
+mod startup;
 mod tail;
 
 use std::process::ExitCode;
@@ -13,6 +16,7 @@ use clap::Parser as _;
 
 use crate::cli::{Cli, Command};
 use crate::settings::ConfigError;
+use crate::startup::StartupError;
 
 /// Records are allocated on the reader's thread and freed on the sink's:
 /// mimalloc handles that cross-thread traffic with less work than the
@@ -35,14 +39,27 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            if let Some(config) = err.downcast_ref::<ConfigError>() {
-                eprintln!("error: invalid configuration: {config}");
-                return ExitCode::from(2);
-            }
-            tracing::error!(error = format!("{err:#}"), "tributary failed");
-            eprintln!("error: {err:#}");
-            ExitCode::from(1)
+            let (code, text) = if let Some(config) = err.downcast_ref::<ConfigError>() {
+                (2, format!("invalid configuration: {config}"))
+            } else if let Some(startup) = err.downcast_ref::<StartupError>() {
+                (startup.exit_code(), startup.to_string())
+            } else {
+                (1, tributary_envelope::error_text::one_line(err.as_ref()))
+            };
+            report(&text);
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Prints the failure that ends the process, once: as the last JSON log
+/// line when logs are JSON (log collectors parse them), else as a plain
+/// `error:` line.
+fn report(text: &str) {
+    if logging::is_json() {
+        tracing::error!(error = text, "tributary stopped");
+    } else {
+        eprintln!("error: {text}");
     }
 }
 
@@ -50,10 +67,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run { config } => {
             let explicit = config.config.as_os_str() != "config.toml";
-            let validated =
-                settings::load::<settings::Settings>(&config.config, explicit)?.validate()?;
+            let file = config.config.exists().then_some(config.config.as_path());
+            let validated = settings::load::<settings::Settings>(&config.config, explicit)?
+                .validate()
+                .map_err(|err| config_error::locate(err, file))?;
             logging::init(&validated.settings.log);
-            let code = pipeline::run(validated).await?;
+            let region = validated.region.clone();
+            let code = pipeline::run(validated)
+                .await
+                .map_err(|err| startup::stream_not_found(err, &region))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
         Command::Tail {
@@ -61,6 +83,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             stream,
             from,
             follow,
-        } => tail::run(&config.config, &stream, from, follow).await,
+            pretty,
+        } => tail::run(&config.config, &stream, from, follow, pretty).await,
     }
 }

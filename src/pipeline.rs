@@ -43,6 +43,7 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
         stream = settings.sink.stream.as_deref().unwrap_or(""),
         "tributary starting"
     );
+    crate::startup::check(&v).await?;
     let source = PostgresSource::connect(v.postgres.clone())
         .await
         .context("cannot start the postgres source")?;
@@ -121,7 +122,9 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
 fn exit_code(stopped: Stopped, tracker: &AckTracker) -> i32 {
     match stopped {
         Stopped::Drained => {
-            info!(acknowledged = tracker.acked(), "stopped cleanly");
+            // The source logged its last acknowledged position in its own
+            // notation just before.
+            info!("stopped cleanly");
             0
         }
         Stopped::TimedOut => {

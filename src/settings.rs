@@ -341,29 +341,8 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path, explicit: bool) -> Resu
     let raw = builder
         .build()
         .map_err(|e| ConfigError::Load(format!("cannot read the configuration: {e}")))?;
-    serde_path_to_error::deserialize(raw).map_err(path_error)
-}
-
-/// Names the full key of a deserialization error, including the unknown
-/// field itself (`source.bogus`), and says how to fix it.
-pub fn path_error(err: serde_path_to_error::Error<config::ConfigError>) -> ConfigError {
-    let path = err.path().to_string();
-    let message = err.into_inner().to_string();
-    let unknown = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split_once('`'))
-        .map(|(field, _)| field.to_owned());
-    let key = match (&unknown, path.as_str()) {
-        (Some(field), ".") => field.clone(),
-        (Some(field), path) => format!("{path}.{field}"),
-        (None, ".") => "config".to_owned(),
-        (None, path) => path.to_owned(),
-    };
-    let message = match unknown {
-        Some(_) => format!("unknown key ({message}); remove it or fix its spelling"),
-        None => message,
-    };
-    ConfigError::Invalid { key, message }
+    let file = path.exists().then_some(path);
+    serde_path_to_error::deserialize(raw).map_err(|err| crate::config_error::explain(err, file))
 }
 
 /// Settings checked and ready to build the pipeline from.
@@ -543,6 +522,9 @@ impl Settings {
                     key,
                     format!("{secs} is too long: at most {max} seconds"),
                 ));
+            }
+            if secs == 0 && key != "sink.drain_timeout_secs" {
+                return Err(invalid(key, "must be at least 1 second"));
             }
         }
         let quota = &sink.quota;

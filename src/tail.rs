@@ -1,12 +1,20 @@
-//! `tributary tail`: prints a stream's envelopes, one JSON object per line.
+//! `tributary tail`: prints a stream's envelopes, one JSON object per line
+//! (or, with `--pretty`, indented over several lines).
 
 use std::path::Path;
 
+use std::io::IsTerminal as _;
+
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt as _;
 use tributary_kinesis::{StartFrom, tail};
 
 use crate::cli::From;
 use crate::settings::SinkSettings;
+use crate::startup::StartupError;
+
+/// Bytes buffered between the reader and the `--pretty` printer.
+const PIPE_BYTES: usize = 64 * 1024;
 
 /// Only `[sink]` matters to `tail`; other sections are read by `run`.
 #[derive(Debug, Deserialize)]
@@ -15,7 +23,13 @@ struct TailSettings {
 }
 
 /// Reads the stream and writes it to stdout; exit code 0.
-pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyhow::Result<u8> {
+pub async fn run(
+    config: &Path,
+    stream: &str,
+    from: From,
+    follow: bool,
+    pretty: bool,
+) -> anyhow::Result<u8> {
     // Only `[sink]` is read: `tail` works with a partial config or none.
     let settings: TailSettings = crate::settings::load(config, false)?;
     let sink = settings.sink;
@@ -25,17 +39,44 @@ pub async fn run(config: &Path, stream: &str, from: From, follow: bool) -> anyho
         .or_else(|| std::env::var("AWS_REGION").ok())
         .unwrap_or_else(|| "us-east-1".to_owned());
     let endpoint = sink.as_ref().and_then(|s| s.endpoint_url.clone());
-    let client = tributary_kinesis::build_client(&region, endpoint.as_deref()).await;
+    // Credentials and the stream are checked first, so that a mistake is one
+    // message naming `--stream`, not an error from the first shard read.
+    let client = tributary_kinesis::checked_client(
+        &region,
+        endpoint.as_deref(),
+        tributary_kinesis::DEFAULT_REQUEST_TIMEOUT,
+        tributary_kinesis::DEFAULT_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(StartupError)?;
+    tributary_kinesis::check_stream(&client, stream, "--stream")
+        .await
+        .map_err(StartupError)?;
     let from = match from {
         From::TrimHorizon => StartFrom::TrimHorizon,
         From::Latest => StartFrom::Latest,
     };
     let mut stdout = tokio::io::stdout();
+    if pretty {
+        // tail writes JSON lines into a pipe; the printer re-indents them.
+        let colour = std::io::stdout().is_terminal();
+        let (mut lines, reader) = tokio::io::duplex(PIPE_BYTES);
+        let printer = tokio::spawn(async move {
+            let mut stdout = tokio::io::stdout();
+            crate::pretty::print_lines(reader, &mut stdout, colour).await
+        });
+        tokio::select! {
+            result = tail(&client, stream, from, follow, &mut lines) => { result?; }
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        drop(lines);
+        printer.await??;
+        return Ok(0);
+    }
     tokio::select! {
         result = tail(&client, stream, from, follow, &mut stdout) => { result?; }
         _ = tokio::signal::ctrl_c() => {}
     }
-    use tokio::io::AsyncWriteExt as _;
     stdout.flush().await?;
     Ok(0)
 }

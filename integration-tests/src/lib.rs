@@ -24,6 +24,8 @@
 //!   documented rules, and the source rows to compare it with.
 //! - `pipeline.rs`: [`Servers`] and [`Pipeline`], the fixture of the
 //!   end-to-end tests.
+//! - `kinesis_faults.rs`: [`KinesisFaults`], an HTTP proxy in front of
+//!   kinesalite that refuses PutRecords entries and fails whole calls.
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
@@ -31,6 +33,7 @@
 mod config;
 pub mod consumer;
 mod kinesalite;
+mod kinesis_faults;
 mod net;
 mod pipeline;
 mod postgres;
@@ -41,6 +44,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
+pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
 pub use postgres::{DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, USER};

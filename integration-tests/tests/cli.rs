@@ -65,6 +65,126 @@ fn bad_configs_exit_2_and_name_the_key() {
     }
 }
 
+/// No Rust or SDK debug formatting reaches a user.
+fn assert_no_debug_formatting(stderr: &str) {
+    for jargon in [
+        "ProviderError",
+        "Some(",
+        "variant constructor",
+        "enum ",
+        "{ source",
+    ] {
+        assert!(
+            !stderr.contains(jargon),
+            "debug formatting `{jargon}` in: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_key_is_named_once_with_its_line_and_the_closest_key() {
+    let (code, stderr) = run_with(&GOOD.replace("stream = ", "strem = "), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("sink.strem: unknown key (bad.toml line 9); did you mean `stream`?"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("strem").count(), 1, "key once: {stderr}");
+    let (code, stderr) = run_with(&GOOD.replace("tables = ", "tabels = "), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("source.tabels: unknown key (bad.toml line 6); did you mean `tables`?"),
+        "{stderr}"
+    );
+    assert_no_debug_formatting(&stderr);
+}
+
+#[test]
+fn an_unknown_key_from_the_environment_names_the_variable() {
+    let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SINK__STRAEM", "shop-cdc")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "sink.straem: unknown key (environment variable TRIBUTARY__SINK__STRAEM); \
+             did you mean TRIBUTARY__SINK__STREAM?"
+        ),
+        "{stderr}"
+    );
+    assert_no_debug_formatting(&stderr);
+}
+
+#[test]
+fn a_bad_enum_value_lists_the_valid_ones() {
+    let cases = [
+        (
+            GOOD.replace("region = ", "kind = \"kinesys\"\nregion = "),
+            vec![],
+            "sink.kind: \"kinesys\" is not one of kinesis, null (bad.toml line 10); did you mean \"kinesis\"?",
+        ),
+        (
+            GOOD.replace("\"postgres\"", "\"oracle\""),
+            vec![],
+            "source.kind: \"oracle\" is not one of postgres, mysql (bad.toml line 3)",
+        ),
+        (
+            GOOD.to_owned(),
+            vec![("TRIBUTARY__SOURCE__SNAPSHOT", "full")],
+            "source.snapshot: \"full\" is not one of initial, never, only \
+             (environment variable TRIBUTARY__SOURCE__SNAPSHOT)",
+        ),
+        (
+            format!("{GOOD}\n[log]\nformat = \"text\"\n"),
+            vec![],
+            "log.format: \"text\" is not one of json, pretty (bad.toml line 14)",
+        ),
+    ];
+    for (config, env, expected) in cases {
+        let (code, stderr) = run_with(&config, &env);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in: {stderr}"
+        );
+        assert_no_debug_formatting(&stderr);
+    }
+    // `tail --from` is checked by the command line parser, the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let out = tributary(
+        &["tail", "--from", "yesterday", "--stream", "s"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("'yesterday'") && stderr.contains("trim-horizon, latest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_value_says_which_line_holds_it() {
+    let (code, stderr) = run_with(&format!("{GOOD}\n[sink.quota]\nshare = 1.5\n"), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("sink.quota.share: must be > 0 and <= 1, got 1.5 (bad.toml line 14)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_key_says_where_to_add_it() {
+    let (code, stderr) = run_with(&GOOD.replace("name = \"shop\"\n", ""), &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "source.name: missing: add `name = ...` under [source] in bad.toml, \
+             or set TRIBUTARY__SOURCE__NAME"
+        ),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn environment_overrides_every_key() {
     // An unknown key from the environment is an error too.
@@ -75,7 +195,9 @@ fn environment_overrides_every_key() {
     let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__URL", "mysql://x@y/z")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("source.url") && stderr.contains("mysql://x@y/z"),
+        stderr.contains("source.url")
+            && stderr.contains("mysql://x@y/z")
+            && stderr.contains("(environment variable TRIBUTARY__SOURCE__URL)"),
         "{stderr}"
     );
     let (code, stderr) = run_with(GOOD, &[("TRIBUTARY__SOURCE__POSTGRES__SLOT", "Bad-Slot")]);

@@ -10,6 +10,7 @@
 
 pub mod ack;
 pub mod encoder;
+pub mod error_text;
 pub mod filter;
 pub mod json;
 pub mod position;

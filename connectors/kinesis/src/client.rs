@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_kinesis::Client;
 
 use crate::config::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, KinesisSinkConfig};
@@ -43,6 +43,17 @@ pub async fn build_client_with_timeouts(
     request_timeout: Duration,
     connect_timeout: Duration,
 ) -> Client {
+    Client::new(&sdk_config(region, endpoint_url, request_timeout, connect_timeout).await)
+}
+
+/// The SDK configuration behind [`build_client_with_timeouts`]; it holds the
+/// credential chain, which a [`Client`] no longer exposes.
+pub(crate) async fn sdk_config(
+    region: &str,
+    endpoint_url: Option<&str>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+) -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .operation_attempt_timeout(request_timeout)
         .operation_timeout(request_timeout.saturating_mul(4))
@@ -55,7 +66,7 @@ pub async fn build_client_with_timeouts(
     if let Some(url) = endpoint_url {
         loader = loader.endpoint_url(url);
     }
-    Client::new(&loader.load().await)
+    loader.load().await
 }
 
 #[cfg(test)]

@@ -25,13 +25,14 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
+use tributary_envelope::error_text::one_line;
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
@@ -343,7 +344,7 @@ impl Lane {
                 throttled = failure == Failure::Throttled,
                 rate_factor = self.setup.quota.factor(), suppressed,
                 retry_in_ms = delay.as_millis() as u64,
-                error = %DisplayErrorContext(&err),
+                error = %one_line(&err),
                 "putrecords failed; retrying the batch"
             );
         }
@@ -384,6 +385,10 @@ struct SortedAnswer {
 /// entry of its key is retried (then it goes again too, to land after it);
 /// a failed entry is retried, or dead-lettered once a non-retryable error
 /// has refused it `max_rejections` times (counted in `batch`).
+///
+/// A copy of a fanned-out record (a truncate) is ordered against every
+/// entry of the lane, not just its key: it goes again when anything before
+/// it does, and when it goes again so does everything after it.
 fn sort_answer(
     batch: &mut [Pending],
     results: &[PutRecordsResultEntry],
@@ -397,10 +402,14 @@ fn sort_answer(
         first_error: (String::new(), String::new()),
     };
     let mut retried_keys: HashSet<&str> = HashSet::new();
+    let mut barrier_retried = false;
     for (pending, result) in batch.iter_mut().zip(results) {
         let key = pending.record.partition_key.as_str();
+        let barrier = pending.record.copies.is_some();
+        let held =
+            barrier_retried || retried_keys.contains(key) || (barrier && !retried_keys.is_empty());
         let outcome = match (result.error_code(), result.sequence_number()) {
-            (None, Some(_)) if retried_keys.contains(key) => Outcome::Retry,
+            (None, Some(_)) if held => Outcome::Retry,
             (None, Some(_)) => Outcome::Done,
             (code, _) => {
                 let code = code.unwrap_or("MissingSequenceNumber");
@@ -426,6 +435,7 @@ fn sort_answer(
         if matches!(outcome, Outcome::Retry) {
             sorted.retrying += 1;
             retried_keys.insert(key);
+            barrier_retried |= barrier;
         }
         sorted.outcomes.push(outcome);
     }
@@ -514,6 +524,32 @@ mod tests {
             batch[1].rejections, 0,
             "a retryable error is not a rejection"
         );
+    }
+
+    #[test]
+    fn a_truncate_copy_is_ordered_against_every_key_of_the_lane() {
+        let copy = |seq: u64| {
+            let mut pending = pending(seq, "public.t", 0);
+            let copies = tributary_envelope::record::Copies::new(2);
+            pending.record = pending.record.copy_for(0, &copies);
+            pending
+        };
+        // The copy is refused: everything after it goes again.
+        let mut batch = vec![pending(0, "t:1", 0), copy(1), pending(2, "t:2", 0)];
+        let results = [
+            accepted(),
+            refused("ProvisionedThroughputExceededException"),
+            accepted(),
+        ];
+        assert_eq!(kinds(&sort_answer(&mut batch, &results, 3)), "drr");
+        // Something before it is refused: the copy and what follows go again.
+        let mut batch = vec![pending(0, "t:1", 0), copy(1), pending(2, "t:2", 0)];
+        let results = [refused("InternalFailure"), accepted(), accepted()];
+        assert_eq!(kinds(&sort_answer(&mut batch, &results, 3)), "rrr");
+        // Refusals after it hold back only their own keys.
+        let mut batch = vec![copy(0), pending(1, "t:1", 0), pending(2, "t:2", 0)];
+        let results = [accepted(), refused("InternalFailure"), accepted()];
+        assert_eq!(kinds(&sort_answer(&mut batch, &results, 3)), "drd");
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! - `dead_letter.rs`: [`DeadLetterStore`], the JSON Lines file of records
 //!   Kinesis can never take.
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
+//! - `preflight.rs`: [`checked_client`] and [`check_stream`], the
+//!   start-up checks that run before the source is touched.
 //! - `error.rs`: [`KinesisError`].
 //!
 //! [`Sink`]: tributary_envelope::Sink
@@ -33,6 +35,7 @@ mod config;
 mod dead_letter;
 mod error;
 mod lane;
+mod preflight;
 mod quota;
 mod retry;
 mod shards;
@@ -50,6 +53,10 @@ pub use config::{
 pub use dead_letter::{DEAD_LETTER_FILE, DeadLetterStore};
 pub use error::{BoxError, KinesisError};
 pub use lane::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+pub use preflight::{
+    CREDENTIAL_CHAIN, CREDENTIALS_TIMEOUT, PreflightError, StreamSummary, check_stream,
+    checked_client,
+};
 pub use shards::{
     DEFAULT_MAX_RECORD_BYTES, ShardMap, ShardRange, StreamInfo, describe_stream, hash_key,
 };

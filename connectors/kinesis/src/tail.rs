@@ -12,13 +12,14 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
+use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::get_records::{GetRecordsError, GetRecordsOutput};
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 use tokio::time::Instant;
 use tracing::{debug, warn};
+use tributary_envelope::error_text::one_line;
 use tributary_envelope::json;
 
 use crate::config::RetryPolicy;
@@ -352,7 +353,7 @@ where
     let delay = cursor.backoff.next_delay();
     warn!(
         stream, shard = %cursor.shard_id, operation, retry_in_ms = delay.as_millis() as u64,
-        error = %DisplayErrorContext(&err), "kinesis read failed; retrying"
+        error = %one_line(&err), "kinesis read failed; retrying"
     );
     cursor.next_poll = Instant::now() + delay.max(POLL_INTERVAL);
     Ok(())

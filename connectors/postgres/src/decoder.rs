@@ -344,6 +344,9 @@ impl Decoder {
             }));
         let before = match old {
             Some((OldKind::Full, _)) => Before::Old(None),
+            // A partitioned root without an identity of its own sends
+            // key tuples without identity columns: nothing to show.
+            Some((OldKind::Key, _)) if table.identity.is_empty() => Before::Null,
             Some((OldKind::Key, _)) => Before::Old(Some(&table.identity)),
             // The key did not change: the old key columns equal the new ones.
             None if op == Op::Update && !table.key.is_empty() => Before::Key,
@@ -354,11 +357,9 @@ impl Decoder {
             // A key change: a delete under the old key, then an insert under
             // the new one, so each key's events stay in its own shard in order.
             let old_key: Vec<Slot> = table.key.iter().map(|&i| rows.old[i]).collect();
-            // An unchanged TOAST value of the new row is taken from a full
-            // old row where there is one.
             let after = new.map(|cells| After {
                 cells,
-                fill_from_old: true,
+                old: old.map(|o| o.0),
             });
             out.push(rows.envelope(
                 Op::Delete,
@@ -388,7 +389,7 @@ impl Decoder {
             before,
             new.map(|cells| After {
                 cells,
-                fill_from_old: false,
+                old: old.map(|o| o.0),
             }),
             captured_at,
         ));
@@ -412,8 +413,10 @@ enum Before<'a> {
 #[derive(Clone, Copy)]
 struct After<'t> {
     cells: Tuple<'t>,
-    /// Fill unchanged TOAST values in from the old tuple where it has them.
-    fill_from_old: bool,
+    /// The kind of old tuple sent with it, which holds the values of
+    /// unchanged TOAST columns: all of them when it is the whole row
+    /// (REPLICA IDENTITY FULL), the identity columns when it is the key.
+    old: Option<OldKind>,
 }
 
 /// The rendered tuples of one row change.
@@ -433,10 +436,12 @@ impl Rows<'_> {
     }
 
     /// The stand-in for a new tuple's unsent (unchanged TOAST) cell: the old
-    /// tuple's value when `fill_from_old` and the old tuple has it.
-    fn unsent(&self, column: usize, fill_from_old: bool) -> Option<Slot> {
-        match self.old.get(column) {
-            Some(&slot @ (Slot::Value(..) | Slot::Null)) if fill_from_old => Some(slot),
+    /// tuple's value where it holds one (a key tuple has nulls in place of
+    /// the columns outside the identity, so only its values count).
+    fn unsent(&self, column: usize, old: Option<OldKind>) -> Option<Slot> {
+        match (old, self.old.get(column)) {
+            (Some(OldKind::Full), Some(&slot @ (Slot::Value(..) | Slot::Null))) => Some(slot),
+            (Some(OldKind::Key), Some(&slot @ Slot::Value(..))) => Some(slot),
             _ => None,
         }
     }
@@ -505,11 +510,7 @@ impl Rows<'_> {
             }
         }
         let mut unchanged: Vec<&str> = Vec::new();
-        if let Some(After {
-            cells,
-            fill_from_old,
-        }) = after
-        {
+        if let Some(After { cells, old }) = after {
             enc.after();
             for (i, (column, cell)) in table.columns.iter().zip(cells.iter()).enumerate() {
                 match cell {
@@ -517,7 +518,7 @@ impl Rows<'_> {
                     Cell::Text(text) | Cell::Binary(text) => {
                         enc.column_with(&column.label, |out| render(&column.kind, text, out))
                     }
-                    Cell::Unchanged => match self.unsent(i, fill_from_old) {
+                    Cell::Unchanged => match self.unsent(i, old) {
                         Some(slot) => enc.column(&column.label, self.value(slot)),
                         None => unchanged.push(column.name.as_str()),
                     },
@@ -586,4 +587,128 @@ fn render_cells(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{RelationColumn, parse};
+
+    fn decoder(replica_identity: u8, identity: &[&str]) -> Decoder {
+        let mut decoder = Decoder::new(
+            "shop",
+            "shop",
+            StreamRouter::parse("s").unwrap(),
+            TableFilter::new(&["public.*".to_owned()], &[]),
+        );
+        let column = |name: &str| RelationColumn {
+            is_identity: identity.contains(&name),
+            name: name.to_owned(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        let relation = Relation {
+            id: 7,
+            schema: "public".into(),
+            table: "t".into(),
+            replica_identity,
+            columns: vec![column("id"), column("note")],
+        };
+        let facts = RelationFacts {
+            kinds: vec![ValueKind::Integer, ValueKind::Text],
+            primary_key: Some(vec!["id".into()]),
+        };
+        decoder.relation(&relation, facts);
+        decoder
+    }
+
+    /// An Update message: old tuple of `old_kind` then the new tuple, each
+    /// cell `Some(text)`, `None` (null) or `Some("\u{1}")` (unchanged).
+    fn update(old_kind: u8, old: &[Option<&str>], new: &[Option<&str>]) -> Vec<u8> {
+        let mut bytes = vec![b'U'];
+        bytes.extend_from_slice(&7u32.to_be_bytes());
+        for (kind, cells) in [(old_kind, old), (b'N', new)] {
+            bytes.push(kind);
+            bytes.extend_from_slice(&(cells.len() as u16).to_be_bytes());
+            for cell in cells {
+                match cell {
+                    None => bytes.push(b'n'),
+                    Some("\u{1}") => bytes.push(b'u'),
+                    Some(text) => {
+                        bytes.push(b't');
+                        bytes.extend_from_slice(&(text.len() as u32).to_be_bytes());
+                        bytes.extend_from_slice(text.as_bytes());
+                    }
+                }
+            }
+        }
+        bytes
+    }
+
+    fn decode(decoder: &mut Decoder, message: &[u8]) -> Vec<serde_json::Value> {
+        let mut tx = Transaction::begin(0x100, 9, 0);
+        let mut out = Vec::new();
+        let msg = parse(message).unwrap();
+        decoder
+            .change(&msg, &mut tx, &tributary_envelope::time::now(), &mut out)
+            .unwrap();
+        out.iter()
+            .map(|r| serde_json::from_slice(&r.data).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_key_change_is_a_delete_then_an_insert_and_never_invents_a_toast_value() {
+        // Default identity: the old tuple is the key, the rest null; the
+        // note is an unchanged TOAST value.
+        let mut d = decoder(b'd', &["id"]);
+        let events = decode(
+            &mut d,
+            &update(b'K', &[Some("1"), None], &[Some("2"), Some("\u{1}")]),
+        );
+        let ops: Vec<&str> = events.iter().map(|e| e["op"].as_str().unwrap()).collect();
+        assert_eq!(ops, ["delete", "insert"]);
+        assert_eq!(events[0]["key"], serde_json::json!({"id": 1}));
+        assert_eq!(events[1]["key"], serde_json::json!({"id": 2}));
+        assert_eq!(events[1]["after"], serde_json::json!({"id": 2}));
+        assert_eq!(events[1]["unchanged"], serde_json::json!(["note"]));
+        assert!(
+            events[0]["source"]["position"].as_str() < events[1]["source"]["position"].as_str()
+        );
+
+        // FULL identity: the old row holds the value, so the insert has it.
+        let mut d = decoder(b'f', &["id", "note"]);
+        let events = decode(
+            &mut d,
+            &update(
+                b'O',
+                &[Some("1"), Some("long")],
+                &[Some("2"), Some("\u{1}")],
+            ),
+        );
+        assert_eq!(
+            events[1]["after"],
+            serde_json::json!({"id": 2, "note": "long"})
+        );
+        assert_eq!(events[1]["unchanged"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn an_update_that_keeps_its_key_is_one_event_with_the_key_from_the_old_tuple() {
+        // The key is an unchanged TOAST value in the new tuple: PostgreSQL
+        // then sends it in the old key tuple.
+        let mut d = decoder(b'd', &["id"]);
+        let events = decode(
+            &mut d,
+            &update(b'K', &[Some("5"), None], &[Some("\u{1}"), Some("x")]),
+        );
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["op"], "update");
+        assert_eq!(events[0]["key"], serde_json::json!({"id": 5}));
+        assert_eq!(
+            events[0]["after"],
+            serde_json::json!({"id": 5, "note": "x"})
+        );
+        assert_eq!(events[0]["unchanged"], serde_json::json!([]));
+    }
 }

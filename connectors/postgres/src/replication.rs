@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
+use tributary_envelope::error_text::one_line;
 use tributary_envelope::{AckTracker, Budget, Record};
 
 use crate::catalog::Catalog;
@@ -24,7 +25,7 @@ use crate::error::PostgresError;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
-use crate::wire::{ReplicationConnection, StreamMessage};
+use crate::wire::{ReplicationConnection, StreamMessage, WireError};
 
 /// Session settings that give every type one text shape (see `types`).
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
@@ -164,7 +165,12 @@ impl PostgresSource {
                         // The session had been healthy: start over with short waits.
                         backoff = Duration::from_millis(200);
                     }
-                    warn!(error = %err, retry_in = ?backoff, "replication session failed; reconnecting");
+                    warn!(
+                        error = %one_line(&err),
+                        meaning = retry_meaning(&err),
+                        retry_in = ?backoff,
+                        "replication session failed; reconnecting"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop_requested(&mut shutdown) => {}
@@ -247,10 +253,15 @@ impl PostgresSource {
                                 let Some(tx) = tx.as_mut() else { continue };
                                 self.decoder
                                     .change(&msg, tx, &st.captured_at, &mut decoded)?;
-                                for record in decoded.drain(..) {
-                                    st.push(record, &mut conn, &mut feedback).await?;
-                                }
                             }
+                        }
+                        // The message's bytes are freed before its records
+                        // wait for budget: a large row is held once, as its
+                        // envelope, not twice.
+                        drop(msg);
+                        drop(data);
+                        for record in decoded.drain(..) {
+                            st.push(record, &mut conn, &mut feedback).await?;
                         }
                     }
                     StreamMessage::KeepAlive { wal_end, reply } => {
@@ -328,10 +339,10 @@ async fn stop_requested(shutdown: &mut watch::Receiver<bool>) -> bool {
     *shutdown.borrow()
 }
 
-fn wire_error(context: &str) -> impl FnOnce(crate::wire::WireError) -> PostgresError {
+fn wire_error(context: &str) -> impl FnOnce(WireError) -> PostgresError {
     let context = context.to_owned();
     move |e| {
-        if e.is_auth() {
+        if e.is_auth() || !retry_can_fix(&e) {
             PostgresError::Setup(format!("{context}: {e}"))
         } else {
             PostgresError::Connection {
@@ -339,6 +350,52 @@ fn wire_error(context: &str) -> impl FnOnce(crate::wire::WireError) -> PostgresE
                 source: Box::new(e),
             }
         }
+    }
+}
+
+/// Whether reconnecting can fix a replication connection error: socket
+/// trouble, and server errors of the classes that pass (connection
+/// exceptions 08, transaction rollbacks 40, insufficient resources 53,
+/// operator intervention 57 such as a shutdown or restart, system errors
+/// 58) or an object in use (55006: the slot is held by another session).
+/// Anything else (a dropped or invalidated slot, a missing publication, a
+/// syntax error) needs a person.
+fn retry_can_fix(e: &WireError) -> bool {
+    match e {
+        WireError::Server { code, .. } => {
+            code == OBJECT_IN_USE
+                || ["08", "40", "53", "57", "58"]
+                    .iter()
+                    .any(|c| code.starts_with(c))
+        }
+        WireError::Io(_) | WireError::Protocol(_) => true,
+    }
+}
+
+/// SQLSTATE of "replication slot ... is active for PID ...".
+const OBJECT_IN_USE: &str = "55006";
+
+/// What a transient failure means for the person reading the retry line.
+fn retry_meaning(err: &PostgresError) -> &'static str {
+    let wire = std::iter::successors(Some(err as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .find_map(|e| e.downcast_ref::<WireError>());
+    match wire {
+        Some(WireError::Server { code, .. }) if code == OBJECT_IN_USE => {
+            "another session streams from this slot: a second connector with the same \
+             source.postgres.slot (stop it, or give this one its own slot), or a previous \
+             session the server has not noticed is gone yet (it lets go after \
+             wal_sender_timeout, 60 s by default); retrying until the slot is free"
+        }
+        Some(WireError::Server { code, .. }) if code.starts_with("57") => {
+            "the server is shutting down, restarting or starting up; retrying"
+        }
+        Some(WireError::Server { code, .. }) if code.starts_with("53") => {
+            "the server is out of connections or resources (max_wal_senders, \
+             max_connections); retrying"
+        }
+        _ => "the connection to the server failed or dropped (network, server restart); retrying",
     }
 }
 

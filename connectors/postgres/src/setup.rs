@@ -116,6 +116,14 @@ pub async fn ensure(
     }
     let publication_created =
         ensure_publication(client, publication, &tables, &partitioned).await?;
+    if !partitioned.is_empty() {
+        warn!(
+            tables = %partitioned.join(", "),
+            "captured partitioned tables: PostgreSQL does not replicate a TRUNCATE, DETACH or \
+             DROP of a single partition; truncate the partitioned table itself, or delete the \
+             rows, so that consumers see it"
+        );
+    }
 
     let existing = client
         .query_opt(
@@ -188,15 +196,25 @@ async fn publish_via_root(
         "ALTER PUBLICATION {} SET ({VIA_ROOT})",
         quote_ident(publication)
     );
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(PostgresError::query(format!(
-            "publication {publication} publishes partitions under their own names, so changes \
+    let altered = client.batch_execute(&sql).await;
+    if let Err(err) = &altered
+        && partitioned.is_empty()
+    {
+        // Nothing captured is partitioned yet: the option only matters for
+        // partitioned tables created later, so say it and go on.
+        warn!(
+            publication, error = %err, sql = %sql,
+            "cannot set publish_via_partition_root on the publication; a partitioned table \
+             created later would be published under its partitions' names"
+        );
+        return Ok(());
+    }
+    altered.map_err(PostgresError::query(format!(
+        "publication {publication} publishes partitions under their own names, so changes \
              of the partitioned tables {} would be lost; the user must own the publication, or \
              a DBA runs: {sql}",
-            partitioned.join(", ")
-        )))?;
+        partitioned.join(", ")
+    )))?;
     info!(
         publication,
         "publication now publishes partitions via their root table"
@@ -250,7 +268,7 @@ async fn ensure_publication(
             Ok(true)
         }
         Some(row) => {
-            if !row.get::<_, bool>(1) && !partitioned.is_empty() {
+            if !row.get::<_, bool>(1) {
                 publish_via_root(client, publication, partitioned).await?;
             }
             if row.get::<_, bool>(0) {

@@ -211,19 +211,23 @@ impl ReplicationConnection {
     /// Splits the next complete message (tag, whole frame) off the buffer.
     fn next_frame(&mut self) -> Result<Option<(u8, Bytes)>, WireError> {
         let frame = split_frame(&mut self.buf)?;
-        self.settle_buffer(frame.is_some())?;
+        self.settle_buffer(frame.as_ref().map_or(0, |(_, f)| f.len()))?;
         Ok(frame)
     }
 
-    /// After a split: gives back the memory one large message grew the
-    /// buffer to once it has been taken, or makes room for the whole of the
-    /// partial frame the buffer starts with.
-    fn settle_buffer(&mut self, took_frame: bool) -> Result<(), WireError> {
-        if took_frame {
-            if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER_BYTES {
-                self.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-            }
-        } else if let Some(total) = frame_length(&self.buf)? {
+    /// After `taken` bytes were split off the buffer: makes room for the
+    /// whole of the partial frame it starts with when nothing was taken.
+    fn settle_buffer(&mut self, taken: usize) -> Result<(), WireError> {
+        if taken > KEEP_BUFFER_BYTES {
+            // A large message grew the buffer, whose rest still shares the
+            // message's allocation: move the rest to a buffer of its own so
+            // the memory goes with the message.
+            let mut rest = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len()));
+            rest.extend_from_slice(&self.buf);
+            self.buf = rest;
+        } else if taken == 0
+            && let Some(total) = frame_length(&self.buf)?
+        {
             self.buf.reserve(total.saturating_sub(self.buf.len()));
         }
         Ok(())
@@ -320,8 +324,9 @@ impl ReplicationConnection {
 
     /// The next complete message already read, without waiting.
     pub fn next_message(&mut self) -> Result<Option<StreamMessage>, WireError> {
+        let before = self.buf.len();
         let message = split_stream_message(&mut self.buf)?;
-        self.settle_buffer(message.is_some())?;
+        self.settle_buffer(before - self.buf.len())?;
         Ok(message)
     }
 

@@ -5,8 +5,9 @@
 //!   user `tributary`, table `public.orders`) and kinesalite on
 //!   127.0.0.1:4567 (stream `shop-cdc`, 2 shards), the addresses the
 //!   repository's `config.toml` points at; runs until Ctrl-C or SIGTERM.
-//! - `tributary-dev demo`: `up`, then `tributary run` on `config.toml`, a few
-//!   changes to `orders`, and `tributary tail` to show the envelopes.
+//! - `tributary-dev demo`: `up`, then `tributary run` on `config.toml` (its
+//!   start-up log shown), a few changes to `orders`, and `tributary tail
+//!   --pretty` to show the envelopes, with a word on their order.
 //! - `tributary-dev sql "<statement>"`: runs SQL on the dev Postgres.
 
 use std::path::{Path, PathBuf};
@@ -181,14 +182,22 @@ async fn demo(config: &Path) -> Result<()> {
     );
     let mut tributary = TributaryProcess::run(&config, &[("TRIBUTARY__STATE__DIR", state_dir)])?;
     let result = drive_demo(&stack, &mut tributary, &config, &stream, &slot).await;
-    if result.is_err() {
-        eprintln!("{}", tributary.logs());
-        return result;
-    }
+    let shown = match result {
+        Ok(shown) => shown,
+        Err(err) => {
+            eprintln!("{}", tributary.logs());
+            return Err(err);
+        }
+    };
 
     println!("stopping tributary (SIGTERM)");
     tributary.sigterm()?;
     let status = tributary.wait_exit(Duration::from_secs(30)).await?;
+    show_log(
+        "tributary's log from here to its exit",
+        &tributary.stderr(),
+        shown,
+    );
     println!("tributary exited: {status}");
     println!("stopping postgres and kinesalite");
     drop(stack);
@@ -199,17 +208,21 @@ async fn demo(config: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Waits for tributary to stream, shows its start-up log, makes the changes
+/// and tails the stream; returns how much of tributary's log was shown.
 async fn drive_demo(
     stack: &DevStack,
     tributary: &mut TributaryProcess,
     config: &Path,
     stream: &str,
     slot: &str,
-) -> Result<()> {
+) -> Result<usize> {
     println!("waiting for tributary to stream from slot {slot}");
     tributary
         .wait_streaming(&stack.pg, slot, Duration::from_secs(60))
         .await?;
+    let log = tributary.stderr();
+    show_log("tributary's start-up log", &log, 0);
 
     println!("changing public.orders: 3 inserts, 1 update, 1 delete");
     for change in DEMO_CHANGES {
@@ -229,11 +242,15 @@ async fn drive_demo(
         println!("warning: {err:#}; tailing what is there");
     }
 
-    println!("--- tributary tail --stream {stream} --from trim-horizon ---");
+    println!(
+        "order holds per key (each key's envelopes are in commit order in its shard), not \
+         across the stream: tail reads the {DEV_SHARDS} shards one after the other"
+    );
+    println!("--- tributary tail --stream {stream} --from trim-horizon --pretty ---");
     let status = tokio::process::Command::new(tributary_bin()?)
         .args(["tail", "-c"])
         .arg(config)
-        .args(["--stream", stream, "--from", "trim-horizon"])
+        .args(["--stream", stream, "--from", "trim-horizon", "--pretty"])
         .envs(EMULATOR_AWS_ENV)
         .current_dir(config.parent().unwrap_or(Path::new(".")))
         .stdin(Stdio::null())
@@ -246,7 +263,21 @@ async fn drive_demo(
     if !status.success() {
         bail!("`tributary tail` failed ({status})");
     }
-    arrived.map(drop)
+    arrived.map(|_| log.len())
+}
+
+/// Prints `log` from byte `from` on under a header, each line indented.
+fn show_log(title: &str, log: &str, from: usize) {
+    println!("--- {title} ---");
+    for line in log
+        .get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+    {
+        println!("  {line}");
+    }
+    println!("---");
 }
 
 /// `sink.stream` and `source.postgres.slot` of the config, with the dev
