@@ -53,43 +53,65 @@ const COLUMNS: &[Column] = &[
         integer(r, i32::MIN.into(), i32::MAX.into())
     }),
     column("i8", "bigint", |r| integer(r, i64::MIN, i64::MAX)),
-    column("num", "numeric", numeric),
+    column("num", "numeric", |r| scalar(numeric_text(r))),
     column("f4", "real", real),
-    column("f8", "double precision", double),
-    column("flag", "boolean", |r| {
-        let v = r.random_bool(0.5);
-        (format!("{v}"), Expected::Json(json!(v)))
-    }),
-    column("t", "text", |r| {
-        let s = text(r, 40);
-        (sql_quote(&s), Expected::Json(json!(s)))
+    column("f8", "double precision", |r| scalar(double_text(r))),
+    column("flag", "boolean", |r| scalar(bool_text(r))),
+    column("t", "text", |r| scalar(text_value(r))),
+    column("vc", "varchar(20)", |r| {
+        let s = text(r, 20);
+        let value = json!(s);
+        scalar((s, value))
     }),
     column("ch", "char(8)", padded_char),
-    column("raw", "bytea", bytea),
+    column("raw", "bytea", |r| scalar(bytea_text(r))),
     column("js", "json", |r| json_value(r, false)),
     column("jsb", "jsonb", |r| json_value(r, true)),
-    column("d", "date", date),
+    column("d", "date", |r| scalar(date_text(r))),
+    column("tm", "time", |r| scalar(time_text(r, false))),
+    column("tmtz", "timetz", |r| scalar(time_text(r, true))),
     column("ts", "timestamp", |r| timestamp(r, false)),
     column("tstz", "timestamptz", |r| timestamp(r, true)),
-    column("u", "uuid", uuid),
-    column("iv", "interval", interval),
-    column("cash", "money", money),
+    column("u", "uuid", |r| scalar(uuid_text(r))),
+    column("iv", "interval", |r| scalar(interval_text(r))),
+    column("ip", "inet", |r| scalar(inet_text(r))),
+    column("cash", "money", |r| scalar(money_text(r))),
+    column("m", "mood", |r| scalar(mood_text(r))),
+    column("dom", "positive", |r| {
+        let v = r.random_range(1..=i32::MAX);
+        scalar((v.to_string(), json!(v)))
+    }),
     column("arr_t", "text[]", text_array),
     column("arr_i", "bigint[]", bigint_array),
     column("arr_num", "numeric[]", |r| flat_array(r, numeric_text)),
+    column("arr_f8", "double precision[]", |r| {
+        flat_array(r, double_text)
+    }),
+    column("arr_b", "boolean[]", |r| flat_array(r, bool_text)),
+    column("arr_jsb", "jsonb[]", |r| {
+        flat_array(r, |r| {
+            let value = random_json(r, 2);
+            (value.to_string(), value)
+        })
+    }),
+    column("arr_d", "date[]", |r| flat_array(r, date_text)),
     column("arr_tstz", "timestamptz[]", |r| {
         flat_array(r, |r| {
             let (text, expected) = timestamp_text(r, true);
             (text, json!(expected))
         })
     }),
-    column("arr_raw", "bytea[]", |r| {
-        flat_array(r, |r| {
-            let bytes = random_bytes(r, 12);
-            (hex_bytea(&bytes), json!(base64_of(&bytes)))
-        })
-    }),
+    column("arr_iv", "interval[]", |r| flat_array(r, interval_text)),
+    column("arr_u", "uuid[]", |r| flat_array(r, uuid_text)),
+    column("arr_cash", "money[]", |r| flat_array(r, money_text)),
+    column("arr_raw", "bytea[]", |r| flat_array(r, bytea_text)),
+    column("arr_m", "mood[]", |r| flat_array(r, mood_text)),
 ];
+
+/// Types the table's columns use besides the built-in ones: an enum and a
+/// domain over a built-in type.
+const TYPES: &str = "CREATE TYPE mood AS ENUM ('happy', 'sad', 'with \"quotes\", commas', 'NULL');
+CREATE DOMAIN positive AS integer CHECK (VALUE > 0);";
 
 const fn column(
     name: &'static str,
@@ -152,12 +174,14 @@ fn numeric_text(r: &mut StdRng) -> (String, Value) {
     (text, expected)
 }
 
-fn numeric(r: &mut StdRng) -> Case {
-    let (text, expected) = numeric_text(r);
-    (sql_quote(&text), Expected::Json(expected))
+/// A column value written as `text` that arrives as `value`.
+fn scalar((text, value): (String, Value)) -> Case {
+    (sql_quote(&text), Expected::Json(value))
 }
 
-fn double(r: &mut StdRng) -> Case {
+/// A double as a literal Postgres reads back to the same bits, with the
+/// edges and NaN / ±Infinity (which arrive as strings).
+fn double_text(r: &mut StdRng) -> (String, Value) {
     let specials = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
     let edges = [f64::MAX, f64::MIN, f64::MIN_POSITIVE, 5e-324, -0.0, 0.0];
     let x = match r.random_range(0..20) {
@@ -170,7 +194,10 @@ fn double(r: &mut StdRng) -> Case {
             }
         },
     };
-    float_case(format!("{x:e}"), x, Expected::Json(json!(x)))
+    match float_case(format!("{x:e}"), x, Expected::Json(json!(x))) {
+        (text, Expected::Json(value)) => (text, value),
+        (_, Expected::Real(_)) => unreachable!("a double is expected as JSON"),
+    }
 }
 
 fn real(r: &mut StdRng) -> Case {
@@ -180,11 +207,12 @@ fn real(r: &mut StdRng) -> Case {
             break x;
         }
     };
-    float_case(format!("{x:e}"), f64::from(x), Expected::Real(x))
+    let (text, expected) = float_case(format!("{x:e}"), f64::from(x), Expected::Real(x));
+    (sql_quote(&text), expected)
 }
 
-/// A float's literal and expectation; NaN and ±Infinity are strings.
-fn float_case(literal: String, x: f64, finite: Expected) -> Case {
+/// A float's text and expectation; NaN and ±Infinity are strings.
+fn float_case(text: String, x: f64, finite: Expected) -> (String, Expected) {
     let special = if x.is_nan() {
         "NaN"
     } else if x == f64::INFINITY {
@@ -192,9 +220,9 @@ fn float_case(literal: String, x: f64, finite: Expected) -> Case {
     } else if x == f64::NEG_INFINITY {
         "-Infinity"
     } else {
-        return (sql_quote(&literal), finite);
+        return (text, finite);
     };
-    (sql_quote(special), Expected::Json(json!(special)))
+    (special.to_owned(), Expected::Json(json!(special)))
 }
 
 /// Text with every character JSON escapes (all controls but NUL, which
@@ -244,12 +272,65 @@ fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn bytea(r: &mut StdRng) -> Case {
+fn bytea_text(r: &mut StdRng) -> (String, Value) {
     let bytes = random_bytes(r, 40);
-    (
-        sql_quote(&hex_bytea(&bytes)),
-        Expected::Json(json!(base64_of(&bytes))),
-    )
+    (hex_bytea(&bytes), json!(base64_of(&bytes)))
+}
+
+fn bool_text(r: &mut StdRng) -> (String, Value) {
+    let v = r.random_bool(0.5);
+    (v.to_string(), json!(v))
+}
+
+fn text_value(r: &mut StdRng) -> (String, Value) {
+    let s = text(r, 40);
+    let value = json!(s);
+    (s, value)
+}
+
+/// A label of the `mood` enum: the labels are strings, whatever they hold.
+fn mood_text(r: &mut StdRng) -> (String, Value) {
+    let label = ["happy", "sad", "with \"quotes\", commas", "NULL"][r.random_range(0..4)];
+    (label.to_owned(), json!(label))
+}
+
+/// A time of day (with a UTC offset for timetz, which keeps the offset it
+/// was given), passed on as printed.
+fn time_text(r: &mut StdRng, with_zone: bool) -> (String, Value) {
+    let mut text = format!(
+        "{:02}:{:02}:{:02}",
+        r.random_range(0..24),
+        r.random_range(0..60),
+        r.random_range(0..60)
+    );
+    let micros: u32 = r.random_range(0..1_000_000);
+    if micros > 0 && r.random_bool(0.5) {
+        text.push_str(format!(".{micros:06}").trim_end_matches('0'));
+    }
+    if with_zone {
+        let hours: i32 = r.random_range(-12..=14);
+        text.push_str(&format!(
+            "{}{:02}",
+            if hours < 0 { '-' } else { '+' },
+            hours.abs()
+        ));
+        if r.random_bool(0.3) {
+            text.push_str(":30");
+        }
+    }
+    let expected = json!(text);
+    (text, expected)
+}
+
+/// An IPv4 address with a prefix length shorter than 32 now and then.
+fn inet_text(r: &mut StdRng) -> (String, Value) {
+    let octets: [u8; 4] = r.random();
+    let mut text = format!("{}.{}.{}.{}", octets[0], octets[1], octets[2], octets[3]);
+    if r.random_bool(0.3) {
+        text.push_str(&format!("/{}", r.random_range(0..32)));
+    }
+    let expected = json!(text);
+    (text, expected)
 }
 
 /// A JSON document without floats (Postgres keeps numeric digits, serde
@@ -287,7 +368,7 @@ fn json_value(r: &mut StdRng, binary: bool) -> Case {
 
 /// A date as Postgres prints it (`DateStyle=ISO`): years 1 to 5874897 AD
 /// and 4713 to 1 BC, and ±infinity. Dates are passed on as printed.
-fn date(r: &mut StdRng) -> Case {
+fn date_text(r: &mut StdRng) -> (String, Value) {
     let text = match r.random_range(0..12) {
         0 => "infinity".to_owned(),
         1 => "-infinity".to_owned(),
@@ -305,8 +386,8 @@ fn date(r: &mut StdRng) -> Case {
             r.random_range(1..=28)
         ),
     };
-    let expected = Expected::Json(json!(text));
-    (sql_quote(&text), expected)
+    let expected = json!(text);
+    (text, expected)
 }
 
 /// A year AD, often at an edge: the first years, around 9999/10000, the
@@ -371,7 +452,7 @@ fn timestamp(r: &mut StdRng, with_zone: bool) -> Case {
     (sql_quote(&text), Expected::Json(json!(expected)))
 }
 
-fn uuid(r: &mut StdRng) -> Case {
+fn uuid_text(r: &mut StdRng) -> (String, Value) {
     let hex: String = (0..16)
         .map(|_| format!("{:02x}", r.random::<u8>()))
         .collect();
@@ -383,13 +464,12 @@ fn uuid(r: &mut StdRng) -> Case {
         &hex[16..20],
         &hex[20..]
     );
-    let literal = sql_quote(&text.to_uppercase());
-    (literal, Expected::Json(json!(text)))
+    (text.to_uppercase(), json!(text))
 }
 
 /// An interval of days and a time of day, and its ISO 8601 form as
 /// Postgres prints it with `IntervalStyle=iso_8601`.
-fn interval(r: &mut StdRng) -> Case {
+fn interval_text(r: &mut StdRng) -> (String, Value) {
     let days = if r.random_bool(0.3) {
         0
     } else {
@@ -430,13 +510,15 @@ fn interval(r: &mut StdRng) -> Case {
     } else if days == 0 {
         iso.push_str("T0S");
     }
-    let literal = format!("'{days} days {h:02}:{m:02}:{s:02}.{micros:06}'");
-    (literal, Expected::Json(json!(iso)))
+    (
+        format!("{days} days {h:02}:{m:02}:{s:02}.{micros:06}"),
+        json!(iso),
+    )
 }
 
 /// `money` in cents, up to the type's limits, written as a plain decimal;
 /// it arrives as the plain decimal, currency formatting removed.
-fn money(r: &mut StdRng) -> Case {
+fn money_text(r: &mut StdRng) -> (String, Value) {
     let cents = if r.random_bool(0.1) {
         [i64::MIN, i64::MAX, 0, -1][r.random_range(0..4)]
     } else {
@@ -445,7 +527,8 @@ fn money(r: &mut StdRng) -> Case {
     let abs = cents.unsigned_abs();
     let sign = if cents < 0 { "-" } else { "" };
     let text = format!("{sign}{}.{:02}", abs / 100, abs % 100);
-    (sql_quote(&text), Expected::Json(json!(text)))
+    let expected = json!(text);
+    (text, expected)
 }
 
 /// An element as Postgres' `array_out` prints it: quoted when empty, when
@@ -584,7 +667,7 @@ async fn values_of_every_type_arrive_as_the_exact_json() -> anyhow::Result<()> {
         .map(|c| format!("{} {}", c.name, c.sql_type))
         .collect();
     let setup = format!(
-        "CREATE TABLE vals (id integer PRIMARY KEY, {});",
+        "{TYPES}\nCREATE TABLE vals (id integer PRIMARY KEY, {});",
         columns.join(", ")
     );
     let pipeline = Pipeline::start(STREAM, 2, &setup, "").await?;
