@@ -2,6 +2,7 @@
 
 mod cli;
 mod config_error;
+mod format_stage;
 mod logging;
 mod null_sink;
 mod pipeline;

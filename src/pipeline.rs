@@ -14,7 +14,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-use tributary_envelope::{AckTracker, Acks, Budget, Sink};
+use tributary_envelope::{AckTracker, Acks, Budget, Format, Sink};
 use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
 use tributary_postgres::{PostgresSource, Stopped};
 
@@ -61,6 +61,10 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     ));
     let acks = Acks::new(tracker.clone(), budget.clone());
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let rx = match settings.sink.format {
+        Format::Tributary => rx,
+        format => crate::format_stage::spawn(format, rx, budget.clone(), CHANNEL_BATCHES),
+    };
 
     let mut sink: JoinHandle<anyhow::Result<()>> = match settings.sink.kind {
         SinkKind::Null => tokio::spawn(async move { Ok(NullSink::default().run(rx, acks).await?) }),

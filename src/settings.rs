@@ -6,8 +6,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tributary_envelope::StreamRouter;
 use tributary_envelope::filter::validate_pattern;
+use tributary_envelope::{Format, StreamRouter};
 use tributary_postgres::config::{parse_url, redact, validate_object_name};
 
 /// A configuration problem: exit code 2.
@@ -165,6 +165,9 @@ pub struct SinkSettings {
     /// KPL-compatible aggregation.
     #[serde(default)]
     pub aggregation: bool,
+    /// The record format: `tributary` (envelope v1), `debezium` or `cloudevents`.
+    #[serde(default)]
+    pub format: Format,
     /// `[sink.quota]`.
     #[serde(default)]
     pub quota: QuotaSettings,
