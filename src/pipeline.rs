@@ -72,6 +72,8 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
             let mut config =
                 KinesisSinkConfig::new(v.region.clone(), settings.state.dir.join("dead-letters"));
             config.endpoint_url = settings.sink.endpoint_url.clone();
+            config.dead_letter_stream = settings.dead_letter.stream.clone();
+            config.aggregation = settings.sink.aggregation;
             config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
             config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
             config.share = settings.sink.quota.share;
@@ -102,6 +104,12 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     let sink_result = tokio::select! {
         result = &mut source => {
             let stopped = result.context("source task panicked")?.context("postgres source failed")?;
+            if matches!(stopped, Stopped::TimedOut) {
+                // The drain timeout is spent: the sink is stalled; what it
+                // holds is unacknowledged and sent again after a restart.
+                sink.abort();
+                return Ok(exit_code(stopped, &tracker));
+            }
             match tokio::time::timeout(Duration::from_secs(5), &mut sink).await {
                 Ok(joined) => joined.context("sink task panicked")??,
                 Err(_) => warn!("sink did not finish after the source stopped"),
