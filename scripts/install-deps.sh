@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Tributary's tests and quickstart need on a Debian machine:
-# PostgreSQL 15 server binaries, node + npm, kinesalite (npm ci, pinned in
+# PostgreSQL 15 server binaries, MariaDB server and client (for the MySQL
+# source's tests: they start their own throwaway mariadbd), node + npm, kinesalite (npm ci, pinned in
 # package-lock.json) and cargo-nextest. Idempotent, and quiet when
 # everything is already there.
 set -euo pipefail
@@ -25,6 +26,13 @@ apt_install() {
 
 if [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_recvlogical" ]; then
     apt_install postgresql-15 postgresql-client-15
+fi
+
+if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ] ||
+    ! command -v mariadb-install-db >/dev/null; then
+    # Installing starts no service on our machines (policy-rc.d); the tests
+    # never use a system server.
+    apt_install mariadb-server mariadb-client
 fi
 
 if ! command -v node >/dev/null; then
