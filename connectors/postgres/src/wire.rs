@@ -277,31 +277,27 @@ impl ReplicationConnection {
 
     /// Splits the next complete message (tag, whole frame) off the buffer.
     fn next_frame(&mut self) -> Result<Option<(u8, Bytes)>, WireError> {
-        let Some(header) = self.buf.get(..5) else {
-            return Ok(None);
-        };
-        let tag = header[0];
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
-            return Err(protocol(format!(
-                "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
-            )));
-        }
-        let total = len + 1;
-        if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
-            return Ok(None);
-        }
-        let frame = self.buf.split_to(total).freeze();
-        if total > KEEP_BUFFER_BYTES {
+        let frame = split_frame(&mut self.buf)?;
+        self.settle_buffer(frame.as_ref().map_or(0, |(_, f)| f.len()))?;
+        Ok(frame)
+    }
+
+    /// After `taken` bytes were split off the buffer: makes room for the
+    /// whole of the partial frame it starts with when nothing was taken.
+    fn settle_buffer(&mut self, taken: usize) -> Result<(), WireError> {
+        if taken > KEEP_BUFFER_BYTES {
             // A large message grew the buffer, whose rest still shares the
             // message's allocation: move the rest to a buffer of its own so
             // the memory goes with the message.
             let mut rest = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len()));
             rest.extend_from_slice(&self.buf);
             self.buf = rest;
+        } else if taken == 0
+            && let Some(total) = frame_length(&self.buf)?
+        {
+            self.buf.reserve(total.saturating_sub(self.buf.len()));
         }
-        Ok(Some((tag, frame)))
+        Ok(())
     }
 
     async fn authenticate(&mut self, user: &str, password: &[u8]) -> Result<(), WireError> {
@@ -395,21 +391,10 @@ impl ReplicationConnection {
 
     /// The next complete message already read, without waiting.
     pub fn next_message(&mut self) -> Result<Option<StreamMessage>, WireError> {
-        loop {
-            let Some((tag, frame)) = self.next_frame()? else {
-                return Ok(None);
-            };
-            return match tag {
-                b'd' => parse_copy_data(frame.slice(5..)).map(Some),
-                b'c' | b'C' | b'Z' => Ok(Some(StreamMessage::End)),
-                b'E' => Err(error_frame(frame)),
-                b'N' | b'S' => continue,
-                other => Err(protocol(format!(
-                    "unexpected message {:?} in the replication stream",
-                    other as char
-                ))),
-            };
-        }
+        let before = self.buf.len();
+        let message = split_stream_message(&mut self.buf)?;
+        self.settle_buffer(before - self.buf.len())?;
+        Ok(message)
     }
 
     /// Waits for more bytes from the server. Cancel-safe. Returns false at
@@ -479,6 +464,55 @@ impl ReplicationConnection {
         frontend::terminate(&mut self.out);
         let _ = self.flush().await;
         Ok(())
+    }
+}
+
+/// The length of the backend message at the start of `buf` (tag and length
+/// word included), once its 5-byte header has arrived.
+fn frame_length(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(&[_, a, b, c, d]) = buf.get(..5) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
+        return Err(protocol(format!(
+            "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
+        )));
+    }
+    Ok(Some(len + 1))
+}
+
+/// Splits the next complete backend message (tag, whole frame) off `buf`;
+/// `None` while it is incomplete.
+fn split_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, WireError> {
+    match frame_length(buf)? {
+        Some(total) if buf.len() >= total => {
+            let frame = buf.split_to(total).freeze();
+            Ok(Some((frame[0], frame)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The framing of the replication stream on bytes in memory: splits the next
+/// complete message off `buf` (skipping notices and parameter changes) and
+/// decodes it; `None` while the next one is incomplete. Pure, so the framing
+/// is fuzzed without a socket.
+pub fn split_stream_message(buf: &mut BytesMut) -> Result<Option<StreamMessage>, WireError> {
+    loop {
+        let Some((tag, frame)) = split_frame(buf)? else {
+            return Ok(None);
+        };
+        return match tag {
+            b'd' => parse_copy_data(frame.slice(5..)).map(Some),
+            b'c' | b'C' | b'Z' => Ok(Some(StreamMessage::End)),
+            b'E' => Err(error_frame(frame)),
+            b'N' | b'S' => continue,
+            other => Err(protocol(format!(
+                "unexpected message {:?} in the replication stream",
+                other as char
+            ))),
+        };
     }
 }
 
