@@ -14,6 +14,10 @@
 //! `inspect` (server, role, tables, publication and slots as they are),
 //! `check` (`tributary check` items), `provision` (`tributary setup` SQL),
 //! `slots` (`tributary slots`); `metrics` (event, byte and lag metric names).
+//!
+//! The decoders of server bytes (`pgoutput`, the framing in `wire`, `types`)
+//! have bounded property tests in `tests/decoders/` and `cargo fuzz`
+//! targets in the repository's `fuzz/`.
 
 pub mod catalog;
 pub mod check;
@@ -28,6 +32,7 @@ pub mod provision;
 pub mod replication;
 pub mod setup;
 pub mod slots;
+pub mod snapshot;
 mod sockopt;
 mod source;
 pub mod types;
