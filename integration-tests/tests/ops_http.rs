@@ -93,10 +93,17 @@ async fn wait_events(addr: SocketAddr, want: f64) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
-    let servers = Servers::start(STREAM, 1, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    let servers = Servers::start(
+        STREAM,
+        1,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, 'old' FROM generate_series(-4, 0) g",
+    )
+    .await?;
     let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], servers.kin.port()))).await?;
     let extra = format!(
-        "[sink]\nendpoint_url = \"{}\"\n[http]\nstall_timeout_secs = 3\n",
+        "[source]\nsnapshot = \"initial\"\n[sink]\nendpoint_url = \"{}\"\n\
+         [http]\nstall_timeout_secs = 3\n",
         proxy.endpoint()
     );
     let pipeline = servers.start_tributary(&extra).await?;
@@ -116,9 +123,18 @@ async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
     wait_events(addr, 100.0).await?;
     pipeline
         .kin
-        .wait_for_records(STREAM, 100, Duration::from_secs(30))
+        .wait_for_records(STREAM, 105, Duration::from_secs(30))
         .await?;
     let (_, metrics) = get(addr, "/metrics").await?;
+    assert_eq!(
+        sample(
+            &metrics,
+            "tributary_source_events_total",
+            &["table=\"public.t\"", "op=\"snapshot\""],
+        ),
+        Some(5.0),
+        "the snapshot's 5 rows are counted:\n{metrics}"
+    );
     let bytes = sample(
         &metrics,
         "tributary_source_bytes_total",
@@ -130,7 +146,7 @@ async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
         "100 envelopes are more than {bytes} bytes"
     );
     assert!(
-        sample(&metrics, "tributary_kinesis_records_sent_total", &[]).is_some_and(|n| n >= 100.0),
+        sample(&metrics, "tributary_kinesis_records_sent_total", &[]).is_some_and(|n| n >= 105.0),
         "the writer's metrics are exported:\n{metrics}"
     );
     // The lag gauge is read every 5 s; it appears once read.
@@ -169,7 +185,7 @@ async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
     wait_status(addr, "/readyz", 200, Duration::from_secs(60)).await?;
     pipeline
         .kin
-        .wait_for_records(STREAM, 200, Duration::from_secs(30))
+        .wait_for_records(STREAM, 205, Duration::from_secs(30))
         .await?;
     Ok(())
 }

@@ -10,8 +10,8 @@
 use metrics::{Counter, counter};
 use tributary_envelope::Op;
 
-/// Counter: envelopes produced from the replication stream, by `source`,
-/// `table` and `op`.
+/// Counter: envelopes produced, by `source`, `table` and `op` (`snapshot`
+/// counts the rows of the initial snapshot).
 pub const EVENTS: &str = "tributary_source_events_total";
 /// Counter: bytes of those envelopes (as encoded, before the sink's
 /// format), by `source`, `table` and `op`.
@@ -24,14 +24,21 @@ pub const LAG_BYTES: &str = "tributary_source_lag_bytes";
 /// Every metric name of the source.
 pub const ALL: [&str; 3] = [EVENTS, BYTES, LAG_BYTES];
 
-/// The ops a replication stream produces, in [`TableCounters`] order.
-const OPS: [Op; 4] = [Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+/// The ops the source produces (the stream's, and the initial snapshot's
+/// rows), in [`TableCounters`] order.
+const OPS: [Op; 5] = [
+    Op::Insert,
+    Op::Update,
+    Op::Delete,
+    Op::Truncate,
+    Op::Snapshot,
+];
 
 /// One table's event and byte counters, per op.
 #[derive(Debug, Clone)]
 pub struct TableCounters {
-    events: [Counter; 4],
-    bytes: [Counter; 4],
+    events: [Counter; 5],
+    bytes: [Counter; 5],
 }
 
 impl TableCounters {
