@@ -164,7 +164,7 @@ async fn check_names_each_problem_setup_repairs_and_check_passes() -> anyhow::Re
         "✓ kinesis shards: 2 open shards",
         "✓ kinesis max_record_size: records up to 1024 KiB",
         "✓ kinesis write: PutRecords is permitted",
-        "! postgres primary_key: public.audit have no primary key",
+        "! postgres primary_key: no primary key (REPLICA IDENTITY FULL): public.audit;",
     ] {
         assert!(report.contains(line), "no `{line}` in:\n{report}");
     }

@@ -274,20 +274,13 @@ fn table_items(state: &ServerState, role: &str) -> Vec<CheckItem> {
             COMPONENT,
             "primary_key",
             format!(
-                "{} have no primary key and no replica identity: once published, UPDATE and \
-                 DELETE on them fail on the primary",
+                "no primary key and no replica identity: {}; once published, UPDATE and \
+                 DELETE on them fail on the primary (add a primary key, or:)",
                 names(&no_identity)
             ),
             no_identity
                 .iter()
-                .map(|t| {
-                    format!(
-                        "ALTER TABLE {} ADD PRIMARY KEY (...); -- or: ALTER TABLE {} REPLICA \
-                         IDENTITY FULL;",
-                        t.quoted(),
-                        t.quoted()
-                    )
-                })
+                .map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.quoted()))
                 .collect::<Vec<_>>()
                 .join(" "),
         )
@@ -296,8 +289,8 @@ fn table_items(state: &ServerState, role: &str) -> Vec<CheckItem> {
             COMPONENT,
             "primary_key",
             format!(
-                "{} have no primary key: their events carry a null key and share one partition \
-                 key (the table name), so one shard takes all of them",
+                "no primary key (REPLICA IDENTITY FULL): {}; their events carry a null key \
+                 and share one partition key (the table name), so one shard takes all of them",
                 names(&full_without_key)
             ),
             "add a primary key: ALTER TABLE ... ADD PRIMARY KEY (...);",
@@ -325,7 +318,7 @@ fn table_items(state: &ServerState, role: &str) -> Vec<CheckItem> {
             COMPONENT,
             "replica_identity",
             format!(
-                "{} send only the key columns as `before` of updates and deletes",
+                "`before` of updates and deletes carries only the key columns: {}",
                 names(&partial_before)
             ),
             partial_before
