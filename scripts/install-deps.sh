@@ -51,6 +51,14 @@ if [ ! -f "$root/node_modules/kinesalite/cli.js" ] ||
     (cd "$root" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
+# The CloudEvents SDK for Python reads `sink.format = "cloudevents"` output
+# in the tests, as a consumer would.
+if ! python3 -c "import cloudevents.core.formats.json" >/dev/null 2>&1; then
+    echo "install-deps: pip install cloudevents"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "cloudevents==2.2.0"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-deps: cargo install --locked cargo-nextest"
     cargo install --locked --quiet cargo-nextest

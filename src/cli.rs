@@ -59,6 +59,46 @@ pub enum Command {
         /// a terminal), for reading by eye.
         #[arg(long)]
         pretty: bool,
+        /// Check every envelope against the envelope's JSON Schema: the
+        /// failures go to stderr with their ids, and the exit code is 1
+        /// when any envelope is invalid.
+        #[arg(long)]
+        validate: bool,
+    },
+    /// Show or resend the records Kinesis could never take (the
+    /// dead-letter store under [state] dir).
+    DeadLetter {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+/// `tributary dead-letter ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List the dead-lettered records not replayed yet, oldest first.
+    List {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// One JSON object per record, with its envelope.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead-lettered records again, in their original order per key;
+    /// what Kinesis accepts leaves the store. Exit 1 if some stay.
+    Replay {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// Only records dead-lettered for this reason (too_large,
+        /// invalid_partition_key, rejected).
+        #[arg(long, value_name = "R")]
+        reason: Option<String>,
+        /// Only the record with this envelope id.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
     },
 }
 

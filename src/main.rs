@@ -2,6 +2,8 @@
 
 mod cli;
 mod config_error;
+mod dead_letter;
+mod format_stage;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -9,12 +11,13 @@ mod pretty;
 mod settings;
 mod startup;
 mod tail;
+mod validate;
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, DeadLetterCommand};
 use crate::settings::ConfigError;
 use crate::startup::StartupError;
 
@@ -84,6 +87,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             from,
             follow,
             pretty,
-        } => tail::run(&config.config, &stream, from, follow, pretty).await,
+            validate,
+        } => tail::run(&config.config, &stream, from, follow, pretty, validate).await,
+        Command::DeadLetter { command } => match command {
+            DeadLetterCommand::List { config, json } => dead_letter::list(&config.config, json),
+            DeadLetterCommand::Replay { config, reason, id } => {
+                dead_letter::replay(&config.config, reason.as_deref(), id.as_deref()).await
+            }
+        },
     }
 }

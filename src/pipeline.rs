@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use tributary_envelope::{
-    AckTracker, Acks, Budget, Sink, Source, SourceContext, SourceError, Stopped,
+    AckTracker, Acks, Budget, Format, Sink, Source, SourceContext, SourceError, Stopped,
 };
 use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
 
@@ -90,6 +90,10 @@ async fn run_source<S: Source>(
     ));
     let acks = Acks::new(tracker.clone(), budget.clone());
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let rx = match settings.sink.format {
+        Format::Tributary => rx,
+        format => crate::format_stage::spawn(format, rx, budget.clone(), CHANNEL_BATCHES),
+    };
 
     let mut sink: JoinHandle<anyhow::Result<()>> = match settings.sink.kind {
         SinkKind::Null => tokio::spawn(async move { Ok(NullSink::default().run(rx, acks).await?) }),
@@ -97,6 +101,8 @@ async fn run_source<S: Source>(
             let mut config =
                 KinesisSinkConfig::new(region.clone(), settings.state.dir.join("dead-letters"));
             config.endpoint_url = settings.sink.endpoint_url.clone();
+            config.dead_letter_stream = settings.dead_letter.stream.clone();
+            config.aggregation = settings.sink.aggregation;
             config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
             config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
             config.share = settings.sink.quota.share;
@@ -136,6 +142,12 @@ async fn run_source<S: Source>(
             let stopped = result
                 .context("source task panicked")?
                 .map_err(|e| source_error(e, "the source failed"))?;
+            if matches!(stopped, Stopped::TimedOut) {
+                // The drain timeout is spent: the sink is stalled; what it
+                // holds is unacknowledged and sent again after a restart.
+                sink.abort();
+                return Ok(exit_code(stopped, &tracker));
+            }
             match tokio::time::timeout(Duration::from_secs(5), &mut sink).await {
                 Ok(joined) => joined.context("sink task panicked")??,
                 Err(_) => warn!("sink did not finish after the source stopped"),

@@ -6,10 +6,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tributary_envelope::StreamRouter;
 use tributary_envelope::filter::validate_pattern;
 use tributary_envelope::source::{SettingError, SourceCommon};
-use tributary_envelope::{Source, TableFilter};
+use tributary_envelope::{Format, Source, StreamRouter, TableFilter};
 use tributary_mysql::config::{MysqlSettings, MysqlSourceConfig};
 use tributary_postgres::PostgresSourceConfig;
 use tributary_postgres::config::{PostgresSettings, redact};
@@ -56,6 +55,9 @@ pub struct Settings {
     pub source: SourceSettings,
     /// `[sink]`: where envelopes go.
     pub sink: SinkSettings,
+    /// `[dead_letter]`: where records Kinesis can never take go.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSettings,
     /// `[state]`: local state.
     #[serde(default)]
     pub state: StateSettings,
@@ -149,16 +151,21 @@ pub struct SinkSettings {
     pub region: Option<String>,
     /// Endpoint for emulators or VPC endpoints.
     pub endpoint_url: Option<String>,
-    /// KPL-compatible aggregation.
+    /// KPL-compatible aggregation: many envelopes of a shard per Kinesis
+    /// record, de-aggregated by the KCL and by `tributary tail`.
     #[serde(default)]
     pub aggregation: bool,
+    /// The record format: `tributary` (envelope v1), `debezium` or `cloudevents`.
+    #[serde(default)]
+    pub format: Format,
     /// `[sink.quota]`.
     #[serde(default)]
     pub quota: QuotaSettings,
     /// Bytes of records between the reader and acknowledgement.
     #[serde(default = "default_in_flight")]
     pub max_in_flight_bytes: u64,
-    /// Seconds a graceful stop waits for in-flight records.
+    /// Seconds a graceful stop waits for in-flight records; a stop that
+    /// runs out of it (Kinesis down) exits 1 and leaves them unacknowledged.
     #[serde(default = "default_drain_secs")]
     pub drain_timeout_secs: u64,
     /// Seconds one attempt of a Kinesis call may take.
@@ -223,6 +230,16 @@ fn default_bytes_quota() -> u32 {
 }
 fn default_share() -> f64 {
     1.0
+}
+
+/// `[dead_letter]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterSettings {
+    /// A Kinesis stream for records that can never be written. Unset: the
+    /// JSON Lines file under `[state] dir` (which also keeps what the
+    /// stream cannot hold, e.g. a record too large for any stream).
+    pub stream: Option<String>,
 }
 
 /// `[state]`.
@@ -488,12 +505,6 @@ impl Settings {
                     return Err(invalid(
                         "sink.endpoint_url",
                         format!("`{url}` must start with http:// or https://"),
-                    ));
-                }
-                if sink.aggregation {
-                    return Err(invalid(
-                        "sink.aggregation",
-                        "record aggregation is not available in this build yet: set aggregation = false",
                     ));
                 }
                 (router, region)

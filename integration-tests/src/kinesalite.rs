@@ -175,6 +175,11 @@ impl Kinesalite {
             .send()
             .await
             .with_context(|| format!("creating stream {name} with {shards} shards"))?;
+        self.wait_active(name).await
+    }
+
+    /// Waits until stream `name` is ACTIVE (after a create, split or merge).
+    pub async fn wait_active(&self, name: &str) -> Result<()> {
         let deadline = Instant::now() + ACTIVE_TIMEOUT;
         loop {
             let summary = self

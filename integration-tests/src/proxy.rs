@@ -14,15 +14,22 @@
 //! delivers late: such a request may still be carried out, a duplicate).
 //! Each connection's own copy buffers (8 KiB per direction) and the kernel's
 //! socket buffers hold what was in flight at the pause.
+//!
+//! [`FaultProxy::start_with_latency`] also delays every byte from the
+//! upstream by a fixed time (a delay line: each chunk is written that long
+//! after it was read, so a long answer is not delayed once per chunk): a
+//! distant endpoint, one added round trip per request.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, copy_bidirectional};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 
 /// A TCP proxy on 127.0.0.1 in front of `upstream` that can be paused.
 ///
@@ -37,12 +44,19 @@ impl FaultProxy {
     /// Starts forwarding from a free 127.0.0.1 port to `upstream`. Must be
     /// called inside a tokio runtime, which runs the proxy's tasks.
     pub async fn start(upstream: SocketAddr) -> Result<Self> {
+        Self::start_with_latency(upstream, Duration::ZERO).await
+    }
+
+    /// [`FaultProxy::start`], with every answer from `upstream` delayed by
+    /// `latency` (zero: none).
+    pub async fn start_with_latency(upstream: SocketAddr, latency: Duration) -> Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("binding the fault proxy to 127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let (paused, gate) = watch::channel(false);
-        let accept_loop = tokio::spawn(accept_loop(listener, upstream, gate)).abort_handle();
+        let accept_loop =
+            tokio::spawn(accept_loop(listener, upstream, gate, latency)).abort_handle();
         Ok(FaultProxy {
             addr,
             paused,
@@ -81,7 +95,12 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, gate: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    gate: watch::Receiver<bool>,
+    latency: Duration,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -90,7 +109,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, gate: watch::R
                 // one connection; the client sees it closed, as it would a
                 // real endpoint's reset.
                 if let Ok((client, _)) = accepted {
-                    connections.spawn(forward(client, upstream, gate.clone()));
+                    connections.spawn(forward(client, upstream, gate.clone(), latency));
                 }
             }
             // Reap finished connections so the set does not grow.
@@ -104,14 +123,26 @@ async fn forward(
     mut client: TcpStream,
     upstream: SocketAddr,
     mut gate: watch::Receiver<bool>,
+    latency: Duration,
 ) -> io::Result<()> {
     wait_running(&mut gate).await?;
     let mut server = TcpStream::connect(upstream).await?;
-    let copy = copy_bidirectional(&mut client, &mut server);
+    let copy = async {
+        if latency.is_zero() {
+            return copy_bidirectional(&mut client, &mut server).await.map(drop);
+        }
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, server_write) = server.split();
+        let up = async {
+            tokio::io::copy(&mut client_read, &mut { server_write }).await?;
+            Ok::<_, io::Error>(())
+        };
+        tokio::try_join!(up, delay_line(&mut server_read, &mut client_write, latency)).map(drop)
+    };
     tokio::pin!(copy);
     loop {
         let proxy_gone = tokio::select! {
-            result = &mut copy => return result.map(drop),
+            result = &mut copy => return result,
             // Paused: stop polling the copy (it keeps what it has buffered
             // and reads nothing more) until resumed.
             gone = async { gate.wait_for(|paused| *paused).await.is_err() } => gone,
@@ -121,6 +152,37 @@ async fn forward(
         }
         wait_running(&mut gate).await?;
     }
+}
+
+/// Copies `from` to `to`, writing each chunk `delay` after it was read.
+async fn delay_line<R, W>(from: &mut R, to: &mut W, delay: Duration) -> io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        loop {
+            let mut buf = vec![0; 16 * 1024];
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(());
+            }
+            buf.truncate(n);
+            // The writer is gone only when it failed; its error is reported.
+            if chunks.send((Instant::now() + delay, buf)).is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let write = async {
+        while let Some((at, buf)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            to.write_all(&buf).await?;
+        }
+        to.shutdown().await
+    };
+    tokio::try_join!(read, write).map(drop)
 }
 
 async fn wait_running(gate: &mut watch::Receiver<bool>) -> io::Result<()> {
@@ -186,6 +248,24 @@ mod tests {
         fresh.read_exact(&mut new).await.unwrap();
         assert_eq!(&new, b"new");
         assert_eq!(round_trip(&mut open, b"again").await, b"again");
+    }
+
+    #[tokio::test]
+    async fn latency_delays_every_answer_once() {
+        let latency = Duration::from_millis(200);
+        let proxy = FaultProxy::start_with_latency(echo_server().await, latency)
+            .await
+            .unwrap();
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        for _ in 0..2 {
+            let start = std::time::Instant::now();
+            // A 100 KB answer comes in many chunks: delayed once, not per chunk.
+            let message = vec![7u8; 100_000];
+            assert_eq!(round_trip(&mut stream, &message).await, message);
+            let took = start.elapsed();
+            assert!(took >= latency, "{took:?}");
+            assert!(took < latency * 4, "{took:?}");
+        }
     }
 
     #[tokio::test]

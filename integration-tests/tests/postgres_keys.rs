@@ -3,12 +3,16 @@
 //! the way a consumer sees the stream (one worker per shard, only per-shard
 //! order; see `tributary_integration_tests::consumer`).
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tributary_integration_tests::consumer::{postgres_rows, replay_every_order, shards_with_op};
-use tributary_integration_tests::{DEFAULT_DATABASE, Pipeline, StreamRecord};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Faults, KinesisFaults, Pipeline, Servers, StreamRecord,
+};
 
 const STREAM: &str = "keys-cdc";
 const WAIT: Duration = Duration::from_secs(90);
@@ -166,12 +170,10 @@ async fn every_op_of_a_row_carries_the_same_key() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_changes_then_reinserts_of_the_old_key_keep_order() -> Result<()> {
-    let mut pipeline =
-        Pipeline::start(STREAM, 4, "CREATE TABLE kc (id int PRIMARY KEY, v int)", "").await?;
-    // 1,000 rounds over 50 keys: move key k to k + 1000 (dropping what held
-    // that key before), then insert k again.
+/// 1,000 rounds over 50 keys: move key k to k + 1000 (dropping what held
+/// that key before), then insert k again. Returns the SQL and the number of
+/// events it makes.
+fn key_change_rounds() -> (String, usize) {
     let mut sql = String::new();
     let mut expected = 0;
     for round in 0..1_000 {
@@ -191,9 +193,74 @@ async fn key_changes_then_reinserts_of_the_old_key_keep_order() -> Result<()> {
         ));
         expected += 3; // delete + insert for the key change, then the insert
     }
+    (sql, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_then_reinserts_of_the_old_key_keep_order() -> Result<()> {
+    let mut pipeline =
+        Pipeline::start(STREAM, 4, "CREATE TABLE kc (id int PRIMARY KEY, v int)", "").await?;
+    let (sql, expected) = key_change_rounds();
     pipeline.pg.execute(&sql).await?;
     let records = exactly(&pipeline, expected).await?;
     assert_replica_matches(&pipeline, &records, "public.kc", &["id"]).await?;
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_keep_order_while_kinesis_refuses_entries() -> Result<()> {
+    let servers = Servers::start(STREAM, 4, "CREATE TABLE kc (id int PRIMARY KEY, v int)").await?;
+    let seed = std::env::var("TRIBUTARY_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("fault seed {seed} (replay with TRIBUTARY_FAULT_SEED={seed})");
+    let faults = KinesisFaults::start(
+        SocketAddr::from(([127, 0, 0, 1], servers.kin.port())),
+        Faults {
+            throttled_entries: 0.10,
+            internal_failure_entries: 0.02,
+            failed_calls: 0.03,
+            seed,
+        },
+    )
+    .await?;
+    let mut pipeline = servers
+        .start_tributary(&format!(
+            "[sink]\nendpoint_url = \"{}\"\n",
+            faults.endpoint()
+        ))
+        .await?;
+    let (sql, expected) = key_change_rounds();
+    pipeline.pg.execute(&sql).await?;
+    let end = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(end, Duration::from_secs(240))
+        .await
+        .with_context(|| format!("fault seed {seed}"))?;
+    let records = pipeline.kin.read_all(STREAM).await?;
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| r.json().map(|e| e["id"].to_string()))
+        .collect::<Result<_>>()?;
+    ids.sort();
+    ids.dedup();
+    ensure!(
+        ids.len() == expected,
+        "seed {seed}: {} distinct events, expected {expected}",
+        ids.len()
+    );
+    let refused = faults.counts().refused_entries.load(Ordering::Relaxed);
+    ensure!(refused > 0, "the proxy refused nothing");
+    assert_replica_matches(&pipeline, &records, "public.kc", &["id"])
+        .await
+        .with_context(|| format!("fault seed {seed}"))?;
+    eprintln!(
+        "{} records for {expected} events; {refused} entries refused, {} calls failed",
+        records.len(),
+        faults.counts().failed_calls.load(Ordering::Relaxed)
+    );
     pipeline.stop_gracefully().await?;
     Ok(())
 }

@@ -25,7 +25,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// calls retryable (`ProvisionedThroughputExceededException`,
 /// `InternalFailure`) are retried without limit, with exponential backoff
 /// from `initial_backoff` doubling up to `max_backoff`, each delay jittered
-/// to between half and all of its value. Any other entry error is retried
+/// to between half and all of its value; entries refused inside an answered
+/// call wait much less (from at most 20 ms, doubling only while whole calls
+/// are refused, up to 500 ms), since the quota does the pacing. Any other
+/// entry error is retried
 /// `max_rejections` times in all; then the record goes to the dead-letter
 /// store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +68,14 @@ pub struct KinesisSinkConfig {
     /// `sink.quota.share`: the fraction of each shard's quota this producer
     /// may use, in (0, 1].
     pub share: f64,
+    /// `sink.aggregation`: pack the records of a shard into KPL aggregated
+    /// records (many envelopes per Kinesis record).
+    pub aggregation: bool,
     /// The directory of `dead-letters.jsonl` (under `state.dir`).
     pub dead_letter_dir: PathBuf,
+    /// `dead_letter.stream`: a Kinesis stream for dead letters instead of
+    /// the file (which keeps only what that stream cannot hold).
+    pub dead_letter_stream: Option<String>,
     /// How long one attempt of a Kinesis call may take.
     pub request_timeout: Duration,
     /// How long opening a connection may take.
@@ -85,7 +94,9 @@ impl KinesisSinkConfig {
             records_per_shard_per_sec: DEFAULT_RECORDS_PER_SHARD_PER_SEC,
             bytes_per_shard_per_sec: DEFAULT_BYTES_PER_SHARD_PER_SEC,
             share: 1.0,
+            aggregation: false,
             dead_letter_dir: dead_letter_dir.into(),
+            dead_letter_stream: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retry: RetryPolicy::default(),
@@ -131,6 +142,13 @@ impl KinesisSinkConfig {
         }
         if self.retry.max_rejections == 0 {
             return bad("retry policy", "max_rejections must be at least 1");
+        }
+        if self
+            .dead_letter_stream
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return bad("dead_letter.stream", "must not be empty when set");
         }
         if self.dead_letter_dir.as_os_str().is_empty() {
             return bad("state.dir", "must not be empty");

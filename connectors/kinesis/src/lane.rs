@@ -3,8 +3,10 @@
 //!
 //! The dispatcher hands a lane the records whose partition key hashes into
 //! its shard, in source order. The lane keeps them in one queue and loops:
-//! cut a batch off the front (at most 500 records, 5 MiB and the quota's
-//! burst), wait for the quota, send it, and sort the answer:
+//! cut a batch off the front (at most 500 entries, 5 MiB and the quota's
+//! burst; with `sink.aggregation`, records packed into KPL aggregated
+//! records, see `batch.rs`), wait for the quota, send it, and sort the
+//! answer (an aggregated entry's result is its every record's):
 //! - accepted entries (a sequence number) are reported done;
 //! - failed entries go back to the front of the queue, in their original
 //!   order, together with every later entry of the same batch that shares a
@@ -23,12 +25,13 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
+use aws_sdk_kinesis::types::PutRecordsResultEntry;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
@@ -36,9 +39,14 @@ use tributary_envelope::error_text::one_line;
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
 use tributary_envelope::{Acks, Record};
 
+use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use tokio::time::Instant;
+
+use crate::batch::{self, Batch, Limits};
 use crate::config::RetryPolicy;
-use crate::dead_letter::DeadLetterStore;
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterStore};
 use crate::error::KinesisError;
+use crate::metrics;
 use crate::quota::LaneQuota;
 use crate::retry::{
     Backoff, Failure, WARN_EVERY, WarnGate, classify, entry_error_is_retryable,
@@ -56,10 +64,15 @@ pub(crate) struct LaneSetup {
     pub(crate) stream: Arc<str>,
     pub(crate) shard_id: Arc<str>,
     pub(crate) max_record_bytes: usize,
+    /// `sink.aggregation`: pack records into KPL aggregated records.
+    pub(crate) aggregation: bool,
     pub(crate) quota: LaneQuota,
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letters: Arc<DeadLetterStore>,
     pub(crate) acks: Acks,
+    /// Set when Kinesis put a record on another shard: the stream's shard
+    /// map changed, the dispatcher reads it again.
+    pub(crate) stale: Arc<AtomicBool>,
 }
 
 /// A record waiting in a lane.
@@ -67,6 +80,8 @@ struct Pending {
     record: Record,
     /// Times Kinesis refused it with a non-retryable entry error.
     rejections: u32,
+    /// PutRecords calls that carried it.
+    attempts: u32,
 }
 
 /// What happens to one entry of an answered batch.
@@ -82,20 +97,63 @@ pub(crate) struct Lane {
     input: mpsc::UnboundedReceiver<Record>,
     queue: VecDeque<Pending>,
     open: bool,
+    /// Backoff after a whole call failed: up to `retry.max_backoff`.
     backoff: Backoff,
+    /// Backoff before re-sending refused entries: tens to hundreds of ms.
+    entry_backoff: Backoff,
     call_warnings: WarnGate,
     entry_warnings: WarnGate,
+    /// Bytes (record weights) in `queue`.
+    queued_bytes: usize,
+    metrics: LaneMetrics,
+}
+
+/// The lane's metric handles, registered once (see `metrics.rs`).
+struct LaneMetrics {
+    records_sent: Counter,
+    bytes_sent: Counter,
+    put_seconds: Histogram,
+    limiter_wait: Histogram,
+    rate_factor: Gauge,
+    entry_retries: Counter,
+    call_retries: Counter,
+    queued_records: Gauge,
+    queued_bytes: Gauge,
+}
+
+impl LaneMetrics {
+    fn new(stream: &str, shard: &str) -> Self {
+        let stream = stream.to_owned();
+        let shard = shard.to_owned();
+        Self {
+            records_sent: counter!(metrics::RECORDS_SENT, "stream" => stream.clone()),
+            bytes_sent: counter!(metrics::BYTES_SENT, "stream" => stream.clone()),
+            put_seconds: histogram!(metrics::PUT_RECORDS_SECONDS, "stream" => stream.clone()),
+            limiter_wait: histogram!(metrics::LIMITER_WAIT_SECONDS, "stream" => stream.clone()),
+            rate_factor: gauge!(metrics::RATE_FACTOR, "stream" => stream.clone(), "shard" => shard.clone()),
+            entry_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "entry"),
+            call_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "call"),
+            queued_records: gauge!(metrics::QUEUED_RECORDS, "stream" => stream.clone(), "shard" => shard.clone()),
+            queued_bytes: gauge!(metrics::QUEUED_BYTES, "stream" => stream, "shard" => shard),
+        }
+    }
 }
 
 impl Lane {
     pub(crate) fn new(setup: LaneSetup, input: mpsc::UnboundedReceiver<Record>) -> Self {
         let backoff = Backoff::new(setup.retry);
+        let entry_backoff = Backoff::new(entry_retry_policy(setup.retry));
+        let metrics = LaneMetrics::new(&setup.stream, &setup.shard_id);
+        metrics.rate_factor.set(1.0);
         Self {
+            queued_bytes: 0,
+            metrics,
             setup,
             input,
             queue: VecDeque::new(),
             open: true,
             backoff,
+            entry_backoff,
             call_warnings: WarnGate::new(WARN_EVERY),
             entry_warnings: WarnGate::new(WARN_EVERY),
         }
@@ -109,25 +167,34 @@ impl Lane {
                 debug!(stream = %self.setup.stream, shard = %self.setup.shard_id, "lane drained");
                 return Ok(());
             }
-            let (count, bytes) = self.next_batch();
-            self.setup.quota.acquire(count, bytes).await;
-            let entries: Vec<PutRecordsRequestEntry> = self
-                .queue
-                .iter()
-                .take(count)
-                .map(|p| entry(&p.record))
-                .collect();
+            self.report_queue();
+            let mut batch = self.next_batch();
+            let waited = Instant::now();
+            self.setup
+                .quota
+                .acquire(batch.entries.len(), batch.bytes)
+                .await;
+            self.metrics
+                .limiter_wait
+                .record(waited.elapsed().as_secs_f64());
+            let sent = Instant::now();
+            for pending in self.queue.iter_mut().take(batch.records) {
+                pending.attempts += 1;
+            }
             let answer = self
                 .setup
                 .client
                 .put_records()
                 .stream_name(&*self.setup.stream)
-                .set_records(Some(entries))
+                .set_records(Some(std::mem::take(&mut batch.entries)))
                 .send()
                 .await;
+            self.metrics
+                .put_seconds
+                .record(sent.elapsed().as_secs_f64());
             match answer {
-                Ok(output) => self.on_answer(count, &output).await?,
-                Err(err) => self.on_call_error(count, err).await?,
+                Ok(output) => self.on_answer(&batch, &output).await?,
+                Err(err) => self.on_call_error(batch.records, err).await?,
             }
         }
     }
@@ -137,7 +204,7 @@ impl Lane {
     /// dead-lettered on the way in.
     async fn fill(&mut self) -> Result<(), KinesisError> {
         loop {
-            let mut refused = Vec::new();
+            let mut refused: Vec<DeadLetter> = Vec::new();
             if self.queue.is_empty() && self.open {
                 match self.input.recv().await {
                     Some(record) => self.admit(record, &mut refused),
@@ -160,72 +227,69 @@ impl Lane {
         }
     }
 
-    fn admit(&mut self, record: Record, refused: &mut Vec<(Record, String)>) {
-        match self.never_writable(&record) {
-            Some(reason) => refused.push((record, reason)),
-            None => self.queue.push_back(Pending {
+    fn admit(&mut self, record: Record, refused: &mut Vec<DeadLetter>) {
+        match never_writable(&record, self.setup.max_record_bytes) {
+            Some((reason, error)) => refused.push(DeadLetter {
                 record,
-                rejections: 0,
+                reason,
+                error,
+                attempts: 0,
+                limit: (reason == DeadLetterReason::TooLarge)
+                    .then_some(self.setup.max_record_bytes),
             }),
-        }
-    }
-
-    /// Why Kinesis would refuse `record` whatever happens, if it would.
-    fn never_writable(&self, record: &Record) -> Option<String> {
-        let size = record.weight();
-        if size > self.setup.max_record_bytes {
-            return Some(format!(
-                "record of {size} bytes (data + partition key) exceeds the stream's maximum record size of {} bytes",
-                self.setup.max_record_bytes
-            ));
-        }
-        if record.partition_key.is_empty() {
-            return Some("the partition key is empty".to_owned());
-        }
-        let chars = record.partition_key.chars().count();
-        if chars > MAX_PARTITION_KEY_CHARS {
-            return Some(format!(
-                "the partition key has {chars} characters; kinesis allows at most {MAX_PARTITION_KEY_CHARS}"
-            ));
-        }
-        None
-    }
-
-    /// How many records from the front go into the next call, and their bytes.
-    fn next_batch(&self) -> (usize, usize) {
-        let max_records = MAX_BATCH_RECORDS.min(self.setup.quota.max_records());
-        let max_bytes = MAX_BATCH_BYTES.min(self.setup.quota.max_bytes());
-        let (mut count, mut bytes) = (0, 0);
-        for pending in &self.queue {
-            let weight = pending.record.weight();
-            if count == max_records || (count > 0 && bytes + weight > max_bytes) {
-                break;
+            None => {
+                self.queued_bytes += record.weight();
+                self.queue.push_back(Pending {
+                    record,
+                    rejections: 0,
+                    attempts: 0,
+                });
             }
-            count += 1;
-            bytes += weight;
         }
-        (count, bytes)
     }
 
-    /// Sorts an answer to a call that carried the first `count` queued records.
+    /// The next call, cut off the front of the queue.
+    fn next_batch(&self) -> Batch {
+        let limits = Limits {
+            entries: MAX_BATCH_RECORDS.min(self.setup.quota.max_records()),
+            bytes: MAX_BATCH_BYTES.min(self.setup.quota.max_bytes()),
+            record_bytes: self.setup.max_record_bytes,
+        };
+        let records = self.queue.iter().map(|p| &p.record);
+        if self.setup.aggregation {
+            batch::aggregated(records, limits)
+        } else {
+            batch::plain(records, limits)
+        }
+    }
+
+    /// Sorts the answer to `batch`.
     async fn on_answer(
         &mut self,
-        count: usize,
+        batch: &Batch,
         output: &PutRecordsOutput,
     ) -> Result<(), KinesisError> {
+        let count = batch.records;
         let results = output.records();
-        if results.len() != count {
+        let Some(spread) = batch.spread(results) else {
             let delay = self.backoff.next_delay();
+            self.metrics.call_retries.increment(1);
             if let Some(suppressed) = self.call_warnings.allow() {
                 warn!(
                     stream = %self.setup.stream, shard = %self.setup.shard_id,
-                    sent = count, answered = results.len(), suppressed,
+                    sent = batch.entries_sent(), answered = results.len(), suppressed,
                     retry_in_ms = delay.as_millis() as u64,
                     "kinesis answered putrecords with the wrong number of results; sending the batch again"
                 );
             }
             tokio::time::sleep(delay).await;
             return Ok(());
+        };
+        if results
+            .iter()
+            .any(|r| r.shard_id().is_some_and(|id| id != &*self.setup.shard_id))
+        {
+            self.setup.stale.store(true, Ordering::Relaxed);
         }
         let all_accepted = output.failed_record_count().unwrap_or(0) == 0
             && results
@@ -235,53 +299,77 @@ impl Lane {
             self.setup
                 .acks
                 .done(self.queue.iter().take(count).map(|p| &p.record));
-            self.queue.drain(..count);
+            let bytes: usize = self.queue.drain(..count).map(|p| p.record.weight()).sum();
+            self.queued_bytes -= bytes;
+            self.metrics.records_sent.increment(count as u64);
+            self.metrics.bytes_sent.increment(bytes as u64);
             self.backoff.reset();
-            self.setup.quota.accepted();
+            self.entry_backoff.reset();
+            self.observe(count, 0);
             return Ok(());
         }
-        self.on_partial_failure(count, output).await
+        self.on_partial_failure(count, &spread).await
     }
 
+    /// Sorts an answer with failures; `results` has one entry per record.
     async fn on_partial_failure(
         &mut self,
         count: usize,
-        output: &PutRecordsOutput,
+        results: &[PutRecordsResultEntry],
     ) -> Result<(), KinesisError> {
         let mut batch: Vec<Pending> = self.queue.drain(..count).collect();
-        let sorted = sort_answer(
-            &mut batch,
-            output.records(),
-            self.setup.retry.max_rejections,
-        );
-        self.setup.acks.done(
+        let sorted = sort_answer(&mut batch, results, self.setup.retry.max_rejections);
+        let done = || {
             batch
                 .iter()
                 .zip(&sorted.outcomes)
                 .filter(|(_, o)| matches!(o, Outcome::Done))
-                .map(|(p, _)| &p.record),
-        );
-        let mut refused: Vec<(Record, String)> = Vec::new();
+                .map(|(p, _)| &p.record)
+        };
+        self.setup.acks.done(done());
+        let done_bytes: usize = done().map(Record::weight).sum();
+        self.metrics.records_sent.increment(done().count() as u64);
+        self.metrics.bytes_sent.increment(done_bytes as u64);
+        for code in results.iter().filter_map(|r| r.error_code()) {
+            counter!(metrics::ENTRIES_REFUSED, "stream" => self.setup.stream.to_string(), "code" => code.to_owned())
+                .increment(1);
+        }
+        self.queued_bytes -= batch.iter().map(|p| p.record.weight()).sum::<usize>();
+        let mut refused: Vec<DeadLetter> = Vec::new();
         // Back to the front, oldest first: push in reverse.
         for (pending, outcome) in batch.into_iter().zip(sorted.outcomes).rev() {
             match outcome {
                 Outcome::Done => {}
-                Outcome::Retry => self.queue.push_front(pending),
-                Outcome::DeadLetter(reason) => refused.push((pending.record, reason)),
+                Outcome::Retry => {
+                    self.queued_bytes += pending.record.weight();
+                    self.queue.push_front(pending);
+                }
+                Outcome::DeadLetter(error) => refused.push(DeadLetter {
+                    record: pending.record,
+                    reason: DeadLetterReason::Rejected,
+                    error,
+                    attempts: pending.attempts,
+                    limit: None,
+                }),
             }
         }
         refused.reverse();
         if !refused.is_empty() {
             self.dead_letter(&refused).await?;
         }
-        if sorted.throttled {
-            self.setup.quota.throttled();
-        }
+        self.observe(count, sorted.throttled);
+        self.backoff.reset();
+        self.metrics.entry_retries.increment(sorted.retrying as u64);
         if sorted.retrying == 0 {
-            self.backoff.reset();
+            self.entry_backoff.reset();
             return Ok(());
         }
-        let delay = self.backoff.next_delay();
+        // A call that got something through starts the entry backoff over:
+        // only calls refused whole wait longer and longer.
+        if sorted.failed < count {
+            self.entry_backoff.reset();
+        }
+        let delay = self.entry_backoff.next_delay();
         if let Some(suppressed) = self.entry_warnings.allow() {
             warn!(
                 stream = %self.setup.stream, shard = %self.setup.shard_id,
@@ -333,10 +421,11 @@ impl Lane {
                     source: err.into(),
                 });
             }
-            Failure::Throttled => self.setup.quota.throttled(),
+            Failure::Throttled => self.observe(count, count),
             Failure::Transient => {}
         }
         let delay = self.backoff.next_delay();
+        self.metrics.call_retries.increment(1);
         if let Some(suppressed) = self.call_warnings.allow() {
             warn!(
                 stream = %self.setup.stream, shard = %self.setup.shard_id,
@@ -352,23 +441,70 @@ impl Lane {
         Ok(())
     }
 
+    /// Counts an answer in the quota's window and reports the rate factor.
+    fn observe(&mut self, sent: usize, throttled: usize) {
+        self.setup.quota.observe(sent, throttled);
+        self.metrics.rate_factor.set(self.setup.quota.factor());
+    }
+
+    fn report_queue(&self) {
+        self.metrics.queued_records.set(self.queue.len() as f64);
+        self.metrics.queued_bytes.set(self.queued_bytes as f64);
+    }
+
     /// Writes records to the dead-letter store, then reports them done.
-    async fn dead_letter(&self, refused: &[(Record, String)]) -> Result<(), KinesisError> {
-        self.setup
-            .dead_letters
-            .write(refused.iter().map(|(r, why)| (r, why.as_str())))
-            .await?;
-        for (record, reason) in refused {
+    async fn dead_letter(&self, refused: &[DeadLetter]) -> Result<(), KinesisError> {
+        self.setup.dead_letters.write(refused).await?;
+        for letter in refused {
+            counter!(metrics::DEAD_LETTERS, "stream" => record_stream(letter), "reason" => letter.reason.as_str())
+                .increment(1);
+            let record = &letter.record;
             warn!(
                 stream = %record.stream, shard = %self.setup.shard_id,
-                partition_key = %record.partition_key, seq = record.seq, reason = %reason,
+                partition_key = %record.partition_key, seq = record.seq,
+                reason = %letter.reason, error = %letter.error, attempts = letter.attempts,
                 path = %self.setup.dead_letters.path().display(),
+                dead_letter_stream = self.setup.dead_letters.stream().unwrap_or_default(),
                 "record written to the dead-letter store"
             );
         }
-        self.setup.acks.done(refused.iter().map(|(r, _)| r));
+        self.setup.acks.done(refused.iter().map(|l| &l.record));
         Ok(())
     }
+}
+
+fn record_stream(letter: &DeadLetter) -> String {
+    letter.record.stream.to_string()
+}
+
+/// Why Kinesis would refuse `record` whatever happens, if it would: the
+/// reason and a message with the numbers.
+fn never_writable(record: &Record, max_record_bytes: usize) -> Option<(DeadLetterReason, String)> {
+    let size = record.weight();
+    if size > max_record_bytes {
+        return Some((
+            DeadLetterReason::TooLarge,
+            format!(
+                "record of {size} bytes (data + partition key) exceeds the stream's maximum record size of {max_record_bytes} bytes"
+            ),
+        ));
+    }
+    if record.partition_key.is_empty() {
+        return Some((
+            DeadLetterReason::InvalidPartitionKey,
+            "the partition key is empty".to_owned(),
+        ));
+    }
+    let chars = record.partition_key.chars().count();
+    if chars > MAX_PARTITION_KEY_CHARS {
+        return Some((
+            DeadLetterReason::InvalidPartitionKey,
+            format!(
+                "the partition key has {chars} characters; kinesis allows at most {MAX_PARTITION_KEY_CHARS}"
+            ),
+        ));
+    }
+    None
 }
 
 /// An answered batch, sorted entry by entry.
@@ -376,7 +512,8 @@ struct SortedAnswer {
     outcomes: Vec<Outcome>,
     failed: usize,
     retrying: usize,
-    throttled: bool,
+    /// Entries refused as throttled.
+    throttled: usize,
     /// The first entry error: (code, message).
     first_error: (String, String),
 }
@@ -398,7 +535,7 @@ fn sort_answer(
         outcomes: Vec::with_capacity(batch.len()),
         failed: 0,
         retrying: 0,
-        throttled: false,
+        throttled: 0,
         first_error: (String::new(), String::new()),
     };
     let mut retried_keys: HashSet<&str> = HashSet::new();
@@ -418,11 +555,17 @@ fn sort_answer(
                     sorted.first_error = (code.to_owned(), message.to_owned());
                 }
                 sorted.failed += 1;
-                sorted.throttled |= entry_error_is_throttle(code);
+                sorted.throttled += usize::from(entry_error_is_throttle(code));
                 if !entry_error_is_retryable(code) {
                     pending.rejections += 1;
                 }
-                if pending.rejections >= max_rejections {
+                // Not while an earlier record of its key (or a truncate
+                // copy before it) is retried: an
+                // accepted copy of this one may already be in the stream,
+                // and the earlier record would land after it for good.
+                // Held, it goes again behind that record and is given up
+                // once it is the first of its key.
+                if pending.rejections >= max_rejections && !held {
                     Outcome::DeadLetter(format!(
                         "kinesis rejected the record {} times; last error: {code}: {message}",
                         pending.rejections
@@ -442,16 +585,24 @@ fn sort_answer(
     sorted
 }
 
-/// The request entry for a record: one copy of the data per attempt (the
-/// SDK's `Blob` owns its bytes).
-fn entry(record: &Record) -> PutRecordsRequestEntry {
-    PutRecordsRequestEntry::builder()
-        .data(Blob::new(record.data.clone()))
-        .partition_key(record.partition_key.clone())
-        .set_explicit_hash_key(record.explicit_hash_key.map(|hash| hash.to_string()))
-        .build()
-        .expect("data and partition key are set")
+/// Backoff for re-sending refused entries: from at most 20 ms, doubling
+/// only while whole calls are refused, up to at most 500 ms. Kinesis asks
+/// for a short pause, and the quota (slowed by the refused fraction) does
+/// the pacing; a pause of seconds after every partly refused call is what
+/// left a shard sharing its quota nearly idle.
+fn entry_retry_policy(policy: RetryPolicy) -> RetryPolicy {
+    let initial_backoff = policy.initial_backoff.min(ENTRY_INITIAL_BACKOFF);
+    RetryPolicy {
+        initial_backoff,
+        max_backoff: policy.max_backoff.clamp(initial_backoff, ENTRY_MAX_BACKOFF),
+        ..policy
+    }
 }
+
+/// The first pause before refused entries go again.
+const ENTRY_INITIAL_BACKOFF: Duration = Duration::from_millis(20);
+/// The longest pause before refused entries go again.
+const ENTRY_MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {
@@ -464,6 +615,7 @@ mod tests {
                 ..Record::new("s".into(), key.to_owned(), Vec::new())
             },
             rejections,
+            attempts: 1,
         }
     }
 
@@ -514,7 +666,7 @@ mod tests {
         // Key a was accepted before anything of it failed: done. Key b's
         // later record goes again with the refused one.
         assert_eq!(kinds(&sorted), "drdddr");
-        assert!(sorted.throttled);
+        assert_eq!(sorted.throttled, 1);
         assert_eq!((sorted.failed, sorted.retrying), (1, 2));
         assert_eq!(
             sorted.first_error.0,
@@ -524,6 +676,25 @@ mod tests {
             batch[1].rejections, 0,
             "a retryable error is not a rejection"
         );
+    }
+
+    #[test]
+    fn a_record_is_not_given_up_while_an_earlier_one_of_its_key_is_retried() {
+        let mut batch = vec![pending(0, "a", 0), pending(1, "a", 2), pending(2, "a", 0)];
+        let results = [
+            refused("ProvisionedThroughputExceededException"),
+            refused("InvalidArgumentException"),
+            accepted(),
+        ];
+        let sorted = sort_answer(&mut batch, &results, 3);
+        // Record 1 reached its third rejection, but record 0 of its key is
+        // retried: it is held behind it (and counted), not dead-lettered.
+        assert_eq!(kinds(&sorted), "rrr");
+        assert_eq!(batch[1].rejections, 3);
+        // Once it leads its key, it is given up.
+        let mut again = vec![pending(1, "a", 3)];
+        let sorted = sort_answer(&mut again, &[refused("InvalidArgumentException")], 3);
+        assert_eq!(kinds(&sorted), "x");
     }
 
     #[test]
@@ -564,7 +735,7 @@ mod tests {
         // The third rejection dead-letters record 0, so record 1 of the same
         // key stands as accepted; record 2 failed with a retryable error.
         assert_eq!(kinds(&sorted), "xdr");
-        assert!(!sorted.throttled);
+        assert_eq!(sorted.throttled, 0);
         match &sorted.outcomes[0] {
             Outcome::DeadLetter(reason) => {
                 assert!(reason.contains("3 times") && reason.contains("InvalidArgumentException"))

@@ -15,6 +15,8 @@
 //!
 //! Files:
 //! - `config.rs`: [`KinesisSinkConfig`] and [`RetryPolicy`], range checks.
+//! - `batch.rs`: cutting a lane's next call, plain or aggregated.
+//! - `aggregate.rs`: the KPL aggregated record format, both ways.
 //! - `client.rs`: the SDK client with timeouts and the standard retry policy.
 //! - `shards.rs`: reading a stream's shards, routing a key to its lane.
 //! - `sink.rs`: [`KinesisSink`], the dispatcher and the [`Sink`] impl.
@@ -22,7 +24,10 @@
 //! - `quota.rs`: per-lane record and byte rate limits, adaptive slow-down.
 //! - `retry.rs`: sorting failures, backoff with jitter, rate-limited warnings.
 //! - `dead_letter.rs`: [`DeadLetterStore`], the JSON Lines file of records
-//!   Kinesis can never take.
+//!   Kinesis can never take, and reading it back.
+//! - `dead_letter_stream.rs`: the same entries sent to `[dead_letter] stream`.
+//! - `replay.rs`: [`replay`], sending dead-lettered entries again.
+//! - `metrics.rs`: the metric names the writer records (`metrics` facade).
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
 //! - `preflight.rs`: [`checked_client`] and [`check_stream`], the
 //!   start-up checks that run before the source is touched.
@@ -30,13 +35,18 @@
 //!
 //! [`Sink`]: tributary_envelope::Sink
 
+mod aggregate;
+mod batch;
 mod client;
 mod config;
 mod dead_letter;
+mod dead_letter_stream;
 mod error;
 mod lane;
+pub mod metrics;
 mod preflight;
 mod quota;
+mod replay;
 mod retry;
 mod shards;
 mod sink;
@@ -45,18 +55,25 @@ mod tail;
 #[cfg(test)]
 mod sink_tests;
 
+pub use aggregate::{AggregationError, MAGIC as AGGREGATION_MAGIC, SubRecord, deaggregate};
+/// The SDK's Kinesis client, which [`build_client`] returns.
+pub use aws_sdk_kinesis::Client;
 pub use client::{build_client, build_client_with_timeouts, build_sink_client};
 pub use config::{
     DEFAULT_BYTES_PER_SHARD_PER_SEC, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECORDS_PER_SHARD_PER_SEC,
     DEFAULT_REQUEST_TIMEOUT, KinesisSinkConfig, RetryPolicy,
 };
-pub use dead_letter::{DEAD_LETTER_FILE, DeadLetterStore};
+pub use dead_letter::{
+    DEAD_LETTER_FILE, DeadLetterEntry, DeadLetterReason, DeadLetterStore, DeadLetters,
+    REPLAYED_FILE, mark_replayed, read_dead_letters,
+};
 pub use error::{BoxError, KinesisError};
 pub use lane::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 pub use preflight::{
     CREDENTIAL_CHAIN, CREDENTIALS_TIMEOUT, PreflightError, StreamSummary, check_stream,
     checked_client,
 };
+pub use replay::{ReplayReport, replay};
 pub use shards::{
     DEFAULT_MAX_RECORD_BYTES, ShardMap, ShardRange, StreamInfo, describe_stream, hash_key,
 };

@@ -8,20 +8,44 @@
 //! quota is there.
 //!
 //! On top sits an adaptive factor for when Kinesis still throttles (another
-//! producer on the same shard, a hot key): a throttle halves it (down to
-//! 1/64), every fully accepted call adds 1/20 back (up to 1). The factor is
-//! applied by charging `cells / factor` per call and shrinking the batch
-//! limits by the same factor, so the limiters themselves never change.
+//! producer on the same shard, a hot key). It is controlled on the refused
+//! fraction over a window of about a second (Kinesis counts per second),
+//! not on single refusals: an "any refusal halves the rate" rule drives a
+//! shard to its floor when a steady 10% of entries are refused at random,
+//! since almost every call then carries one refusal. At the end of each
+//! window in which a fraction `f` of the entries sent came back throttled,
+//! the factor becomes what the shard accepted, `factor * (1 - f)`, plus 10%
+//! headroom to find out whether more fits, but never less than half of what
+//! it was; every window then adds a fixed step back (additive recovery).
+//! So random refusals of a fixed fraction cost about that fraction, while
+//! a shard that takes only half of what the lane sends settles near half.
+//! The factor is applied by charging `cells / factor` per call and
+//! shrinking the batch limits by the same factor, so the limiters
+//! themselves never change.
 
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// The lowest adaptive factor.
 const MIN_FACTOR: f64 = 1.0 / 64.0;
-/// What one fully accepted call gives back.
-const RECOVERY_STEP: f64 = 0.05;
+/// What every window gives back (additive recovery).
+const RECOVERY_STEP: f64 = 0.02;
+/// Over what the shard accepted, the share the lane tries next window.
+const HEADROOM: f64 = 0.1;
+/// The most one window may take off: at most half.
+const MAX_CUT: f64 = 0.5;
+/// How long the refused fraction is measured before the factor moves.
+pub(crate) const WINDOW: Duration = Duration::from_secs(1);
+
+/// Entries sent and refused as throttled since the window opened.
+#[derive(Debug)]
+struct Window {
+    opened: Instant,
+    sent: u64,
+    throttled: u64,
+}
 
 /// One rate limiter with its burst.
 #[derive(Debug)]
@@ -67,6 +91,7 @@ pub(crate) struct LaneQuota {
     records: Limiter,
     bytes: Limiter,
     factor: f64,
+    window: Window,
 }
 
 impl LaneQuota {
@@ -76,6 +101,11 @@ impl LaneQuota {
             records: Limiter::new(records_per_sec),
             bytes: Limiter::new(bytes_per_sec),
             factor: 1.0,
+            window: Window {
+                opened: Instant::now(),
+                sent: 0,
+                throttled: 0,
+            },
         }
     }
 
@@ -98,14 +128,30 @@ impl LaneQuota {
         self.bytes.take(bytes as f64 / self.factor).await;
     }
 
-    /// Kinesis throttled this lane: halve the rate.
-    pub(crate) fn throttled(&mut self) {
-        self.factor = (self.factor / 2.0).max(MIN_FACTOR);
+    /// Counts an answered call: `sent` entries of which `throttled` were
+    /// refused as throttled (a whole call refused counts all its entries).
+    /// Moves the factor when the window is over.
+    pub(crate) fn observe(&mut self, sent: usize, throttled: usize) {
+        self.observe_at(sent, throttled, Instant::now());
     }
 
-    /// A call went through without a throttle: recover a step.
-    pub(crate) fn accepted(&mut self) {
-        self.factor = (self.factor + RECOVERY_STEP).min(1.0);
+    fn observe_at(&mut self, sent: usize, throttled: usize, now: Instant) {
+        self.window.sent += sent as u64;
+        self.window.throttled += throttled.min(sent) as u64;
+        if now.duration_since(self.window.opened) < WINDOW || self.window.sent == 0 {
+            return;
+        }
+        let refused = self.window.throttled as f64 / self.window.sent as f64;
+        if refused > 0.0 {
+            let accepted = self.factor * (1.0 - refused) * (1.0 + HEADROOM);
+            self.factor = accepted.max(self.factor * (1.0 - MAX_CUT)).min(self.factor);
+        }
+        self.factor = (self.factor + RECOVERY_STEP).clamp(MIN_FACTOR, 1.0);
+        self.window = Window {
+            opened: now,
+            sent: 0,
+            throttled: 0,
+        };
     }
 
     /// The adaptive factor, in [1/64, 1].
@@ -128,23 +174,82 @@ mod tests {
         assert_eq!(tiny.max_bytes(), 10);
     }
 
+    /// Feeds `windows` one-second windows of 10 calls of 100 entries, each
+    /// call with `refused` of them throttled; returns the factor after each.
+    fn windows(quota: &mut LaneQuota, windows: usize, refused: impl Fn(f64) -> usize) -> Vec<f64> {
+        let mut now = quota.window.opened;
+        let mut factors = Vec::new();
+        for _ in 0..windows {
+            for _ in 0..10 {
+                now += WINDOW / 10;
+                quota.observe_at(100, refused(quota.factor), now);
+            }
+            factors.push(quota.factor);
+        }
+        factors
+    }
+
     #[test]
-    fn throttles_halve_and_successes_recover_slowly() {
+    fn random_refusals_of_a_fixed_fraction_keep_the_rate() {
         let mut quota = LaneQuota::new(1000.0, 1_000_000.0);
-        quota.throttled();
-        assert_eq!(quota.factor(), 0.5);
-        assert_eq!(quota.max_records(), 500);
-        for _ in 0..20 {
-            quota.throttled();
+        let factors = windows(&mut quota, 120, |_| 10);
+        // 10% refused whatever the rate: the lane keeps its full rate (the
+        // old "halve on any refusal" rule sat at 1/64 here).
+        assert!(factors.iter().all(|&f| f >= 0.95), "{factors:?}");
+        assert!(quota.max_records() >= 950);
+    }
+
+    #[test]
+    fn a_shard_that_takes_less_brings_the_rate_near_what_it_takes() {
+        let mut quota = LaneQuota::new(1000.0, 1_000_000.0);
+        // The shard takes 40% of the lane's full rate: at factor `f` the
+        // lane sends `f` and `max(0, f - 0.4) / f` of it is refused.
+        let factors = windows(&mut quota, 30, |f| {
+            (((f - 0.4).max(0.0) / f) * 100.0).round() as usize
+        });
+        let settled = &factors[10..];
+        assert!(
+            settled.iter().all(|&f| (0.4..=0.55).contains(&f)),
+            "{factors:?}"
+        );
+        // The first window cuts by at most half.
+        assert!(factors[0] >= 0.5, "{factors:?}");
+    }
+
+    #[test]
+    fn a_full_refusal_halves_and_clean_windows_recover_additively() {
+        let mut quota = LaneQuota::new(1000.0, 1_000_000.0);
+        let factors = windows(&mut quota, 1, |_| 100);
+        assert!(
+            (factors[0] - (0.5 + RECOVERY_STEP)).abs() < 1e-9,
+            "{factors:?}"
+        );
+        let factors = windows(&mut quota, 40, |_| 100);
+        // Halving plus a step settles at two steps: the lane keeps probing.
+        assert!(
+            (factors.last().unwrap() - 2.0 * RECOVERY_STEP).abs() < 1e-6,
+            "{factors:?}"
+        );
+        let factors = windows(&mut quota, 10, |_| 0);
+        for pair in factors.windows(2) {
+            assert!(
+                (pair[1] - pair[0] - RECOVERY_STEP).abs() < 1e-9,
+                "{factors:?}"
+            );
         }
-        assert_eq!(quota.factor(), MIN_FACTOR);
-        assert_eq!(quota.max_records(), 15);
-        quota.accepted();
-        assert!(quota.factor() > MIN_FACTOR && quota.factor() < 0.1);
-        for _ in 0..40 {
-            quota.accepted();
-        }
+        let factors = windows(&mut quota, 60, |_| 0);
+        assert_eq!(*factors.last().unwrap(), 1.0);
+    }
+
+    #[test]
+    fn the_factor_moves_only_when_a_window_is_over() {
+        let mut quota = LaneQuota::new(1000.0, 1_000_000.0);
+        let opened = quota.window.opened;
+        quota.observe_at(100, 100, opened + WINDOW / 2);
         assert_eq!(quota.factor(), 1.0);
+        quota.observe_at(100, 0, opened + WINDOW);
+        // Half of 200 refused over the window: 1 * 0.5 * 1.1 + step.
+        assert!((quota.factor() - (0.55 + RECOVERY_STEP)).abs() < 1e-9);
     }
 
     #[tokio::test]

@@ -4,29 +4,43 @@
 //! The dispatcher reads batches from the pipeline in source order. The
 //! first record for a stream makes it read the stream (DescribeStreamSummary,
 //! ListShards) and start one lane per open shard; every record then goes to
-//! the lane of its partition key's shard. Lane queues are unbounded: what
+//! the lane of its partition key's shard.
+//!
+//! Resharding: the shard map is read again every minute, and at once when a
+//! lane sees Kinesis put a record on a shard other than its own (after a
+//! split or merge PutRecords routes by hash key to the new shards). When the
+//! map changed, the old lanes are closed and drained before lanes for the
+//! new map start: a key's records never sit in two lanes at once, so its
+//! old records land before its new ones, and a truncate's copies go to
+//! every shard open now. Lane queues are unbounded: what
 //! bounds memory is the pipeline's byte budget, which a record holds until
 //! it is reported done.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use aws_sdk_kinesis::Client;
 use tokio::sync::mpsc;
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{self, JoinError, JoinSet};
 use tracing::{info, warn};
 use tributary_envelope::record::Copies;
 use tributary_envelope::{Acks, Record, Sink};
 
 use crate::config::KinesisSinkConfig;
 use crate::dead_letter::DeadLetterStore;
+use crate::dead_letter_stream::DeadLetterStream;
 use crate::error::KinesisError;
 use crate::lane::{Lane, LaneSetup};
 use crate::quota::LaneQuota;
 use crate::retry::{Backoff, Failure, WARN_EVERY, WarnGate};
-use crate::shards::{ShardMap, describe_stream_classified};
+use crate::shards::{ShardMap, StreamInfo, describe_stream_classified};
 
 /// Writes records to Kinesis Data Streams.
 ///
@@ -51,7 +65,15 @@ impl KinesisSink {
     /// directory). No Kinesis call is made until the first record arrives.
     pub async fn new(client: Client, config: KinesisSinkConfig) -> Result<Self, KinesisError> {
         config.validate()?;
-        let dead_letters = Arc::new(DeadLetterStore::open(&config.dead_letter_dir).await?);
+        let mut dead_letters = DeadLetterStore::open(&config.dead_letter_dir).await?;
+        if let Some(stream) = &config.dead_letter_stream {
+            dead_letters = dead_letters.with_stream(DeadLetterStream::new(
+                client.clone(),
+                stream.clone(),
+                config.retry,
+            ));
+        }
+        let dead_letters = Arc::new(dead_letters);
         Ok(Self {
             client,
             config,
@@ -77,10 +99,25 @@ impl Sink for KinesisSink {
     }
 }
 
+/// How often a stream's shard map is read again when nothing says it changed.
+const SHARD_REFRESH: Duration = Duration::from_secs(60);
+/// DescribeStreamSummary + ListShards rounds per second, all streams
+/// together: well under Kinesis' control-plane quotas (DescribeStreamSummary
+/// 20/s per account, ListShards 1,000/s per stream), which other tools of
+/// the account share.
+const CONTROL_CALLS_PER_SEC: u32 = 2;
+
 /// The lanes of one stream.
 struct StreamLanes {
     shards: ShardMap,
     lanes: Vec<mpsc::UnboundedSender<Record>>,
+    /// The lanes' tasks, to wait for when the shard map changes.
+    tasks: Vec<task::Id>,
+    /// Set by a lane when Kinesis put a record on a shard other than the
+    /// lane's: the map changed (a split or merge).
+    stale: Arc<AtomicBool>,
+    /// When the map was last read.
+    read_at: Instant,
 }
 
 /// Routes records to lanes and watches the lanes.
@@ -90,6 +127,8 @@ struct Dispatcher {
     streams: HashMap<Arc<str>, StreamLanes>,
     tasks: JoinSet<Result<(), KinesisError>>,
     warnings: WarnGate,
+    /// Paces DescribeStreamSummary + ListShards.
+    control: DefaultDirectRateLimiter,
 }
 
 impl Dispatcher {
@@ -100,6 +139,9 @@ impl Dispatcher {
             streams: HashMap::new(),
             tasks: JoinSet::new(),
             warnings: WarnGate::new(WARN_EVERY),
+            control: RateLimiter::direct(Quota::per_second(
+                NonZeroU32::new(CONTROL_CALLS_PER_SEC).expect("a constant above zero"),
+            )),
         }
     }
 
@@ -128,6 +170,7 @@ impl Dispatcher {
     }
 
     async fn dispatch(&mut self, records: Vec<Record>) -> Result<(), KinesisError> {
+        self.refresh_due_maps().await?;
         for record in records {
             if !self.streams.contains_key(&*record.stream) {
                 self.open_stream(record.stream.clone()).await?;
@@ -150,12 +193,70 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Reads the stream and starts its lanes, retrying what a retry can fix.
+    /// Reads again the shard maps that a lane found stale or that are due,
+    /// and re-routes the streams whose map changed.
+    async fn refresh_due_maps(&mut self) -> Result<(), KinesisError> {
+        let due: Vec<Arc<str>> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.stale.load(Ordering::Relaxed) || s.read_at.elapsed() >= SHARD_REFRESH
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let info = self.read_stream(&name).await?;
+            let stream = self.streams.get_mut(&name).expect("listed above");
+            stream.read_at = Instant::now();
+            stream.stale.store(false, Ordering::Relaxed);
+            if info.shards != stream.shards {
+                self.reroute(name, info).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard map changed: close the old lanes, wait until they have
+    /// delivered everything queued (so no key has records in an old and a
+    /// new lane at once, and a key's old records land first), then start
+    /// lanes for the new map. New records wait meanwhile.
+    async fn reroute(&mut self, name: Arc<str>, info: StreamInfo) -> Result<(), KinesisError> {
+        let old = self.streams.remove(&name).expect("a stream being re-read");
+        info!(
+            stream = %name, old_shards = old.lanes.len(), new_shards = info.shards.shards().len(),
+            "kinesis shard map changed; draining the old lanes before routing to the new shards"
+        );
+        drop(old.lanes);
+        let mut waiting: HashSet<task::Id> = old.tasks.into_iter().collect();
+        while !waiting.is_empty() {
+            match self.tasks.join_next_with_id().await {
+                Some(Ok((id, result))) => {
+                    result?;
+                    waiting.remove(&id);
+                }
+                Some(Err(err)) => return Err(KinesisError::Task(err)),
+                None => break,
+            }
+        }
+        self.start_lanes(name, info);
+        Ok(())
+    }
+
+    /// Reads the stream and starts its lanes.
     async fn open_stream(&mut self, name: Arc<str>) -> Result<(), KinesisError> {
+        let info = self.read_stream(&name).await?;
+        self.start_lanes(name, info);
+        Ok(())
+    }
+
+    /// DescribeStreamSummary and ListShards, paced by the control-plane
+    /// limiter, retrying what a retry can fix.
+    async fn read_stream(&mut self, name: &str) -> Result<StreamInfo, KinesisError> {
         let mut backoff = Backoff::new(self.sink.config.retry);
-        let info = loop {
-            match describe_stream_classified(&self.sink.client, &name).await {
-                Ok(info) => break info,
+        loop {
+            self.control.until_ready().await;
+            match describe_stream_classified(&self.sink.client, name).await {
+                Ok(info) => return Ok(info),
                 Err((Failure::Permanent, err)) => return Err(err),
                 Err((_, err)) => {
                     let delay = backoff.next_delay();
@@ -170,9 +271,15 @@ impl Dispatcher {
                     tokio::time::sleep(delay).await;
                 }
             }
-        };
+        }
+    }
+
+    /// Starts one lane per open shard of `info`.
+    fn start_lanes(&mut self, name: Arc<str>, info: StreamInfo) {
         let config = &self.sink.config;
+        let stale = Arc::new(AtomicBool::new(false));
         let mut lanes = Vec::with_capacity(info.shards.shards().len());
+        let mut tasks = Vec::with_capacity(info.shards.shards().len());
         for shard in info.shards.shards() {
             let (sender, receiver) = mpsc::unbounded_channel();
             let setup = LaneSetup {
@@ -180,12 +287,14 @@ impl Dispatcher {
                 stream: name.clone(),
                 shard_id: shard.shard_id.as_str().into(),
                 max_record_bytes: info.max_record_bytes,
+                aggregation: config.aggregation,
                 quota: LaneQuota::new(config.lane_records_per_sec(), config.lane_bytes_per_sec()),
                 retry: config.retry,
                 dead_letters: self.sink.dead_letters.clone(),
                 acks: self.acks.clone(),
+                stale: stale.clone(),
             };
-            self.tasks.spawn(Lane::new(setup, receiver).run());
+            tasks.push(self.tasks.spawn(Lane::new(setup, receiver).run()).id());
             lanes.push(sender);
         }
         info!(
@@ -199,9 +308,11 @@ impl Dispatcher {
             StreamLanes {
                 shards: info.shards,
                 lanes,
+                tasks,
+                stale,
+                read_at: Instant::now(),
             },
         );
-        Ok(())
     }
 
     /// The error of the lane that stopped.

@@ -37,6 +37,9 @@ use tributary_envelope::{AckTracker, Acks, Budget, Record, Sink};
 use crate::{KinesisError, KinesisSink, KinesisSinkConfig, RetryPolicy};
 
 const STREAM: &str = "shop-cdc";
+/// A second stream, for `[dead_letter] stream`: its first PutRecords is
+/// throttled whole, later ones are accepted.
+const DLQ_STREAM: &str = "shop-cdc-dlq";
 /// The position the tests commit for all their records.
 const END_POSITION: u64 = 7;
 
@@ -46,7 +49,12 @@ struct Entry {
     seq: u64,
     key: String,
     bytes: usize,
+    /// The open shard Kinesis puts it on (by explicit hash key or key).
+    shard: usize,
 }
+
+/// A record's partition key and data.
+type KeyedData = (String, Vec<u8>);
 
 /// How the fake answers one PutRecords call.
 enum Reply {
@@ -69,6 +77,8 @@ type Script = dyn Fn(usize, &[Entry]) -> Reply + Send + Sync;
 struct Fake {
     client: Client,
     calls: Arc<Mutex<Vec<Vec<Entry>>>>,
+    /// The data of every record [`DLQ_STREAM`] accepted.
+    dead_letter_records: Arc<Mutex<Vec<KeyedData>>>,
     list_requests: Arc<Mutex<Vec<ListRequest>>>,
     ranges: Vec<(u128, u128)>,
 }
@@ -86,7 +96,7 @@ impl Fake {
 
         let describe = mock!(Client::describe_stream_summary).then_compute_response(move |input| {
             let name = input.stream_name().unwrap_or_default();
-            if name != STREAM {
+            if name != STREAM && name != DLQ_STREAM {
                 return MockResponse::Error(DescribeStreamSummaryError::ResourceNotFoundException(
                     ResourceNotFoundException::builder()
                         .message(format!("Stream {name} under account 0 not found."))
@@ -136,17 +146,60 @@ impl Fake {
             });
 
         let log = calls.clone();
+        let put_ranges = ranges.clone();
+        let dead_letter_records = Arc::new(Mutex::new(Vec::new()));
+        let dlq_log = dead_letter_records.clone();
+        let dlq_calls = Arc::new(Mutex::new(0usize));
         let put =
             mock!(Client::put_records).then_compute_response(move |input: &PutRecordsInput| {
+                if input.stream_name() == Some(DLQ_STREAM) {
+                    let mut dlq_calls = dlq_calls.lock().unwrap();
+                    *dlq_calls += 1;
+                    if *dlq_calls == 1 {
+                        return MockResponse::Error(
+                            PutRecordsError::ProvisionedThroughputExceededException(
+                                ProvisionedThroughputExceededException::builder().build(),
+                            ),
+                        );
+                    }
+                    let entries: Vec<Entry> = input
+                        .records()
+                        .iter()
+                        .map(|e| {
+                            let key = e.partition_key().unwrap_or_default().to_owned();
+                            dlq_log
+                                .lock()
+                                .unwrap()
+                                .push((key.clone(), e.data().as_ref().to_vec()));
+                            Entry {
+                                seq: 0,
+                                key,
+                                bytes: 0,
+                                shard: 0,
+                            }
+                        })
+                        .collect();
+                    return MockResponse::Output(answer(&entries, &[]));
+                }
                 assert_eq!(input.stream_name(), Some(STREAM));
                 let entries: Vec<Entry> = input
                     .records()
                     .iter()
-                    .map(|e| Entry {
-                        seq: seq_of(e.data().as_ref()),
-                        key: e.partition_key().unwrap_or_default().to_owned(),
-                        bytes: e.data().as_ref().len()
-                            + e.partition_key().unwrap_or_default().len(),
+                    .map(|e| {
+                        let key = e.partition_key().unwrap_or_default();
+                        let hash = e.explicit_hash_key().map_or_else(
+                            || u128::from_be_bytes(Md5::digest(key.as_bytes()).into()),
+                            |h| h.parse().unwrap(),
+                        );
+                        Entry {
+                            seq: seq_of(e.data().as_ref()),
+                            key: key.to_owned(),
+                            bytes: e.data().as_ref().len() + key.len(),
+                            shard: put_ranges
+                                .iter()
+                                .position(|&(start, end)| start <= hash && hash <= end)
+                                .unwrap(),
+                        }
                     })
                     .collect();
                 let index = {
@@ -175,6 +228,7 @@ impl Fake {
         Self {
             client,
             calls,
+            dead_letter_records,
             list_requests,
             ranges,
         }
@@ -237,7 +291,7 @@ fn answer(entries: &[Entry], failures: &[(usize, &str)]) -> PutRecordsOutput {
                 .build(),
             None => PutRecordsResultEntry::builder()
                 .sequence_number(format!("4960{:020}", entry.seq))
-                .shard_id("shardId-000000000000")
+                .shard_id(format!("shardId-{:012}", entry.shard))
                 .build(),
         }
     });
@@ -526,30 +580,70 @@ async fn a_partial_failure_is_retried_with_the_later_records_of_its_key() {
     assert_last_copies_in_order(&calls, |c, i| !refused(c, i));
 }
 
+/// An answer that throttles the entries at `positions`.
+fn throttle(positions: impl Iterator<Item = usize>) -> Reply {
+    Reply::Fail(
+        positions
+            .map(|i| (i, "ProvisionedThroughputExceededException"))
+            .collect(),
+    )
+}
+
+/// About one entry in ten, spread pseudo-randomly over calls and positions.
+fn randomly_refused(call: usize, position: usize) -> bool {
+    (position * 7919 + call * 104_729).is_multiple_of(10)
+}
+
 #[tokio::test]
-async fn a_throttled_lane_slows_down() {
+async fn a_throttled_lane_slows_down_to_what_the_shard_takes() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = Fake::new(1, None, |call, entries| {
-        if call == 0 {
-            Reply::Fail(
-                (0..entries.len())
-                    .map(|i| (i, "ProvisionedThroughputExceededException"))
-                    .collect(),
-            )
-        } else {
-            Reply::Accept
-        }
+    // Every other entry of every call is throttled: the shard takes half.
+    let fake = Fake::new(1, None, |_, entries| {
+        throttle((0..entries.len()).filter(|i| i % 2 == 1))
     });
     let mut config = config(&dir);
-    config.records_per_shard_per_sec = 100;
-    let records: Vec<Record> = (0..100)
+    config.records_per_shard_per_sec = 200;
+    let records: Vec<Record> = (0..400)
         .map(|i| record(i, &format!("public.t:{i}"), 10))
         .collect();
     let run = run(fake.client.clone(), config, records, usize::MAX).await;
     run.assert_all_done_once();
     let sizes: Vec<usize> = fake.calls().iter().map(Vec::len).collect();
-    // A full burst, throttled whole; then half the rate, recovering a step.
-    assert_eq!(sizes, [100, 50, 50]);
+    assert_eq!(sizes[0], 200, "a full burst first: {sizes:?}");
+    // After a one-second window with half refused, the lane sends about
+    // what was accepted plus headroom (0.5 * 1.1 + 0.02 of 200 = 114).
+    let big = sizes.iter().filter(|&&n| n > 120).count();
+    assert!(big <= 3, "the lane did not slow down: {sizes:?}");
+    assert!(sizes.iter().any(|&n| (60..=120).contains(&n)), "{sizes:?}");
+}
+
+#[tokio::test]
+async fn random_refusals_cost_about_their_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    // About 10% of the entries of every call refused, spread pseudo-randomly.
+    let fake = Fake::new(1, None, |call, entries| {
+        throttle((0..entries.len()).filter(|&i| randomly_refused(call, i)))
+    });
+    let mut config = config(&dir);
+    config.records_per_shard_per_sec = 2_000;
+    let records: Vec<Record> = (0..8_000)
+        .map(|i| record(i, &format!("public.t:{}", i % 1_000), 10))
+        .collect();
+    let run = run(fake.client.clone(), config, records, 500).await;
+    run.assert_all_done_once();
+    let calls = fake.calls();
+    // Each call re-sends the refused entries (and the later entries of
+    // their keys) in front of new ones; the calls stay full: the rate
+    // factor stays near 1 (the old rule cut them to 1/64 of the burst,
+    // 31 records). Only the tail, once nothing new is queued, is short.
+    let full = calls.iter().filter(|c| c.len() == 500).count();
+    assert!(
+        full >= 8_000 / 500 - 1,
+        "{full} of {} calls full: {:?}",
+        calls.len(),
+        calls.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert_last_copies_in_order(&calls, |c, i| !randomly_refused(c, i));
 }
 
 #[tokio::test]
@@ -588,36 +682,28 @@ async fn records_too_large_for_the_stream_are_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     // A stream with a 1 KiB maximum record size.
     let fake = Fake::new(1, Some(1), |_, _| Reply::Accept);
-    let config = config(&dir);
-    let dead_letters = config.dead_letter_dir.join("dead-letters.jsonl");
-    let records = vec![
-        record(0, "public.t:1", 10),
-        record(1, "public.t:2", 2_000),
-        record(2, "public.t:3", 10),
-        record(3, "", 10),
-    ];
-    let run = run(fake.client.clone(), config, records, usize::MAX).await;
-    run.assert_all_done_once();
+    let dead_letters = run_dead_letter_records(&fake, config(&dir)).await;
     let sent: Vec<u64> = fake.calls().iter().flat_map(|c| seqs(c)).collect();
     assert_eq!(sent, [0, 2]);
 
-    let text = std::fs::read_to_string(dead_letters).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, lines) = dead_letter_lines(&dead_letters);
     assert_eq!(lines.len(), 2, "{text}");
     assert_eq!(lines[0]["stream"], STREAM);
     assert_eq!(lines[0]["partition_key"], "public.t:2");
     assert_eq!(lines[0]["envelope"]["seq"], 1);
-    let reason = lines[0]["reason"].as_str().unwrap();
+    assert_eq!(lines[0]["reason"], "too_large");
+    assert_eq!(lines[0]["size"], 2_000 + 18 + "public.t:2".len());
+    assert_eq!(lines[0]["limit"], 1024);
+    assert_eq!(lines[0]["attempts"], 0);
+    let error = lines[0]["error"].as_str().unwrap();
     assert!(
-        reason.contains("exceeds") && reason.contains("1024"),
-        "{reason}"
+        error.contains("exceeds") && error.contains("1024"),
+        "{error}"
     );
     assert_eq!(lines[1]["envelope"]["seq"], 3);
+    assert_eq!(lines[1]["reason"], "invalid_partition_key");
     assert!(
-        lines[1]["reason"]
+        lines[1]["error"]
             .as_str()
             .unwrap()
             .contains("partition key is empty")
@@ -659,18 +745,183 @@ async fn an_entry_refused_every_time_is_dead_lettered_after_the_bounded_attempts
     assert_eq!(seqs(&calls[2]), [5, 7]);
     assert_eq!(calls.len(), 3, "5 is given up after 3 tries");
 
-    let text = std::fs::read_to_string(dead_letters).unwrap();
-    let lines: Vec<serde_json::Value> = text
+    let (text, lines) = dead_letter_lines(&dead_letters);
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["envelope"]["seq"], 5);
+    assert_eq!(lines[0]["reason"], "rejected");
+    assert_eq!(lines[0]["attempts"], 3);
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("3 times") && error.contains("InvalidArgumentException"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_go_to_the_dead_letter_stream_when_one_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 KiB stream: seq 1 is too large for the dead-letter stream too.
+    let fake = Fake::new(1, Some(1), |_, entries| {
+        let failures: Vec<_> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.seq == 2)
+            .map(|(i, _)| (i, "InvalidArgumentException"))
+            .collect();
+        Reply::Fail(failures)
+    });
+    let mut config = config(&dir);
+    config.dead_letter_stream = Some(DLQ_STREAM.to_owned());
+    let file = run_dead_letter_records(&fake, config).await;
+
+    // The rejected record and the one with an empty key went to the
+    // stream (after a throttled first try), as entries of the file's shape.
+    let sent = fake.dead_letter_records.lock().unwrap().clone();
+    let entries: Vec<(String, serde_json::Value)> = sent
+        .iter()
+        .map(|(key, data)| (key.clone(), serde_json::from_slice(data).unwrap()))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let by_seq = |seq: u64| {
+        entries
+            .iter()
+            .find(|(_, e)| e["envelope"]["seq"] == seq)
+            .unwrap_or_else(|| panic!("seq {seq} in {entries:?}"))
+    };
+    let (key, rejected) = by_seq(2);
+    assert_eq!(key, "public.t:3");
+    assert_eq!(rejected["reason"], "rejected");
+    assert_eq!(rejected["attempts"], 3);
+    let (key, keyless) = by_seq(3);
+    assert_eq!(
+        key, "dead-letter",
+        "an empty key cannot be used for the stream"
+    );
+    assert_eq!(keyless["reason"], "invalid_partition_key");
+
+    // The stream cannot hold the too-large one: it is in the file.
+    let (text, lines) = dead_letter_lines(&file);
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["envelope"]["seq"], 1);
+    assert_eq!(lines[0]["reason"], "too_large");
+}
+
+/// The dead-letter file: its text and its lines as JSON.
+fn dead_letter_lines(path: &std::path::Path) -> (String, Vec<serde_json::Value>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 1, "{text}");
-    assert_eq!(lines[0]["envelope"]["seq"], 5);
-    let reason = lines[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.contains("3 times") && reason.contains("InvalidArgumentException"),
-        "{reason}"
+    (text, lines)
+}
+
+/// The four records of the dead-letter tests: seq 1 is 2 KB, seq 3 has an
+/// empty partition key.
+fn dead_letter_records() -> Vec<Record> {
+    vec![
+        record(0, "public.t:1", 10),
+        record(1, "public.t:2", 2_000),
+        record(2, "public.t:3", 10),
+        record(3, "", 10),
+    ]
+}
+
+#[test]
+fn the_writer_records_its_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 KiB stream (seq 1 is too large); the first call refuses two entries.
+    let fake = Fake::new(1, Some(1), |call, _| {
+        if call == 0 {
+            Reply::Fail(vec![
+                (0, "ProvisionedThroughputExceededException"),
+                (1, "InternalFailure"),
+            ])
+        } else {
+            Reply::Accept
+        }
+    });
+    metrics::with_local_recorder(&recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let records = (0..10)
+                    .map(|i| record(i, &format!("public.t:{i}"), if i == 1 { 2_000 } else { 10 }))
+                    .collect();
+                run(fake.client.clone(), config(&dir), records, usize::MAX)
+                    .await
+                    .assert_all_done_once();
+            });
+    });
+    let mut seen: HashMap<String, f64> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        let mut name = key.name().to_owned();
+        for label in key.labels() {
+            name.push_str(&format!(",{}={}", label.key(), label.value()));
+        }
+        let value = match value {
+            DebugValue::Counter(n) => n as f64,
+            DebugValue::Gauge(g) => g.into_inner(),
+            DebugValue::Histogram(h) => h.len() as f64,
+        };
+        seen.insert(name, value);
+    }
+    let get = |name: &str| {
+        *seen
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {seen:#?}"))
+    };
+    let stream = format!("stream={STREAM}");
+    use crate::metrics as m;
+    assert_eq!(get(&format!("{},{stream}", m::RECORDS_SENT)), 9.0);
+    assert!(get(&format!("{},{stream}", m::BYTES_SENT)) > 9.0 * 20.0);
+    assert_eq!(
+        get(&format!(
+            "{},{stream},code=ProvisionedThroughputExceededException",
+            m::ENTRIES_REFUSED
+        )),
+        1.0
     );
+    assert_eq!(
+        get(&format!(
+            "{},{stream},code=InternalFailure",
+            m::ENTRIES_REFUSED
+        )),
+        1.0
+    );
+    assert_eq!(get(&format!("{},{stream},kind=entry", m::RETRIES)), 2.0);
+    assert_eq!(
+        get(&format!("{},{stream},reason=too_large", m::DEAD_LETTERS)),
+        1.0
+    );
+    assert_eq!(get(&format!("{},{stream}", m::PUT_RECORDS_SECONDS)), 2.0);
+    assert_eq!(get(&format!("{},{stream}", m::LIMITER_WAIT_SECONDS)), 2.0);
+    let shard = "shard=shardId-000000000000";
+    assert_eq!(get(&format!("{},{stream},{shard}", m::RATE_FACTOR)), 1.0);
+    assert!(seen.contains_key(&format!("{},{stream},{shard}", m::QUEUED_RECORDS)));
+    assert!(seen.contains_key(&format!("{},{stream},{shard}", m::QUEUED_BYTES)));
+}
+
+/// Runs the sink over [`dead_letter_records`], checks every record was
+/// reported done once, and returns the path of the dead-letter file.
+async fn run_dead_letter_records(fake: &Fake, config: KinesisSinkConfig) -> std::path::PathBuf {
+    let file = config.dead_letter_dir.join("dead-letters.jsonl");
+    run(
+        fake.client.clone(),
+        config,
+        dead_letter_records(),
+        usize::MAX,
+    )
+    .await
+    .assert_all_done_once();
+    file
 }
 
 /// Runs the sink over `records` for `window`, then stops it; returns the calls seen.

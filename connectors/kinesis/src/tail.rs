@@ -7,7 +7,8 @@
 //! parents, so the records of a key come out in order across a reshard.
 //! Each record is one line: the data itself when it is JSON (the
 //! envelopes), else a JSON object `{"partition_key":..,"data":..}` for other
-//! UTF-8 text or `{"partition_key":..,"data_base64":..}` for bytes.
+//! UTF-8 text or `{"partition_key":..,"data_base64":..}` for bytes. A KPL
+//! aggregated record (`sink.aggregation`) is one line per sub-record.
 
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use tracing::{debug, warn};
 use tributary_envelope::error_text::one_line;
 use tributary_envelope::json;
 
+use crate::aggregate::deaggregate;
 use crate::config::RetryPolicy;
 use crate::dead_letter::is_json;
 use crate::error::KinesisError;
@@ -359,8 +361,25 @@ where
     Ok(())
 }
 
-/// Appends one output line for a record.
+/// Appends the output lines of a record: one, or one per sub-record of a
+/// KPL aggregated record (a malformed one is shown as the bytes it is).
 fn render(out: &mut Vec<u8>, partition_key: Option<&str>, data: &[u8]) {
+    match deaggregate(data) {
+        Some(Ok(records)) => {
+            for record in records {
+                render_one(out, Some(&record.partition_key), &record.data);
+            }
+        }
+        Some(Err(err)) => {
+            warn!(error = %err, "showing a malformed aggregated record as it is");
+            render_one(out, partition_key, data);
+        }
+        None => render_one(out, partition_key, data),
+    }
+}
+
+/// Appends one output line for one record.
+fn render_one(out: &mut Vec<u8>, partition_key: Option<&str>, data: &[u8]) {
     if is_json(data) {
         // Raw CR/LF in valid JSON is whitespace: blank it to keep one line.
         out.extend(data.iter().map(|&b| match b {
@@ -541,12 +560,22 @@ mod tests {
         render(&mut out, Some("k"), b"{\"v\":1,\n\"x\":2}");
         render(&mut out, Some("k\"2"), b"plain text");
         render(&mut out, Some("k3"), &[0xff, 0x00]);
+        let mut aggregate = crate::aggregate::Aggregate::default();
+        aggregate.push("a:1", None, b"{\"v\":2}");
+        aggregate.push("a:2", None, b"bytes");
+        let (key, _, data) = aggregate.finish();
+        render(&mut out, Some(&key), &data);
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[3], serde_json::json!({"v": 2}));
+        assert_eq!(
+            lines[4],
+            serde_json::json!({"partition_key": "a:2", "data": "bytes"})
+        );
         assert_eq!(lines[0], serde_json::json!({"v": 1, "x": 2}));
         assert_eq!(
             lines[1],

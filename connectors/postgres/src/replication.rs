@@ -6,7 +6,10 @@
 //! ever releases commit end LSNs (or, with nothing in flight, the WAL end of
 //! a keepalive). On shutdown the loop finishes the transaction it is in,
 //! waits for the sink to report everything done, sends the final standby
-//! status update and only then closes the stream.
+//! status update and only then closes the stream. The whole stop takes at
+//! most `sink.drain_timeout_secs`: a reader waiting for budget a stalled
+//! sink never gives back (Kinesis down) drops the open transaction when the
+//! timeout is spent, so it stays unacknowledged and a restart sends it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,6 +148,10 @@ impl PostgresSource {
             batch: Vec::with_capacity(self.cfg.batch_records),
             captured_at: tributary_envelope::time::now(),
             credit: 0,
+            shutdown: shutdown.clone(),
+            drain_timeout,
+            stop_deadline: None,
+            abandoned: false,
         };
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -254,6 +261,12 @@ impl PostgresSource {
                         for record in decoded.drain(..) {
                             st.push(record, &mut conn, &mut feedback).await?;
                         }
+                        if st.abandoned {
+                            // Stopping while the sink is stalled: the open
+                            // transaction is never committed, so nothing of
+                            // it is acknowledged.
+                            break 'stream;
+                        }
                     }
                     StreamMessage::KeepAlive { wal_end, reply } => {
                         if tx.is_none() && st.batch.is_empty() {
@@ -300,7 +313,9 @@ impl PostgresSource {
         // sink finish, then acknowledge the last commit before closing.
         st.flush().await?;
         st.out = None;
-        let deadline = tokio::time::Instant::now() + drain_timeout;
+        let deadline = st
+            .stop_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + drain_timeout);
         let mut stopped = Stopped::Drained;
         while !st.tracker.is_drained() {
             if tokio::time::Instant::now() >= deadline {
@@ -456,6 +471,16 @@ struct RunState {
     captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
     /// Budget taken but not yet given to a record.
     credit: usize,
+    /// Turns true on shutdown; bounds a wait for budget.
+    shutdown: watch::Receiver<bool>,
+    /// `sink.drain_timeout_secs`.
+    drain_timeout: Duration,
+    /// Set when a wait for budget first sees the shutdown: the stop must
+    /// be over by then, stalled sink or not.
+    stop_deadline: Option<tokio::time::Instant>,
+    /// A shutdown came while waiting for budget: the open transaction was
+    /// dropped (its batch too) and the session must stop reading.
+    abandoned: bool,
 }
 
 impl RunState {
@@ -467,6 +492,9 @@ impl RunState {
         conn: &mut ReplicationConnection,
         feedback: &mut Feedback,
     ) -> Result<(), PostgresError> {
+        if self.abandoned {
+            return Ok(());
+        }
         let weight = record.weight().min(self.budget.capacity());
         if self.credit < weight {
             // Take budget in chunks, not per record (what is left over stays
@@ -485,6 +513,23 @@ impl RunState {
             let acquire = budget.acquire(want);
             tokio::pin!(acquire);
             loop {
+                if *self.shutdown.borrow() {
+                    let deadline = *self
+                        .stop_deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + self.drain_timeout);
+                    if tokio::time::Instant::now() >= deadline {
+                        // The sink stayed stalled (e.g. Kinesis is down) for
+                        // the whole drain timeout: stop waiting rather than
+                        // hang. The open transaction is never committed, so
+                        // nothing of it is acknowledged and a restart sends it.
+                        warn!(
+                            "the sink is stalled: stopping inside a transaction, which stays unacknowledged"
+                        );
+                        self.batch.clear();
+                        self.abandoned = true;
+                        return Ok(());
+                    }
+                }
                 tokio::select! {
                     _ = &mut acquire => break,
                     _ = tokio::time::sleep(Feedback::RAISE_DELAY) => {
