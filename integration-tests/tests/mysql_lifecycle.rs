@@ -133,3 +133,20 @@ async fn an_offset_in_a_purged_binlog_stops_with_a_clear_error() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_stays_connected_through_heartbeats() -> anyhow::Result<()> {
+    let mut pipeline =
+        MysqlPipeline::start(STREAM, 1, "CREATE TABLE items (id INT PRIMARY KEY)", "").await?;
+    // Longer than the source's 30 s silence limit: only the server's
+    // heartbeats keep the session from being declared dead.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    pipeline.db.execute("INSERT INTO items VALUES (1)").await?;
+    pipeline
+        .wait_for_records(STREAM, 1, Duration::from_secs(30))
+        .await?;
+    let logs = pipeline.tributary.logs();
+    assert!(!logs.contains("reconnecting"), "{logs}");
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
