@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Tributary's tests and quickstart need on a Debian machine:
-# PostgreSQL 15 server binaries, node + npm, kinesalite (npm ci, pinned in
+# PostgreSQL 15 server binaries, MariaDB server and client (for the MySQL
+# source's tests: they start their own throwaway mariadbd), node + npm, kinesalite (npm ci, pinned in
 # package-lock.json) and cargo-nextest. Idempotent, and quiet when
 # everything is already there.
 set -euo pipefail
@@ -27,6 +28,13 @@ if [ ! -x "$pg_bin/postgres" ] || [ ! -x "$pg_bin/pg_recvlogical" ]; then
     apt_install postgresql-15 postgresql-client-15
 fi
 
+if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ] ||
+    ! command -v mariadb-install-db >/dev/null; then
+    # Installing starts no service on our machines (policy-rc.d); the tests
+    # never use a system server.
+    apt_install mariadb-server mariadb-client
+fi
+
 if ! command -v node >/dev/null; then
     # Debian's nodejs comes without npm; NodeSource's includes it.
     apt_install nodejs
@@ -41,6 +49,14 @@ if [ ! -f "$root/node_modules/kinesalite/cli.js" ] ||
     [ "$root/package-lock.json" -nt "$root/node_modules/.package-lock.json" ]; then
     echo "install-deps: npm ci (kinesalite)"
     (cd "$root" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
+# The CloudEvents SDK for Python reads `sink.format = "cloudevents"` output
+# in the tests, as a consumer would.
+if ! python3 -c "import cloudevents.core.formats.json" >/dev/null 2>&1; then
+    echo "install-deps: pip install cloudevents"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "cloudevents==2.2.0"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

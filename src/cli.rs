@@ -59,6 +59,11 @@ pub enum Command {
         /// a terminal), for reading by eye.
         #[arg(long)]
         pretty: bool,
+        /// Check every envelope against the envelope's JSON Schema: the
+        /// failures go to stderr with their ids, and the exit code is 1
+        /// when any envelope is invalid.
+        #[arg(long)]
+        validate: bool,
     },
     /// Show or resend the records Kinesis could never take (the
     /// dead-letter store under [state] dir).

@@ -15,6 +15,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use tributary_envelope::Format;
+
 use crate::settings::{ConfigError, LogFormat, SinkKind, SnapshotMode, SourceKind};
 
 /// The prefix of environment overrides (`TRIBUTARY__SINK__STREAM`).
@@ -25,11 +27,12 @@ type Variants = fn() -> &'static [&'static str];
 
 /// Enumerated keys and the type whose values they take. The values come
 /// from the types themselves, so they cannot drift from what is accepted.
-const ENUM_KEYS: [(&str, Variants); 4] = [
+const ENUM_KEYS: [(&str, Variants); 5] = [
     ("source.kind", variants::<SourceKind>),
     ("source.snapshot", variants::<SnapshotMode>),
     ("sink.kind", variants::<SinkKind>),
     ("log.format", variants::<LogFormat>),
+    ("sink.format", variants::<Format>),
 ];
 
 /// The error for a deserialization failure of the configuration read from

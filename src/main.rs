@@ -3,6 +3,7 @@
 mod cli;
 mod config_error;
 mod dead_letter;
+mod format_stage;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -10,6 +11,7 @@ mod pretty;
 mod settings;
 mod startup;
 mod tail;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -85,7 +87,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             from,
             follow,
             pretty,
-        } => tail::run(&config.config, &stream, from, follow, pretty).await,
+            validate,
+        } => tail::run(&config.config, &stream, from, follow, pretty, validate).await,
         Command::DeadLetter { command } => match command {
             DeadLetterCommand::List { config, json } => dead_letter::list(&config.config, json),
             DeadLetterCommand::Replay { config, reason, id } => {

@@ -14,12 +14,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-use tributary_envelope::{AckTracker, Acks, Budget, Sink};
+use tributary_envelope::{
+    AckTracker, Acks, Budget, Format, Sink, Source, SourceContext, SourceError, Stopped,
+};
 use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
-use tributary_postgres::{PostgresSource, Stopped};
 
 use crate::null_sink::NullSink;
-use crate::settings::{SinkKind, SnapshotMode, Validated};
+use crate::settings::{RunSource, Settings, SinkKind, SnapshotMode, Validated};
 
 /// Batches queued between the source and the sink (the byte budget is the
 /// real bound on memory).
@@ -27,6 +28,34 @@ const CHANNEL_BATCHES: usize = 1024;
 
 /// Runs the pipeline until a signal; returns the process exit code.
 pub async fn run(v: Validated) -> anyhow::Result<i32> {
+    let Validated {
+        settings,
+        source,
+        region,
+    } = v;
+    source.dispatch(Wiring { settings, region }).await
+}
+
+/// The one wiring of every source: `settings` composes the source's config
+/// and calls [`RunSource::run`] with the source's type.
+struct Wiring {
+    settings: Settings,
+    region: String,
+}
+
+impl RunSource for Wiring {
+    type Output = anyhow::Result<i32>;
+
+    async fn run<S: Source>(self, config: S::Config) -> anyhow::Result<i32> {
+        run_source::<S>(self.settings, self.region, config).await
+    }
+}
+
+async fn run_source<S: Source>(
+    settings: Settings,
+    region: String,
+    config: S::Config,
+) -> anyhow::Result<i32> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Installed before anything starts: a pipeline that cannot be stopped
     // gracefully does not start.
@@ -34,39 +63,43 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     tokio::spawn(watch_signals(term, int, shutdown_tx));
 
-    let settings = &v.settings;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         source = %settings.source.name,
-        url = %crate::settings::redacted_url(settings),
+        kind = S::KIND,
+        url = %crate::settings::redacted_url(&settings),
         sink = ?settings.sink.kind,
         stream = settings.sink.stream.as_deref().unwrap_or(""),
         "tributary starting"
     );
-    crate::startup::check(&v).await?;
-    let source = PostgresSource::connect(v.postgres.clone())
-        .await
-        .context("cannot start the postgres source")?;
-    let report = source.report().clone();
-    if report.slot_created && settings.source.snapshot == SnapshotMode::Initial {
+    crate::startup::check(&settings, &region).await?;
+    let source = match S::connect(config).await {
+        Ok(source) => source,
+        Err(err) => return Err(source_error(err, "cannot start the source")),
+    };
+    if source.starts_fresh() && settings.source.snapshot == SnapshotMode::Initial {
         warn!(
             "initial snapshots are not available in this build yet: rows that existed before the \
-             slot was created are not sent; changes from now on are"
+             source's position was created are not sent; changes from now on are"
         );
     }
 
-    let tracker = Arc::new(AckTracker::new(report.confirmed_flush_lsn));
+    let tracker = Arc::new(AckTracker::new(source.resume_watermark()));
     let budget = Arc::new(Budget::new(
         usize::try_from(settings.sink.max_in_flight_bytes).unwrap_or(usize::MAX),
     ));
     let acks = Acks::new(tracker.clone(), budget.clone());
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    let rx = match settings.sink.format {
+        Format::Tributary => rx,
+        format => crate::format_stage::spawn(format, rx, budget.clone(), CHANNEL_BATCHES),
+    };
 
     let mut sink: JoinHandle<anyhow::Result<()>> = match settings.sink.kind {
         SinkKind::Null => tokio::spawn(async move { Ok(NullSink::default().run(rx, acks).await?) }),
         SinkKind::Kinesis => {
             let mut config =
-                KinesisSinkConfig::new(v.region.clone(), settings.state.dir.join("dead-letters"));
+                KinesisSinkConfig::new(region.clone(), settings.state.dir.join("dead-letters"));
             config.endpoint_url = settings.sink.endpoint_url.clone();
             config.dead_letter_stream = settings.dead_letter.stream.clone();
             config.aggregation = settings.sink.aggregation;
@@ -92,14 +125,23 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     };
 
     let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
-    let mut source = tokio::spawn(source.run(tx, tracker.clone(), budget, shutdown_rx, drain));
+    let ctx = SourceContext {
+        out: tx,
+        tracker: tracker.clone(),
+        budget,
+        shutdown: shutdown_rx,
+        drain_timeout: drain,
+    };
+    let mut source = tokio::spawn(source.run(ctx));
 
     // The sink finishes first on a graceful stop (the source closes its
     // input, then waits for the final acknowledgement); a sink that fails
     // stops everything.
     let sink_result = tokio::select! {
         result = &mut source => {
-            let stopped = result.context("source task panicked")?.context("postgres source failed")?;
+            let stopped = result
+                .context("source task panicked")?
+                .map_err(|e| source_error(e, "the source failed"))?;
             if matches!(stopped, Stopped::TimedOut) {
                 // The drain timeout is spent: the sink is stalled; what it
                 // holds is unacknowledged and sent again after a restart.
@@ -123,8 +165,21 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
     let stopped = source
         .await
         .context("source task panicked")?
-        .context("postgres source failed")?;
+        .map_err(|e| source_error(e, "the source failed"))?;
     Ok(exit_code(stopped, &tracker))
+}
+
+/// A source error for `main`: a setting a person must change exits 2 like a
+/// configuration error; anything else is a runtime failure.
+fn source_error<E: SourceError>(err: E, context: &'static str) -> anyhow::Error {
+    match err.misconfigured() {
+        Some(key) => crate::settings::ConfigError::Invalid {
+            key: key.to_owned(),
+            message: format!("{err:#}"),
+        }
+        .into(),
+        None => anyhow::Error::new(err).context(context),
+    }
 }
 
 fn exit_code(stopped: Stopped, tracker: &AckTracker) -> i32 {

@@ -6,9 +6,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tributary_envelope::StreamRouter;
 use tributary_envelope::filter::validate_pattern;
-use tributary_postgres::config::{parse_url, redact, validate_object_name};
+use tributary_envelope::source::{SettingError, SourceCommon};
+use tributary_envelope::{Format, Source, StreamRouter, TableFilter};
+use tributary_mysql::config::{MysqlSettings, MysqlSourceConfig};
+use tributary_postgres::PostgresSourceConfig;
+use tributary_postgres::config::{PostgresSettings, redact};
 
 /// A configuration problem: exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -112,33 +115,16 @@ pub struct SourceSettings {
     /// `initial`, `never` or `only`.
     #[serde(default)]
     pub snapshot: SnapshotMode,
-    /// `[source.postgres]`.
+    /// `[source.postgres]` (parsed and validated by the Postgres crate).
     #[serde(default)]
     pub postgres: PostgresSettings,
-    /// `[source.mysql]`.
-    pub mysql: Option<MysqlSettings>,
+    /// `[source.mysql]` (parsed and validated by the MySQL crate).
+    #[serde(default)]
+    pub mysql: MysqlSettings,
 }
 
 fn default_tables() -> Vec<String> {
     vec!["*.*".into()]
-}
-
-/// `[source.postgres]`.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSettings {
-    /// Replication slot (default `tributary_{name}`); created if missing.
-    pub slot: Option<String>,
-    /// Publication (default `tributary_{name}`); created if missing.
-    pub publication: Option<String>,
-}
-
-/// `[source.mysql]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MysqlSettings {
-    /// Unique among the server's replicas.
-    pub server_id: u32,
 }
 
 /// `sink.kind`.
@@ -169,6 +155,9 @@ pub struct SinkSettings {
     /// record, de-aggregated by the KCL and by `tributary tail`.
     #[serde(default)]
     pub aggregation: bool,
+    /// The record format: `tributary` (envelope v1), `debezium` or `cloudevents`.
+    #[serde(default)]
+    pub format: Format,
     /// `[sink.quota]`.
     #[serde(default)]
     pub quota: QuotaSettings,
@@ -365,28 +354,57 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path, explicit: bool) -> Resu
 pub struct Validated {
     /// The parsed file.
     pub settings: Settings,
-    /// The Postgres source's settings.
-    pub postgres: tributary_postgres::PostgresSourceConfig,
+    /// The source's validated settings.
+    pub source: SourceConfig,
     /// The region (kinesis sink).
     pub region: String,
+}
+
+/// The validated config of the one source this process runs. Adding a
+/// source adds a variant here and an arm in [`SourceConfig::dispatch`];
+/// the pipeline's wiring stays as it is.
+#[derive(Debug)]
+pub enum SourceConfig {
+    /// `kind = "postgres"`.
+    Postgres(Box<PostgresSourceConfig>),
+    /// `kind = "mysql"`.
+    Mysql(MysqlSourceConfig),
+}
+
+/// Something generic over the source type: the pipeline's wiring.
+pub trait RunSource {
+    /// What running yields.
+    type Output;
+    /// Runs with the source `S` built from `config`.
+    fn run<S: Source>(self, config: S::Config) -> impl std::future::Future<Output = Self::Output>;
+}
+
+impl SourceConfig {
+    /// Calls `with` with this config's source type.
+    pub async fn dispatch<R: RunSource>(self, with: R) -> R::Output {
+        match self {
+            SourceConfig::Postgres(config) => {
+                with.run::<tributary_postgres::PostgresSource>(*config)
+                    .await
+            }
+            SourceConfig::Mysql(config) => with.run::<tributary_mysql::MysqlSource>(config).await,
+        }
+    }
+}
+
+impl From<SettingError> for ConfigError {
+    fn from(e: SettingError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
+    }
 }
 
 impl Settings {
     /// Checks every value without network access; reads `password_file`.
     pub fn validate(self) -> Result<Validated, ConfigError> {
         let source = &self.source;
-        if source.kind == SourceKind::Mysql {
-            return Err(invalid(
-                "source.kind",
-                "mysql is not available in this build yet: use kind = \"postgres\"",
-            ));
-        }
-        if source.mysql.as_ref().is_some_and(|m| m.server_id == 0) {
-            return Err(invalid(
-                "source.mysql.server_id",
-                "must be between 1 and 4294967295",
-            ));
-        }
         if source.snapshot == SnapshotMode::Only {
             return Err(invalid(
                 "source.snapshot",
@@ -440,23 +458,6 @@ impl Settings {
             ),
             (None, None) => None,
         };
-        let connection =
-            parse_url(&source.url.0, password.as_deref()).map_err(|e| invalid(e.key, e.message))?;
-        let default_name = format!(
-            "tributary_{}",
-            source.name.to_ascii_lowercase().replace('-', "_")
-        );
-        let slot = source
-            .postgres
-            .slot
-            .clone()
-            .unwrap_or_else(|| default_name.clone());
-        let publication = source.postgres.publication.clone().unwrap_or(default_name);
-        validate_object_name("source.postgres.slot", &slot)
-            .map_err(|e| invalid(e.key, e.message))?;
-        validate_object_name("source.postgres.publication", &publication)
-            .map_err(|e| invalid(e.key, e.message))?;
-
         let sink = &self.sink;
         let (router, region) = match sink.kind {
             SinkKind::Null => (
@@ -580,18 +581,23 @@ impl Settings {
             )
         })?;
 
-        let postgres = tributary_postgres::PostgresSourceConfig {
+        let common = SourceCommon {
             name: source.name.clone(),
-            connection,
-            slot,
-            publication,
-            filter: tributary_envelope::TableFilter::new(&source.tables, &source.exclude_tables),
+            url: source.url.0.clone(),
+            password,
+            filter: TableFilter::new(&source.tables, &source.exclude_tables),
             router,
-            batch_records: 256,
+            state_dir: self.state.dir.clone(),
+        };
+        let source = match source.kind {
+            SourceKind::Postgres => {
+                SourceConfig::Postgres(Box::new(source.postgres.validate(&common)?))
+            }
+            SourceKind::Mysql => SourceConfig::Mysql(source.mysql.validate(&common)?),
         };
         Ok(Validated {
             settings: self,
-            postgres,
+            source,
             region,
         })
     }
@@ -628,8 +634,11 @@ region = "us-east-1"
     #[test]
     fn a_minimal_config_validates_with_defaults() {
         let v = load_str(BASE).unwrap();
-        assert_eq!(v.postgres.slot, "tributary_shop");
-        assert_eq!(v.postgres.publication, "tributary_shop");
+        let SourceConfig::Postgres(postgres) = &v.source else {
+            panic!("a postgres source")
+        };
+        assert_eq!(postgres.slot, "tributary_shop");
+        assert_eq!(postgres.publication, "tributary_shop");
         assert_eq!(v.settings.state.dir, PathBuf::from("./tributary-state"));
         assert!(
             !format!("{:?}", v.settings).contains("hunter2"),

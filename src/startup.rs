@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::info;
 use tributary_kinesis::{KinesisError, PreflightError, check_stream, checked_client};
 
-use crate::settings::{SinkKind, Validated};
+use crate::settings::{Settings, SinkKind};
 
 /// The config key that names the sink's stream.
 const STREAM_KEY: &str = "sink.stream";
@@ -32,13 +32,13 @@ impl StartupError {
 }
 
 /// Checks the sink's credentials and (fixed) stream.
-pub async fn check(v: &Validated) -> Result<(), StartupError> {
-    let sink = &v.settings.sink;
+pub async fn check(settings: &Settings, region: &str) -> Result<(), StartupError> {
+    let sink = &settings.sink;
     if sink.kind != SinkKind::Kinesis {
         return Ok(());
     }
     let client = checked_client(
-        &v.region,
+        region,
         sink.endpoint_url.as_deref(),
         Duration::from_secs(sink.request_timeout_secs),
         Duration::from_secs(sink.connect_timeout_secs),

@@ -43,13 +43,15 @@ pub async fn checked_client_for(
     .map_err(StartupError)?)
 }
 
-/// Reads the stream and writes it to stdout; exit code 0.
+/// Reads the stream and writes it to stdout; exit code 0, or with
+/// `validate` 1 when an envelope does not conform to the schema.
 pub async fn run(
     config: &Path,
     stream: &str,
     from: From,
     follow: bool,
     pretty: bool,
+    validate: bool,
 ) -> anyhow::Result<u8> {
     // Only `[sink]` is read: `tail` works with a partial config or none.
     let settings: TailSettings = crate::settings::load(config, false)?;
@@ -64,26 +66,49 @@ pub async fn run(
         From::Latest => StartFrom::Latest,
     };
     let mut stdout = tokio::io::stdout();
-    if pretty {
-        // tail writes JSON lines into a pipe; the printer re-indents them.
-        let colour = std::io::stdout().is_terminal();
-        let (mut lines, reader) = tokio::io::duplex(PIPE_BYTES);
-        let printer = tokio::spawn(async move {
-            let mut stdout = tokio::io::stdout();
-            crate::pretty::print_lines(reader, &mut stdout, colour).await
-        });
+    if !pretty && !validate {
         tokio::select! {
-            result = tail(&client, stream, from, follow, &mut lines) => { result?; }
+            result = tail(&client, stream, from, follow, &mut stdout) => { result?; }
             _ = tokio::signal::ctrl_c() => {}
         }
-        drop(lines);
-        printer.await??;
+        stdout.flush().await?;
         return Ok(0);
     }
+    // tail writes JSON lines into a pipe; the validator checks them and the
+    // printer re-indents them, each passing them on.
+    let colour = std::io::stdout().is_terminal();
+    let (mut lines, reader) = tokio::io::duplex(PIPE_BYTES);
+    let consumer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        if !validate {
+            crate::pretty::print_lines(reader, &mut stdout, colour).await?;
+            return anyhow::Ok(None);
+        }
+        if !pretty {
+            return Ok(Some(
+                crate::validate::pass_lines(reader, &mut stdout).await?,
+            ));
+        }
+        let (mut checked, printed) = tokio::io::duplex(PIPE_BYTES);
+        let printer =
+            tokio::spawn(
+                async move { crate::pretty::print_lines(printed, &mut stdout, colour).await },
+            );
+        let summary = crate::validate::pass_lines(reader, &mut checked).await?;
+        drop(checked);
+        printer.await??;
+        Ok(Some(summary))
+    });
     tokio::select! {
-        result = tail(&client, stream, from, follow, &mut stdout) => { result?; }
+        result = tail(&client, stream, from, follow, &mut lines) => { result?; }
         _ = tokio::signal::ctrl_c() => {}
     }
-    stdout.flush().await?;
-    Ok(0)
+    drop(lines);
+    match consumer.await?? {
+        Some(summary) => {
+            eprintln!("{}", crate::validate::verdict(summary));
+            Ok(u8::from(summary.invalid > 0))
+        }
+        None => Ok(0),
+    }
 }

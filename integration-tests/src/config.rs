@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use toml::{Table, Value};
 
 use crate::kinesalite::Kinesalite;
+use crate::mariadb::Mariadb;
 use crate::net::free_port;
 use crate::postgres::{DEFAULT_DATABASE, Postgres};
 
@@ -59,16 +60,56 @@ pub fn write_config(
     stream: &str,
     extra_toml: &str,
 ) -> Result<TestConfig> {
+    write_file(dir, &pg.url(DEFAULT_DATABASE), kin, stream, &[extra_toml])
+}
+
+/// `source.mysql.server_id` in generated MySQL configs.
+pub const MYSQL_SERVER_ID: u32 = 5401;
+
+/// [`write_config`] for a MySQL source: `kind = "mysql"` on `db`'s URL,
+/// tables `shop.*`, `server_id` [`MYSQL_SERVER_ID`], no `[source.postgres]`;
+/// `extra_toml` merged last.
+pub fn write_mysql_config(
+    dir: &Path,
+    db: &Mariadb,
+    kin: &Kinesalite,
+    stream: &str,
+    extra_toml: &str,
+) -> Result<TestConfig> {
+    let mysql = format!(
+        "[source]\nkind = \"mysql\"\ntables = [\"{DEFAULT_DATABASE}.*\"]\n\
+         [source.mysql]\nserver_id = {MYSQL_SERVER_ID}\n"
+    );
+    write_file(dir, &db.url(), kin, stream, &[&mysql, extra_toml])
+}
+
+fn write_file(
+    dir: &Path,
+    url: &str,
+    kin: &Kinesalite,
+    stream: &str,
+    extras: &[&str],
+) -> Result<TestConfig> {
     let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let state_dir = dir.join("state");
-    let text = render_config(
-        &pg.url(DEFAULT_DATABASE),
-        &kin.endpoint(),
-        stream,
-        &state_dir,
-        http_addr,
-        extra_toml,
-    )?;
+    let mut text = String::new();
+    for (i, extra) in extras.iter().enumerate() {
+        if i == 0 {
+            text = render_config(url, &kin.endpoint(), stream, &state_dir, http_addr, extra)?;
+            if url.starts_with("mysql://") {
+                let mut config: Table = toml::from_str(&text)?;
+                if let Some(Value::Table(source)) = config.get_mut("source") {
+                    source.remove("postgres");
+                }
+                text = toml::to_string(&config)?;
+            }
+        } else {
+            let mut config: Table = toml::from_str(&text)?;
+            let extra: Table = toml::from_str(extra).context("parsing the test's extra TOML")?;
+            merge(&mut config, extra);
+            text = toml::to_string(&config)?;
+        }
+    }
     let path = dir.join("tributary.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(TestConfig {

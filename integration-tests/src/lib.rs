@@ -2,7 +2,8 @@
 //!
 //! Tributary is tested against the servers it talks to in production, never
 //! against mocks: this crate starts them. [`Postgres`] is a throwaway
-//! PostgreSQL 15 cluster with `wal_level = logical`, [`Kinesalite`] is the
+//! PostgreSQL 15 cluster with `wal_level = logical`, [`Mariadb`] a throwaway
+//! MariaDB writing a row binlog, [`Kinesalite`] is the
 //! Kinesis emulator from the npm registry, [`TributaryProcess`] runs the
 //! `tributary` binary as a child process with its logs captured, and
 //! [`write_config`] writes a config file that points the binary at both
@@ -16,6 +17,9 @@
 //!
 //! Files:
 //! - `postgres.rs`: the PostgreSQL cluster.
+//! - `mariadb.rs`: [`Mariadb`], a throwaway MariaDB with the row binlog.
+//! - `mysql_pipeline.rs`: [`MysqlPipeline`], MariaDB + kinesalite +
+//!   `tributary run` with a MySQL source.
 //! - `kinesalite.rs`: the Kinesis emulator, its npm install and a reader for
 //!   everything in a stream.
 //! - `process.rs`: locating, building and running the `tributary` binary.
@@ -34,6 +38,8 @@ mod config;
 pub mod consumer;
 mod kinesalite;
 mod kinesis_faults;
+mod mariadb;
+mod mysql_pipeline;
 mod net;
 mod pipeline;
 mod postgres;
@@ -42,9 +48,13 @@ mod proxy;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config};
+pub use config::{
+    MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config, write_mysql_config,
+};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
+pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};
+pub use mysql_pipeline::MysqlPipeline;
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
 pub use postgres::{DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, USER};
@@ -70,5 +80,64 @@ pub(crate) fn file_tail(path: &Path, lines: usize) -> String {
             all[all.len().saturating_sub(lines)..].join("\n")
         }
         Err(err) => format!("(could not read {}: {err})", path.display()),
+    }
+}
+
+/// The envelopes of `records`, each asserted valid against the envelope's
+/// JSON Schema (`schema/envelope.v1.json`), sorted by source position
+/// (commit order). Panics, naming the envelope and the errors, on an invalid
+/// one.
+pub fn valid_envelopes_by_position(
+    records: &[StreamRecord],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(repo_root().join("schema/envelope.v1.json"))?;
+    let schema: serde_json::Value = serde_json::from_str(&text)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| anyhow::anyhow!("the envelope schema does not compile: {e}"))?;
+    let mut envelopes = records
+        .iter()
+        .map(StreamRecord::json)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for envelope in &envelopes {
+        let errors: Vec<String> = validator
+            .iter_errors(envelope)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "envelope {envelope} is invalid: {errors:?}"
+        );
+    }
+    envelopes.sort_by(|a, b| {
+        let position = |e: &serde_json::Value| e["source"]["position"].as_str().map(str::to_owned);
+        position(a).cmp(&position(b))
+    });
+    Ok(envelopes)
+}
+
+/// Quotas far above what kinesalite needs, for tests that should not wait
+/// on the 1,000 records/s default (kinesalite does not throttle).
+pub const FAST_QUOTA: &str =
+    "[sink.quota]\nrecords_per_shard_per_sec = 20000\nbytes_per_shard_per_sec = 20000000\n";
+
+/// Per-key order after a crash: for each key, the values of its events in
+/// stream order (values increase in commit order, duplicates allowed).
+/// Panics unless the last occurrence of each value comes in commit order
+/// (guarantee 3: a replayed record never ends up after a newer change).
+pub fn assert_last_occurrences_in_commit_order(per_key: &std::collections::HashMap<i64, Vec<i64>>) {
+    for (key, events) in per_key {
+        let mut last = std::collections::HashMap::new();
+        for (index, v) in events.iter().enumerate() {
+            last.insert(*v, index);
+        }
+        let mut order: Vec<(usize, i64)> = last.iter().map(|(v, i)| (*i, *v)).collect();
+        order.sort();
+        let values: Vec<i64> = order.iter().map(|(_, v)| *v).collect();
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(
+            values, sorted,
+            "key {key}: last occurrences out of commit order"
+        );
     }
 }

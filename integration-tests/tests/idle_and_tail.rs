@@ -83,6 +83,52 @@ async fn wal_of_uncaptured_tables_does_not_pin_the_slot_and_tail_prints_the_stre
             .all(|e| e["op"] == "insert" && e["source"]["table"] == "captured")
     );
 
+    // tail --validate: every envelope conforms; then a record that is not
+    // an envelope makes it exit 1 naming the record's id.
+    let validate = |pipeline: &tributary_integration_tests::Pipeline| {
+        TributaryProcess::spawn(
+            &[
+                "tail",
+                "-c",
+                pipeline.config.path.to_str().unwrap(),
+                "--stream",
+                STREAM,
+                "--validate",
+            ],
+            &[],
+            pipeline.dir.path(),
+        )
+    };
+    let mut tail = validate(&pipeline)?;
+    let status = tail.wait_exit(Duration::from_secs(60)).await?;
+    assert!(status.success(), "{status}\n{}", tail.logs());
+    assert!(
+        tail.stderr().contains("validated 25 envelopes: all valid"),
+        "{}",
+        tail.logs()
+    );
+    assert_eq!(tail.stdout().lines().count(), 25, "lines pass through");
+    pipeline
+        .kin
+        .client()
+        .put_record()
+        .stream_name(STREAM)
+        .partition_key("public.captured:99")
+        .data(aws_sdk_kinesis::primitives::Blob::new(
+            r#"{"v":1,"id":"shop:forged","op":"upsert"}"#,
+        ))
+        .send()
+        .await?;
+    let mut tail = validate(&pipeline)?;
+    let status = tail.wait_exit(Duration::from_secs(60)).await?;
+    assert_eq!(status.code(), Some(1), "{}", tail.logs());
+    let stderr = tail.stderr();
+    assert!(
+        stderr.contains("invalid envelope \"shop:forged\"")
+            && stderr.contains("validated 26 envelopes: 1 invalid"),
+        "{stderr}"
+    );
+
     pipeline.stop_gracefully().await?;
     Ok(())
 }

@@ -6,23 +6,31 @@
 //! path). The bytes travel as a [`record::Record`] to a [`sink::Sink`]; the
 //! sink reports every record as done through [`ack::Acks`], and the
 //! [`ack::AckTracker`] turns those reports into the highest source position
-//! that may be acknowledged to the source. This crate does no I/O.
+//! that may be acknowledged to the source. [`source::Source`] is the contract
+//! every source keeps (and [`source::OffsetStore`] the one for sources whose
+//! database does not keep their position). This crate does no I/O.
 
 pub mod ack;
 pub mod encoder;
 pub mod error_text;
 pub mod filter;
+pub mod format;
 pub mod json;
 pub mod position;
 pub mod record;
 pub mod route;
 pub mod sink;
+pub mod source;
 pub mod time;
 
 pub use ack::{AckTracker, Acks, Budget};
 pub use encoder::{EnvelopeEncoder, Op, TableMeta, TxMeta};
 pub use filter::TableFilter;
+pub use format::Format;
 pub use position::Position;
 pub use record::{PartitionKey, Record};
 pub use route::{StreamRouter, TemplateError};
 pub use sink::Sink;
+pub use source::{
+    Emitter, OffsetStore, PipelineClosed, Source, SourceContext, SourceError, Stopped,
+};

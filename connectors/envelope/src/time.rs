@@ -44,6 +44,60 @@ fn put_digits(out: &mut [u8], mut value: u32) {
     }
 }
 
+/// Milliseconds since the Unix epoch of a timestamp [`format_unix_micros`]
+/// wrote (`YYYY-MM-DDTHH:MM:SS[.f...]Z`); `None` for any other text.
+pub fn parse_unix_millis(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        digits.iter().try_fold(0i64, |acc, &d| {
+            d.is_ascii_digit().then(|| acc * 10 + i64::from(d - b'0'))
+        })
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if separators.iter().any(|&(i, c)| b.get(i) != Some(&c)) || b.last() != Some(&b'Z') {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let millis = match b.get(19) {
+        Some(b'.') => {
+            let fraction = &b[20..b.len() - 1];
+            let mut ms = 0;
+            for i in 0..3 {
+                let digit = fraction.get(i).copied().unwrap_or(b'0');
+                digit.is_ascii_digit().then_some(())?;
+                ms = ms * 10 + i64::from(digit - b'0');
+            }
+            fraction.iter().all(u8::is_ascii_digit).then_some(ms)?
+        }
+        Some(b'Z') if b.len() == 20 => 0,
+        _ => return None,
+    };
+    let days = days_from_civil(year, month as u32, day as u32);
+    Some(((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000) + millis)
+}
+
+/// Converts a proleptic Gregorian date to days since 1970-01-01 (the
+/// inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_index = i64::from((month + 9) % 12); // 0 = March
+    let day_of_year = (153 * month_index + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 /// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day),
 /// counting in 400-year eras of 146,097 days.
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -83,6 +137,44 @@ mod tests {
         assert_eq!(fmt(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
         assert_eq!(fmt(-1), "1969-12-31T23:59:59.999999Z");
         assert_eq!(fmt(253_402_300_799_999_999), "9999-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn parsing_inverts_formatting() {
+        for micros in [
+            0,
+            1_795_411_265_123_456,
+            951_782_400_000_000,
+            -1,
+            253_402_300_799_999_999,
+        ] {
+            assert_eq!(
+                parse_unix_millis(&fmt(micros)),
+                Some(micros.div_euclid(1000))
+            );
+        }
+        assert_eq!(
+            parse_unix_millis("2026-11-23T05:21:05Z"),
+            Some(1_795_411_265_000)
+        );
+        assert_eq!(
+            parse_unix_millis("2026-11-23T05:21:05.1Z"),
+            Some(1_795_411_265_100)
+        );
+        for bad in [
+            "",
+            "2026-11-23",
+            "2026-11-23T05:21:05",
+            "2026-13-23T05:21:05Z",
+            "x026-11-23T05:21:05Z",
+            "2026-11-23T05:21:05.Z1",
+        ] {
+            assert_eq!(parse_unix_millis(bad), None, "{bad}");
+        }
+        for days in -100_000..100_000 {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

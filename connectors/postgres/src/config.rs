@@ -3,6 +3,7 @@
 use std::str::FromStr;
 
 use tokio_postgres::config::{Host, SslMode};
+use tributary_envelope::source::{SettingError, SourceCommon};
 use tributary_envelope::{StreamRouter, TableFilter};
 
 /// Settings of one Postgres source (from `[source]` and `[source.postgres]`).
@@ -22,6 +23,41 @@ pub struct PostgresSourceConfig {
     pub router: StreamRouter,
     /// Records per batch handed to the sink.
     pub batch_records: usize,
+}
+
+/// `[source.postgres]`, as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Replication slot (default `tributary_{name}`); created if missing.
+    pub slot: Option<String>,
+    /// Publication (default `tributary_{name}`); created if missing.
+    pub publication: Option<String>,
+}
+
+impl PostgresSettings {
+    /// Checks the section and the shared `[source]` settings without I/O.
+    pub fn validate(&self, common: &SourceCommon) -> Result<PostgresSourceConfig, SettingError> {
+        let to_setting = |e: ConfigError| SettingError::new(e.key, e.message);
+        let connection = parse_url(&common.url, common.password.as_deref()).map_err(to_setting)?;
+        let default_name = format!(
+            "tributary_{}",
+            common.name.to_ascii_lowercase().replace('-', "_")
+        );
+        let slot = self.slot.clone().unwrap_or_else(|| default_name.clone());
+        let publication = self.publication.clone().unwrap_or(default_name);
+        validate_object_name("source.postgres.slot", &slot).map_err(to_setting)?;
+        validate_object_name("source.postgres.publication", &publication).map_err(to_setting)?;
+        Ok(PostgresSourceConfig {
+            name: common.name.clone(),
+            connection,
+            slot,
+            publication,
+            filter: common.filter.clone(),
+            router: common.router.clone(),
+            batch_records: 256,
+        })
+    }
 }
 
 /// A setting the source cannot use; names the key.
@@ -77,24 +113,7 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Co
 
 /// The URL with any password replaced by `***`, for messages and logs.
 pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &url[..scheme_end + 3],
-                &authority[..colon],
-                &rest[at..]
-            ),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    tributary_envelope::source::redact_url(url)
 }
 
 /// Checks a slot or publication name: 1-63 characters of `[a-z0-9_]`.

@@ -7,7 +7,7 @@
 //!
 //! Files: `config` (settings, URL parsing), `setup` (publication, slot,
 //! `wal_level` check), `replication` (the streaming loop and
-//! acknowledgements), `wire` (the replication connection: startup,
+//! acknowledgements), `source` (the envelope's `Source` contract), `wire` (the replication connection: startup,
 //! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
 //! and non-built-in types), `error`.
@@ -21,6 +21,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod setup;
 mod sockopt;
+mod source;
 pub mod types;
 pub mod wire;
 

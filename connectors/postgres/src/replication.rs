@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
+pub use tributary_envelope::Stopped;
 use tributary_envelope::error_text::one_line;
 use tributary_envelope::{AckTracker, Budget, Record};
 
@@ -36,16 +37,6 @@ const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c Tim
 
 /// Budget the reader takes at a time (records draw on it one by one).
 const BUDGET_CHUNK: usize = 256 * 1024;
-
-/// How the run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
-    /// Shutdown was requested; everything read was delivered and acknowledged.
-    Drained,
-    /// Shutdown was requested; records were still in flight when the
-    /// deadline passed (they are sent again after a restart).
-    TimedOut,
-}
 
 /// A connected Postgres source, ready to stream.
 pub struct PostgresSource {

@@ -1,0 +1,149 @@
+//! The MySQL source's settings: `[source.mysql]` parsed here and checked,
+//! with the shared `[source]` settings, before any I/O.
+
+use std::path::PathBuf;
+
+use mysql_async::{Opts, OptsBuilder};
+use tributary_envelope::source::{SettingError, SourceCommon};
+use tributary_envelope::{StreamRouter, TableFilter};
+
+/// `[source.mysql]`, as written in the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSettings {
+    /// The replica id this connector registers with; unique among the
+    /// server's replicas (1..=4294967295).
+    pub server_id: Option<u32>,
+}
+
+/// Settings of one MySQL source, ready to connect with.
+#[derive(Clone, Debug)]
+pub struct MysqlSourceConfig {
+    /// `source.name`: event ids and the offset file's name.
+    pub name: String,
+    /// Parsed `source.url` (password applied).
+    pub opts: Opts,
+    /// `source.mysql.server_id`.
+    pub server_id: u32,
+    /// Which tables are captured.
+    pub filter: TableFilter,
+    /// Where each table's records go.
+    pub router: StreamRouter,
+    /// The offset file: `{state.dir}/{name}.mysql-offset`.
+    pub offset_file: PathBuf,
+    /// Records per batch handed to the sink.
+    pub batch_records: usize,
+}
+
+impl MysqlSettings {
+    /// Checks the section and the shared `[source]` settings without I/O.
+    pub fn validate(&self, common: &SourceCommon) -> Result<MysqlSourceConfig, SettingError> {
+        let server_id = match self.server_id {
+            Some(0) => {
+                return Err(SettingError::new(
+                    "source.mysql.server_id",
+                    "must be between 1 and 4294967295, and unique among the server's replicas",
+                ));
+            }
+            Some(id) => id,
+            None => {
+                return Err(SettingError::new(
+                    "source.mysql.server_id",
+                    "missing: add [source.mysql] server_id = 5401 (any id no other replica of the server uses)",
+                ));
+            }
+        };
+        let opts = parse_url(&common.url, common.password.as_deref())?;
+        Ok(MysqlSourceConfig {
+            name: common.name.clone(),
+            opts,
+            server_id,
+            filter: common.filter.clone(),
+            router: common.router.clone(),
+            offset_file: common
+                .state_dir
+                .join(format!("{}.mysql-offset", common.name)),
+            batch_records: 256,
+        })
+    }
+}
+
+/// Parses `source.url` (`mysql://USER[:PASSWORD]@HOST[:PORT][/DB]`) and
+/// applies a password given separately.
+pub fn parse_url(url: &str, password: Option<&str>) -> Result<Opts, SettingError> {
+    let err = |message: String| SettingError::new("source.url", message);
+    let redacted = tributary_envelope::source::redact_url(url);
+    if !url.starts_with("mysql://") {
+        return Err(err(format!(
+            "`{redacted}` is not a MySQL URL: use mysql://USER@HOST:PORT"
+        )));
+    }
+    let opts = Opts::from_url(url).map_err(|e| err(format!("cannot parse `{redacted}`: {e}")))?;
+    if opts.user().is_none_or(str::is_empty) {
+        return Err(err("the URL names no user: mysql://USER@HOST:PORT".into()));
+    }
+    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
+    if let Some(password) = password {
+        builder = builder.pass(Some(password));
+    }
+    Ok(builder.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(url: &str) -> SourceCommon {
+        SourceCommon {
+            name: "shop".into(),
+            url: url.into(),
+            password: None,
+            filter: TableFilter::new(&["shop.*".into()], &[]),
+            router: StreamRouter::parse("cdc").unwrap(),
+            state_dir: PathBuf::from("/var/lib/tributary"),
+        }
+    }
+
+    #[test]
+    fn validates_server_id_and_url() {
+        let ok = MysqlSettings {
+            server_id: Some(5401),
+        };
+        let config = ok
+            .validate(&common("mysql://cdc:s3cret@127.0.0.1:3307/shop"))
+            .unwrap();
+        assert_eq!(config.server_id, 5401);
+        assert_eq!(config.opts.tcp_port(), 3307);
+        assert_eq!(config.opts.pass(), Some("s3cret"));
+        assert_eq!(
+            config.offset_file,
+            PathBuf::from("/var/lib/tributary/shop.mysql-offset")
+        );
+        for (settings, url, key) in [
+            (
+                MysqlSettings { server_id: None },
+                "mysql://cdc@h",
+                "source.mysql.server_id",
+            ),
+            (
+                MysqlSettings { server_id: Some(0) },
+                "mysql://cdc@h",
+                "source.mysql.server_id",
+            ),
+            (ok.clone_id(), "postgres://cdc:s3cret@h/db", "source.url"),
+            (ok.clone_id(), "mysql://h:3306", "source.url"),
+        ] {
+            let err = settings.validate(&common(url)).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    impl MysqlSettings {
+        fn clone_id(&self) -> Self {
+            Self {
+                server_id: self.server_id,
+            }
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Rows events to envelope records.
+//!
+//! Second stage of the MySQL dataflow: the replication loop hands each
+//! TABLE_MAP's [`TableSchema`] and each rows event here; the decoder writes
+//! one envelope per row (`insert`, `update` with the FULL before image,
+//! `delete`), or two for an update that changes the primary key (a `delete`
+//! under the old key, then an `insert` under the new one, consecutive
+//! positions in the same transaction, so each key's events stay in order in
+//! its shard). A `TRUNCATE` statement becomes one `truncate` envelope.
+//!
+//! Positions: `major` is `file index << 32 | offset` of the transaction's
+//! first event (its GTID or `BEGIN`), `minor` the change's ordinal in the
+//! transaction. Binlog order is commit order, and a restart always resumes
+//! at a transaction boundary, so a change read again gets the same position
+//! and the same event id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mysql_async::binlog::events::{RowsEventData, TableMapEvent};
+use mysql_async::binlog::row::BinlogRow;
+use tributary_envelope::encoder::column_label;
+use tributary_envelope::time::TIMESTAMP_LEN;
+use tributary_envelope::{
+    EnvelopeEncoder, Op, PartitionKey, Position, Record, StreamRouter, TableFilter, TableMeta,
+    TxMeta,
+};
+
+use crate::schema::TableSchema;
+use crate::types;
+
+/// The connector name in envelopes.
+pub const CONNECTOR: &str = "mysql";
+
+/// The server's own databases, never captured (`tables = ["*.*"]` means
+/// the user's tables).
+const SYSTEM_DATABASES: [&str; 4] = ["mysql", "sys", "performance_schema", "information_schema"];
+
+/// A captured table as of its last TABLE_MAP.
+#[derive(Debug)]
+struct Table {
+    schema: TableSchema,
+    meta: TableMeta,
+    labels: Vec<Box<[u8]>>,
+    stream: Arc<str>,
+}
+
+/// The transaction being read.
+#[derive(Debug)]
+pub struct Transaction {
+    /// `file index << 32 | offset` of its first event.
+    pub major: u64,
+    /// Changes emitted so far.
+    pub ordinal: u32,
+    /// `tx_id`, `commit_ts`, and the `gtid`/`file`/`pos` source fields.
+    pub meta: TxMeta,
+}
+
+impl Transaction {
+    /// A transaction starting at `file`:`pos` (index `file_index`).
+    pub fn begin(
+        file: &str,
+        file_index: u32,
+        pos: u32,
+        gtid: Option<&str>,
+        timestamp_secs: u32,
+    ) -> Self {
+        let mut extra = Vec::with_capacity(64);
+        if let Some(gtid) = gtid {
+            extra.extend_from_slice(b",\"gtid\":");
+            tributary_envelope::json::write_str(&mut extra, gtid);
+        }
+        extra.extend_from_slice(b",\"file\":");
+        tributary_envelope::json::write_str(&mut extra, file);
+        extra.extend_from_slice(b",\"pos\":");
+        tributary_envelope::json::write_u64(&mut extra, u64::from(pos));
+        Self {
+            major: crate::offsets::watermark(file_index, pos),
+            ordinal: 0,
+            meta: TxMeta {
+                tx_id: gtid.unwrap_or_default().to_owned(),
+                commit_ts: Some(tributary_envelope::time::format_unix_micros(
+                    i64::from(timestamp_secs) * 1_000_000,
+                )),
+                extra,
+            },
+        }
+    }
+
+    fn next_position(&mut self) -> Position {
+        let position = Position::new(self.major, self.ordinal);
+        self.ordinal = self.ordinal.saturating_add(1);
+        position
+    }
+}
+
+/// Decodes rows events of the captured tables.
+#[derive(Debug)]
+pub struct Decoder {
+    name: String,
+    router: StreamRouter,
+    filter: TableFilter,
+    tables: HashMap<u64, Arc<Table>>,
+    /// Scratch: rendered values of one row and their spans.
+    buf: Vec<u8>,
+    before: Vec<Option<(usize, usize)>>,
+    after: Vec<Option<(usize, usize)>>,
+}
+
+/// What a rows event could not be decoded as.
+#[derive(Debug, thiserror::Error)]
+#[error("rows event of {table}: {source}")]
+pub struct RowsError {
+    table: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl Decoder {
+    /// A decoder for the source `name`.
+    pub fn new(name: &str, router: StreamRouter, filter: TableFilter) -> Self {
+        Self {
+            name: name.to_owned(),
+            router,
+            filter,
+            tables: HashMap::new(),
+            buf: Vec::with_capacity(1024),
+            before: Vec::new(),
+            after: Vec::new(),
+        }
+    }
+
+    /// True when `db.table` is captured: it matches `source.tables` and is
+    /// not in one of the server's own databases.
+    pub fn captures(&self, db: &str, table: &str) -> bool {
+        !SYSTEM_DATABASES.contains(&db) && self.filter.matches(db, table)
+    }
+
+    /// A TABLE_MAP event mapped `table_id` to `schema` (only called for
+    /// captured tables; others are skipped by their absence).
+    pub fn table_map(&mut self, table_id: u64, schema: TableSchema) {
+        if let Some(existing) = self.tables.get(&table_id)
+            && same_shape(&existing.schema, &schema)
+        {
+            return;
+        }
+        let meta = TableMeta::new(CONNECTOR, &self.name, &schema.db, None, &schema.table);
+        let labels = schema
+            .columns
+            .iter()
+            .map(|c| column_label(&c.name))
+            .collect();
+        let stream = self
+            .router
+            .resolve(&self.name, &schema.db, None, &schema.table)
+            .into();
+        self.tables.insert(
+            table_id,
+            Arc::new(Table {
+                schema,
+                meta,
+                labels,
+                stream,
+            }),
+        );
+    }
+
+    /// Forgets a table id that now maps an uncaptured table.
+    pub fn forget(&mut self, table_id: u64) {
+        self.tables.remove(&table_id);
+    }
+
+    /// Decodes every row of `event` (mapped by `tme`) into `out`.
+    pub fn rows(
+        &mut self,
+        event: &RowsEventData<'_>,
+        tme: &TableMapEvent<'_>,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) -> Result<(), RowsError> {
+        let Some(table) = self.tables.get(&event.table_id()).cloned() else {
+            return Ok(()); // not captured
+        };
+        // Which columns each image carries (all of them with FULL).
+        let before_cols: Option<Vec<bool>> = event
+            .columns_before_image()
+            .map(|bits| bits.iter().map(|b| *b).collect());
+        let after_cols: Option<Vec<bool>> = event
+            .columns_after_image()
+            .map(|bits| bits.iter().map(|b| *b).collect());
+        for row in event.rows(tme) {
+            let (before, after) = row.map_err(|source| RowsError {
+                table: table.meta.qualified_name().to_owned(),
+                source,
+            })?;
+            self.buf.clear();
+            render_row(
+                &table,
+                before.as_ref(),
+                before_cols.as_deref(),
+                &mut self.buf,
+                &mut self.before,
+            );
+            render_row(
+                &table,
+                after.as_ref(),
+                after_cols.as_deref(),
+                &mut self.buf,
+                &mut self.after,
+            );
+            match (before.is_some(), after.is_some()) {
+                (false, true) => self.emit(&table, Op::Insert, false, true, tx, captured_at, out),
+                (true, false) => self.emit(&table, Op::Delete, true, false, tx, captured_at, out),
+                (true, true) if self.key_changed(&table) => {
+                    self.emit(&table, Op::Delete, true, false, tx, captured_at, out);
+                    self.emit(&table, Op::Insert, false, true, tx, captured_at, out);
+                }
+                (true, true) => self.emit(&table, Op::Update, true, true, tx, captured_at, out),
+                (false, false) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn key_changed(&self, table: &Table) -> bool {
+        table.schema.key.iter().any(|&k| {
+            let span = |spans: &[Option<(usize, usize)>]| {
+                spans
+                    .get(k)
+                    .copied()
+                    .flatten()
+                    .map(|(a, b)| &self.buf[a..b])
+            };
+            match (span(&self.before), span(&self.after)) {
+                (Some(old), Some(new)) => old != new,
+                _ => false,
+            }
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        table: &Table,
+        op: Op,
+        with_before: bool,
+        with_after: bool,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) {
+        let key_image = if with_after {
+            &self.after
+        } else {
+            &self.before
+        };
+        let value = |spans: &[Option<(usize, usize)>], i: usize| {
+            spans
+                .get(i)
+                .copied()
+                .flatten()
+                .map(|(a, b)| &self.buf[a..b])
+        };
+        let mut data = Vec::with_capacity(256 + self.buf.len() * 2);
+        let mut enc = EnvelopeEncoder::begin(
+            &mut data,
+            &table.meta,
+            op,
+            tx.next_position(),
+            &tx.meta,
+            false,
+        );
+        let mut partition = PartitionKey::new(table.meta.qualified_name());
+        if !table.schema.key.is_empty() {
+            enc.key();
+            for &k in &table.schema.key {
+                let v = value(key_image, k).unwrap_or(b"null");
+                enc.column(&table.labels[k], v);
+                partition.push(v);
+            }
+            enc.end_object();
+        }
+        for (wanted, spans) in [(with_before, &self.before), (with_after, &self.after)] {
+            if !wanted {
+                continue;
+            }
+            if std::ptr::eq(spans, &self.before) {
+                enc.before();
+            } else {
+                enc.after();
+            }
+            for (i, label) in table.labels.iter().enumerate() {
+                if let Some(v) = value(spans, i) {
+                    enc.column(label, v);
+                }
+            }
+            enc.end_object();
+        }
+        // Columns the after image did not carry (a session's MINIMAL or
+        // NOBLOB row image): named, never filled in.
+        let unchanged = table
+            .schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| with_after && value(&self.after, *i).is_none())
+            .map(|(_, c)| c.name.as_str());
+        enc.finish(unchanged, captured_at);
+        out.push(Record::new(table.stream.clone(), partition.finish(), data));
+    }
+
+    /// A `TRUNCATE` of `db.table`: one envelope with key, before and after null.
+    pub fn truncate(
+        &self,
+        db: &str,
+        table: &str,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) {
+        let meta = TableMeta::new(CONNECTOR, &self.name, db, None, table);
+        let mut data = Vec::with_capacity(384);
+        let enc = EnvelopeEncoder::begin(
+            &mut data,
+            &meta,
+            Op::Truncate,
+            tx.next_position(),
+            &tx.meta,
+            false,
+        );
+        enc.finish([], captured_at);
+        let stream = self.router.resolve(&self.name, db, None, table).into();
+        let mut record = Record::new(stream, meta.qualified_name().to_owned(), data);
+        // Every shard that holds the table's keys must see the truncate.
+        record.fan_out = true;
+        out.push(record);
+    }
+}
+
+fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
+    a.db == b.db
+        && a.table == b.table
+        && a.key == b.key
+        && a.columns.len() == b.columns.len()
+        && a.columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.kind == y.kind)
+}
+
+/// Renders the present columns of `row` into `buf`, recording each
+/// column's span (None: not in the image).
+fn render_row(
+    table: &Table,
+    row: Option<&BinlogRow>,
+    present: Option<&[bool]>,
+    buf: &mut Vec<u8>,
+    spans: &mut Vec<Option<(usize, usize)>>,
+) {
+    spans.clear();
+    spans.resize(table.schema.columns.len(), None);
+    let Some(row) = row else { return };
+    let charsets = row.columns_ref();
+    let mut image_index = 0;
+    for (i, column) in table.schema.columns.iter().enumerate() {
+        let in_image = present.is_none_or(|bits| bits.get(i).copied().unwrap_or(false));
+        if !in_image {
+            continue;
+        }
+        let (Some(value), Some(meta)) = (row.as_ref(image_index), charsets.get(image_index)) else {
+            break;
+        };
+        let start = buf.len();
+        types::render(&column.kind, meta.character_set(), value, buf);
+        spans[i] = Some((start, buf.len()));
+        image_index += 1;
+    }
+}
+
+/// The table a `TRUNCATE [TABLE] [db.]name` statement names, with `db`
+/// defaulting to the statement's current database; None for any other
+/// statement.
+pub fn truncated_table(query: &str, current_db: &str) -> Option<(String, String)> {
+    let rest = strip_keyword(query.trim_start(), "TRUNCATE")?;
+    let rest = strip_keyword(rest, "TABLE").unwrap_or(rest);
+    let (first, rest) = identifier(rest)?;
+    match rest.trim_start().strip_prefix('.') {
+        Some(after_dot) => {
+            let (second, _) = identifier(after_dot.trim_start())?;
+            Some((first, second))
+        }
+        None => Some((current_db.to_owned(), first)),
+    }
+}
+
+fn strip_keyword<'a>(text: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = text.get(..keyword.len())?;
+    let rest = &text[keyword.len()..];
+    (head.eq_ignore_ascii_case(keyword) && rest.starts_with(|c: char| c.is_whitespace()))
+        .then(|| rest.trim_start())
+}
+
+fn identifier(text: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = text.strip_prefix('`') {
+        let mut name = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((i, c)) = chars.next() {
+            if c == '`' {
+                if quoted[i + 1..].starts_with('`') {
+                    chars.next();
+                    name.push('`');
+                } else {
+                    return Some((name, &quoted[i + 1..]));
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_owned(), &text[end..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_truncated_table() {
+        let t = |q: &str| truncated_table(q, "shop");
+        assert_eq!(
+            t("TRUNCATE TABLE orders"),
+            Some(("shop".into(), "orders".into()))
+        );
+        assert_eq!(
+            t("truncate `my db`.`a``b`"),
+            Some(("my db".into(), "a`b".into()))
+        );
+        assert_eq!(
+            t("TRUNCATE other . t1 "),
+            Some(("other".into(), "t1".into()))
+        );
+        assert_eq!(t("TRUNCATED t"), None);
+        assert_eq!(t("ALTER TABLE t ADD c INT"), None);
+    }
+
+    #[test]
+    fn system_databases_are_never_captured() {
+        let decoder = Decoder::new(
+            "shop",
+            StreamRouter::parse("cdc").unwrap(),
+            TableFilter::new(&["*.*".into()], &[]),
+        );
+        assert!(decoder.captures("shop", "orders"));
+        assert!(!decoder.captures("mysql", "gtid_slave_pos"));
+        assert!(!decoder.captures("sys", "x"));
+    }
+
+    #[test]
+    fn transaction_positions_are_consecutive() {
+        let mut tx = Transaction::begin("binlog.000002", 2, 1234, Some("0-1-9"), 1_700_000_000);
+        assert_eq!(tx.next_position().to_string(), "00000002000004D2:00000000");
+        assert_eq!(tx.next_position().to_string(), "00000002000004D2:00000001");
+        assert_eq!(tx.meta.tx_id, "0-1-9");
+        let extra = String::from_utf8(tx.meta.extra.clone()).unwrap();
+        assert_eq!(
+            extra,
+            r#","gtid":"0-1-9","file":"binlog.000002","pos":1234"#
+        );
+    }
+}

@@ -1,0 +1,611 @@
+//! The streaming loop: reads the row binlog as a replica, decodes row
+//! changes into records for the sink, and writes to the offset store only
+//! the positions the [`AckTracker`](tributary_envelope::AckTracker) says are
+//! fully done.
+//!
+//! A transaction is never split across an acknowledgement: the tracker is
+//! told only about transaction ends (the position after an XID event, a
+//! `COMMIT` query, or a DDL statement), so the stored offset is always a
+//! transaction boundary. On shutdown the loop finishes the transaction it is
+//! in, waits for the sink to report everything done, writes the last offset
+//! and only then closes the stream. After a dropped connection it resumes
+//! after the last transaction it read (records in flight stay in flight);
+//! after a restart, after the stored offset.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use futures_util::{FutureExt as _, StreamExt as _};
+use mysql_async::binlog::events::{Event, EventData};
+use mysql_async::prelude::Queryable as _;
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use tributary_envelope::{Emitter, OffsetStore as _, SourceContext, SourceError as _, Stopped};
+
+use crate::config::MysqlSourceConfig;
+use crate::decoder::{Decoder, Transaction, truncated_table};
+use crate::error::MysqlError;
+use crate::offsets::{FileOffsetStore, Offset, file_index, watermark};
+use crate::schema::{Catalog, TableSchema};
+use crate::setup;
+
+/// MariaDB's GTID event (read by hand: the library does not decode it).
+const MARIADB_GTID_EVENT: u8 = 162;
+/// MariaDB's GTID event flag: a statement outside any BEGIN (DDL).
+const MARIADB_FL_STANDALONE: u8 = 1;
+/// The server sends a heartbeat this often when idle.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// No event or heartbeat for this long: the connection is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// The offset store is written at most this often while streaming.
+const SAVE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A connected MySQL source, ready to stream.
+pub struct MysqlSource {
+    cfg: MysqlSourceConfig,
+    side: Conn,
+    start: Offset,
+    fresh: bool,
+    store: FileOffsetStore,
+}
+
+impl std::fmt::Debug for MysqlSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlSource")
+            .field("server_id", &self.cfg.server_id)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe(cfg: &MysqlSourceConfig) -> String {
+    format!("{}:{}", cfg.opts.ip_or_hostname(), cfg.opts.tcp_port())
+}
+
+impl MysqlSource {
+    /// Connects, checks the server, and loads the stored offset (or takes
+    /// the server's current position on the first start and stores it).
+    pub async fn connect(cfg: MysqlSourceConfig) -> Result<Self, MysqlError> {
+        let server = describe(&cfg);
+        let mut side = Conn::new(cfg.opts.clone())
+            .await
+            .map_err(MysqlError::connection(format!("connecting to {server}")))?;
+        let settings = setup::server_settings(&mut side).await?;
+        setup::check(&settings, cfg.server_id)?;
+        setup::warn_on_shared_server_id(&mut side, cfg.server_id).await;
+        let mut store = FileOffsetStore::new(&cfg.offset_file);
+        let offset_error = |source| MysqlError::Offset {
+            path: cfg.offset_file.display().to_string(),
+            source,
+        };
+        let (start, fresh) = match store.load().map_err(offset_error)? {
+            Some(bytes) => {
+                let offset = Offset::decode(&bytes).ok_or_else(|| {
+                    offset_error(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "unreadable offset file (expected file=, pos= and gtid= lines)",
+                    ))
+                })?;
+                setup::check_offset(&mut side, &offset, &cfg.offset_file.display().to_string())
+                    .await?;
+                (offset, false)
+            }
+            None => {
+                let offset = setup::current_position(&mut side).await?;
+                store.save(&offset.encode()).map_err(offset_error)?;
+                (offset, true)
+            }
+        };
+        if file_index(&start.file).is_none() {
+            return Err(MysqlError::Misconfigured {
+                setting: "log_bin".into(),
+                message: format!(
+                    "binlog file {} has no numeric suffix (name.000001)",
+                    start.file
+                ),
+            });
+        }
+        info!(server = %server, version = %settings.version, file = %start.file, pos = start.pos,
+              fresh, "mysql source ready");
+        Ok(Self {
+            cfg,
+            side,
+            start,
+            fresh,
+            store,
+        })
+    }
+
+    /// The watermark of the stored offset.
+    pub fn resume_watermark(&self) -> u64 {
+        self.start.watermark().unwrap_or(0)
+    }
+
+    /// True when no offset was stored: streaming starts at the server's
+    /// current position.
+    pub fn starts_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Streams until shutdown, reconnecting after transient failures.
+    pub async fn run(mut self, ctx: SourceContext) -> Result<Stopped, MysqlError> {
+        let SourceContext {
+            out,
+            tracker,
+            budget,
+            mut shutdown,
+            drain_timeout,
+        } = ctx;
+        let mut st = State {
+            emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records),
+            decoder: Decoder::new(
+                &self.cfg.name,
+                self.cfg.router.clone(),
+                self.cfg.filter.clone(),
+            ),
+            catalog: Catalog::default(),
+            gtids: parse_gtids(self.start.gtid.as_deref()),
+            read_to: self.start.clone(),
+            saved: self.start.clone(),
+            saved_at: Instant::now(),
+            pending: VecDeque::new(),
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let began = Instant::now();
+            match self.session(&mut st, &mut shutdown, drain_timeout).await {
+                Ok(stopped) => return Ok(stopped),
+                Err(err) if err.is_transient() && !*shutdown.borrow() => {
+                    if began.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(200);
+                    }
+                    warn!(error = %err, retry_in = ?backoff, "binlog session failed; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if let Ok(side) = Conn::new(self.cfg.opts.clone()).await {
+                        self.side = side;
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn open_stream(&self, from: &Offset) -> Result<BinlogStream, MysqlError> {
+        let mut conn = Conn::new(self.cfg.opts.clone())
+            .await
+            .map_err(MysqlError::connection(format!(
+                "connecting to {}",
+                describe(&self.cfg)
+            )))?;
+        // MariaDB sends its GTID events only to replicas that say they can
+        // read them; the heartbeat period is in nanoseconds.
+        conn.query_drop(format!(
+            "SET @mariadb_slave_capability = 4, @master_heartbeat_period = {}",
+            HEARTBEAT.as_nanos()
+        ))
+        .await
+        .map_err(MysqlError::connection("preparing the binlog session"))?;
+        let request = BinlogStreamRequest::new(self.cfg.server_id)
+            .with_filename(from.file.as_bytes())
+            .with_pos(u64::from(from.pos));
+        conn.get_binlog_stream(request)
+            .await
+            .map_err(MysqlError::connection("requesting the binlog stream"))
+    }
+
+    async fn session(
+        &mut self,
+        st: &mut State,
+        shutdown: &mut watch::Receiver<bool>,
+        drain_timeout: Duration,
+    ) -> Result<Stopped, MysqlError> {
+        let from = st.read_to.clone();
+        let mut stream = self.open_stream(&from).await?;
+        info!(server = %describe(&self.cfg), file = %from.file, pos = from.pos,
+              server_id = self.cfg.server_id, "streaming changes from mysql");
+        let mut reader = Reader {
+            file: from.file.clone(),
+            file_index: file_index(&from.file).unwrap_or(0),
+            tx: None,
+            in_begin: false,
+            tx_gtid: None,
+            captured_at: tributary_envelope::time::now(),
+            decoded: Vec::with_capacity(8),
+        };
+        let mut acked = st.emitter.tracker().subscribe();
+        let mut stopping = *shutdown.borrow();
+        loop {
+            if stopping && reader.tx.is_none() {
+                break;
+            }
+            let next = match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    // Nothing buffered: hand over what waits, then sleep.
+                    st.emitter.flush().await?;
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed(), if !stopping => {
+                            stopping = *shutdown.borrow();
+                            continue;
+                        }
+                        _ = acked.changed() => {
+                            st.save_acked(&mut self.store, true)?;
+                            continue;
+                        }
+                        _ = tokio::time::sleep(SILENCE_LIMIT) => {
+                            return Err(MysqlError::Connection {
+                                context: format!("no binlog event or heartbeat for {SILENCE_LIMIT:?}"),
+                                source: mysql_async::Error::Other("binlog stream silent".into()),
+                            });
+                        }
+                        next = stream.next() => next,
+                    }
+                }
+            };
+            let event = match next {
+                Some(Ok(event)) => event,
+                Some(Err(err)) => {
+                    let err = MysqlError::connection("reading the binlog stream")(err);
+                    if err.is_missing_binlog() {
+                        return Err(MysqlError::Purged {
+                            file: from.file.clone(),
+                            pos: from.pos,
+                            offset_file: self.cfg.offset_file.display().to_string(),
+                        });
+                    }
+                    return Err(err);
+                }
+                None => {
+                    return Err(MysqlError::Connection {
+                        context: "the server ended the binlog stream".into(),
+                        source: mysql_async::Error::Other("end of stream".into()),
+                    });
+                }
+            };
+            self.handle(&mut reader, st, &stream, &event).await?;
+            st.save_acked(&mut self.store, false)?;
+        }
+        let stopped = st.emitter.close_and_drain(drain_timeout).await?;
+        st.save_acked(&mut self.store, true)?;
+        let _ = stream.close().await;
+        info!(file = %st.saved.file, pos = st.saved.pos,
+              in_flight = st.emitter.tracker().in_flight(), "replication stopped");
+        Ok(stopped)
+    }
+
+    async fn handle(
+        &mut self,
+        r: &mut Reader,
+        st: &mut State,
+        stream: &BinlogStream,
+        event: &Event,
+    ) -> Result<(), MysqlError> {
+        let header = event.header();
+        let end = header.log_pos();
+        let start = end.saturating_sub(header.event_size());
+        let file = r.file.clone();
+        let decode_error = |source| MysqlError::Decode {
+            file: file.clone(),
+            pos: start,
+            source,
+        };
+        if header.event_type_raw() == MARIADB_GTID_EVENT {
+            let data = event.data();
+            let (Some(seq), Some(domain), Some(flags)) = (
+                data.get(0..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes),
+                data.get(8..12)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes),
+                data.get(12).copied(),
+            ) else {
+                return Err(decode_error(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "short MariaDB GTID event",
+                )));
+            };
+            let gtid = format!("{domain}-{}-{seq}", header.server_id());
+            r.begin(start, Some(&gtid), header.timestamp());
+            r.tx_gtid = Some((domain, gtid));
+            r.in_begin = flags & MARIADB_FL_STANDALONE == 0;
+            return Ok(());
+        }
+        let Some(data) = event.read_data().map_err(decode_error)? else {
+            return Ok(()); // other MariaDB events: GTID list, checkpoints, annotations
+        };
+        match data {
+            EventData::RotateEvent(rotate) => {
+                let artificial = header.log_pos() == 0;
+                let (name, index) = rotated_file(rotate.name_raw(), artificial, &r.file)
+                    .ok_or_else(|| {
+                        decode_error(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "binlog file {} has no numeric suffix",
+                                String::from_utf8_lossy(rotate.name_raw())
+                            ),
+                        ))
+                    })?;
+                r.file = name;
+                r.file_index = index;
+            }
+            EventData::GtidEvent(gtid) => {
+                let gtid = format!("{}:{}", uuid_text(&gtid.sid()), gtid.gno());
+                r.begin(start, Some(&gtid), header.timestamp());
+                r.tx_gtid = Some((0, gtid));
+                r.in_begin = false;
+            }
+            EventData::AnonymousGtidEvent(_) => {
+                r.begin(start, None, header.timestamp());
+                r.in_begin = false;
+            }
+            EventData::QueryEvent(query) => {
+                let text = query.query();
+                let statement = text.trim();
+                if statement.eq_ignore_ascii_case("BEGIN") {
+                    if r.tx.is_none() {
+                        r.begin(start, None, header.timestamp());
+                    }
+                    r.in_begin = true;
+                } else if statement.eq_ignore_ascii_case("COMMIT") {
+                    self.commit(r, st, end).await?;
+                } else {
+                    // DDL (or a statement outside a transaction): the next
+                    // TABLE_MAP is the truth, the catalog may be stale.
+                    st.catalog.invalidate();
+                    if r.tx.is_none() {
+                        r.begin(start, None, header.timestamp());
+                    }
+                    if let Some((db, table)) = truncated_table(statement, &query.schema())
+                        && st.decoder.captures(&db, &table)
+                        && let Some(tx) = r.tx.as_mut()
+                    {
+                        st.decoder
+                            .truncate(&db, &table, tx, &r.captured_at, &mut r.decoded);
+                        for record in r.decoded.drain(..) {
+                            st.emitter.push(record).await?;
+                        }
+                    }
+                    if !r.in_begin {
+                        self.commit(r, st, end).await?;
+                    }
+                }
+            }
+            EventData::TableMapEvent(tme) => {
+                let id = tme.table_id();
+                let (db, table) = (tme.database_name(), tme.table_name());
+                if st.decoder.captures(&db, &table) {
+                    let mut schema = TableSchema::from_event(&tme).map_err(|e| {
+                        decode_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                    })?;
+                    if !schema.names_from_event || may_hold_json(&schema) {
+                        let facts = st.catalog.facts(&mut self.side, &schema).await?;
+                        schema.complete(facts);
+                    }
+                    st.decoder.table_map(id, schema);
+                } else {
+                    st.decoder.forget(id);
+                }
+            }
+            EventData::RowsEvent(rows) => {
+                let Some(tme) = stream.get_tme(rows.table_id()) else {
+                    return Ok(());
+                };
+                if r.tx.is_none() {
+                    r.begin(start, None, header.timestamp());
+                }
+                let Some(tx) = r.tx.as_mut() else {
+                    return Ok(());
+                };
+                st.decoder
+                    .rows(&rows, tme, tx, &r.captured_at, &mut r.decoded)
+                    .map_err(|e| {
+                        decode_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                    })?;
+                for record in r.decoded.drain(..) {
+                    st.emitter.push(record).await?;
+                }
+            }
+            EventData::XidEvent(_) => self.commit(r, st, end).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, r: &mut Reader, st: &mut State, end: u32) -> Result<(), MysqlError> {
+        r.tx = None;
+        r.in_begin = false;
+        if let Some((domain, gtid)) = r.tx_gtid.take() {
+            st.gtids.insert(domain, gtid);
+        }
+        let mark = watermark(r.file_index, end);
+        st.emitter.commit(mark).await?;
+        let offset = Offset {
+            file: r.file.clone(),
+            pos: end,
+            gtid: render_gtids(&st.gtids),
+        };
+        st.pending.push_back((mark, offset.clone()));
+        st.read_to = offset;
+        Ok(())
+    }
+}
+
+/// Where the reader is inside the binlog.
+struct Reader {
+    file: String,
+    file_index: u32,
+    tx: Option<Transaction>,
+    /// Inside BEGIN ... COMMIT (a statement does not end the transaction).
+    in_begin: bool,
+    /// The GTID of the open transaction (domain, text).
+    tx_gtid: Option<(u32, String)>,
+    captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    decoded: Vec<tributary_envelope::Record>,
+}
+
+impl Reader {
+    fn begin(&mut self, start: u32, gtid: Option<&str>, timestamp: u32) {
+        self.tx = Some(Transaction::begin(
+            &self.file,
+            self.file_index,
+            start,
+            gtid,
+            timestamp,
+        ));
+        self.tx_gtid = None;
+        self.captured_at = tributary_envelope::time::now();
+    }
+}
+
+/// What survives reconnects.
+struct State {
+    emitter: Emitter,
+    decoder: Decoder,
+    catalog: Catalog,
+    /// GTID state per domain (MariaDB) as `D-S-N`.
+    gtids: BTreeMap<u32, String>,
+    /// The end of the last transaction read.
+    read_to: Offset,
+    /// The offset last written to the store.
+    saved: Offset,
+    saved_at: Instant,
+    /// Transaction ends read but not yet acknowledged, in order.
+    pending: VecDeque<(u64, Offset)>,
+}
+
+impl State {
+    /// Writes the latest offset the tracker released (at most every
+    /// [`SAVE_INTERVAL`] unless `force`).
+    fn save_acked(&mut self, store: &mut FileOffsetStore, force: bool) -> Result<(), MysqlError> {
+        let acked = self.emitter.tracker().acked();
+        if self.pending.front().is_none_or(|(mark, _)| *mark > acked) {
+            return Ok(());
+        }
+        if !force && self.saved_at.elapsed() < SAVE_INTERVAL {
+            return Ok(());
+        }
+        let mut latest = None;
+        while let Some((mark, _)) = self.pending.front()
+            && *mark <= acked
+        {
+            latest = self.pending.pop_front().map(|(_, offset)| offset);
+        }
+        if let Some(offset) = latest {
+            store
+                .save(&offset.encode())
+                .map_err(|source| MysqlError::Offset {
+                    path: store.path().display().to_string(),
+                    source,
+                })?;
+            self.saved = offset;
+            self.saved_at = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// LONGTEXT columns may be MariaDB JSON: the catalog says which.
+fn may_hold_json(schema: &TableSchema) -> bool {
+    schema.columns.iter().any(|c| {
+        matches!(
+            c.kind.column_type,
+            mysql_async::consts::ColumnType::MYSQL_TYPE_BLOB
+        )
+    })
+}
+
+/// The file name of a rotate event. The server's first, artificial rotate
+/// (`log_pos` 0) arrives before the stream's checksum setting is known, so
+/// its name may carry the 4 checksum bytes: it names the file we asked for
+/// (`requested`), with or without them. Later rotates are clean.
+fn rotated_file(raw: &[u8], artificial: bool, requested: &str) -> Option<(String, u32)> {
+    let name = if artificial {
+        match raw.strip_prefix(requested.as_bytes()) {
+            Some(rest) if rest.is_empty() || rest.len() == 4 => requested.as_bytes(),
+            _ if raw.len() > 4 => &raw[..raw.len() - 4],
+            _ => raw,
+        }
+    } else {
+        raw
+    };
+    let name = std::str::from_utf8(name).ok()?;
+    file_index(name).map(|index| (name.to_owned(), index))
+}
+
+fn parse_gtids(text: Option<&str>) -> BTreeMap<u32, String> {
+    text.unwrap_or_default()
+        .split(',')
+        .filter_map(|gtid| {
+            let gtid = gtid.trim();
+            let domain = gtid.split('-').next()?.parse().ok()?;
+            Some((domain, gtid.to_owned()))
+        })
+        .collect()
+}
+
+fn render_gtids(gtids: &BTreeMap<u32, String>) -> Option<String> {
+    (!gtids.is_empty()).then(|| gtids.values().cloned().collect::<Vec<_>>().join(","))
+}
+
+fn uuid_text(sid: &[u8; 16]) -> String {
+    let hex: String = sid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotate_names_lose_trailing_checksum_bytes() {
+        let requested = "binlog.000001";
+        for checksum in [&b"\xf19'\x07"[..], b"8\xff\xfe.", b"1234", b""] {
+            let raw = [requested.as_bytes(), checksum].concat();
+            assert_eq!(
+                rotated_file(&raw, true, requested),
+                Some((requested.into(), 1)),
+                "{checksum:?}"
+            );
+        }
+        assert_eq!(
+            rotated_file(b"binlog.000002\x01\x02\x03\x04", true, requested),
+            Some(("binlog.000002".into(), 2))
+        );
+        assert_eq!(
+            rotated_file(b"binlog.000002", false, requested),
+            Some(("binlog.000002".into(), 2))
+        );
+        assert_eq!(rotated_file(b"binlog", false, ""), None);
+    }
+
+    #[test]
+    fn gtid_state_round_trips() {
+        let state = parse_gtids(Some("0-1-17,2-5-9"));
+        assert_eq!(state.len(), 2);
+        assert_eq!(render_gtids(&state).as_deref(), Some("0-1-17,2-5-9"));
+        assert_eq!(render_gtids(&parse_gtids(None)), None);
+        assert_eq!(
+            uuid_text(&[
+                0x3e, 0x11, 0xfa, 0x47, 0x71, 0xca, 0x11, 0xe1, 0x9e, 0x33, 0xc8, 0x0a, 0xa9, 0x42,
+                0x95, 0x62
+            ]),
+            "3e11fa47-71ca-11e1-9e33-c80aa9429562"
+        );
+    }
+}
