@@ -588,6 +588,7 @@ impl Settings {
             filter: TableFilter::new(&source.tables, &source.exclude_tables),
             router,
             state_dir: self.state.dir.clone(),
+            snapshot: source.snapshot == SnapshotMode::Initial,
         };
         let source = match source.kind {
             SourceKind::Postgres => {

@@ -108,6 +108,36 @@ fn apply(rows: &mut Applied, shard: &str, envelope: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Replays `records` per shard in every order ([`replay_every_order`]) and
+/// fails unless the result holds exactly the rows of `table` in Postgres
+/// (keyed by `key_columns`), naming what is missing, extra or different.
+pub async fn assert_replica_matches(
+    client: &tokio_postgres::Client,
+    records: &[StreamRecord],
+    table: &str,
+    key_columns: &[&str],
+) -> Result<()> {
+    let replica = replay_every_order(records)?;
+    let expected = postgres_rows(client, table, key_columns).await?;
+    let got = replica.get(table).cloned().unwrap_or_default();
+    let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+    let different: Vec<&String> = expected
+        .iter()
+        .filter(|(k, row)| got.get(*k).is_some_and(|g| g != *row))
+        .map(|(k, _)| k)
+        .collect();
+    if !(missing.is_empty() && extra.is_empty() && different.is_empty()) {
+        bail!(
+            "{table}: the replayed stream differs from the table ({} rows vs {}): missing \
+             {missing:.5?}, extra {extra:.5?}, different {different:.5?}",
+            got.len(),
+            expected.len()
+        );
+    }
+    Ok(())
+}
+
 /// The distinct shards (sorted) that hold an event with `op`.
 pub fn shards_with_op(records: &[StreamRecord], op: &str) -> Vec<String> {
     let mut shards: Vec<String> = records

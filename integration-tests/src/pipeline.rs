@@ -58,13 +58,21 @@ impl Servers {
     /// temporary directory, runs `tributary run` on it and waits until it
     /// streams from slot [`SLOT`].
     pub async fn start_tributary(self, extra_toml: &str) -> Result<Pipeline> {
+        let mut pipeline = self.start_tributary_without_waiting(extra_toml).await?;
+        pipeline
+            .tributary
+            .wait_streaming(&pipeline.pg, SLOT, STREAMING_TIMEOUT)
+            .await?;
+        Ok(pipeline)
+    }
+
+    /// [`Servers::start_tributary`] without waiting for streaming (for a
+    /// test that acts during start-up, e.g. during an initial snapshot).
+    pub async fn start_tributary_without_waiting(self, extra_toml: &str) -> Result<Pipeline> {
         let Servers { kin, pg, stream } = self;
         let dir = tempfile::tempdir().context("creating a temporary directory for the config")?;
         let config = write_config(dir.path(), &pg, &kin, &stream, extra_toml)?;
-        let mut tributary = TributaryProcess::run(&config.path, &[])?;
-        tributary
-            .wait_streaming(&pg, SLOT, STREAMING_TIMEOUT)
-            .await?;
+        let tributary = TributaryProcess::run(&config.path, &[])?;
         Ok(Pipeline {
             tributary,
             config,
@@ -117,6 +125,15 @@ impl Pipeline {
             );
         }
         self.run_and_wait(STREAMING_TIMEOUT).await
+    }
+
+    /// [`Pipeline::restart`] with its own wait for streaming (a restart
+    /// that first takes a snapshot).
+    pub async fn restart_with_timeout(&mut self, timeout: Duration) -> Result<()> {
+        if self.tributary.try_exit()?.is_none() {
+            bail!("restart while tributary still runs: stop it first");
+        }
+        self.run_and_wait(timeout).await
     }
 
     /// Kills the process with SIGKILL (a crash), starts `tributary run`

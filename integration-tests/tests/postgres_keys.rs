@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use tributary_integration_tests::consumer::{postgres_rows, replay_every_order, shards_with_op};
+use tributary_integration_tests::consumer::{self, shards_with_op};
 use tributary_integration_tests::{
     DEFAULT_DATABASE, Faults, KinesisFaults, Pipeline, Servers, StreamRecord,
 };
@@ -39,23 +39,8 @@ async fn assert_replica_matches(
     table: &str,
     key_columns: &[&str],
 ) -> Result<()> {
-    let replica = replay_every_order(records)?;
     let client = pipeline.pg.client(DEFAULT_DATABASE).await?;
-    let expected = postgres_rows(&client, table, key_columns).await?;
-    let got = replica.get(table).cloned().unwrap_or_default();
-    let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-    let different: Vec<&String> = expected
-        .iter()
-        .filter(|(k, row)| got.get(*k).is_some_and(|g| g != *row))
-        .map(|(k, _)| k)
-        .collect();
-    ensure!(
-        missing.is_empty() && extra.is_empty() && different.is_empty(),
-        "{table}: the replayed stream differs from the table: missing {missing:?}, \
-         extra {extra:?}, different {different:?}"
-    );
-    Ok(())
+    consumer::assert_replica_matches(&client, records, table, key_columns).await
 }
 
 const PARTITIONED: &str = "

@@ -157,6 +157,9 @@ pub struct SourceCommon {
     pub router: crate::StreamRouter,
     /// `[state] dir`: where sources keep offsets.
     pub state_dir: std::path::PathBuf,
+    /// `source.snapshot = "initial"`: copy the existing rows of the
+    /// captured tables when the source starts without a position.
+    pub snapshot: bool,
 }
 
 /// A setting a source cannot use; names the key and the fix.

@@ -101,6 +101,7 @@ mod tests {
             filter: TableFilter::new(&["shop.*".into()], &[]),
             router: StreamRouter::parse("cdc").unwrap(),
             state_dir: PathBuf::from("/var/lib/tributary"),
+            snapshot: false,
         }
     }
 

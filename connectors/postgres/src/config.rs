@@ -23,6 +23,10 @@ pub struct PostgresSourceConfig {
     pub router: StreamRouter,
     /// Records per batch handed to the sink.
     pub batch_records: usize,
+    /// Copy the captured tables' rows when the slot is created.
+    pub snapshot: bool,
+    /// `[state] dir`: where an unfinished snapshot is marked.
+    pub state_dir: std::path::PathBuf,
 }
 
 /// `[source.postgres]`, as written in the config file.
@@ -56,6 +60,8 @@ impl PostgresSettings {
             filter: common.filter.clone(),
             router: common.router.clone(),
             batch_records: 256,
+            snapshot: common.snapshot,
+            state_dir: common.state_dir.clone(),
         })
     }
 }

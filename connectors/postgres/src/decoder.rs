@@ -249,6 +249,29 @@ impl Decoder {
         self.row(relation, op, tx, old, new, captured_at, out)
     }
 
+    /// Decodes one row a snapshot read (an Insert message built from it)
+    /// into an `op = "snapshot"` record.
+    pub fn snapshot_row(
+        &mut self,
+        msg: &Message<'_>,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) -> Result<(), DecodeError> {
+        match msg {
+            Message::Insert { relation, new } => self.row(
+                *relation,
+                Op::Snapshot,
+                tx,
+                None,
+                Some(*new),
+                captured_at,
+                out,
+            ),
+            _ => Ok(()),
+        }
+    }
+
     fn truncate(
         &mut self,
         relations: &[u32],
@@ -472,7 +495,8 @@ impl Rows<'_> {
         let table = self.table;
         let after_bytes = after.map_or(0, |a| a.cells.byte_len());
         let mut data = Vec::with_capacity(512 + self.values.len() + after_bytes + after_bytes / 8);
-        let mut enc = EnvelopeEncoder::begin(&mut data, &table.meta, op, pos, tx, false);
+        let snapshot = op == Op::Snapshot;
+        let mut enc = EnvelopeEncoder::begin(&mut data, &table.meta, op, pos, tx, snapshot);
         let mut partition_key = PartitionKey::new(table.meta.qualified_name());
         if !table.key.is_empty() {
             enc.key();

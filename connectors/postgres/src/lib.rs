@@ -11,6 +11,10 @@
 //! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
 //! and non-built-in types), `error`.
+//!
+//! The decoders of server bytes (`pgoutput`, the framing in `wire`, `types`)
+//! have bounded property tests in `tests/decoders/` and `cargo fuzz`
+//! targets in the repository's `fuzz/`.
 
 pub mod catalog;
 pub mod config;
@@ -20,6 +24,7 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
 mod sockopt;
 mod source;
 pub mod types;

@@ -29,6 +29,7 @@ use crate::error::PostgresError;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
+use crate::snapshot::{self, PendingSnapshot};
 use crate::wire::{ReplicationConnection, StreamMessage, WireError};
 
 /// Session settings that give every type one text shape (see `types`).
@@ -45,6 +46,7 @@ pub struct PostgresSource {
     catalog: Catalog,
     decoder: Decoder,
     report: SetupReport,
+    snapshot: Option<PendingSnapshot>,
 }
 
 impl std::fmt::Debug for PostgresSource {
@@ -90,7 +92,23 @@ impl PostgresSource {
     /// when missing.
     pub async fn connect(cfg: PostgresSourceConfig) -> Result<Self, PostgresError> {
         let side = connect_sql(&cfg.connection).await?;
-        let report = setup::ensure(&side, &cfg.filter, &cfg.publication, &cfg.slot).await?;
+        // The publication first (a slot decodes only what was published
+        // after its consistent point), then the slot: with an exported
+        // snapshot when the captured rows are copied first.
+        let mut report = setup::ensure(&side, &cfg.filter, &cfg.publication, &cfg.slot).await?;
+        let snapshot = snapshot::prepare(&cfg, &side, SESSION_OPTIONS).await?;
+        match &snapshot {
+            Some(pending) => {
+                report.slot_created = true;
+                report.confirmed_flush_lsn = pending.consistent_point;
+            }
+            // No slot yet and no snapshot wanted: a plain slot.
+            None if report.confirmed_flush_lsn == 0 => {
+                report.confirmed_flush_lsn = setup::create_slot(&side, &cfg.slot).await?;
+                report.slot_created = true;
+            }
+            None => {}
+        }
         let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
         let decoder = Decoder::new(&cfg.name, &db, cfg.router.clone(), cfg.filter.clone());
         Ok(Self {
@@ -99,7 +117,13 @@ impl PostgresSource {
             catalog: Catalog::default(),
             decoder,
             report,
+            snapshot,
         })
+    }
+
+    /// True when the run starts with a snapshot of the captured tables.
+    pub fn snapshots(&self) -> bool {
+        self.snapshot.is_some()
     }
 
     /// What start-up found: tables, created objects, the resume position.
@@ -153,6 +177,12 @@ impl PostgresSource {
             stop_deadline: None,
             abandoned: false,
         };
+        if let Some(pending) = self.snapshot.take()
+            && !self.copy_snapshot(pending, &mut state, &shutdown).await?
+        {
+            // Stopped during the snapshot: it starts again at the next run.
+            return Ok(state.drain(drain_timeout).await);
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let began = tokio::time::Instant::now();
@@ -181,6 +211,98 @@ impl PostgresSource {
                 Err(err) => return Err(err),
             }
         }
+    }
+
+    /// Copies every captured table at the slot's consistent point (see
+    /// `snapshot`), waits until Kinesis has every row, then removes the
+    /// marker. False when a shutdown interrupted it.
+    async fn copy_snapshot(
+        &mut self,
+        pending: PendingSnapshot,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PostgresError> {
+        let reader = connect_sql(&self.cfg.connection).await?;
+        snapshot::begin(&reader, &pending.name).await?;
+        let PendingSnapshot {
+            export,
+            consistent_point,
+            marker,
+            ..
+        } = pending;
+        // Imported: the exporting connection is no longer needed.
+        drop(export);
+        let mut tx = Transaction::begin(consistent_point.saturating_sub(1), 0, 0);
+        tx.meta.tx_id.clear();
+        tx.meta.commit_ts = None;
+        st.captured_at = tributary_envelope::time::now();
+        let tables = self.report.tables.clone();
+        info!(tables = tables.len(), consistent_point = %Lsn(consistent_point), "snapshot: copying the captured tables");
+        let began = tokio::time::Instant::now();
+        let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
+        let mut total = 0usize;
+        for name in &tables {
+            let Some((schema, table)) = name.split_once('.') else {
+                continue;
+            };
+            let rel = snapshot::relation(&reader, schema, table).await?;
+            let facts = self.catalog.describe(&reader, &rel).await?;
+            self.decoder.relation(&rel, facts);
+            snapshot::open_cursor(&reader, schema, table).await?;
+            let (table_began, mut rows, mut reported) = (
+                tokio::time::Instant::now(),
+                0usize,
+                tokio::time::Instant::now(),
+            );
+            loop {
+                if *shutdown.borrow() {
+                    info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
+                    return Ok(false);
+                }
+                let chunk = snapshot::fetch(&reader, rel.id).await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                for bytes in &chunk {
+                    let msg = pgoutput::parse(bytes)?;
+                    self.decoder
+                        .snapshot_row(&msg, &mut tx, &st.captured_at, &mut decoded)?;
+                }
+                for record in decoded.drain(..) {
+                    st.push_plain(record).await?;
+                }
+                rows += chunk.len();
+                if reported.elapsed() >= Duration::from_secs(5) {
+                    reported = tokio::time::Instant::now();
+                    let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);
+                    info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
+                }
+            }
+            snapshot::close_cursor(&reader).await?;
+            total += rows;
+            info!(table = %name, rows, secs = table_began.elapsed().as_secs_f64(), "snapshot: table copied");
+        }
+        reader
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PostgresError::query("ending the snapshot transaction"))?;
+        st.flush().await?;
+        st.tracker.commit(st.next_seq, consistent_point);
+        // Streaming may start only once Kinesis holds every snapshot row:
+        // the marker says the snapshot is unfinished until then.
+        while !st.tracker.is_drained() {
+            if *shutdown.borrow() {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        snapshot::remove_marker(&marker)?;
+        info!(
+            rows = total,
+            secs = began.elapsed().as_secs_f64(),
+            "snapshot complete; streaming from its consistent point"
+        );
+        Ok(true)
     }
 
     async fn session(
@@ -488,7 +610,7 @@ impl RunState {
     /// meanwhile) and adds it to the batch.
     async fn push(
         &mut self,
-        mut record: Record,
+        record: Record,
         conn: &mut ReplicationConnection,
         feedback: &mut Feedback,
     ) -> Result<(), PostgresError> {
@@ -540,6 +662,23 @@ impl RunState {
             self.credit += want;
         }
         self.credit -= weight;
+        self.enqueue(record).await
+    }
+
+    /// Takes budget for a snapshot record and adds it to the batch (no
+    /// replication session is open yet, so no status updates meanwhile).
+    async fn push_plain(&mut self, record: Record) -> Result<(), PostgresError> {
+        let weight = record.weight().min(self.budget.capacity());
+        if self.budget.available() < weight {
+            // Hand over what we hold so it can complete and free budget.
+            self.flush().await?;
+        }
+        self.budget.acquire(weight).await;
+        self.enqueue(record).await
+    }
+
+    /// Numbers a record that holds its budget and adds it to the batch.
+    async fn enqueue(&mut self, mut record: Record) -> Result<(), PostgresError> {
         record.seq = self.next_seq;
         self.next_seq += 1;
         self.batch.push(record);
@@ -547,6 +686,23 @@ impl RunState {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Hands over what is batched, closes the output and waits up to
+    /// `drain_timeout` for the sink to finish it.
+    async fn drain(&mut self, drain_timeout: Duration) -> Stopped {
+        if self.flush().await.is_err() {
+            return Stopped::TimedOut;
+        }
+        self.out = None;
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while !self.tracker.is_drained() {
+            if tokio::time::Instant::now() >= deadline {
+                return Stopped::TimedOut;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Stopped::Drained
     }
 
     async fn flush(&mut self) -> Result<(), PostgresError> {

@@ -88,7 +88,8 @@ pub async fn matching_tables(
     Ok(tables)
 }
 
-/// Ensures the publication and the slot exist; returns where streaming resumes.
+/// Ensures the publication exists and checks the slot when it does;
+/// returns where streaming resumes (0 when the slot is still to be made).
 pub async fn ensure(
     client: &Client,
     filter: &TableFilter,
@@ -153,20 +154,9 @@ pub async fn ensure(
             }
             (false, row.get::<_, Option<String>>(2))
         }
-        None => {
-            let row = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .map_err(PostgresError::query(format!(
-                    "creating replication slot {slot} (the user needs the REPLICATION attribute: \
-                     ALTER ROLE <user> REPLICATION)"
-                )))?;
-            info!(slot, "created logical replication slot");
-            (true, row.get::<_, Option<String>>(0))
-        }
+        // The caller creates it ([`create_slot`], or with an exported
+        // snapshot).
+        None => (false, None),
     };
     let confirmed_flush_lsn = confirmed
         .as_deref()
@@ -220,6 +210,26 @@ async fn publish_via_root(
         "publication now publishes partitions via their root table"
     );
     Ok(())
+}
+
+/// Creates the logical slot `slot` (pgoutput); returns its position.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<u64, PostgresError> {
+    let row = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(PostgresError::query(format!(
+            "creating replication slot {slot} (the user needs the REPLICATION attribute: \
+             ALTER ROLE <user> REPLICATION)"
+        )))?;
+    info!(slot, "created logical replication slot");
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .as_deref()
+        .and_then(Lsn::parse)
+        .map_or(0, |lsn| lsn.0))
 }
 
 async fn ensure_publication(

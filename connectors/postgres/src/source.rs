@@ -29,7 +29,8 @@ impl Source for PostgresSource {
     }
 
     fn starts_fresh(&self) -> bool {
-        self.report().slot_created
+        // A slot created with a snapshot sends the rows before it too.
+        self.report().slot_created && !self.snapshots()
     }
 
     async fn run(self, ctx: SourceContext) -> Result<Stopped, PostgresError> {

@@ -33,6 +33,34 @@ pub enum ValueKind {
     Array(Box<ValueKind>),
 }
 
+impl ValueKind {
+    /// Every kind but [`ValueKind::Array`] (the property tests and fuzz
+    /// targets cover each of these and an array of each).
+    pub const SCALARS: [ValueKind; 10] = [
+        ValueKind::Integer,
+        ValueKind::Float,
+        ValueKind::Numeric,
+        ValueKind::Money,
+        ValueKind::Bool,
+        ValueKind::Text,
+        ValueKind::Bytea,
+        ValueKind::Json,
+        ValueKind::Timestamp,
+        ValueKind::TimestampTz,
+    ];
+
+    /// json / jsonb, or an array of them: the server's validated JSON is
+    /// embedded as sent, so only for these kinds is the rendering of
+    /// arbitrary text not always valid JSON.
+    pub fn embeds_json(&self) -> bool {
+        match self {
+            ValueKind::Json => true,
+            ValueKind::Array(element) => element.embeds_json(),
+            _ => false,
+        }
+    }
+}
+
 /// The kind of a built-in type, `None` for types that need a catalog lookup
 /// (enums, domains, arrays of those, extension types).
 pub fn builtin_kind(oid: u32) -> Option<ValueKind> {
@@ -103,7 +131,7 @@ pub fn render(kind: &ValueKind, text: &[u8], out: &mut Vec<u8>) {
             }
         }
         ValueKind::Float => {
-            if is_json_number(text) {
+            if is_json_number(text) && is_finite_double(text) {
                 out.extend_from_slice(text);
             } else {
                 quoted(out, text); // NaN, Infinity, -Infinity
@@ -175,6 +203,15 @@ fn is_json_number(text: &[u8]) -> bool {
     int_ok && frac_ok && exp_ok
 }
 
+/// Whether a number (already checked to be JSON) is one a double holds:
+/// `1e999` is valid JSON that JSON parsers refuse as out of range.
+fn is_finite_double(text: &[u8]) -> bool {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .is_some_and(f64::is_finite)
+}
+
 fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
     let hex = text.strip_prefix(b"\\x")?;
     if hex.len() % 2 != 0 {
@@ -191,32 +228,60 @@ fn decode_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// `2026-11-23 05:21:05.123456+00` -> `2026-11-23T05:21:05.123456Z`;
-/// `infinity`, BC dates and other offsets are passed through as text.
+/// `2026-11-23 05:21:05.123456+00` -> `2026-11-23T05:21:05.123456Z`, and
+/// the same for years past 9999 (`12345-01-01T00:00:00Z`); `infinity`, BC
+/// timestamps and anything not of that shape are passed through as text.
 fn timestamp(out: &mut Vec<u8>, text: &[u8], with_zone: bool) {
-    let is_plain = text.len() >= 19 && text[10] == b' ' && text[..4].iter().all(u8::is_ascii_digit);
-    if !is_plain || text.ends_with(b" BC") {
+    let Some((date, time)) = iso_timestamp(text, with_zone) else {
         return quoted(out, text);
-    }
+    };
     out.push(b'"');
-    out.extend_from_slice(&text[..10]);
+    out.extend_from_slice(date);
     out.push(b'T');
-    if with_zone {
-        match text.strip_suffix(b"+00") {
-            Some(local) => {
-                out.extend_from_slice(&local[11..]);
-                out.push(b'Z');
-            }
-            None => out.extend_from_slice(&text[11..]),
+    match time.strip_suffix(b"+00").filter(|_| with_zone) {
+        Some(utc) => {
+            out.extend_from_slice(utc);
+            out.push(b'Z');
         }
-    } else {
-        out.extend_from_slice(&text[11..]);
+        None => out.extend_from_slice(time),
     }
     out.push(b'"');
 }
 
+/// The date and time parts of `YYYY[Y..]-MM-DD HH:MM:SS[.f..]` (with a
+/// `±HH[:MM[:SS]]` offset when `with_zone`), checked byte by byte so that
+/// what is copied into the JSON string needs no escaping.
+fn iso_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u8])> {
+    let space = text.iter().position(|&b| b == b' ')?;
+    let (date, time) = (&text[..space], &text[space + 1..]);
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    let year_len = date.len().checked_sub(6)?;
+    let date_ok = year_len >= 4
+        && digits(&date[..year_len])
+        && date[year_len] == b'-'
+        && digits(&date[year_len + 1..year_len + 3])
+        && date[year_len + 3] == b'-'
+        && digits(&date[year_len + 4..]);
+    let (clock, offset) = match time.iter().position(|&b| b == b'+' || b == b'-') {
+        Some(i) if with_zone => (&time[..i], Some(&time[i + 1..])),
+        _ => (time, None),
+    };
+    let (hms, fraction) = match clock.iter().position(|&b| b == b'.') {
+        Some(i) => (&clock[..i], Some(&clock[i + 1..])),
+        None => (clock, None),
+    };
+    let hms_ok = hms.len() == 8 && hms.split(|&b| b == b':').all(|p| p.len() == 2 && digits(p));
+    let fraction_ok = fraction.is_none_or(digits);
+    let offset_ok =
+        offset.is_none_or(|o| o.split(|&b| b == b':').all(|p| p.len() == 2 && digits(p)));
+    (date_ok && hms_ok && fraction_ok && offset_ok && (!with_zone || offset.is_some()))
+        .then_some((date, time))
+}
+
 /// Parses a Postgres array literal (`{1,2,NULL}`, `{{"a b","c\"d"}}`,
-/// `[0:1]={x,y}`) into nested JSON arrays of rendered elements.
+/// `[0:1]={x,y}`) into nested JSON arrays of rendered elements. A literal
+/// that does not parse, or nests deeper than Postgres allows, is passed
+/// through as text.
 fn array(element: &ValueKind, text: &[u8], out: &mut Vec<u8>) {
     let body = match text.first() {
         Some(b'[') => match text.iter().position(|&b| b == b'=') {
@@ -227,19 +292,26 @@ fn array(element: &ValueKind, text: &[u8], out: &mut Vec<u8>) {
     };
     let start = out.len();
     let mut pos = 0;
-    if parse_array_level(element, body, &mut pos, out).is_none() || pos != body.len() {
+    if parse_array_level(element, body, &mut pos, out, MAX_ARRAY_DIMENSIONS).is_none()
+        || pos != body.len()
+    {
         out.truncate(start);
         quoted(out, text);
     }
 }
+
+/// Postgres' `MAXDIM`: the recursion below never goes deeper, whatever the
+/// bytes say.
+const MAX_ARRAY_DIMENSIONS: usize = 6;
 
 fn parse_array_level(
     element: &ValueKind,
     s: &[u8],
     pos: &mut usize,
     out: &mut Vec<u8>,
+    dimensions_left: usize,
 ) -> Option<()> {
-    if s.get(*pos) != Some(&b'{') {
+    if s.get(*pos) != Some(&b'{') || dimensions_left == 0 {
         return None;
     }
     *pos += 1;
@@ -252,7 +324,7 @@ fn parse_array_level(
     let mut item = Vec::new();
     loop {
         match s.get(*pos)? {
-            b'{' => parse_array_level(element, s, pos, out)?,
+            b'{' => parse_array_level(element, s, pos, out, dimensions_left - 1)?,
             b'"' => {
                 *pos += 1;
                 item.clear();
@@ -369,6 +441,57 @@ mod tests {
         );
         // A literal that does not parse is passed as text, still valid JSON.
         assert_eq!(r(&ints, "{1,2"), json!("{1,2"));
+    }
+
+    #[test]
+    fn timestamps_past_9999_and_odd_bytes() {
+        use ValueKind::*;
+        // Found by the property tests: years past 9999 came through with a
+        // space and `+00`, and bytes that are not a timestamp were copied
+        // into the JSON string unescaped.
+        assert_eq!(
+            r(&TimestampTz, "294276-12-31 23:59:59.999999+00"),
+            json!("294276-12-31T23:59:59.999999Z")
+        );
+        assert_eq!(
+            r(&Timestamp, "10000-01-01 00:00:00"),
+            json!("10000-01-01T00:00:00")
+        );
+        assert_eq!(
+            r(&TimestampTz, "4714-11-24 00:00:00+00 BC"),
+            json!("4714-11-24 00:00:00+00 BC")
+        );
+        assert_eq!(
+            r(&Timestamp, "0001\"01-01 00:00:00"),
+            json!("0001\"01-01 00:00:00")
+        );
+        let mut out = Vec::new();
+        render(&Timestamp, b"0001\xff01-01 00:00:00", &mut out);
+        assert!(serde_json::from_slice::<Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn floats_out_of_double_range_are_strings() {
+        // Found by the `render` fuzz target: valid JSON numbers that no
+        // double holds were passed on, and JSON parsers refuse them.
+        assert_eq!(r(&ValueKind::Float, "1E6666"), json!("1E6666"));
+        assert_eq!(r(&ValueKind::Float, "-1e309"), json!("-1e309"));
+        assert_eq!(
+            r(&ValueKind::Float, "1.7976931348623157e+308"),
+            json!(f64::MAX)
+        );
+        assert_eq!(r(&ValueKind::Float, "5e-324"), json!(5e-324));
+    }
+
+    #[test]
+    fn arrays_nest_no_deeper_than_postgres_allows() {
+        let ints = ValueKind::Array(Box::new(ValueKind::Integer));
+        assert_eq!(r(&ints, "{{{{{{1}}}}}}"), json!([[[[[[1]]]]]]));
+        assert_eq!(r(&ints, "{{{{{{{1}}}}}}}"), json!("{{{{{{{1}}}}}}}"));
+        // Found while writing the fuzz targets: this recursed once per
+        // brace, and 100,000 of them overflowed the stack (an abort).
+        let deep = "{".repeat(100_000);
+        assert_eq!(r(&ints, &deep), json!(deep));
     }
 
     #[test]

@@ -139,6 +139,18 @@ impl ReplicationConnection {
         publication: &str,
         start: u64,
     ) -> Result<Self, WireError> {
+        let mut conn = Self::open(config, options, application_name).await?;
+        conn.start_replication(slot, publication, start).await?;
+        Ok(conn)
+    }
+
+    /// Connects and authenticates with `replication=database`, ready for a
+    /// replication command.
+    pub async fn open(
+        config: &tokio_postgres::Config,
+        options: &str,
+        application_name: &str,
+    ) -> Result<Self, WireError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let socket = match config.get_hosts().first() {
             Some(Host::Unix(dir)) => {
@@ -174,6 +186,61 @@ impl ReplicationConnection {
         conn.flush().await?;
         conn.authenticate(user, config.get_password().unwrap_or_default())
             .await?;
+        Ok(conn)
+    }
+
+    /// Creates the logical slot `slot` (pgoutput) and exports a snapshot of
+    /// the database at its consistent point: returns (consistent point,
+    /// snapshot name). The snapshot can be imported (`SET TRANSACTION
+    /// SNAPSHOT`) only while this connection stays open and runs nothing
+    /// else.
+    pub async fn create_slot_exporting(&mut self, slot: &str) -> Result<(u64, String), WireError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT \"{}\" LOGICAL pgoutput (SNAPSHOT 'export')",
+            slot.replace('"', "\"\"")
+        );
+        frontend::query(&sql, &mut self.out)?;
+        self.flush().await?;
+        let mut created = None;
+        loop {
+            match self.next_backend().await? {
+                Message::DataRow(row) => {
+                    let buffer = row.buffer();
+                    let mut fields = Vec::new();
+                    let mut ranges = row.ranges();
+                    while let Some(range) = ranges.next()? {
+                        let text = range
+                            .and_then(|r| buffer.get(r))
+                            .map(|b| String::from_utf8_lossy(b).into_owned());
+                        fields.push(text);
+                    }
+                    // slot_name, consistent_point, snapshot_name, output_plugin
+                    let point = fields.get(1).cloned().flatten();
+                    let name = fields.get(2).cloned().flatten();
+                    created = point
+                        .as_deref()
+                        .and_then(crate::lsn::Lsn::parse)
+                        .zip(name)
+                        .map(|(lsn, name)| (lsn.0, name));
+                }
+                Message::ReadyForQuery(_) => {
+                    return created.ok_or_else(|| {
+                        protocol("CREATE_REPLICATION_SLOT answered without a snapshot")
+                    });
+                }
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                _ => {}
+            }
+        }
+    }
+
+    async fn start_replication(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        start: u64,
+    ) -> Result<(), WireError> {
+        let conn = self;
         let sql = format!(
             "START_REPLICATION SLOT \"{}\" LOGICAL {:X}/{:X} (proto_version '1', publication_names {})",
             slot.replace('"', "\"\""),
@@ -195,7 +262,7 @@ impl ReplicationConnection {
                 continue;
             };
             match tag {
-                b'W' => return Ok(conn), // CopyBothResponse
+                b'W' => return Ok(()), // CopyBothResponse
                 b'E' => return Err(error_frame(frame)),
                 b'N' | b'S' => {}
                 other => {
@@ -210,31 +277,27 @@ impl ReplicationConnection {
 
     /// Splits the next complete message (tag, whole frame) off the buffer.
     fn next_frame(&mut self) -> Result<Option<(u8, Bytes)>, WireError> {
-        let Some(header) = self.buf.get(..5) else {
-            return Ok(None);
-        };
-        let tag = header[0];
-        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
-            return Err(protocol(format!(
-                "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
-            )));
-        }
-        let total = len + 1;
-        if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
-            return Ok(None);
-        }
-        let frame = self.buf.split_to(total).freeze();
-        if total > KEEP_BUFFER_BYTES {
+        let frame = split_frame(&mut self.buf)?;
+        self.settle_buffer(frame.as_ref().map_or(0, |(_, f)| f.len()))?;
+        Ok(frame)
+    }
+
+    /// After `taken` bytes were split off the buffer: makes room for the
+    /// whole of the partial frame it starts with when nothing was taken.
+    fn settle_buffer(&mut self, taken: usize) -> Result<(), WireError> {
+        if taken > KEEP_BUFFER_BYTES {
             // A large message grew the buffer, whose rest still shares the
             // message's allocation: move the rest to a buffer of its own so
             // the memory goes with the message.
             let mut rest = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len()));
             rest.extend_from_slice(&self.buf);
             self.buf = rest;
+        } else if taken == 0
+            && let Some(total) = frame_length(&self.buf)?
+        {
+            self.buf.reserve(total.saturating_sub(self.buf.len()));
         }
-        Ok(Some((tag, frame)))
+        Ok(())
     }
 
     async fn authenticate(&mut self, user: &str, password: &[u8]) -> Result<(), WireError> {
@@ -328,21 +391,10 @@ impl ReplicationConnection {
 
     /// The next complete message already read, without waiting.
     pub fn next_message(&mut self) -> Result<Option<StreamMessage>, WireError> {
-        loop {
-            let Some((tag, frame)) = self.next_frame()? else {
-                return Ok(None);
-            };
-            return match tag {
-                b'd' => parse_copy_data(frame.slice(5..)).map(Some),
-                b'c' | b'C' | b'Z' => Ok(Some(StreamMessage::End)),
-                b'E' => Err(error_frame(frame)),
-                b'N' | b'S' => continue,
-                other => Err(protocol(format!(
-                    "unexpected message {:?} in the replication stream",
-                    other as char
-                ))),
-            };
-        }
+        let before = self.buf.len();
+        let message = split_stream_message(&mut self.buf)?;
+        self.settle_buffer(before - self.buf.len())?;
+        Ok(message)
     }
 
     /// Waits for more bytes from the server. Cancel-safe. Returns false at
@@ -412,6 +464,55 @@ impl ReplicationConnection {
         frontend::terminate(&mut self.out);
         let _ = self.flush().await;
         Ok(())
+    }
+}
+
+/// The length of the backend message at the start of `buf` (tag and length
+/// word included), once its 5-byte header has arrived.
+fn frame_length(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(&[_, a, b, c, d]) = buf.get(..5) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if !(4..=MAX_MESSAGE_BYTES).contains(&len) {
+        return Err(protocol(format!(
+            "invalid message length {len} (at most {MAX_MESSAGE_BYTES})"
+        )));
+    }
+    Ok(Some(len + 1))
+}
+
+/// Splits the next complete backend message (tag, whole frame) off `buf`;
+/// `None` while it is incomplete.
+fn split_frame(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, WireError> {
+    match frame_length(buf)? {
+        Some(total) if buf.len() >= total => {
+            let frame = buf.split_to(total).freeze();
+            Ok(Some((frame[0], frame)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The framing of the replication stream on bytes in memory: splits the next
+/// complete message off `buf` (skipping notices and parameter changes) and
+/// decodes it; `None` while the next one is incomplete. Pure, so the framing
+/// is fuzzed without a socket.
+pub fn split_stream_message(buf: &mut BytesMut) -> Result<Option<StreamMessage>, WireError> {
+    loop {
+        let Some((tag, frame)) = split_frame(buf)? else {
+            return Ok(None);
+        };
+        return match tag {
+            b'd' => parse_copy_data(frame.slice(5..)).map(Some),
+            b'c' | b'C' | b'Z' => Ok(Some(StreamMessage::End)),
+            b'E' => Err(error_frame(frame)),
+            b'N' | b'S' => continue,
+            other => Err(protocol(format!(
+                "unexpected message {:?} in the replication stream",
+                other as char
+            ))),
+        };
     }
 }
 
