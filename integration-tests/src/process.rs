@@ -202,6 +202,17 @@ impl TributaryProcess {
             .with_context(|| format!("sending SIGTERM to tributary (pid {pid})"))
     }
 
+    /// SIGTERM, then up to `timeout` for the exit, whatever its code (for
+    /// stops that are expected to fail); an error with the logs if the
+    /// process is still running after `timeout`.
+    pub async fn sigterm_and_wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.sigterm()?;
+        match self.wait_exit(timeout).await {
+            Ok(status) => Ok(status),
+            Err(err) => Err(anyhow!("{err:#}\n{}", self.logs())),
+        }
+    }
+
     /// Stops the process the way an operator does: SIGTERM, then up to
     /// `timeout` for it to flush, checkpoint and exit. Fails, with the logs,
     /// unless it exits 0: also if it had exited before the signal or is

@@ -65,12 +65,10 @@ async fn sigterm_during_an_outage_stops_within_the_drain_timeout_and_a_restart_d
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let signalled = Instant::now();
-    pipeline.tributary.sigterm()?;
     let status = pipeline
         .tributary
-        .wait_exit(Duration::from_secs(DRAIN_SECS) + EXIT_SLACK)
-        .await
-        .map_err(|err| anyhow::anyhow!("{err:#}\n{}", pipeline.tributary.logs()))?;
+        .sigterm_and_wait(Duration::from_secs(DRAIN_SECS) + EXIT_SLACK)
+        .await?;
     let took = signalled.elapsed();
     eprintln!("stopped {took:?} after SIGTERM with {status}");
     assert_eq!(

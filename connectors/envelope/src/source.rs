@@ -219,6 +219,15 @@ pub struct Emitter {
     batch_records: usize,
     /// Budget taken but not yet given to a record.
     credit: usize,
+    /// Set by [`Emitter::stop_when`]: turns true on shutdown.
+    shutdown: Option<watch::Receiver<bool>>,
+    /// How long a wait for budget may last after the shutdown.
+    drain_timeout: Duration,
+    /// When the stop must be over, once a wait for budget saw the shutdown.
+    stop_deadline: Option<tokio::time::Instant>,
+    /// The sink stayed stalled through the drain timeout: the open
+    /// transaction was dropped, nothing more is taken or committed.
+    abandoned: bool,
 }
 
 /// The sink side of the pipeline is gone.
@@ -243,6 +252,50 @@ impl Emitter {
             batch: Vec::with_capacity(batch_records),
             batch_records,
             credit: 0,
+            shutdown: None,
+            drain_timeout: Duration::ZERO,
+            stop_deadline: None,
+            abandoned: false,
+        }
+    }
+
+    /// Bounds the wait for budget by the shutdown: once `shutdown` is true,
+    /// a wait for budget (a stalled sink, e.g. Kinesis down) lasts at most
+    /// `drain_timeout`; then the open transaction is dropped uncommitted
+    /// (so nothing of it is acknowledged and a restart sends it again),
+    /// [`Emitter::abandoned`] turns true and the source should stop reading.
+    pub fn stop_when(mut self, shutdown: watch::Receiver<bool>, drain_timeout: Duration) -> Self {
+        self.shutdown = Some(shutdown);
+        self.drain_timeout = drain_timeout;
+        self
+    }
+
+    /// True once a stop gave up waiting for budget (see [`Emitter::stop_when`]).
+    pub fn abandoned(&self) -> bool {
+        self.abandoned
+    }
+
+    /// Waits for `want` bytes of budget; false when the stop's deadline
+    /// passed first.
+    async fn acquire(&mut self, want: usize) -> bool {
+        let budget = self.budget.clone();
+        let acquire = budget.acquire(want);
+        tokio::pin!(acquire);
+        loop {
+            if let Some(shutdown) = &self.shutdown
+                && *shutdown.borrow()
+            {
+                let deadline = *self
+                    .stop_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + self.drain_timeout);
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+            }
+            tokio::select! {
+                _ = &mut acquire => return true,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
         }
     }
 
@@ -254,6 +307,9 @@ impl Emitter {
     /// Takes budget for a record (waiting while the sink is behind), numbers
     /// it and adds it to the batch.
     pub async fn push(&mut self, mut record: Record) -> Result<(), PipelineClosed> {
+        if self.abandoned {
+            return Ok(());
+        }
         let weight = record.weight().min(self.budget.capacity());
         if self.credit < weight {
             // Take budget in chunks; give the remainder back first so a
@@ -267,7 +323,11 @@ impl Emitter {
                 // Hand over what we hold so it can complete and free budget.
                 self.flush().await?;
             }
-            self.budget.acquire(want).await;
+            if !self.acquire(want).await {
+                self.batch.clear();
+                self.abandoned = true;
+                return Ok(());
+            }
             self.credit = want;
         }
         self.credit -= weight;
@@ -294,6 +354,10 @@ impl Emitter {
     /// A transaction ended at `watermark`: hands its records over and tells
     /// the tracker.
     pub async fn commit(&mut self, watermark: u64) -> Result<(), PipelineClosed> {
+        if self.abandoned {
+            // Records of this transaction were dropped: never commit it.
+            return Ok(());
+        }
         self.flush().await?;
         self.tracker.commit(self.next_seq, watermark);
         Ok(())
@@ -309,7 +373,9 @@ impl Emitter {
     pub async fn close_and_drain(&mut self, timeout: Duration) -> Result<Stopped, PipelineClosed> {
         self.flush().await?;
         self.out = None;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = self
+            .stop_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + timeout);
         while !self.tracker.is_drained() {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Stopped::TimedOut);
@@ -329,13 +395,17 @@ mod tests {
         Record::new("s".into(), "k".into(), vec![b'x'; len])
     }
 
-    #[test]
-    fn numbers_batches_and_commits_at_transaction_ends() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn block_on(test: impl std::future::Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .unwrap();
-        rt.block_on(async {
+            .unwrap()
+            .block_on(test);
+    }
+
+    #[test]
+    fn numbers_batches_and_commits_at_transaction_ends() {
+        block_on(async {
             let tracker = Arc::new(AckTracker::new(0));
             let budget = Arc::new(Budget::new(1 << 20));
             let acks = Acks::new(tracker.clone(), budget.clone());
@@ -363,6 +433,40 @@ mod tests {
             );
             assert!(emitter.push(record(1)).await.is_ok(), "batched, not sent");
             assert!(emitter.flush().await.is_err(), "the input is closed");
+        });
+    }
+
+    #[test]
+    fn a_stop_while_the_sink_is_stalled_drops_the_open_transaction_at_the_timeout() {
+        block_on(async {
+            let tracker = Arc::new(AckTracker::new(0));
+            let budget = Arc::new(Budget::new(1024));
+            let (tx, _rx) = mpsc::channel(16);
+            let (stop, shutdown) = watch::channel(false);
+            let mut emitter = Emitter::new(tx, tracker.clone(), budget.clone(), 100)
+                .stop_when(shutdown, Duration::from_millis(200));
+            // The sink never reports anything done: the budget runs out.
+            emitter.push(record(1000)).await.unwrap();
+            let stopped =
+                tokio::time::timeout(Duration::from_millis(300), emitter.push(record(1000)));
+            assert!(stopped.await.is_err(), "without a stop, the wait goes on");
+            stop.send_replace(true);
+            let started = tokio::time::Instant::now();
+            emitter.push(record(1000)).await.unwrap();
+            assert!(emitter.abandoned());
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            // Nothing of the open transaction is committed or sent.
+            emitter.commit(0x2_0000_0000).await.unwrap();
+            assert!(!emitter.has_pending());
+            assert_eq!(
+                emitter
+                    .close_and_drain(Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+                Stopped::TimedOut,
+                "the drain shares the deadline: no second wait"
+            );
+            assert_eq!(tracker.acked(), 0);
         });
     }
 }

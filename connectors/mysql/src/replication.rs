@@ -139,7 +139,8 @@ impl MysqlSource {
             drain_timeout,
         } = ctx;
         let mut st = State {
-            emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records),
+            emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records)
+                .stop_when(shutdown.clone(), drain_timeout),
             decoder: Decoder::new(
                 &self.cfg.name,
                 self.cfg.router.clone(),
@@ -221,7 +222,9 @@ impl MysqlSource {
         let mut acked = st.emitter.tracker().subscribe();
         let mut stopping = *shutdown.borrow();
         loop {
-            if stopping && reader.tx.is_none() {
+            // A stop while the sink stayed stalled: the open transaction
+            // was dropped uncommitted (see `Emitter::stop_when`).
+            if (stopping && reader.tx.is_none()) || st.emitter.abandoned() {
                 break;
             }
             let next = match stream.next().now_or_never() {

@@ -156,7 +156,7 @@ async fn bare_client(client: &Client, records: &[StreamRecord]) -> Result<(Durat
             .map(|r| (r.data.clone(), r.partition_key.clone()))
             .collect();
         workers.spawn(async move {
-            for chunk in group.chunks(500) {
+            for chunk in calls(&group) {
                 let mut pending: Vec<PutRecordsRequestEntry> = chunk
                     .iter()
                     .map(|(data, key)| {
@@ -190,6 +190,24 @@ async fn bare_client(client: &Client, records: &[StreamRecord]) -> Result<(Durat
         done??;
     }
     Ok((started.elapsed(), records.len()))
+}
+
+/// `records` cut into PutRecords calls: at most 500 records and 5 MiB each.
+fn calls(records: &[(Vec<u8>, String)]) -> Vec<&[(Vec<u8>, String)]> {
+    let mut calls = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (data, key)) in records.iter().enumerate() {
+        let weight = data.len() + key.len();
+        if i > start && (i - start == 500 || bytes + weight > 5 << 20) {
+            calls.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += weight;
+    }
+    if start < records.len() {
+        calls.push(&records[start..]);
+    }
+    calls
 }
 
 /// User + system CPU seconds of process `pid` so far (Linux reports them
