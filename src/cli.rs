@@ -82,6 +82,26 @@ pub enum Command {
         #[arg(long, value_name = "T")]
         table: String,
     },
+    /// Reconcile the source's tables with the stream (PostgreSQL).
+    ///
+    /// Replays every shard of the tables' streams from the trim horizon
+    /// with the consumer rules of docs/envelope.md and compares the result
+    /// with the tables read at one consistent point, per key: rows missing
+    /// from the stream, extra in it, or different (first differing
+    /// column). Exit 0 when they match, 1 when not, 2 for a bad
+    /// configuration. See docs/verify.md.
+    Verify {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// Only this table, `schema.table` (or `table` in `public`);
+        /// repeat for more. Default: every captured table.
+        #[arg(long, value_name = "T")]
+        table: Vec<String>,
+        /// Print one JSON document instead (see docs/verify.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the source and the sink: one line per item (✓ ok, ! warning,
     /// ✗ problem, with the SQL or setting that fixes it).
     ///

@@ -11,10 +11,12 @@ mod logging;
 mod null_sink;
 mod pipeline;
 mod pretty;
+mod replica;
 mod settings;
 mod startup;
 mod tail;
 mod validate;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -88,6 +90,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             pretty,
             validate,
         } => tail::run(&config.config, &stream, from, follow, pretty, validate).await,
+        Command::Verify {
+            config,
+            table,
+            json,
+        } => verify::run(&load(&config)?, &table, json).await,
         Command::Check { config, json } => Ok(check::run(&load(&config)?, json).await),
         Command::Setup {
             config,

@@ -81,5 +81,5 @@ pub use shards::{
     DEFAULT_MAX_RECORD_BYTES, ShardMap, ShardRange, StreamInfo, describe_stream, hash_key,
 };
 pub use sink::KinesisSink;
-pub use tail::{StartFrom, tail};
+pub use tail::{RecordVisitor, StartFrom, read_stream, tail};
 pub use write_probe::{WriteProbe, probe_write};

@@ -97,6 +97,42 @@ impl Cursor {
     }
 }
 
+/// Where [`read_stream`] hands the records it reads.
+pub trait RecordVisitor {
+    /// One record of `shard` (a KPL aggregated record comes already split:
+    /// one call per sub-record), in the shard's order.
+    fn record(&mut self, shard: &str, partition_key: Option<&str>, data: &[u8]);
+
+    /// Called after each page of records was visited (to write them out).
+    fn page_done(&mut self) -> impl Future<Output = Result<(), KinesisError>> {
+        async { Ok(()) }
+    }
+}
+
+/// Writes one line per record (see the module doc).
+struct LineWriter<'a, W> {
+    out: &'a mut W,
+    line: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> RecordVisitor for LineWriter<'_, W> {
+    fn record(&mut self, _shard: &str, partition_key: Option<&str>, data: &[u8]) {
+        render_one(&mut self.line, partition_key, data);
+    }
+
+    async fn page_done(&mut self) -> Result<(), KinesisError> {
+        if !self.line.is_empty() {
+            self.out
+                .write_all(&self.line)
+                .await
+                .map_err(KinesisError::Output)?;
+            self.out.flush().await.map_err(KinesisError::Output)?;
+            self.line.clear();
+        }
+        Ok(())
+    }
+}
+
 /// Reads `stream` from `from` and writes one line per record to `out`.
 ///
 /// Without `follow` it returns once every shard is caught up (an empty
@@ -109,6 +145,25 @@ pub async fn tail(
     from: StartFrom,
     follow: bool,
     out: &mut (impl AsyncWrite + Unpin),
+) -> Result<u64, KinesisError> {
+    let mut writer = LineWriter {
+        out,
+        line: Vec::new(),
+    };
+    let written = read_stream(client, stream, from, follow, &mut writer).await?;
+    writer.out.flush().await.map_err(KinesisError::Output)?;
+    Ok(written)
+}
+
+/// Reads `stream` as [`tail`] does, handing each record (each sub-record
+/// of an aggregated one) to `visitor` with its shard; returns how many
+/// Kinesis records it read.
+pub async fn read_stream(
+    client: &Client,
+    stream: &str,
+    from: StartFrom,
+    follow: bool,
+    visitor: &mut impl RecordVisitor,
 ) -> Result<u64, KinesisError> {
     let shards = list_all(client, stream).await?;
     let mut cursors: Vec<Cursor> = match from {
@@ -129,11 +184,9 @@ pub async fn tail(
             .collect(),
     };
     let mut written = 0u64;
-    let mut line = Vec::new();
     loop {
         release_children(&mut cursors);
         if !follow && cursors.iter().all(Cursor::done_for_now) {
-            out.flush().await.map_err(KinesisError::Output)?;
             return Ok(written);
         }
         let Some(index) = next_cursor(&cursors) else {
@@ -158,16 +211,17 @@ pub async fn tail(
                 let Some(output) = get_records(client, stream, cursor, &iterator).await? else {
                     continue;
                 };
-                line.clear();
                 for record in output.records() {
-                    render(&mut line, record.partition_key(), record.data().as_ref());
+                    visit(
+                        visitor,
+                        &cursor.shard_id,
+                        record.partition_key(),
+                        record.data().as_ref(),
+                    );
                     cursor.last_sequence = Some(record.sequence_number().to_owned());
                 }
                 written += output.records().len() as u64;
-                if !line.is_empty() {
-                    out.write_all(&line).await.map_err(KinesisError::Output)?;
-                    out.flush().await.map_err(KinesisError::Output)?;
-                }
+                visitor.page_done().await?;
                 cursor.caught_up =
                     output.records().is_empty() && output.millis_behind_latest() == Some(0);
                 match output.next_shard_iterator() {
@@ -361,20 +415,21 @@ where
     Ok(())
 }
 
-/// Appends the output lines of a record: one, or one per sub-record of a
-/// KPL aggregated record (a malformed one is shown as the bytes it is).
-fn render(out: &mut Vec<u8>, partition_key: Option<&str>, data: &[u8]) {
+/// Hands a record to the visitor: as it is, or one sub-record at a time
+/// for a KPL aggregated record (a malformed one is passed as the bytes it
+/// is).
+fn visit(visitor: &mut impl RecordVisitor, shard: &str, partition_key: Option<&str>, data: &[u8]) {
     match deaggregate(data) {
         Some(Ok(records)) => {
             for record in records {
-                render_one(out, Some(&record.partition_key), &record.data);
+                visitor.record(shard, Some(&record.partition_key), &record.data);
             }
         }
         Some(Err(err)) => {
-            warn!(error = %err, "showing a malformed aggregated record as it is");
-            render_one(out, partition_key, data);
+            warn!(error = %err, "passing on a malformed aggregated record as it is");
+            visitor.record(shard, partition_key, data);
         }
-        None => render_one(out, partition_key, data),
+        None => visitor.record(shard, partition_key, data),
     }
 }
 
@@ -556,16 +611,20 @@ mod tests {
 
     #[test]
     fn lines_are_json_whatever_the_data() {
-        let mut out = Vec::new();
-        render(&mut out, Some("k"), b"{\"v\":1,\n\"x\":2}");
-        render(&mut out, Some("k\"2"), b"plain text");
-        render(&mut out, Some("k3"), &[0xff, 0x00]);
+        let mut sink = Vec::new();
+        let mut out = LineWriter {
+            out: &mut sink,
+            line: Vec::new(),
+        };
+        visit(&mut out, "s", Some("k"), b"{\"v\":1,\n\"x\":2}");
+        visit(&mut out, "s", Some("k\"2"), b"plain text");
+        visit(&mut out, "s", Some("k3"), &[0xff, 0x00]);
         let mut aggregate = crate::aggregate::Aggregate::default();
         aggregate.push("a:1", None, b"{\"v\":2}");
         aggregate.push("a:2", None, b"bytes");
         let (key, _, data) = aggregate.finish();
-        render(&mut out, Some(&key), &data);
-        let text = String::from_utf8(out).unwrap();
+        visit(&mut out, "s", Some(&key), &data);
+        let text = String::from_utf8(out.line).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

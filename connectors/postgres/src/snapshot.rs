@@ -148,14 +148,31 @@ pub fn remove_marker(marker: &Path) -> Result<(), PostgresError> {
         .map_err(io)
 }
 
+/// The session settings the stream renders values with.
+const SESSION_SETTINGS: &str = "SET DateStyle = ISO; SET IntervalStyle = iso_8601; \
+     SET TimeZone = UTC; SET bytea_output = hex; SET lc_monetary = 'C'; \
+     SET extra_float_digits = 1;";
+
+/// Opens a REPEATABLE READ, read-only transaction on `reader` with the
+/// session settings the stream uses, and takes its snapshot now (the
+/// consistent point `tributary verify` reads the tables at).
+pub async fn begin_now(reader: &Client) -> Result<(), PostgresError> {
+    reader
+        .batch_execute(&format!(
+            "{SESSION_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1"
+        ))
+        .await
+        .map_err(PostgresError::query(
+            "opening a repeatable-read transaction",
+        ))
+}
+
 /// Opens the reader: a REPEATABLE READ, read-only transaction on the
 /// exported snapshot, with the session settings the stream uses (so every
 /// value has the same text form).
 pub async fn begin(reader: &Client, snapshot: &str) -> Result<(), PostgresError> {
     let sql = format!(
-        "SET DateStyle = ISO; SET IntervalStyle = iso_8601; SET TimeZone = UTC; \
-         SET bytea_output = hex; SET lc_monetary = 'C'; SET extra_float_digits = 1; \
-         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+        "{SESSION_SETTINGS} BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
          SET TRANSACTION SNAPSHOT '{}'",
         snapshot.replace('\'', "''")
     );
