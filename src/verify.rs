@@ -138,7 +138,7 @@ pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Res
 
     // 1. The consistent point.
     let reader = connect_sql(&cfg.connection).await?;
-    snapshot::begin_now(&reader).await?;
+    snapshot::begin(&reader, None).await?;
 
     // 2. The stream, after the consistent point.
     let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
@@ -331,7 +331,7 @@ async fn recheck(
     if flagged.is_empty() {
         return Ok(report);
     }
-    snapshot::begin_now(client).await?;
+    snapshot::begin(client, None).await?;
     let mut different = BTreeMap::new();
     let mut missing = Vec::new();
     scanner
