@@ -61,6 +61,38 @@ pub struct KinesisFaults {
     accept_loop: AbortHandle,
 }
 
+impl Faults {
+    /// A rough day for Kinesis: 10% of PutRecords entries refused as
+    /// throttled, 2% with InternalFailure, 3% of whole calls HTTP 500.
+    pub fn rough(seed: u64) -> Self {
+        Self {
+            throttled_entries: 0.10,
+            internal_failure_entries: 0.02,
+            failed_calls: 0.03,
+            seed,
+        }
+    }
+}
+
+impl crate::Servers {
+    /// [`crate::Servers::start_tributary`] with the connector writing
+    /// through a [`KinesisFaults`] proxy injecting `faults` (keep the
+    /// proxy as long as the pipeline).
+    pub async fn start_tributary_with_faults(
+        self,
+        faults: Faults,
+    ) -> Result<(KinesisFaults, crate::Pipeline)> {
+        let proxy = KinesisFaults::start(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.kin.port())),
+            faults,
+        )
+        .await?;
+        let extra = format!("[sink]\nendpoint_url = \"{}\"\n", proxy.endpoint());
+        let pipeline = self.start_tributary(&extra).await?;
+        Ok((proxy, pipeline))
+    }
+}
+
 impl KinesisFaults {
     /// Starts a proxy to `upstream` (kinesalite) injecting `faults`. Must
     /// be called inside a tokio runtime.

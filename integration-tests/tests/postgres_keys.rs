@@ -3,16 +3,13 @@
 //! the way a consumer sees the stream (one worker per shard, only per-shard
 //! order; see `tributary_integration_tests::consumer`).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use tributary_integration_tests::consumer::{self, shards_with_op};
-use tributary_integration_tests::{
-    DEFAULT_DATABASE, Faults, KinesisFaults, Pipeline, Servers, StreamRecord,
-};
+use tributary_integration_tests::{DEFAULT_DATABASE, Faults, Pipeline, Servers, StreamRecord};
 
 const STREAM: &str = "keys-cdc";
 const WAIT: Duration = Duration::from_secs(90);
@@ -201,21 +198,8 @@ async fn key_changes_keep_order_while_kinesis_refuses_entries() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("fault seed {seed} (replay with TRIBUTARY_FAULT_SEED={seed})");
-    let faults = KinesisFaults::start(
-        SocketAddr::from(([127, 0, 0, 1], servers.kin.port())),
-        Faults {
-            throttled_entries: 0.10,
-            internal_failure_entries: 0.02,
-            failed_calls: 0.03,
-            seed,
-        },
-    )
-    .await?;
-    let mut pipeline = servers
-        .start_tributary(&format!(
-            "[sink]\nendpoint_url = \"{}\"\n",
-            faults.endpoint()
-        ))
+    let (faults, mut pipeline) = servers
+        .start_tributary_with_faults(Faults::rough(seed))
         .await?;
     let (sql, expected) = key_change_rounds();
     pipeline.pg.execute(&sql).await?;

@@ -1,11 +1,13 @@
 //! `tributary verify` against a real PostgreSQL and kinesalite: a healthy
-//! pipeline matches; changes lost while the slot was gone are named.
+//! pipeline (Kinesis refusing a fraction of the entries it is sent)
+//! matches; changes lost while the slot was gone are named; a re-snapshot
+//! repairs what it can.
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 use serde_json::{Value, json};
-use tributary_integration_tests::{Pipeline, TributaryProcess};
+use tributary_integration_tests::{Faults, Pipeline, Servers, TributaryProcess};
 
 const STREAM: &str = "verify-cdc";
 const WAIT: Duration = Duration::from_secs(90);
@@ -19,7 +21,10 @@ CREATE TABLE pairs (a text, b int, note text, PRIMARY KEY (a, b));
 async fn verify(pipeline: &Pipeline, args: &[&str]) -> Result<(Option<i32>, String, String)> {
     let mut full = vec!["verify", "-c", pipeline.config.path.to_str().unwrap()];
     full.extend_from_slice(args);
-    let mut cmd = TributaryProcess::spawn(&full, &[], pipeline.dir.path())?;
+    // verify reads kinesalite itself, not through the fault injector.
+    let endpoint = pipeline.kin.endpoint();
+    let env = [("TRIBUTARY__SINK__ENDPOINT_URL", endpoint.as_str())];
+    let mut cmd = TributaryProcess::spawn(&full, &env, pipeline.dir.path())?;
     let status = cmd.wait_exit(WAIT).await?;
     Ok((status.code(), cmd.stdout(), cmd.logs()))
 }
@@ -32,7 +37,10 @@ async fn caught_up(pipeline: &Pipeline) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()> {
-    let mut pipeline = Pipeline::start(STREAM, 3, TABLES, "").await?;
+    let servers = Servers::start(STREAM, 3, TABLES).await?;
+    let (faults, mut pipeline) = servers
+        .start_tributary_with_faults(Faults::rough(11))
+        .await?;
     pipeline
         .pg
         .execute_each(&[
@@ -49,6 +57,11 @@ async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()
         ])
         .await?;
     caught_up(&pipeline).await?;
+    let refused = faults
+        .counts()
+        .refused_entries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(refused > 0, "the fault injector refused no entry");
 
     let (code, stdout, logs) = verify(&pipeline, &[]).await?;
     assert_eq!(code, Some(0), "{logs}");
@@ -117,5 +130,38 @@ async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()
     let (code, _, logs) = verify(&pipeline, &["--table", "public.nope"]).await?;
     assert_eq!(code, Some(2), "{logs}");
     assert!(logs.contains("--table"), "{logs}");
+
+    // A re-snapshot (the slot is gone: the next start takes one) sends every
+    // row again: missing and different rows are repaired; a row deleted while
+    // nothing captured stays in the stream's replica.
+    let text = std::fs::read_to_string(&pipeline.config.path)?;
+    let resnapshot = text.replace("snapshot = \"never\"", "snapshot = \"initial\"");
+    ensure!(
+        resnapshot != text,
+        "the test config sets snapshot = \"never\""
+    );
+    std::fs::write(&pipeline.config.path, resnapshot)?;
+    pipeline.restart_with_timeout(WAIT).await?;
+    caught_up(&pipeline).await?;
+    let (code, stdout, logs) = verify(&pipeline, &["--json"]).await?;
+    assert_eq!(code, Some(1), "{logs}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let by_table = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap()
+            .clone()
+    };
+    let items = by_table("public.items");
+    assert_eq!(
+        (&items["missing"], &items["different"], &items["extra_keys"]),
+        (&json!(0), &json!(0), &json!([{"id": 5}])),
+        "{items:#}"
+    );
+    assert_eq!(by_table("public.pairs")["match"], true, "{report:#}");
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
