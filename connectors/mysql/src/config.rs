@@ -33,6 +33,11 @@ pub struct MysqlSourceConfig {
     pub offset_file: PathBuf,
     /// Records per batch handed to the sink.
     pub batch_records: usize,
+    /// `[state] dir`: where the snapshot marker lives.
+    pub state_dir: PathBuf,
+    /// `source.snapshot = "initial"`: copy the captured tables' rows when
+    /// the source starts without a stored offset.
+    pub snapshot: bool,
 }
 
 impl MysqlSettings {
@@ -64,6 +69,8 @@ impl MysqlSettings {
                 .state_dir
                 .join(format!("{}.mysql-offset", common.name)),
             batch_records: 256,
+            state_dir: common.state_dir.clone(),
+            snapshot: common.snapshot,
         })
     }
 }
