@@ -59,6 +59,14 @@ if ! python3 -c "import cloudevents.core.formats.json" >/dev/null 2>&1; then
         "cloudevents==2.2.0"
 fi
 
+# AWS's own de-aggregator reads `sink.aggregation = true` records in the
+# tests, as a KCL consumer would.
+if ! python3 -c "import aws_kinesis_agg.deaggregator" >/dev/null 2>&1; then
+    echo "install-deps: pip install aws-kinesis-agg"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "aws-kinesis-agg==1.2.3" "protobuf==7.36.2" "six==1.17.0"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-deps: cargo install --locked cargo-nextest"
     cargo install --locked --quiet cargo-nextest

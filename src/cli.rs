@@ -18,7 +18,13 @@ pub struct Cli {
 pub struct ConfigArg {
     /// Path of the configuration file; every key can be overridden with
     /// TRIBUTARY__SECTION__KEY environment variables.
-    #[arg(short, long, value_name = "FILE", default_value = "config.toml")]
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = "config.toml",
+        global = true
+    )]
     pub config: PathBuf,
 }
 
@@ -65,12 +71,66 @@ pub enum Command {
         #[arg(long)]
         validate: bool,
     },
+    /// Check the source and the sink: one line per item (✓ ok, ! warning,
+    /// ✗ problem, with the SQL or setting that fixes it).
+    ///
+    /// Exit 0 when the pipeline can run, 2 when not.
+    Check {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// Print one JSON document instead (see docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the statements that prepare the source's server for the
+    /// connector, only what is missing (PostgreSQL: wal_level, role, grants,
+    /// publication, slot; MySQL: binlog settings, user, grants).
+    Setup {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// Run the statements instead of only printing them.
+        #[arg(long)]
+        apply: bool,
+        /// Connect as this user to run them (a DBA's URL; default:
+        /// source.url). Grants are planned for the user of source.url.
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "TRIBUTARY_SETUP_URL",
+            hide_env_values = true
+        )]
+        admin_url: Option<String>,
+    },
+    /// List or drop logical replication slots (PostgreSQL).
+    Slots {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// `list` (the default) or `drop NAME`.
+        #[command(subcommand)]
+        action: Option<SlotsAction>,
+    },
     /// Show or resend the records Kinesis could never take (the
     /// dead-letter store under [state] dir).
     DeadLetter {
         /// What to do with them.
         #[command(subcommand)]
         command: DeadLetterCommand,
+    },
+}
+
+/// `slots` actions.
+#[derive(Debug, Subcommand)]
+pub enum SlotsAction {
+    /// Every logical slot with plugin, database, active pid, lag in bytes
+    /// and wal_status.
+    List,
+    /// Drop a slot (refused while a connector streams from it).
+    Drop {
+        /// The slot's name.
+        name: String,
     },
 }
 

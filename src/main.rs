@@ -1,9 +1,12 @@
 //! The `tributary` binary: command line, configuration, wiring, shutdown.
 
+mod check;
 mod cli;
 mod config_error;
+mod dba;
 mod dead_letter;
 mod format_stage;
+mod http;
 mod logging;
 mod null_sink;
 mod pipeline;
@@ -17,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use crate::cli::{Cli, Command, DeadLetterCommand};
+use crate::cli::{Cli, Command, ConfigArg, DeadLetterCommand, SlotsAction};
 use crate::settings::ConfigError;
 use crate::startup::StartupError;
 
@@ -69,11 +72,7 @@ fn report(text: &str) {
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run { config } => {
-            let explicit = config.config.as_os_str() != "config.toml";
-            let file = config.config.exists().then_some(config.config.as_path());
-            let validated = settings::load::<settings::Settings>(&config.config, explicit)?
-                .validate()
-                .map_err(|err| config_error::locate(err, file))?;
+            let validated = load(&config)?;
             logging::init(&validated.settings.log);
             let region = validated.region.clone();
             let code = pipeline::run(validated)
@@ -89,6 +88,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             pretty,
             validate,
         } => tail::run(&config.config, &stream, from, follow, pretty, validate).await,
+        Command::Check { config, json } => Ok(check::run(&load(&config)?, json).await),
+        Command::Setup {
+            config,
+            apply,
+            admin_url,
+        } => dba::setup(&load(&config)?, apply, admin_url.as_deref()).await,
+        Command::Slots { config, action } => match action {
+            None | Some(SlotsAction::List) => dba::list_slots(&load(&config)?).await,
+            Some(SlotsAction::Drop { name }) => dba::drop_slot(&load(&config)?, &name).await,
+        },
         Command::DeadLetter { command } => match command {
             DeadLetterCommand::List { config, json } => dead_letter::list(&config.config, json),
             DeadLetterCommand::Replay { config, reason, id } => {
@@ -96,4 +105,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
         },
     }
+}
+
+/// Loads and validates the configuration named by `-c`.
+fn load(config: &ConfigArg) -> anyhow::Result<settings::Validated> {
+    let explicit = config.config.as_os_str() != "config.toml";
+    let file = config.config.exists().then_some(config.config.as_path());
+    Ok(
+        settings::load::<settings::Settings>(&config.config, explicit)?
+            .validate()
+            .map_err(|err| config_error::locate(err, file))?,
+    )
 }

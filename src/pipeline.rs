@@ -20,11 +20,14 @@ use tributary_envelope::{
 use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
 
 use crate::null_sink::NullSink;
-use crate::settings::{RunSource, Settings, SinkKind, SnapshotMode, Validated};
+use crate::settings::{RunSource, Settings, SinkKind, SnapshotMode, SourceConfig, Validated};
 
 /// Batches queued between the source and the sink (the byte budget is the
 /// real bound on memory).
 const CHANNEL_BATCHES: usize = 1024;
+
+/// How often the slot's lag is read for `tributary_source_lag_bytes`.
+const LAG_SAMPLE: Duration = Duration::from_secs(5);
 
 /// Runs the pipeline until a signal; returns the process exit code.
 pub async fn run(v: Validated) -> anyhow::Result<i32> {
@@ -33,7 +36,17 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
         source,
         region,
     } = v;
-    source.dispatch(Wiring { settings, region }).await
+    let lag = match &source {
+        SourceConfig::Postgres(config) => Some((**config).clone()),
+        SourceConfig::Mysql(_) => None,
+    };
+    source
+        .dispatch(Wiring {
+            settings,
+            region,
+            lag,
+        })
+        .await
 }
 
 /// The one wiring of every source: `settings` composes the source's config
@@ -41,13 +54,15 @@ pub async fn run(v: Validated) -> anyhow::Result<i32> {
 struct Wiring {
     settings: Settings,
     region: String,
+    /// The Postgres source whose slot lag `/metrics` reports.
+    lag: Option<tributary_postgres::PostgresSourceConfig>,
 }
 
 impl RunSource for Wiring {
     type Output = anyhow::Result<i32>;
 
     async fn run<S: Source>(self, config: S::Config) -> anyhow::Result<i32> {
-        run_source::<S>(self.settings, self.region, config).await
+        run_source::<S>(self.settings, self.region, config, self.lag).await
     }
 }
 
@@ -55,6 +70,7 @@ async fn run_source<S: Source>(
     settings: Settings,
     region: String,
     config: S::Config,
+    lag: Option<tributary_postgres::PostgresSourceConfig>,
 ) -> anyhow::Result<i32> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Installed before anything starts: a pipeline that cannot be stopped
@@ -73,10 +89,24 @@ async fn run_source<S: Source>(
         "tributary starting"
     );
     crate::startup::check(&settings, &region).await?;
+    let health = crate::http::start(
+        &settings.http.listen,
+        Duration::from_secs(settings.http.stall_timeout_secs),
+    )
+    .await?;
     let source = match S::connect(config).await {
         Ok(source) => source,
         Err(err) => return Err(source_error(err, "cannot start the source")),
     };
+    health.source_connected();
+    if let Some(lag) = lag {
+        let health = health.clone();
+        tokio::spawn(tributary_postgres::metrics::report_lag(
+            lag,
+            LAG_SAMPLE,
+            move |streaming| health.set_source(streaming),
+        ));
+    }
     if source.starts_fresh() && settings.source.snapshot == SnapshotMode::Initial {
         warn!(
             "initial snapshots are not available in this build yet: rows that existed before the \
@@ -123,6 +153,8 @@ async fn run_source<S: Source>(
             tokio::spawn(async move { Ok(kinesis.run(rx, acks).await?) })
         }
     };
+    health.sink_connected();
+    health.watch(tracker.clone());
 
     let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
     let ctx = SourceContext {

@@ -270,12 +270,21 @@ pub struct HttpSettings {
     /// Address of `/healthz`, `/readyz`, `/metrics`.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// `/readyz` fails when records are in flight and none was delivered
+    /// for this many seconds (Kinesis unreachable or refusing).
+    #[serde(default = "default_stall_timeout_secs")]
+    pub stall_timeout_secs: u64,
+}
+
+fn default_stall_timeout_secs() -> u64 {
+    60
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            stall_timeout_secs: default_stall_timeout_secs(),
         }
     }
 }
@@ -560,6 +569,12 @@ impl Settings {
             return Err(invalid(
                 "sink.max_in_flight_bytes",
                 "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if self.http.stall_timeout_secs == 0 {
+            return Err(invalid(
+                "http.stall_timeout_secs",
+                "must be at least 1 second",
             ));
         }
         self.http

@@ -141,3 +141,17 @@ pub fn assert_last_occurrences_in_commit_order(per_key: &std::collections::HashM
         );
     }
 }
+
+/// Asserts that a `tributary check` text report has a `✗` line for
+/// `check` (`✗ component check: ...`) followed by a `fix:` line that
+/// contains `fix`.
+pub fn assert_check_fails_with(report: &str, check: &str, fix: &str) {
+    let mut lines = report.lines();
+    let found = lines.any(|line| line.starts_with("✗ ") && line.contains(&format!(" {check}: ")));
+    assert!(found, "no ✗ {check} line in:\n{report}");
+    let fix_line = lines.next().unwrap_or_default();
+    assert!(
+        fix_line.trim_start().starts_with("fix: ") && fix_line.contains(fix),
+        "the fix of {check} is not `{fix}` in:\n{report}"
+    );
+}

@@ -231,7 +231,12 @@ async fn a_second_run_on_an_active_slot_logs_the_servers_reason_in_its_first_ret
 -> anyhow::Result<()> {
     let pipeline =
         Pipeline::start("busy-cdc", 1, "CREATE TABLE t (id int PRIMARY KEY)", "").await?;
-    let mut second = TributaryProcess::run(&pipeline.config.path, &[])?;
+    // Its own HTTP port: the first one serves /healthz on the config's.
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut second = TributaryProcess::run(
+        &pipeline.config.path,
+        &[("TRIBUTARY__HTTP__LISTEN", listen.as_str())],
+    )?;
     second
         .wait_for_log("reconnecting", Duration::from_secs(30))
         .await?;

@@ -11,6 +11,7 @@
 //! database does not keep their position). This crate does no I/O.
 
 pub mod ack;
+pub mod check;
 pub mod encoder;
 pub mod error_text;
 pub mod filter;
@@ -19,17 +20,20 @@ pub mod json;
 pub mod position;
 pub mod record;
 pub mod route;
+pub mod setup_plan;
 pub mod sink;
 pub mod source;
 pub mod time;
 
 pub use ack::{AckTracker, Acks, Budget};
+pub use check::{CheckItem, CheckStatus};
 pub use encoder::{EnvelopeEncoder, Op, TableMeta, TxMeta};
 pub use filter::TableFilter;
 pub use format::Format;
 pub use position::Position;
 pub use record::{PartitionKey, Record};
 pub use route::{StreamRouter, TemplateError};
+pub use setup_plan::{SetupPlan, SetupStatement};
 pub use sink::Sink;
 pub use source::{
     Emitter, OffsetStore, PipelineClosed, Source, SourceContext, SourceError, Stopped,

@@ -31,6 +31,8 @@
 //! - `tail.rs`: [`tail`], reading a stream back as JSON Lines.
 //! - `preflight.rs`: [`checked_client`] and [`check_stream`], the
 //!   start-up checks that run before the source is touched.
+//! - `write_probe.rs`: [`probe_write`], whether a write is permitted,
+//!   asked without writing (`tributary check`).
 //! - `error.rs`: [`KinesisError`].
 //!
 //! [`Sink`]: tributary_envelope::Sink
@@ -51,6 +53,7 @@ mod retry;
 mod shards;
 mod sink;
 mod tail;
+mod write_probe;
 
 #[cfg(test)]
 mod sink_tests;
@@ -79,3 +82,4 @@ pub use shards::{
 };
 pub use sink::KinesisSink;
 pub use tail::{StartFrom, tail};
+pub use write_probe::{WriteProbe, probe_write};

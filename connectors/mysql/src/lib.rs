@@ -13,16 +13,19 @@
 //! (the envelope's `Source` contract), `offsets` (positions, watermark, the
 //! offset file), `schema` (TABLE_MAP metadata and the `information_schema`
 //! fallback, the counterpart of Postgres' `catalog`), `decoder` (rows
-//! events to envelopes), `types` (binlog values to JSON), `error`.
+//! events to envelopes), `types` (binlog values to JSON), `error`; beside the dataflow, `check`
+//! (`tributary check` items), `provision` (`tributary setup` statements).
 //!
 //! Tested against MariaDB 10.11. MySQL 8's protocol differences (GTID events
 //! with UUIDs, binary JSON, `SHOW BINARY LOG STATUS`) have code paths here
 //! that no test on our machines exercises.
 
+pub mod check;
 pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod offsets;
+pub mod provision;
 pub mod replication;
 pub mod schema;
 pub mod setup;

@@ -49,6 +49,8 @@ struct Table {
     /// `is_key[i]`: column `i` is in `key`.
     is_key: Vec<bool>,
     captured: bool,
+    /// Events and bytes by op (`tributary_source_*`).
+    counters: crate::metrics::TableCounters,
 }
 
 /// A transaction being decoded.
@@ -220,6 +222,7 @@ impl Decoder {
             identity,
             is_key,
             captured: self.filter.matches(&rel.schema, &rel.table),
+            counters: crate::metrics::TableCounters::new(&self.name, &rel.schema, &rel.table),
         };
         self.tables.insert(rel.id, table);
     }
@@ -291,6 +294,7 @@ impl Decoder {
             let mut data = Vec::with_capacity(384);
             EnvelopeEncoder::begin(&mut data, &table.meta, Op::Truncate, pos, &tx.meta, false)
                 .finish([], captured_at);
+            table.counters.record(Op::Truncate, data.len());
             out.push(Record {
                 fan_out: true,
                 ..Record::new(
@@ -551,6 +555,7 @@ impl Rows<'_> {
             enc.end_object();
         }
         enc.finish(unchanged, captured_at);
+        table.counters.record(op, data.len());
         Record::new(table.stream.clone(), partition_key.finish(), data)
     }
 }

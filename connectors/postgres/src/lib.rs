@@ -10,20 +10,28 @@
 //! acknowledgements), `source` (the envelope's `Source` contract), `wire` (the replication connection: startup,
 //! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
-//! and non-built-in types), `error`.
+//! and non-built-in types), `error`; beside the dataflow, for the DBA commands:
+//! `inspect` (server, role, tables, publication and slots as they are),
+//! `check` (`tributary check` items), `provision` (`tributary setup` SQL),
+//! `slots` (`tributary slots`); `metrics` (event, byte and lag metric names).
 //!
 //! The decoders of server bytes (`pgoutput`, the framing in `wire`, `types`)
 //! have bounded property tests in `tests/decoders/` and `cargo fuzz`
 //! targets in the repository's `fuzz/`.
 
 pub mod catalog;
+pub mod check;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod inspect;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
+pub mod provision;
 pub mod replication;
 pub mod setup;
+pub mod slots;
 pub mod snapshot;
 mod sockopt;
 mod source;
