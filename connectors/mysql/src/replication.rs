@@ -230,77 +230,38 @@ impl MysqlSource {
             ..
         } = pending;
         let mark = position.watermark().unwrap_or(0);
-        let mut tx = Transaction::begin(
-            &position.file,
-            file_index(&position.file).unwrap_or(0),
-            position.pos,
-            None,
-            0,
-        );
-        tx.major = mark.saturating_sub(1);
-        tx.meta.commit_ts = None;
-        let mut decoder = Decoder::new(
-            &self.cfg.name,
-            self.cfg.router.clone(),
-            self.cfg.filter.clone(),
-        );
+        let mut copy = SnapshotCopy {
+            decoder: Decoder::new(
+                &self.cfg.name,
+                self.cfg.router.clone(),
+                self.cfg.filter.clone(),
+            ),
+            tx: Transaction::begin(
+                &position.file,
+                file_index(&position.file).unwrap_or(0),
+                position.pos,
+                None,
+                0,
+            ),
+            captured_at: tributary_envelope::time::now(),
+            decoded: Vec::with_capacity(1),
+        };
+        copy.tx.major = mark.saturating_sub(1);
+        copy.tx.meta.commit_ts = None;
         let tables: Vec<(String, String)> = snapshot::base_tables(&mut reader)
             .await?
             .into_iter()
-            .filter(|(db, table)| decoder.captures(db, table))
+            .filter(|(db, table)| copy.decoder.captures(db, table))
             .collect();
         info!(tables = tables.len(), file = %position.file, pos = position.pos,
               "snapshot: copying the captured tables");
-        let captured_at = tributary_envelope::time::now();
         let began = Instant::now();
-        let mut decoded = Vec::with_capacity(1);
         let mut total = 0usize;
         for (id, (db, table)) in (0u64..).zip(&tables) {
-            let name = format!("{db}.{table}");
-            let facts = crate::schema::read_table_facts(&mut reader, db, table).await?;
-            decoder.table_map(id, TableSchema::from_facts(db, table, &facts));
-            let mut result = reader
-                .exec_iter(snapshot::select_all(db, table), ())
-                .await
-                .map_err(MysqlError::connection(format!("reading {name}")))?;
-            let charsets: Vec<u16> = result
-                .columns_ref()
-                .iter()
-                .map(|c| match c.character_set() {
-                    crate::types::BINARY_CHARSET => crate::types::BINARY_CHARSET,
-                    _ => crate::types::UTF8MB4_CHARSET,
-                })
-                .collect();
-            let (table_began, mut reported, mut rows) = (Instant::now(), Instant::now(), 0usize);
-            while let Some(row) = result
-                .next()
-                .await
-                .map_err(MysqlError::connection(format!("reading {name}")))?
-            {
-                if *shutdown.borrow() || st.emitter.abandoned() {
-                    info!(table = %name, rows, "snapshot interrupted: it is taken again at the next run");
-                    return Ok(false);
-                }
-                decoder.snapshot_row(
-                    id,
-                    row.unwrap(),
-                    &charsets,
-                    &mut tx,
-                    &captured_at,
-                    &mut decoded,
-                );
-                for record in decoded.drain(..) {
-                    st.emitter.push(record).await?;
-                }
-                rows += 1;
-                if reported.elapsed() >= Duration::from_secs(5) {
-                    reported = Instant::now();
-                    let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);
-                    info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
-                }
+            match copy.table(&mut reader, id, db, table, st, shutdown).await? {
+                Some(rows) => total += rows,
+                None => return Ok(false),
             }
-            total += rows;
-            info!(table = %name, rows, secs = table_began.elapsed().as_secs_f64(), "snapshot: table copied");
         }
         reader
             .query_drop("COMMIT")
@@ -593,6 +554,89 @@ impl MysqlSource {
         st.pending.push_back((mark, offset.clone()));
         st.read_to = offset;
         Ok(())
+    }
+}
+
+/// The snapshot's rendering state, shared by its tables.
+struct SnapshotCopy {
+    decoder: Decoder,
+    /// Every snapshot row's position: `{snapshot watermark - 1}:{ordinal}`.
+    tx: Transaction,
+    captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    decoded: Vec<tributary_envelope::Record>,
+}
+
+impl SnapshotCopy {
+    /// Copies `db.table` (mapped as `id`) into the emitter; its row count,
+    /// or None when a shutdown interrupted it.
+    async fn table(
+        &mut self,
+        reader: &mut Conn,
+        id: u64,
+        db: &str,
+        table: &str,
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<usize>, MysqlError> {
+        let name = format!("{db}.{table}");
+        let facts = crate::schema::read_table_facts(reader, db, table).await?;
+        let schema = TableSchema::from_facts(db, table, &facts);
+        let expected: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        self.decoder.table_map(id, schema);
+        let mut result = reader
+            .exec_iter(snapshot::select_all(db, table), ())
+            .await
+            .map_err(MysqlError::connection(format!("reading {name}")))?;
+        let names: Vec<String> = result
+            .columns_ref()
+            .iter()
+            .map(|c| c.name_str().into_owned())
+            .collect();
+        if names != expected {
+            // A DDL between the catalog read and the SELECT: read again.
+            return Err(MysqlError::Connection {
+                context: format!(
+                    "{name} changed during the snapshot: columns {names:?}, catalog {expected:?}"
+                ),
+                source: mysql_async::Error::Other("table changed".into()),
+            });
+        }
+        let charsets: Vec<u16> = result
+            .columns_ref()
+            .iter()
+            .map(|c| match c.character_set() {
+                crate::types::BINARY_CHARSET => crate::types::BINARY_CHARSET,
+                _ => crate::types::UTF8MB4_CHARSET,
+            })
+            .collect();
+        let (began, mut reported, mut rows) = (Instant::now(), Instant::now(), 0usize);
+        let read_error = |e| MysqlError::connection(format!("reading {name}"))(e);
+        while let Some(row) = result.next().await.map_err(read_error)? {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(table = %name, rows, "snapshot interrupted: it is taken again at the next run");
+                return Ok(None);
+            }
+            if self.tx.ordinal == u32::MAX {
+                // 2^32 rows: the next ones sort one position earlier,
+                // still before every change.
+                self.tx.major = self.tx.major.saturating_sub(1);
+                self.tx.ordinal = 0;
+            }
+            let (tx, at) = (&mut self.tx, &self.captured_at);
+            self.decoder
+                .snapshot_row(id, row.unwrap(), &charsets, tx, at, &mut self.decoded);
+            for record in self.decoded.drain(..) {
+                st.emitter.push(record).await?;
+            }
+            rows += 1;
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = Instant::now();
+                let per_sec = rows as f64 / began.elapsed().as_secs_f64().max(0.001);
+                info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
+            }
+        }
+        info!(table = %name, rows, secs = began.elapsed().as_secs_f64(), "snapshot: table copied");
+        Ok(Some(rows))
     }
 }
 
