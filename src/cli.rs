@@ -71,6 +71,17 @@ pub enum Command {
         #[arg(long)]
         validate: bool,
     },
+    /// Print the JSON Schema of one table's `after` object, from the
+    /// source's catalogue (PostgreSQL): each column's JSON type as the
+    /// envelope renders it, null allowed unless NOT NULL.
+    Schema {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        config: ConfigArg,
+        /// The table, `schema.table` (or `table` in `public`).
+        #[arg(long, value_name = "T")]
+        table: String,
+    },
     /// Check the source and the sink: one line per item (✓ ok, ! warning,
     /// ✗ problem, with the SQL or setting that fixes it).
     ///

@@ -90,6 +90,40 @@ async fn setup_mysql(
     Ok(0)
 }
 
+/// `schema --table T`: the JSON Schema of the table's `after` (PostgreSQL),
+/// printed on stdout. `T` is `schema.table`, or `table` in `public`.
+pub async fn table_schema(v: &Validated, table: &str) -> anyhow::Result<u8> {
+    let config = match &v.source {
+        SourceConfig::Postgres(config) => config,
+        SourceConfig::Mysql(_) => {
+            return Err(ConfigError::Invalid {
+                key: "source.kind".into(),
+                message: "schema --table reads the PostgreSQL catalogue; MySQL is not available \
+                          yet"
+                .into(),
+            }
+            .into());
+        }
+    };
+    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    let client = connect_sql(&config.connection).await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        eprintln!("error: --table {schema}.{name}: no such table in the source database");
+        return Ok(2);
+    }
+    let document = tributary_postgres::table_schema::after_schema(&client, schema, name).await?;
+    println!("{}", serde_json::to_string_pretty(&document)?);
+    Ok(0)
+}
+
 /// `slots list`: every logical slot of the cluster.
 pub async fn list_slots(v: &Validated) -> anyhow::Result<u8> {
     let client = connect_sql(&postgres(v)?.connection).await?;

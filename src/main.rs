@@ -94,6 +94,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             apply,
             admin_url,
         } => dba::setup(&load(&config)?, apply, admin_url.as_deref()).await,
+        Command::Schema { config, table } => dba::table_schema(&load(&config)?, &table).await,
         Command::Slots { config, action } => match action {
             None | Some(SlotsAction::List) => dba::list_slots(&load(&config)?).await,
             Some(SlotsAction::Drop { name }) => dba::drop_slot(&load(&config)?, &name).await,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tributary_integration_tests::consumer::shards_with_op;
-use tributary_integration_tests::{Pipeline, StreamRecord, repo_root};
+use tributary_integration_tests::{Pipeline, StreamRecord, TributaryProcess, repo_root};
 
 const STREAM: &str = "shop-cdc";
 
@@ -226,6 +226,61 @@ async fn every_type_and_operation_arrives_as_a_valid_envelope() -> anyhow::Resul
         "an unchanged TOAST column is left out of after"
     );
     assert_eq!(after["note"], "second");
+
+    // `tributary schema --table`: every `after` the stream carried for the
+    // table validates against the schema the catalogue gives.
+    let mut schema_cmd = TributaryProcess::spawn(
+        &[
+            "schema",
+            "-c",
+            pipeline.config.path.to_str().unwrap(),
+            "--table",
+            "public.everything",
+        ],
+        &[],
+        pipeline.dir.path(),
+    )?;
+    let status = schema_cmd.wait_exit(Duration::from_secs(30)).await?;
+    assert!(status.success(), "{}", schema_cmd.logs());
+    let after_schema: Value = serde_json::from_str(&schema_cmd.stdout())?;
+    assert_eq!(after_schema["x-primary-key"], json!(["id"]));
+    let after_validator = jsonschema::validator_for(&after_schema).expect("schema compiles");
+    for envelope in envelopes
+        .iter()
+        .filter(|e| e["source"]["table"] == "everything")
+    {
+        if envelope["after"].is_object() {
+            let errors: Vec<String> = after_validator
+                .iter_errors(&envelope["after"])
+                .map(|e| format!("{e} at {}", e.instance_path()))
+                .collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", envelope["after"]);
+        }
+    }
+    assert!(
+        !after_validator.is_valid(&json!({"id": "not a number"})),
+        "the schema types the columns"
+    );
+    let mut missing = TributaryProcess::spawn(
+        &[
+            "schema",
+            "-c",
+            pipeline.config.path.to_str().unwrap(),
+            "--table",
+            "nope",
+        ],
+        &[],
+        pipeline.dir.path(),
+    )?;
+    assert_eq!(
+        missing.wait_exit(Duration::from_secs(30)).await?.code(),
+        Some(2)
+    );
+    assert!(
+        missing.stderr().contains("--table public.nope"),
+        "{}",
+        missing.logs()
+    );
 
     pipeline.stop_gracefully().await?;
     Ok(())

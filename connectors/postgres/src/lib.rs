@@ -35,6 +35,7 @@ pub mod slots;
 pub mod snapshot;
 mod sockopt;
 mod source;
+pub mod table_schema;
 pub mod types;
 pub mod wire;
 
