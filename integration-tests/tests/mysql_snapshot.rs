@@ -303,3 +303,43 @@ async fn writes_during_the_snapshot_are_neither_lost_nor_overtaken() -> Result<(
     pipeline.stop_gracefully().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_only_copies_and_exits_0_leaving_no_offset() -> Result<()> {
+    let mut pipeline =
+        MysqlPipeline::start_without_waiting(STREAM, 2, SETUP, "[source]\nsnapshot = \"only\"\n")
+            .await?;
+    let status = pipeline
+        .tributary
+        .wait_exit(Duration::from_secs(120))
+        .await?;
+    assert!(
+        status.success(),
+        "exit 0: {status}\n{}",
+        pipeline.tributary.logs()
+    );
+    let logs = pipeline.tributary.logs();
+    assert!(
+        !logs.contains("global read lock released") && !logs.contains("lock_ms"),
+        "no lock is taken when no stream follows:\n{logs}"
+    );
+    let records = pipeline.kin.read_all(STREAM).await?;
+    ensure!(
+        records.len() == 5010,
+        "{} records for 5,010 rows",
+        records.len()
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.json().is_ok_and(|e| e["op"] == "snapshot"))
+    );
+    assert_replica_matches(&pipeline, &records, "shop.items", &["id"]).await?;
+    assert_eq!(pipeline.stored_offset(), None, "no offset is written");
+    let marker = pipeline
+        .config
+        .state_dir
+        .join("mysql-snapshot-shop.pending");
+    assert!(!marker.exists(), "no marker is left");
+    Ok(())
+}

@@ -38,6 +38,9 @@ pub struct MysqlSourceConfig {
     /// `source.snapshot = "initial"`: copy the captured tables' rows when
     /// the source starts without a stored offset.
     pub snapshot: bool,
+    /// `source.snapshot = "only"`: copy the captured tables' rows, then
+    /// stop (no offset, no marker, no lock).
+    pub snapshot_only: bool,
 }
 
 impl MysqlSettings {
@@ -71,6 +74,7 @@ impl MysqlSettings {
             batch_records: 256,
             state_dir: common.state_dir.clone(),
             snapshot: common.snapshot,
+            snapshot_only: common.snapshot_only,
         })
     }
 }

@@ -85,6 +85,18 @@ impl MysqlSource {
         // A marker: an earlier snapshot did not finish; its offset (if
         // any) is not trusted and the snapshot is taken again.
         let marker = snapshot::marker_path(&cfg.state_dir, &cfg.name);
+        if cfg.snapshot_only {
+            // Copy and stop: no offset, no marker, no lock.
+            let taken = snapshot::begin(&cfg.opts, None).await?;
+            return Ok(Self {
+                start: taken.position.clone(),
+                snapshot: Some(taken),
+                cfg,
+                side,
+                fresh: false,
+                store,
+            });
+        }
         let unfinished = marker.exists();
         if unfinished {
             warn!(marker = %marker.display(),
@@ -111,7 +123,7 @@ impl MysqlSource {
             // The offset is written only once the snapshot is acknowledged.
             None if cfg.snapshot || unfinished => {
                 snapshot::write_marker(&marker)?;
-                let taken = snapshot::begin(&cfg.opts, marker).await?;
+                let taken = snapshot::begin(&cfg.opts, Some(marker)).await?;
                 let start = taken.position.clone();
                 pending = Some(taken);
                 (start, false)
@@ -188,6 +200,10 @@ impl MysqlSource {
             && !self.copy_snapshot(pending, &mut st, &shutdown).await?
         {
             // Stopped during the snapshot: it is taken again at the next run.
+            return Ok(st.emitter.close_and_drain(drain_timeout).await?);
+        }
+        if self.cfg.snapshot_only {
+            info!("snapshot = \"only\": the copy is delivered; stopping");
             return Ok(st.emitter.close_and_drain(drain_timeout).await?);
         }
         let mut backoff = Duration::from_millis(200);
@@ -277,13 +293,15 @@ impl MysqlSource {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.store
-            .save(&position.encode())
-            .map_err(|source| MysqlError::Offset {
-                path: self.store.path().display().to_string(),
-                source,
-            })?;
-        snapshot::remove_marker(&marker)?;
+        if let Some(marker) = &marker {
+            self.store
+                .save(&position.encode())
+                .map_err(|source| MysqlError::Offset {
+                    path: self.store.path().display().to_string(),
+                    source,
+                })?;
+            snapshot::remove_marker(marker)?;
+        }
         info!(
             rows = total,
             secs = began.elapsed().as_secs_f64(),

@@ -42,8 +42,9 @@ pub struct PendingSnapshot {
     pub reader: Conn,
     /// The binlog position of the view: streaming starts here.
     pub position: Offset,
-    /// The marker file to remove once every row is acknowledged.
-    pub marker: PathBuf,
+    /// The marker file to remove once every row is acknowledged (none for
+    /// `snapshot = "only"`).
+    pub marker: Option<PathBuf>,
     /// How long `FLUSH TABLES WITH READ LOCK` was held.
     pub lock_held: Duration,
 }
@@ -94,8 +95,10 @@ pub fn remove_marker(marker: &Path) -> Result<(), MysqlError> {
 }
 
 /// Opens the reader, takes the consistent view and its binlog position
-/// under a short global read lock.
-pub async fn begin(opts: &Opts, marker: PathBuf) -> Result<PendingSnapshot, MysqlError> {
+/// under a short global read lock. Without `marker` (`snapshot = "only"`:
+/// no stream follows) no lock is taken and the position is approximate,
+/// used only for the rows' positions.
+pub async fn begin(opts: &Opts, marker: Option<PathBuf>) -> Result<PendingSnapshot, MysqlError> {
     let mut reader = Conn::new(opts.clone())
         .await
         .map_err(MysqlError::connection("opening the snapshot reader"))?;
@@ -112,31 +115,44 @@ pub async fn begin(opts: &Opts, marker: PathBuf) -> Result<PendingSnapshot, Mysq
             .await
             .map_err(MysqlError::connection("preparing the snapshot reader"))?;
     }
+    let lock = marker.is_some();
     let locked = Instant::now();
-    reader
-        .query_drop("FLUSH TABLES WITH READ LOCK")
-        .await
-        .map_err(|source| MysqlError::Server {
-            context: "FLUSH TABLES WITH READ LOCK for the snapshot (the user needs the RELOAD \
-                      privilege: GRANT RELOAD ON *.* TO <user>)"
-                .into(),
-            source,
-        })?;
+    if lock {
+        reader
+            .query_drop("FLUSH TABLES WITH READ LOCK")
+            .await
+            .map_err(|source| MysqlError::Server {
+                context: "FLUSH TABLES WITH READ LOCK for the snapshot (the user needs the \
+                          RELOAD privilege: GRANT RELOAD ON *.* TO <user>)"
+                    .into(),
+                source,
+            })?;
+    }
     reader
         .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         .await
         .map_err(MysqlError::connection("starting the snapshot transaction"))?;
     let position = setup::current_position(&mut reader).await?;
-    reader
-        .query_drop("UNLOCK TABLES")
-        .await
-        .map_err(MysqlError::connection(
-            "unlocking after the snapshot position",
-        ))?;
-    let lock_held = locked.elapsed();
-    info!(file = %position.file, pos = position.pos, gtid = position.gtid.as_deref().unwrap_or(""),
-          lock_ms = lock_held.as_secs_f64() * 1000.0,
-          "snapshot: consistent view taken; global read lock released");
+    if lock {
+        reader
+            .query_drop("UNLOCK TABLES")
+            .await
+            .map_err(MysqlError::connection(
+                "unlocking after the snapshot position",
+            ))?;
+    }
+    let lock_held = if lock {
+        locked.elapsed()
+    } else {
+        Duration::ZERO
+    };
+    if lock {
+        info!(file = %position.file, pos = position.pos, gtid = position.gtid.as_deref().unwrap_or(""),
+              lock_ms = lock_held.as_secs_f64() * 1000.0,
+              "snapshot: consistent view taken; global read lock released");
+    } else {
+        info!(file = %position.file, pos = position.pos, "snapshot: consistent view taken (no lock)");
+    }
     Ok(PendingSnapshot {
         reader,
         position,
