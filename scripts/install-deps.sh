@@ -67,6 +67,13 @@ if ! python3 -c "import aws_kinesis_agg.deaggregator" >/dev/null 2>&1; then
         "aws-kinesis-agg==1.2.3" "protobuf==7.36.2" "six==1.17.0"
 fi
 
+# boto3 runs the consumer example of docs/consumers.md in the tests.
+if ! python3 -c "import boto3" >/dev/null 2>&1; then
+    echo "install-deps: pip install boto3"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        "boto3==1.43.11"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "install-deps: cargo install --locked cargo-nextest"
     cargo install --locked --quiet cargo-nextest

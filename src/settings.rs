@@ -414,10 +414,11 @@ impl Settings {
     /// Checks every value without network access; reads `password_file`.
     pub fn validate(self) -> Result<Validated, ConfigError> {
         let source = &self.source;
-        if source.snapshot == SnapshotMode::Only {
+        if source.snapshot == SnapshotMode::Only && source.kind == SourceKind::Mysql {
             return Err(invalid(
                 "source.snapshot",
-                "\"only\" is not available in this build yet: use \"initial\" or \"never\"",
+                "\"only\" is available for PostgreSQL sources only in this build: use \"initial\" \
+                 or \"never\"",
             ));
         }
         let name_ok = !source.name.is_empty()
@@ -604,6 +605,7 @@ impl Settings {
             router,
             state_dir: self.state.dir.clone(),
             snapshot: source.snapshot == SnapshotMode::Initial,
+            snapshot_only: source.snapshot == SnapshotMode::Only,
         };
         let source = match source.kind {
             SourceKind::Postgres => {

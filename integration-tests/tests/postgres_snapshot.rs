@@ -205,3 +205,42 @@ async fn every_type_has_the_same_json_in_the_snapshot_and_the_stream() -> Result
     pipeline.stop_gracefully().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_only_copies_and_exits_0_leaving_nothing_on_the_server() -> Result<()> {
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, SETUP)
+        .await?
+        .start_tributary_without_waiting("[source]\nsnapshot = \"only\"\n")
+        .await?;
+    let status = pipeline
+        .tributary
+        .wait_exit(Duration::from_secs(120))
+        .await?;
+    assert!(
+        status.success(),
+        "exit 0: {status}\n{}",
+        pipeline.tributary.logs()
+    );
+    let records = pipeline.kin.read_all(STREAM).await?;
+    ensure!(
+        records.len() == 5010,
+        "{} records for 5,010 rows",
+        records.len()
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.json().is_ok_and(|e| e["op"] == "snapshot"))
+    );
+    assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    let client = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    let leftovers: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(leftovers, 0, "no slot and no publication were made");
+    Ok(())
+}

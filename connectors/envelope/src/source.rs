@@ -160,6 +160,9 @@ pub struct SourceCommon {
     /// `source.snapshot = "initial"`: copy the existing rows of the
     /// captured tables when the source starts without a position.
     pub snapshot: bool,
+    /// `source.snapshot = "only"`: copy the captured tables' rows, then
+    /// stop (no streaming, nothing left on the server).
+    pub snapshot_only: bool,
 }
 
 /// A setting a source cannot use; names the key and the fix.

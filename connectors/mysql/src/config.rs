@@ -102,6 +102,7 @@ mod tests {
             router: StreamRouter::parse("cdc").unwrap(),
             state_dir: PathBuf::from("/var/lib/tributary"),
             snapshot: false,
+            snapshot_only: false,
         }
     }
 

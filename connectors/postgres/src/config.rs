@@ -25,6 +25,8 @@ pub struct PostgresSourceConfig {
     pub batch_records: usize,
     /// Copy the captured tables' rows when the slot is created.
     pub snapshot: bool,
+    /// Copy the captured tables' rows and stop: no slot, no streaming.
+    pub snapshot_only: bool,
     /// `[state] dir`: where an unfinished snapshot is marked.
     pub state_dir: std::path::PathBuf,
     /// `source.postgres.read_timeout_secs`: how long the replication
@@ -76,6 +78,7 @@ impl PostgresSettings {
             router: common.router.clone(),
             batch_records: 256,
             snapshot: common.snapshot,
+            snapshot_only: common.snapshot_only,
             state_dir: common.state_dir.clone(),
             read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
         })

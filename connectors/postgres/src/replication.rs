@@ -105,6 +105,21 @@ impl PostgresSource {
     /// when missing.
     pub async fn connect(cfg: PostgresSourceConfig) -> Result<Self, PostgresError> {
         let side = connect_sql(&cfg.connection).await?;
+        if cfg.snapshot_only {
+            // Copy and stop: no publication, no slot, nothing left behind.
+            let tables = setup::matching_tables(&side, &cfg.filter).await?;
+            let report = SetupReport {
+                tables: tables
+                    .tables
+                    .iter()
+                    .map(|(s, t)| format!("{s}.{t}"))
+                    .collect(),
+                publication_created: false,
+                slot_created: false,
+                confirmed_flush_lsn: 0,
+            };
+            return Ok(Self::new(cfg, side, report, Some(snapshot::plain())));
+        }
         // The publication first (a slot decodes only what was published
         // after its consistent point), then the slot: with an exported
         // snapshot when the captured rows are copied first.
@@ -122,16 +137,25 @@ impl PostgresSource {
             }
             None => {}
         }
+        Ok(Self::new(cfg, side, report, snapshot))
+    }
+
+    fn new(
+        cfg: PostgresSourceConfig,
+        side: Client,
+        report: SetupReport,
+        snapshot: Option<PendingSnapshot>,
+    ) -> Self {
         let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
         let decoder = Decoder::new(&cfg.name, &db, cfg.router.clone(), cfg.filter.clone());
-        Ok(Self {
+        Self {
             cfg,
             side,
             catalog: Catalog::default(),
             decoder,
             report,
             snapshot,
-        })
+        }
     }
 
     /// How long the replication stream may stay silent before the session
@@ -218,6 +242,10 @@ impl PostgresSource {
             // Stopped during the snapshot: it starts again at the next run.
             return Ok(state.drain(drain_timeout).await);
         }
+        if self.cfg.snapshot_only {
+            info!("snapshot = \"only\": the copy is delivered; stopping");
+            return Ok(state.drain(drain_timeout).await);
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let began = tokio::time::Instant::now();
@@ -258,13 +286,14 @@ impl PostgresSource {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<bool, PostgresError> {
         let reader = connect_sql(&self.cfg.connection).await?;
-        snapshot::begin(&reader, &pending.name).await?;
+        let taken_at = snapshot::begin(&reader, pending.name.as_deref()).await?;
         let PendingSnapshot {
             export,
             consistent_point,
             marker,
             ..
         } = pending;
+        let consistent_point = taken_at.unwrap_or(consistent_point);
         // Imported: the exporting connection is no longer needed.
         drop(export);
         let mut tx = Transaction::begin(consistent_point.saturating_sub(1), 0, 0);
@@ -331,7 +360,9 @@ impl PostgresSource {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        snapshot::remove_marker(&marker)?;
+        if let Some(marker) = &marker {
+            snapshot::remove_marker(marker)?;
+        }
         info!(
             rows = total,
             secs = began.elapsed().as_secs_f64(),

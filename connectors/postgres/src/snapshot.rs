@@ -33,16 +33,19 @@ use crate::wire::ReplicationConnection;
 /// Rows fetched from the cursor at a time.
 pub const CHUNK_ROWS: usize = 2_000;
 
-/// A slot just created with an exported snapshot, not yet read.
+/// A snapshot to read: of a slot just created with an exported snapshot,
+/// or (`snapshot = "only"`) of a plain transaction with no slot.
 pub struct PendingSnapshot {
     /// Keeps the snapshot importable; closed once the reader imported it.
-    pub export: ReplicationConnection,
-    /// The exported snapshot's name.
-    pub name: String,
-    /// The slot's consistent point: streaming starts here.
+    /// `None` for a plain transaction.
+    pub export: Option<ReplicationConnection>,
+    /// The exported snapshot's name (`None`: a plain transaction).
+    pub name: Option<String>,
+    /// The slot's consistent point (streaming starts here); for a plain
+    /// transaction, read when it starts.
     pub consistent_point: u64,
     /// The marker file to remove once every row is acknowledged.
-    pub marker: PathBuf,
+    pub marker: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PendingSnapshot {
@@ -80,6 +83,9 @@ pub async fn prepare(
     if slot_exists && !unfinished {
         return Ok(None);
     }
+    if cfg.snapshot_only {
+        return Ok(Some(plain()));
+    }
     if !cfg.snapshot && !unfinished {
         return Ok(None);
     }
@@ -115,10 +121,10 @@ pub async fn prepare(
     })?;
     info!(slot = %cfg.slot, consistent_point = %crate::lsn::Lsn(consistent_point), "created logical replication slot with a snapshot");
     Ok(Some(PendingSnapshot {
-        export,
-        name,
+        export: Some(export),
+        name: Some(name),
         consistent_point,
-        marker,
+        marker: Some(marker),
     }))
 }
 
@@ -149,22 +155,48 @@ pub fn remove_marker(marker: &Path) -> Result<(), PostgresError> {
 }
 
 /// Opens the reader: a REPEATABLE READ, read-only transaction on the
-/// exported snapshot, with the session settings the stream uses (so every
-/// value has the same text form).
-pub async fn begin(reader: &Client, snapshot: &str) -> Result<(), PostgresError> {
+/// exported snapshot (or, without one, on its own), with the session
+/// settings the stream uses (so every value has the same text form).
+/// Returns the WAL position the transaction's snapshot was taken at when it
+/// has no exported one.
+pub async fn begin(reader: &Client, snapshot: Option<&str>) -> Result<Option<u64>, PostgresError> {
+    let import = match snapshot {
+        Some(name) => format!("SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''")),
+        None => String::new(),
+    };
     let sql = format!(
         "SET DateStyle = ISO; SET IntervalStyle = iso_8601; SET TimeZone = UTC; \
          SET bytea_output = hex; SET lc_monetary = 'C'; SET extra_float_digits = 1; \
-         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-         SET TRANSACTION SNAPSHOT '{}'",
-        snapshot.replace('\'', "''")
+         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {import}"
     );
     reader
         .batch_execute(&sql)
         .await
-        .map_err(PostgresError::query(
-            "importing the slot's exported snapshot",
-        ))
+        .map_err(PostgresError::query("opening the snapshot transaction"))?;
+    if snapshot.is_some() {
+        return Ok(None);
+    }
+    // The transaction's first query takes its snapshot.
+    let row = reader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(PostgresError::query("reading the snapshot's WAL position"))?;
+    Ok(row
+        .get::<_, Option<String>>(0)
+        .as_deref()
+        .and_then(crate::lsn::Lsn::parse)
+        .map(|lsn| lsn.0))
+}
+
+/// The snapshot of `snapshot = "only"`: a plain transaction, no slot, no
+/// marker (an interrupted copy is simply run again).
+pub fn plain() -> PendingSnapshot {
+    PendingSnapshot {
+        export: None,
+        name: None,
+        consistent_point: 0,
+        marker: None,
+    }
 }
 
 /// The shape of `schema.table` as a Relation message would give it.
