@@ -20,7 +20,7 @@ use tributary_envelope::{
 use tributary_kinesis::{KinesisSink, KinesisSinkConfig};
 
 use crate::null_sink::NullSink;
-use crate::settings::{RunSource, Settings, SinkKind, SnapshotMode, SourceConfig, Validated};
+use crate::settings::{RunSource, Settings, SinkKind, SourceConfig, Validated};
 
 /// Batches queued between the source and the sink (the byte budget is the
 /// real bound on memory).
@@ -106,12 +106,6 @@ async fn run_source<S: Source>(
             LAG_SAMPLE,
             move |streaming| health.set_source(streaming),
         ));
-    }
-    if source.starts_fresh() && settings.source.snapshot == SnapshotMode::Initial {
-        warn!(
-            "initial snapshots are not available in this build yet: rows that existed before the \
-             source's position was created are not sent; changes from now on are"
-        );
     }
 
     let tracker = Arc::new(AckTracker::new(source.resume_watermark()));

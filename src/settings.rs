@@ -414,13 +414,6 @@ impl Settings {
     /// Checks every value without network access; reads `password_file`.
     pub fn validate(self) -> Result<Validated, ConfigError> {
         let source = &self.source;
-        if source.snapshot == SnapshotMode::Only && source.kind == SourceKind::Mysql {
-            return Err(invalid(
-                "source.snapshot",
-                "\"only\" is available for PostgreSQL sources only in this build: use \"initial\" \
-                 or \"never\"",
-            ));
-        }
         let name_ok = !source.name.is_empty()
             && source.name.len() <= 64
             && source

@@ -119,6 +119,29 @@ pub async fn assert_replica_matches(
 ) -> Result<()> {
     let replica = replay_every_order(records)?;
     let expected = postgres_rows(client, table, key_columns).await?;
+    compare(table, &replica, &expected)
+}
+
+/// [`assert_replica_matches`] for a MariaDB/MySQL table `db.table`
+/// (compare tables of integer and text columns, see [`mysql_rows`]).
+pub async fn assert_mysql_replica_matches(
+    conn: &mut mysql_async::Conn,
+    records: &[StreamRecord],
+    table: &str,
+    key_columns: &[&str],
+) -> Result<()> {
+    let replica = replay_every_order(records)?;
+    let expected = mysql_rows(conn, table, key_columns).await?;
+    compare(table, &replica, &expected)
+}
+
+/// Fails unless `replica` holds exactly `expected` for `table`, naming
+/// what is missing, extra or different.
+fn compare(
+    table: &str,
+    replica: &Replica,
+    expected: &BTreeMap<String, Map<String, Value>>,
+) -> Result<()> {
     let got = replica.get(table).cloned().unwrap_or_default();
     let missing: Vec<&String> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<&String> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
@@ -136,6 +159,53 @@ pub async fn assert_replica_matches(
         );
     }
     Ok(())
+}
+
+/// The rows of `table` (`db.table`) in MariaDB/MySQL as a consumer would
+/// hold them: key JSON → row JSON. Integers become numbers, text strings,
+/// NULL null: compare only tables of such columns.
+pub async fn mysql_rows(
+    conn: &mut mysql_async::Conn,
+    table: &str,
+    key_columns: &[&str],
+) -> Result<BTreeMap<String, Map<String, Value>>> {
+    use mysql_async::prelude::Queryable as _;
+    let result: Vec<mysql_async::Row> = conn
+        .query(format!("SELECT * FROM {table}"))
+        .await
+        .with_context(|| format!("reading {table}"))?;
+    let mut rows = BTreeMap::new();
+    for row in result {
+        let columns: Vec<(String, bool)> = row
+            .columns_ref()
+            .iter()
+            .map(|c| (c.name_str().into_owned(), c.column_type().is_numeric_type()))
+            .collect();
+        let mut object = Map::new();
+        for ((name, numeric), value) in columns.into_iter().zip(row.unwrap()) {
+            let value = match value {
+                mysql_async::Value::NULL => Value::Null,
+                mysql_async::Value::Int(i) => Value::from(i),
+                mysql_async::Value::UInt(u) => Value::from(u),
+                mysql_async::Value::Bytes(bytes) => {
+                    let text = String::from_utf8(bytes).context("a non-UTF-8 value")?;
+                    // The text protocol sends numbers as text too.
+                    match text.parse::<i64>() {
+                        Ok(number) if numeric => Value::from(number),
+                        _ => Value::String(text),
+                    }
+                }
+                other => bail!("{table}.{name}: compare integer and text columns only ({other:?})"),
+            };
+            object.insert(name, value);
+        }
+        let key: Map<String, Value> = key_columns
+            .iter()
+            .map(|c| ((*c).to_owned(), object[*c].clone()))
+            .collect();
+        rows.insert(Value::Object(key).to_string(), object);
+    }
+    Ok(rows)
 }
 
 /// The distinct shards (sorted) that hold an event with `op`.

@@ -45,6 +45,23 @@ impl MysqlPipeline {
         setup_sql: &str,
         extra_toml: &str,
     ) -> Result<Self> {
+        let mut pipeline =
+            Self::start_without_waiting(stream, shards, setup_sql, extra_toml).await?;
+        pipeline
+            .tributary
+            .wait_for_log(MYSQL_STREAMING_LOG, STREAMING_TIMEOUT)
+            .await?;
+        Ok(pipeline)
+    }
+
+    /// [`MysqlPipeline::start`] without waiting for the stream to open (for
+    /// a test that acts during start-up, e.g. during an initial snapshot).
+    pub async fn start_without_waiting(
+        stream: &str,
+        shards: u32,
+        setup_sql: &str,
+        extra_toml: &str,
+    ) -> Result<Self> {
         let db = Mariadb::start().await?;
         let kin = Kinesalite::start().await?;
         kin.create_stream(stream, shards).await?;
@@ -53,10 +70,7 @@ impl MysqlPipeline {
         }
         let dir = tempfile::tempdir().context("creating a temporary directory for the config")?;
         let config = write_mysql_config(dir.path(), &db, &kin, stream, extra_toml)?;
-        let mut tributary = TributaryProcess::run(&config.path, &[])?;
-        tributary
-            .wait_for_log(MYSQL_STREAMING_LOG, STREAMING_TIMEOUT)
-            .await?;
+        let tributary = TributaryProcess::run(&config.path, &[])?;
         Ok(Self {
             tributary,
             config,
@@ -69,6 +83,12 @@ impl MysqlPipeline {
     /// Starts `tributary run` again on the same config and state once the
     /// previous process has exited, and waits until it streams.
     pub async fn restart(&mut self) -> Result<()> {
+        self.restart_with_timeout(STREAMING_TIMEOUT).await
+    }
+
+    /// [`MysqlPipeline::restart`], waiting up to `timeout` for the stream
+    /// (a restart that first takes a snapshot).
+    pub async fn restart_with_timeout(&mut self, timeout: Duration) -> Result<()> {
         if self.tributary.try_exit()?.is_none() {
             bail!(
                 "restart while tributary (pid {}) still runs",
@@ -77,7 +97,7 @@ impl MysqlPipeline {
         }
         self.tributary = TributaryProcess::run(&self.config.path, &[])?;
         self.tributary
-            .wait_for_log(MYSQL_STREAMING_LOG, STREAMING_TIMEOUT)
+            .wait_for_log(MYSQL_STREAMING_LOG, timeout)
             .await
     }
 
@@ -104,6 +124,30 @@ impl MysqlPipeline {
             .wait_for_records(stream, count, timeout)
             .await
             .map_err(|err| anyhow::anyhow!("{err:#}\n{}", self.tributary.logs()))
+    }
+
+    /// Waits until the stored offset reached the server's current binlog
+    /// position (every change written so far is in Kinesis), then reads
+    /// the whole stream.
+    pub async fn settled(
+        &self,
+        stream: &str,
+        timeout: Duration,
+    ) -> Result<Vec<crate::StreamRecord>> {
+        let (file, pos) = self.db.binlog_position().await?;
+        let want = format!("file={file}\npos={pos}\n");
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.stored_offset().is_some_and(|o| o.starts_with(&want)) {
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "the stored offset {:?} did not reach {file}:{pos} within {timeout:?}\n{}",
+                    self.stored_offset(),
+                    self.tributary.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.kin.read_all(stream).await
     }
 
     /// The stored offset file's text (`file=`, `pos=`, `gtid=` lines).

@@ -56,6 +56,10 @@ fn bad_configs_exit_2_and_name_the_key() {
             GOOD.replace("kind = \"postgres\"", "kind = \"oracle\""),
             "source.kind",
         ),
+        (
+            format!("{GOOD}\n[source.postgres]\nread_timeout_secs = 0\n"),
+            "source.postgres.read_timeout_secs",
+        ),
     ];
     for (config, key) in cases {
         let (code, stderr) = run_with(&config, &[]);

@@ -73,7 +73,7 @@ async fn check_names_each_mysql_problem_and_passes_once_fixed() -> anyhow::Resul
     assert_check_fails_with(
         &report,
         "privileges",
-        "GRANT REPLICATION SLAVE, BINLOG MONITOR, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
+        "GRANT REPLICATION SLAVE, BINLOG MONITOR, RELOAD, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
     );
     assert_check_fails_with(&report, "offset", &format!("delete {}", offset.display()));
     assert_check_fails_with(&report, "stream", "aws kinesis create-stream");
@@ -107,7 +107,7 @@ async fn check_names_each_mysql_problem_and_passes_once_fixed() -> anyhow::Resul
     for statement in [
         "SET GLOBAL binlog_format = 'ROW';",
         "SET GLOBAL binlog_row_metadata = 'FULL';",
-        "GRANT REPLICATION SLAVE, BINLOG MONITOR, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
+        "GRANT REPLICATION SLAVE, BINLOG MONITOR, RELOAD, SELECT ON *.* TO 'tributary'@'127.0.0.1';",
         "-- then: add binlog_format = ROW, binlog_row_metadata = FULL to the [mysqld] section",
     ] {
         assert!(plan.contains(statement), "no `{statement}` in:\n{plan}");

@@ -33,6 +33,14 @@ pub struct MysqlSourceConfig {
     pub offset_file: PathBuf,
     /// Records per batch handed to the sink.
     pub batch_records: usize,
+    /// `[state] dir`: where the snapshot marker lives.
+    pub state_dir: PathBuf,
+    /// `source.snapshot = "initial"`: copy the captured tables' rows when
+    /// the source starts without a stored offset.
+    pub snapshot: bool,
+    /// `source.snapshot = "only"`: copy the captured tables' rows, then
+    /// stop (no offset, no marker, no lock).
+    pub snapshot_only: bool,
 }
 
 impl MysqlSettings {
@@ -64,6 +72,9 @@ impl MysqlSettings {
                 .state_dir
                 .join(format!("{}.mysql-offset", common.name)),
             batch_records: 256,
+            state_dir: common.state_dir.clone(),
+            snapshot: common.snapshot,
+            snapshot_only: common.snapshot_only,
         })
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use mysql_async::binlog::events::{RowsEventData, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::value::BinlogValue;
 use tributary_envelope::encoder::column_label;
 use tributary_envelope::time::TIMESTAMP_LEN;
 use tributary_envelope::{
@@ -223,6 +224,37 @@ impl Decoder {
         Ok(())
     }
 
+    /// Renders one row a snapshot read (the result set's values, in
+    /// column order, with each column's result character set) into an
+    /// `op = "snapshot"` record of the table mapped as `table_id`. Values
+    /// go through [`types::from_snapshot`] first: the JSON is the binlog's.
+    pub fn snapshot_row(
+        &mut self,
+        table_id: u64,
+        values: Vec<mysql_async::Value>,
+        charsets: &[u16],
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) {
+        let Some(table) = self.tables.get(&table_id).cloned() else {
+            return;
+        };
+        self.buf.clear();
+        self.before.clear();
+        self.before.resize(table.schema.columns.len(), None);
+        self.after.clear();
+        self.after.resize(table.schema.columns.len(), None);
+        for (i, (column, value)) in table.schema.columns.iter().zip(values).enumerate() {
+            let charset = charsets.get(i).copied().unwrap_or(types::UTF8MB4_CHARSET);
+            let value = BinlogValue::Value(types::from_snapshot(&column.kind, value));
+            let start = self.buf.len();
+            types::render(&column.kind, charset, &value, &mut self.buf);
+            self.after[i] = Some((start, self.buf.len()));
+        }
+        self.emit(&table, Op::Snapshot, false, true, tx, captured_at, out);
+    }
+
     fn key_changed(&self, table: &Table) -> bool {
         table.schema.key.iter().any(|&k| {
             let span = |spans: &[Option<(usize, usize)>]| {
@@ -269,7 +301,7 @@ impl Decoder {
             op,
             tx.next_position(),
             &tx.meta,
-            false,
+            op == Op::Snapshot,
         );
         let mut partition = PartitionKey::new(table.meta.qualified_name());
         if !table.schema.key.is_empty() {

@@ -35,7 +35,7 @@ pub enum MysqlError {
     },
     /// The stored offset names a binlog the server no longer has.
     #[error(
-        "the stored offset {file}:{pos} is no longer on the server (binlog purged); changes after it are lost to this connector. Take a new snapshot: delete {offset_file} to start from the server's current position (rows changed meanwhile are not sent), and raise binlog_expire_logs_seconds so it does not happen again"
+        "the stored offset {file}:{pos} is no longer on the server (binlog purged); changes after it are lost to this connector. Take a new snapshot: delete {offset_file} and start again with source.snapshot = \"initial\" (with \"never\" it starts from the server's current position and rows changed meanwhile are not sent), and raise binlog_expire_logs_seconds so it does not happen again"
     )]
     Purged {
         /// The stored binlog file.

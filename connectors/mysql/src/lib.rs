@@ -7,7 +7,9 @@
 //!
 //! Files (the same roles as in `connectors/postgres`): `config` (settings,
 //! URL parsing), `setup` (binlog settings check, start position, purged
-//! binlog check), `replication` (the streaming loop and offsets), `source`
+//! binlog check), `snapshot` (the initial snapshot: consistent view, its
+//! binlog position, the marker), `replication` (the snapshot copy, the
+//! streaming loop and offsets), `source`
 //! (the envelope's `Source` contract), `offsets` (positions, watermark, the
 //! offset file), `schema` (TABLE_MAP metadata and the `information_schema`
 //! fallback, the counterpart of Postgres' `catalog`), `decoder` (rows
@@ -27,6 +29,7 @@ pub mod provision;
 pub mod replication;
 pub mod schema;
 pub mod setup;
+pub mod snapshot;
 mod source;
 pub mod types;
 

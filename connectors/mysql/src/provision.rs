@@ -19,8 +19,9 @@ fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// The grants the connector needs, for `user`@`host`; MariaDB names
-/// `REPLICATION CLIENT` `BINLOG MONITOR`.
+/// The grants the connector needs, for `user`@`host` (RELOAD: the initial
+/// snapshot's short global read lock); MariaDB names `REPLICATION CLIENT`
+/// `BINLOG MONITOR`.
 pub fn grant_sql(user: &str, host: &str, mariadb: bool) -> String {
     let monitor = if mariadb {
         "BINLOG MONITOR"
@@ -28,7 +29,7 @@ pub fn grant_sql(user: &str, host: &str, mariadb: bool) -> String {
         "REPLICATION CLIENT"
     };
     format!(
-        "GRANT REPLICATION SLAVE, {monitor}, SELECT ON *.* TO {}@{};",
+        "GRANT REPLICATION SLAVE, {monitor}, RELOAD, SELECT ON *.* TO {}@{};",
         literal(user),
         literal(host)
     )
@@ -53,6 +54,9 @@ pub fn missing_privileges(grants: &[String]) -> Vec<&'static str> {
     }
     if !has("SELECT") {
         missing.push("SELECT");
+    }
+    if !has("RELOAD") {
+        missing.push("RELOAD (the initial snapshot's read lock)");
     }
     missing
 }

@@ -30,6 +30,7 @@ use crate::error::MysqlError;
 use crate::offsets::{FileOffsetStore, Offset, file_index, watermark};
 use crate::schema::{Catalog, TableSchema};
 use crate::setup;
+use crate::snapshot::{self, PendingSnapshot};
 
 /// MariaDB's GTID event (read by hand: the library does not decode it).
 const MARIADB_GTID_EVENT: u8 = 162;
@@ -49,6 +50,7 @@ pub struct MysqlSource {
     start: Offset,
     fresh: bool,
     store: FileOffsetStore,
+    snapshot: Option<PendingSnapshot>,
 }
 
 impl std::fmt::Debug for MysqlSource {
@@ -80,7 +82,33 @@ impl MysqlSource {
             path: cfg.offset_file.display().to_string(),
             source,
         };
-        let (start, fresh) = match store.load().map_err(offset_error)? {
+        // A marker: an earlier snapshot did not finish; its offset (if
+        // any) is not trusted and the snapshot is taken again.
+        let marker = snapshot::marker_path(&cfg.state_dir, &cfg.name);
+        if cfg.snapshot_only {
+            // Copy and stop: no offset, no marker, no lock.
+            let taken = snapshot::begin(&cfg.opts, None).await?;
+            return Ok(Self {
+                start: taken.position.clone(),
+                snapshot: Some(taken),
+                cfg,
+                side,
+                fresh: false,
+                store,
+            });
+        }
+        let unfinished = marker.exists();
+        if unfinished {
+            warn!(marker = %marker.display(),
+                  "an earlier snapshot did not finish: taking the snapshot again");
+        }
+        let stored = if unfinished {
+            None
+        } else {
+            store.load().map_err(offset_error)?
+        };
+        let mut pending = None;
+        let (start, fresh) = match stored {
             Some(bytes) => {
                 let offset = Offset::decode(&bytes).ok_or_else(|| {
                     offset_error(std::io::Error::new(
@@ -91,6 +119,14 @@ impl MysqlSource {
                 setup::check_offset(&mut side, &offset, &cfg.offset_file.display().to_string())
                     .await?;
                 (offset, false)
+            }
+            // The offset is written only once the snapshot is acknowledged.
+            None if cfg.snapshot || unfinished => {
+                snapshot::write_marker(&marker)?;
+                let taken = snapshot::begin(&cfg.opts, Some(marker)).await?;
+                let start = taken.position.clone();
+                pending = Some(taken);
+                (start, false)
             }
             None => {
                 let offset = setup::current_position(&mut side).await?;
@@ -115,12 +151,19 @@ impl MysqlSource {
             start,
             fresh,
             store,
+            snapshot: pending,
         })
     }
 
-    /// The watermark of the stored offset.
+    /// The watermark of the stored offset (just before the snapshot's
+    /// position when a snapshot comes first: its rows commit at it).
     pub fn resume_watermark(&self) -> u64 {
-        self.start.watermark().unwrap_or(0)
+        let mark = self.start.watermark().unwrap_or(0);
+        if self.snapshot.is_some() {
+            mark.saturating_sub(1)
+        } else {
+            mark
+        }
     }
 
     /// True when no offset was stored: streaming starts at the server's
@@ -153,6 +196,16 @@ impl MysqlSource {
             saved_at: Instant::now(),
             pending: VecDeque::new(),
         };
+        if let Some(pending) = self.snapshot.take()
+            && !self.copy_snapshot(pending, &mut st, &shutdown).await?
+        {
+            // Stopped during the snapshot: it is taken again at the next run.
+            return Ok(st.emitter.close_and_drain(drain_timeout).await?);
+        }
+        if self.cfg.snapshot_only {
+            info!("snapshot = \"only\": the copy is delivered; stopping");
+            return Ok(st.emitter.close_and_drain(drain_timeout).await?);
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let began = Instant::now();
@@ -175,6 +228,86 @@ impl MysqlSource {
                 Err(err) => return Err(err),
             }
         }
+    }
+
+    /// Copies every captured table in the snapshot's view (see
+    /// `snapshot`), waits until Kinesis has every row, then writes the
+    /// offset and removes the marker. False when a shutdown interrupted it.
+    async fn copy_snapshot(
+        &mut self,
+        pending: PendingSnapshot,
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, MysqlError> {
+        let PendingSnapshot {
+            mut reader,
+            position,
+            marker,
+            ..
+        } = pending;
+        let mark = position.watermark().unwrap_or(0);
+        let mut copy = SnapshotCopy {
+            decoder: Decoder::new(
+                &self.cfg.name,
+                self.cfg.router.clone(),
+                self.cfg.filter.clone(),
+            ),
+            tx: Transaction::begin(
+                &position.file,
+                file_index(&position.file).unwrap_or(0),
+                position.pos,
+                None,
+                0,
+            ),
+            captured_at: tributary_envelope::time::now(),
+            decoded: Vec::with_capacity(1),
+        };
+        copy.tx.major = mark.saturating_sub(1);
+        copy.tx.meta.commit_ts = None;
+        let tables: Vec<(String, String)> = snapshot::base_tables(&mut reader)
+            .await?
+            .into_iter()
+            .filter(|(db, table)| copy.decoder.captures(db, table))
+            .collect();
+        info!(tables = tables.len(), file = %position.file, pos = position.pos,
+              "snapshot: copying the captured tables");
+        let began = Instant::now();
+        let mut total = 0usize;
+        for (id, (db, table)) in (0u64..).zip(&tables) {
+            match copy.table(&mut reader, id, db, table, st, shutdown).await? {
+                Some(rows) => total += rows,
+                None => return Ok(false),
+            }
+        }
+        reader
+            .query_drop("COMMIT")
+            .await
+            .map_err(MysqlError::connection("ending the snapshot transaction"))?;
+        drop(reader);
+        st.emitter.commit(mark).await?;
+        // Streaming (and the offset) may start only once Kinesis holds
+        // every snapshot row: until then the marker says it is unfinished.
+        while !st.emitter.tracker().is_drained() {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(marker) = &marker {
+            self.store
+                .save(&position.encode())
+                .map_err(|source| MysqlError::Offset {
+                    path: self.store.path().display().to_string(),
+                    source,
+                })?;
+            snapshot::remove_marker(marker)?;
+        }
+        info!(
+            rows = total,
+            secs = began.elapsed().as_secs_f64(),
+            "snapshot complete; streaming from its binlog position"
+        );
+        Ok(true)
     }
 
     async fn open_stream(&self, from: &Offset) -> Result<BinlogStream, MysqlError> {
@@ -439,6 +572,89 @@ impl MysqlSource {
         st.pending.push_back((mark, offset.clone()));
         st.read_to = offset;
         Ok(())
+    }
+}
+
+/// The snapshot's rendering state, shared by its tables.
+struct SnapshotCopy {
+    decoder: Decoder,
+    /// Every snapshot row's position: `{snapshot watermark - 1}:{ordinal}`.
+    tx: Transaction,
+    captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    decoded: Vec<tributary_envelope::Record>,
+}
+
+impl SnapshotCopy {
+    /// Copies `db.table` (mapped as `id`) into the emitter; its row count,
+    /// or None when a shutdown interrupted it.
+    async fn table(
+        &mut self,
+        reader: &mut Conn,
+        id: u64,
+        db: &str,
+        table: &str,
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<usize>, MysqlError> {
+        let name = format!("{db}.{table}");
+        let facts = crate::schema::read_table_facts(reader, db, table).await?;
+        let schema = TableSchema::from_facts(db, table, &facts);
+        let expected: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        self.decoder.table_map(id, schema);
+        let mut result = reader
+            .exec_iter(snapshot::select_all(db, table), ())
+            .await
+            .map_err(MysqlError::connection(format!("reading {name}")))?;
+        let names: Vec<String> = result
+            .columns_ref()
+            .iter()
+            .map(|c| c.name_str().into_owned())
+            .collect();
+        if names != expected {
+            // A DDL between the catalog read and the SELECT: read again.
+            return Err(MysqlError::Connection {
+                context: format!(
+                    "{name} changed during the snapshot: columns {names:?}, catalog {expected:?}"
+                ),
+                source: mysql_async::Error::Other("table changed".into()),
+            });
+        }
+        let charsets: Vec<u16> = result
+            .columns_ref()
+            .iter()
+            .map(|c| match c.character_set() {
+                crate::types::BINARY_CHARSET => crate::types::BINARY_CHARSET,
+                _ => crate::types::UTF8MB4_CHARSET,
+            })
+            .collect();
+        let (began, mut reported, mut rows) = (Instant::now(), Instant::now(), 0usize);
+        let read_error = |e| MysqlError::connection(format!("reading {name}"))(e);
+        while let Some(row) = result.next().await.map_err(read_error)? {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(table = %name, rows, "snapshot interrupted: it is taken again at the next run");
+                return Ok(None);
+            }
+            if self.tx.ordinal == u32::MAX {
+                // 2^32 rows: the next ones sort one position earlier,
+                // still before every change.
+                self.tx.major = self.tx.major.saturating_sub(1);
+                self.tx.ordinal = 0;
+            }
+            let (tx, at) = (&mut self.tx, &self.captured_at);
+            self.decoder
+                .snapshot_row(id, row.unwrap(), &charsets, tx, at, &mut self.decoded);
+            for record in self.decoded.drain(..) {
+                st.emitter.push(record).await?;
+            }
+            rows += 1;
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = Instant::now();
+                let per_sec = rows as f64 / began.elapsed().as_secs_f64().max(0.001);
+                info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
+            }
+        }
+        info!(table = %name, rows, secs = began.elapsed().as_secs_f64(), "snapshot: table copied");
+        Ok(Some(rows))
     }
 }
 

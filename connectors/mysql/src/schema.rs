@@ -207,6 +207,12 @@ pub struct ColumnFact {
     pub name: String,
     /// ENUM/SET labels parsed from `COLUMN_TYPE`.
     pub labels: Vec<String>,
+    /// `DATA_TYPE` (`int`, `datetime`, `enum`, ...).
+    pub data_type: String,
+    /// `DATETIME_PRECISION` (0 where none).
+    pub precision: u8,
+    /// `COLUMN_TYPE` says `unsigned`.
+    pub unsigned: bool,
 }
 
 /// What `information_schema` says about a table.
@@ -261,10 +267,10 @@ async fn read_facts(
     db: &str,
     table: &str,
 ) -> Result<TableFacts, MysqlError> {
-    let rows: Vec<(String, String, String)> = conn
+    let rows: Vec<(String, String, String, Option<u64>)> = conn
         .exec(
-            "SELECT COLUMN_NAME, COLUMN_TYPE, COLUMN_KEY FROM information_schema.COLUMNS \
-             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, DATETIME_PRECISION \
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
             (db, table),
         )
         .await
@@ -290,9 +296,12 @@ async fn read_facts(
         .unwrap_or_default();
     let columns: Vec<ColumnFact> = rows
         .iter()
-        .map(|(name, column_type, _)| ColumnFact {
+        .map(|(name, column_type, data_type, precision)| ColumnFact {
             name: name.clone(),
             labels: labels_of(column_type),
+            data_type: data_type.to_ascii_lowercase(),
+            precision: precision.map_or(0, |p| u8::try_from(p.min(6)).unwrap_or(0)),
+            unsigned: column_type.contains("unsigned"),
         })
         .collect();
     let key = key_rows
@@ -305,6 +314,73 @@ async fn read_facts(
         key,
         json_columns,
     })
+}
+
+impl TableSchema {
+    /// The shape a TABLE_MAP of `db.table` would carry, from the catalog
+    /// alone (the snapshot reads tables no binlog event has mapped).
+    pub fn from_facts(db: &str, table: &str, facts: &TableFacts) -> Self {
+        let columns = facts
+            .columns
+            .iter()
+            .map(|fact| Column {
+                name: fact.name.clone(),
+                kind: ColumnKind {
+                    column_type: binlog_type(&fact.data_type),
+                    precision: fact.precision,
+                    labels: fact.labels.clone(),
+                    unsigned: fact.unsigned,
+                    json_text: facts.json_columns.contains(&fact.name),
+                },
+            })
+            .collect();
+        Self {
+            db: db.to_owned(),
+            table: table.to_owned(),
+            columns,
+            key: facts.key.clone(),
+            names_from_event: true,
+        }
+    }
+}
+
+/// Reads what the catalog says about `db.table` (uncached).
+pub async fn read_table_facts(
+    conn: &mut mysql_async::Conn,
+    db: &str,
+    table: &str,
+) -> Result<TableFacts, MysqlError> {
+    read_facts(conn, db, table).await
+}
+
+/// The binlog column type of an `information_schema` `DATA_TYPE`.
+fn binlog_type(data_type: &str) -> ColumnType {
+    use ColumnType::*;
+    match data_type {
+        "tinyint" | "bool" | "boolean" => MYSQL_TYPE_TINY,
+        "smallint" => MYSQL_TYPE_SHORT,
+        "mediumint" => MYSQL_TYPE_INT24,
+        "int" | "integer" => MYSQL_TYPE_LONG,
+        "bigint" => MYSQL_TYPE_LONGLONG,
+        "float" => MYSQL_TYPE_FLOAT,
+        "double" | "real" => MYSQL_TYPE_DOUBLE,
+        "decimal" | "numeric" => MYSQL_TYPE_NEWDECIMAL,
+        "bit" => MYSQL_TYPE_BIT,
+        "year" => MYSQL_TYPE_YEAR,
+        "date" => MYSQL_TYPE_DATE,
+        "datetime" => MYSQL_TYPE_DATETIME2,
+        "timestamp" => MYSQL_TYPE_TIMESTAMP2,
+        "time" => MYSQL_TYPE_TIME2,
+        "enum" => MYSQL_TYPE_ENUM,
+        "set" => MYSQL_TYPE_SET,
+        "json" => MYSQL_TYPE_JSON,
+        "char" | "binary" => MYSQL_TYPE_STRING,
+        "tinytext" | "text" | "mediumtext" | "longtext" | "tinyblob" | "blob" | "mediumblob"
+        | "longblob" => MYSQL_TYPE_BLOB,
+        "geometry" | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring"
+        | "multipolygon" | "geometrycollection" => MYSQL_TYPE_GEOMETRY,
+        _ => MYSQL_TYPE_VARCHAR,
+    }
 }
 
 /// `json_valid(`doc`)` → `doc`.

@@ -13,6 +13,8 @@ use tributary_envelope::json;
 
 /// The `binary` character set (BINARY, VARBINARY, BLOB columns).
 pub const BINARY_CHARSET: u16 = 63;
+/// `utf8mb4_general_ci`: the snapshot session's result character set.
+pub const UTF8MB4_CHARSET: u16 = 45;
 
 /// How one column's values are rendered, from the TABLE_MAP event (and the
 /// catalog where the binlog does not tell).
@@ -120,6 +122,61 @@ fn render_value(kind: &ColumnKind, charset: u16, value: &Value, out: &mut Vec<u8
         }
         (_, Value::Bytes(bytes)) => json::write_str(out, &String::from_utf8_lossy(bytes)),
     }
+}
+
+/// A value read by a snapshot `SELECT` (binary protocol) in the shape
+/// the binlog gives the same value, so [`render`] writes the same JSON
+/// through both paths: ENUM labels become their 1-based index, SET label
+/// lists their bitmask, YEAR numbers the library's `1900 + n` text, and
+/// TIMESTAMP (read in a UTC session) seconds since the epoch. Everything
+/// else already has the binlog's shape.
+pub fn from_snapshot(kind: &ColumnKind, value: Value) -> Value {
+    use ColumnType::*;
+    match (kind.column_type, value) {
+        (_, Value::NULL) => Value::NULL,
+        (MYSQL_TYPE_ENUM, Value::Bytes(label)) => {
+            let index = kind
+                .labels
+                .iter()
+                .position(|l| l.as_bytes() == label.as_slice())
+                .map_or(0, |i| i + 1);
+            Value::Int(i64::try_from(index).unwrap_or(0))
+        }
+        (MYSQL_TYPE_SET, Value::Bytes(list)) => {
+            let mut mask = vec![0u8; kind.labels.len().div_ceil(8).max(1)];
+            for member in list.split(|b| *b == b',').filter(|m| !m.is_empty()) {
+                if let Some(i) = kind.labels.iter().position(|l| l.as_bytes() == member) {
+                    mask[i / 8] |= 1 << (i % 8);
+                }
+            }
+            Value::Bytes(mask)
+        }
+        (MYSQL_TYPE_YEAR, Value::Int(0) | Value::UInt(0)) => Value::Bytes(b"1900".to_vec()),
+        (MYSQL_TYPE_YEAR, Value::Int(year)) => Value::Bytes(year.to_string().into_bytes()),
+        (MYSQL_TYPE_YEAR, Value::UInt(year)) => Value::Bytes(year.to_string().into_bytes()),
+        (MYSQL_TYPE_TIMESTAMP2 | MYSQL_TYPE_TIMESTAMP, Value::Date(y, mo, d, h, mi, s, us)) => {
+            let days = days_from_civil(i64::from(y), i64::from(mo), i64::from(d));
+            let secs = days * 86_400 + i64::from(h) * 3_600 + i64::from(mi) * 60 + i64::from(s);
+            let text = if us == 0 {
+                secs.to_string()
+            } else {
+                format!("{secs}.{us:06}")
+            };
+            Value::Bytes(text.into_bytes())
+        }
+        (_, value) => value,
+    }
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// `.ffffff` cut to the column's `digits` (none for 0).
@@ -327,6 +384,38 @@ mod tests {
             "-838:59:59"
         );
         assert_eq!(r(&time, 0, Value::Time(false, 0, 1, 2, 3, 0)), "01:02:03");
+    }
+
+    #[test]
+    fn snapshot_values_take_the_binlog_shape() {
+        use ColumnType::*;
+        let snap = |kind: &ColumnKind, value: Value| r(kind, 45, from_snapshot(kind, value));
+        let mut e = kind(MYSQL_TYPE_ENUM);
+        e.labels = vec!["small".into(), "large".into()];
+        assert_eq!(snap(&e, Value::Bytes(b"large".to_vec())), "large");
+        assert_eq!(snap(&e, Value::Bytes(Vec::new())), "");
+        let mut s = kind(MYSQL_TYPE_SET);
+        s.labels = (0..10).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            snap(&s, Value::Bytes(b"m0,m9".to_vec())),
+            serde_json::json!(["m0", "m9"])
+        );
+        assert_eq!(snap(&s, Value::Bytes(Vec::new())), serde_json::json!([]));
+        let year = kind(MYSQL_TYPE_YEAR);
+        assert_eq!(snap(&year, Value::Int(2155)), 2155);
+        assert_eq!(snap(&year, Value::UInt(0)), 0);
+        let mut ts = kind(MYSQL_TYPE_TIMESTAMP2);
+        ts.precision = 6;
+        assert_eq!(
+            snap(&ts, Value::Date(2023, 11, 14, 22, 13, 20, 123)),
+            "2023-11-14T22:13:20.000123Z"
+        );
+        ts.precision = 0;
+        assert_eq!(
+            snap(&ts, Value::Date(1970, 1, 1, 0, 0, 0, 0)),
+            "1970-01-01T00:00:00Z"
+        );
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub struct PostgresSourceConfig {
     pub snapshot_only: bool,
     /// `[state] dir`: where an unfinished snapshot is marked.
     pub state_dir: std::path::PathBuf,
+    /// `source.postgres.read_timeout_secs`: how long the replication
+    /// stream may stay silent (not even a keepalive) before the session
+    /// is failed and reconnected. `None`: twice the server's
+    /// `wal_sender_timeout`.
+    pub read_timeout: Option<std::time::Duration>,
 }
 
 /// `[source.postgres]`, as written in the config file.
@@ -39,6 +44,10 @@ pub struct PostgresSettings {
     pub slot: Option<String>,
     /// Publication (default `tributary_{name}`); created if missing.
     pub publication: Option<String>,
+    /// Seconds the replication stream may stay silent before the
+    /// connection is taken for dead (default: twice the server's
+    /// `wal_sender_timeout`).
+    pub read_timeout_secs: Option<u64>,
 }
 
 impl PostgresSettings {
@@ -54,6 +63,12 @@ impl PostgresSettings {
         let publication = self.publication.clone().unwrap_or(default_name);
         validate_object_name("source.postgres.slot", &slot).map_err(to_setting)?;
         validate_object_name("source.postgres.publication", &publication).map_err(to_setting)?;
+        if self.read_timeout_secs == Some(0) {
+            return Err(SettingError::new(
+                "source.postgres.read_timeout_secs",
+                "must be at least 1 (seconds of silence before a reconnect)",
+            ));
+        }
         Ok(PostgresSourceConfig {
             name: common.name.clone(),
             connection,
@@ -65,9 +80,20 @@ impl PostgresSettings {
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
             state_dir: common.state_dir.clone(),
+            read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
         })
     }
 }
+
+/// Connect timeout when the URL gives no `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Idle time before the first TCP keepalive probe (unless the URL sets
+/// `keepalives_idle`).
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Interval between unanswered keepalive probes.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unanswered probes before the kernel drops the connection.
+pub const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A setting the source cannot use; names the key.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +121,20 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Co
         .map_err(|e| err(format!("cannot parse `{}`: {e}", redact(url))))?;
     if let Some(password) = password {
         config.password(password);
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    // Keepalive probes find a peer that vanished without closing (a host
+    // gone, a NAT entry dropped) in about a minute instead of two hours.
+    if config.get_keepalives_idle() == tokio_postgres::Config::new().get_keepalives_idle() {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVE_RETRIES);
     }
     if config.get_user().is_none() {
         return Err(err(
@@ -152,6 +192,18 @@ mod tests {
         assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
         let c = parse_url("postgres://cdc@127.0.0.1/shop", Some("pw")).unwrap();
         assert_eq!(c.get_password(), Some(&b"pw"[..]));
+        assert_eq!(c.get_connect_timeout(), Some(&DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVE_IDLE);
+        let c = parse_url(
+            "postgres://u@h/db?connect_timeout=3&keepalives_idle=7",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
+        assert_eq!(c.get_keepalives_idle(), std::time::Duration::from_secs(7));
         assert_eq!(
             parse_url("mysql://x@y/z", None).unwrap_err().key,
             "source.url"

@@ -36,6 +36,10 @@ use crate::wire::{ReplicationConnection, StreamMessage, WireError};
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
      -c bytea_output=hex -c lc_monetary=C -c extra_float_digits=1";
 
+/// Read deadline when neither `source.postgres.read_timeout_secs` nor the
+/// server's `wal_sender_timeout` gives one.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Budget the reader takes at a time (records draw on it one by one).
 const BUDGET_CHUNK: usize = 256 * 1024;
 
@@ -58,16 +62,25 @@ impl std::fmt::Debug for PostgresSource {
     }
 }
 
-/// Opens an ordinary (non-replication) connection.
+/// Opens an ordinary (non-replication) connection. The whole handshake is
+/// bounded by the URL's `connect_timeout` (tokio-postgres bounds only the
+/// TCP connect): a server that accepts and then says nothing fails it.
 pub async fn connect_sql(config: &tokio_postgres::Config) -> Result<Client, PostgresError> {
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|e| PostgresError::Connection {
-                context: format!("connecting to {}", describe(config)),
-                source: Box::new(e),
-            })?;
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(crate::config::DEFAULT_CONNECT_TIMEOUT);
+    let context = || format!("connecting to {}", describe(config));
+    let (client, connection) = tokio::time::timeout(limit, config.connect(NoTls))
+        .await
+        .map_err(|_| PostgresError::Connection {
+            context: context(),
+            source: format!("no answer within {limit:?} (connect_timeout)").into(),
+        })?
+        .map_err(|e| PostgresError::Connection {
+            context: context(),
+            source: Box::new(e),
+        })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             debug!(error = %err, "postgres connection ended");
@@ -145,6 +158,28 @@ impl PostgresSource {
         }
     }
 
+    /// How long the replication stream may stay silent before the session
+    /// is failed: `source.postgres.read_timeout_secs`, else twice the
+    /// server's `wal_sender_timeout` (the server sends a keepalive at half
+    /// of it), else [`DEFAULT_READ_TIMEOUT`] when the server's is off.
+    async fn read_deadline(&self) -> Result<Duration, PostgresError> {
+        if let Some(limit) = self.cfg.read_timeout {
+            return Ok(limit);
+        }
+        let query = self.side.query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        );
+        let row = bounded(DEFAULT_READ_TIMEOUT, "reading wal_sender_timeout", query)
+            .await?
+            .map_err(PostgresError::query("reading wal_sender_timeout"))?;
+        let millis: i64 = row.get(0);
+        Ok(match u64::try_from(millis) {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms.saturating_mul(2)),
+            _ => DEFAULT_READ_TIMEOUT,
+        })
+    }
+
     /// True when the run starts with a snapshot of the captured tables.
     pub fn snapshots(&self) -> bool {
         self.snapshot.is_some()
@@ -155,14 +190,14 @@ impl PostgresSource {
         &self.report
     }
 
-    async fn confirmed_flush(&self) -> Result<u64, PostgresError> {
-        let row = self
-            .side
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.cfg.slot],
-            )
-            .await
+    async fn confirmed_flush(&self, limit: Duration) -> Result<u64, PostgresError> {
+        let slot = [&self.cfg.slot as &(dyn tokio_postgres::types::ToSql + Sync)];
+        let query = self.side.query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &slot,
+        );
+        let row = bounded(limit, "reading the slot's confirmed_flush_lsn", query)
+            .await?
             .map_err(PostgresError::query(
                 "reading the slot's confirmed_flush_lsn",
             ))?
@@ -342,7 +377,8 @@ impl PostgresSource {
         shutdown: &mut watch::Receiver<bool>,
         drain_timeout: Duration,
     ) -> Result<Stopped, PostgresError> {
-        let start = self.confirmed_flush().await?.max(st.tracker.acked());
+        let silence = self.read_deadline().await?;
+        let start = self.confirmed_flush(silence).await?.max(st.tracker.acked());
         let mut conn = ReplicationConnection::start(
             &self.cfg.connection,
             SESSION_OPTIONS,
@@ -361,7 +397,12 @@ impl PostgresSource {
             tables = self.report.tables.len(),
             "streaming changes from postgres"
         );
-        let mut feedback = Feedback::new(start);
+        // Ask for a reply often enough that a live server is never silent
+        // for `silence`, whatever its wal_sender_timeout.
+        let mut feedback = Feedback::new(start, (silence / 3).min(Feedback::HEARTBEAT));
+        // Time spent waiting on the socket with nothing arriving (time spent
+        // handing records downstream does not count).
+        let mut quiet = Duration::ZERO;
         let mut acked = st.tracker.subscribe();
         let mut tx: Option<Transaction> = None;
         let mut stopping = *shutdown.borrow();
@@ -394,7 +435,9 @@ impl PostgresSource {
                             }
                             Message::Relation(rel) => {
                                 let facts = if self.decoder.captures(&rel.schema, &rel.table) {
-                                    self.catalog.describe(&self.side, rel).await?
+                                    let describe = self.catalog.describe(&self.side, rel);
+                                    bounded(silence, "reading a table's catalogue", describe)
+                                        .await??
                                 } else {
                                     Default::default()
                                 };
@@ -447,6 +490,9 @@ impl PostgresSource {
                 st.flush().await?;
             }
             let feedback_due = feedback.next_due(st.tracker.acked());
+            let waiting_since = tokio::time::Instant::now();
+            let read_deadline = waiting_since + silence.saturating_sub(quiet);
+            let mut heard = false;
             tokio::select! {
                 biased;
                 requested = stop_requested(shutdown), if !stopping => stopping = requested,
@@ -459,8 +505,23 @@ impl PostgresSource {
                             source: "end of stream".into(),
                         });
                     }
+                    heard = true;
+                }
+                _ = tokio::time::sleep_until(read_deadline) => {
+                    return Err(PostgresError::Connection {
+                        context: format!(
+                            "nothing from the server for {silence:?}, not even a keepalive \
+                             (source.postgres.read_timeout_secs)"
+                        ),
+                        source: "read deadline passed: the connection is taken for dead".into(),
+                    });
                 }
             }
+            quiet = if heard {
+                Duration::ZERO
+            } else {
+                quiet + waiting_since.elapsed()
+            };
         }
         // Shutdown at a transaction boundary: hand over the rest, let the
         // sink finish, then acknowledge the last commit before closing.
@@ -486,6 +547,21 @@ impl PostgresSource {
         info!(acknowledged_lsn = %Lsn(last), in_flight = st.tracker.in_flight(), "replication stopped");
         Ok(stopped)
     }
+}
+
+/// `fut`, failed as a dropped connection when it takes longer than `limit`
+/// (a query on a connection whose peer went silent never ends by itself).
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, PostgresError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| PostgresError::Connection {
+            context: format!("{what}: no answer within {limit:?}"),
+            source: "query timed out".into(),
+        })
 }
 
 /// Waits for the shutdown flag to change and returns it. When the sender is
@@ -559,21 +635,24 @@ fn retry_meaning(err: &PostgresError) -> &'static str {
 }
 
 /// When to send standby status updates: soon after the acknowledgeable
-/// position rises, and every few seconds regardless (so the server never
-/// times the connection out).
+/// position rises, and every `heartbeat` regardless (so the server never
+/// times the connection out). A heartbeat asks the server for a reply, so
+/// a live server is never silent for longer than that.
 struct Feedback {
     sent: u64,
     sent_at: tokio::time::Instant,
+    heartbeat: Duration,
 }
 
 impl Feedback {
     const RAISE_DELAY: Duration = Duration::from_millis(100);
     const HEARTBEAT: Duration = Duration::from_secs(10);
 
-    fn new(start: u64) -> Self {
+    fn new(start: u64, heartbeat: Duration) -> Self {
         Self {
             sent: start,
             sent_at: tokio::time::Instant::now(),
+            heartbeat,
         }
     }
 
@@ -582,7 +661,7 @@ impl Feedback {
         if acked > self.sent {
             self.sent_at + Self::RAISE_DELAY
         } else {
-            self.sent_at + Self::HEARTBEAT
+            self.sent_at + self.heartbeat
         }
     }
 
@@ -592,8 +671,9 @@ impl Feedback {
         acked: u64,
     ) -> Result<(), PostgresError> {
         let elapsed = self.sent_at.elapsed();
-        if (acked > self.sent && elapsed >= Self::RAISE_DELAY) || elapsed >= Self::HEARTBEAT {
-            self.send(conn, acked, false).await?;
+        let heartbeat = elapsed >= self.heartbeat;
+        if (acked > self.sent && elapsed >= Self::RAISE_DELAY) || heartbeat {
+            self.send(conn, acked, heartbeat).await?;
         }
         Ok(())
     }

@@ -151,6 +151,27 @@ impl ReplicationConnection {
         options: &str,
         application_name: &str,
     ) -> Result<Self, WireError> {
+        // The whole handshake is bounded: a server that accepts the TCP
+        // connection and then says nothing must not hang the source.
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(crate::config::DEFAULT_CONNECT_TIMEOUT);
+        match tokio::time::timeout(limit, Self::handshake(config, options, application_name)).await
+        {
+            Ok(conn) => conn,
+            Err(_) => Err(WireError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?} (connect_timeout)"),
+            ))),
+        }
+    }
+
+    async fn handshake(
+        config: &tokio_postgres::Config,
+        options: &str,
+        application_name: &str,
+    ) -> Result<Self, WireError> {
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let socket = match config.get_hosts().first() {
             Some(Host::Unix(dir)) => {
@@ -159,6 +180,18 @@ impl ReplicationConnection {
             Some(Host::Tcp(host)) => {
                 let tcp = TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
+                if config.get_keepalives() {
+                    crate::sockopt::set_keepalive(
+                        &tcp,
+                        config.get_keepalives_idle(),
+                        config
+                            .get_keepalives_interval()
+                            .unwrap_or(crate::config::KEEPALIVE_INTERVAL),
+                        config
+                            .get_keepalives_retries()
+                            .unwrap_or(crate::config::KEEPALIVE_RETRIES),
+                    )?;
+                }
                 Socket::Tcp(tcp)
             }
             None => return Err(protocol("no host to connect to")),
