@@ -9,28 +9,133 @@
 //! the row, `truncate` removes the table's rows this shard wrote.
 //!
 //! Memory stays small whatever the rows hold: per key only the shard that
-//! wrote it and a 64-bit hash of each column's name and JSON value, not
-//! the values.
+//! wrote it and a 64-bit hash of each column's JSON value, by column slots
+//! numbered once per table; never the values.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 
 use serde_json::{Map, Value};
 
-/// A row as hashes: `(column name hash, value hash)`, sorted.
-pub type RowHashes = Box<[(u64, u64)]>;
+/// The hash of a column a row does not hold.
+const ABSENT: u64 = 0;
 
 /// One row of the replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     /// Index of the shard that wrote it (see [`Replica::apply`]).
     shard: u32,
-    /// Its columns, hashed.
-    pub columns: RowHashes,
+    /// The hash of each column's value, by the table's column slots
+    /// ([`ABSENT`] where the row has none; slots past the end are absent).
+    values: Box<[u64]>,
 }
 
-/// The rows of one table: key JSON → row.
-pub type TableRows = HashMap<Box<str>, Row>;
+impl Row {
+    fn value(&self, slot: usize) -> u64 {
+        self.values.get(slot).copied().unwrap_or(ABSENT)
+    }
+}
+
+/// How a source row compares with the replica's row of its key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Comparison<'a> {
+    /// The replica has no row under the key.
+    Absent,
+    /// Every column holds the same value.
+    Same,
+    /// This column (of the source row, or `None`: one only the replica's
+    /// row has) is the first that differs.
+    Differs(Option<&'a str>),
+}
+
+/// The rows of one table: key JSON → row, the columns numbered once per
+/// table (a row keeps only one hash per column, no names).
+#[derive(Debug, Default)]
+pub struct TableRows {
+    /// Column name hash of each slot.
+    columns: Vec<u64>,
+    rows: HashMap<Box<str>, Row>,
+}
+
+impl TableRows {
+    /// The slot of a column, numbering it when new.
+    fn slot(&mut self, name: &str) -> usize {
+        let name = hash(name);
+        match self.columns.iter().position(|&c| c == name) {
+            Some(slot) => slot,
+            None => {
+                self.columns.push(name);
+                self.columns.len() - 1
+            }
+        }
+    }
+
+    /// The value hashes of `after` by slot.
+    fn values(&mut self, after: &Map<String, Value>) -> Vec<u64> {
+        let mut values = vec![ABSENT; self.columns.len()];
+        for (name, value) in after {
+            let slot = self.slot(name);
+            if values.len() <= slot {
+                values.resize(slot + 1, ABSENT);
+            }
+            values[slot] = value_hash(value);
+        }
+        values
+    }
+
+    /// How `after` (a source row under `key`) compares with the replica.
+    pub fn compare<'a>(&self, key: &str, after: &'a Map<String, Value>) -> Comparison<'a> {
+        let Some(row) = self.rows.get(key) else {
+            return Comparison::Absent;
+        };
+        let mut seen = vec![false; self.columns.len()];
+        for (name, value) in after {
+            let name_hash = hash(name);
+            match self.columns.iter().position(|&c| c == name_hash) {
+                Some(slot) => {
+                    seen[slot] = true;
+                    if row.value(slot) != value_hash(value) {
+                        return Comparison::Differs(Some(name));
+                    }
+                }
+                None => return Comparison::Differs(Some(name)),
+            }
+        }
+        let replica_only =
+            (0..self.columns.len()).any(|slot| !seen[slot] && row.value(slot) != ABSENT);
+        if replica_only {
+            Comparison::Differs(None)
+        } else {
+            Comparison::Same
+        }
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the table holds no row.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Whether a row is held under `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.rows.contains_key(key)
+    }
+
+    /// Removes the row under `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.rows.remove(key);
+    }
+
+    /// The keys held.
+    pub fn keys(&self) -> impl Iterator<Item = &Box<str>> {
+        self.rows.keys()
+    }
+}
 
 /// One envelope, as far as the consumer rules need it.
 #[derive(Debug, PartialEq)]
@@ -111,31 +216,9 @@ pub fn hash(text: &str) -> u64 {
     hasher.finish()
 }
 
-/// The hashes of a row's columns.
-pub fn row_hashes(after: &Map<String, Value>) -> Vec<(u64, u64)> {
-    let mut columns: Vec<(u64, u64)> = after
-        .iter()
-        .map(|(name, value)| (hash(name), hash(&value.to_string())))
-        .collect();
-    columns.sort_unstable();
-    columns
-}
-
-/// The first column of `source` (in its order) whose value is not the
-/// same in `replica`; `None` when every column of `source` is.
-pub fn first_difference<'a>(source: &'a Map<String, Value>, replica: &Row) -> Option<&'a str> {
-    source
-        .iter()
-        .find(|(name, value)| {
-            let name = hash(name);
-            let found = replica
-                .columns
-                .binary_search_by_key(&name, |(n, _)| *n)
-                .ok()
-                .map(|i| replica.columns[i].1);
-            found != Some(hash(&value.to_string()))
-        })
-        .map(|(name, _)| name.as_str())
+/// The hash of a value's JSON, never [`ABSENT`].
+fn value_hash(value: &Value) -> u64 {
+    hash(&value.to_string()).max(1)
 }
 
 /// The replayed stream: every table's rows.
@@ -163,36 +246,36 @@ impl Replica {
         // A key change: the row leaves its old key (and lends the values
         // of its unchanged columns to the new one).
         let moved = match &change.old_key {
-            Some(old) if change.op == "update" => rows.remove(old.as_str()),
+            Some(old) if change.op == "update" => rows.rows.remove(old.as_str()),
             _ => None,
         };
         match change.op.as_str() {
             "insert" | "update" | "snapshot" => {
                 let Some(after) = &change.after else { return };
-                let mut columns = row_hashes(after);
-                if !change.unchanged.is_empty()
-                    && let Some(previous) = moved.as_ref().or(rows.get(change.key.as_str()))
+                let mut values = rows.values(after);
+                let unchanged: Vec<usize> = change.unchanged.iter().map(|n| rows.slot(n)).collect();
+                if !unchanged.is_empty()
+                    && let Some(previous) = moved.as_ref().or(rows.rows.get(change.key.as_str()))
                 {
-                    for name in &change.unchanged {
-                        let name = hash(name);
-                        if let Ok(i) = previous.columns.binary_search_by_key(&name, |(n, _)| *n) {
-                            columns.push(previous.columns[i]);
+                    for slot in unchanged {
+                        if values.len() <= slot {
+                            values.resize(slot + 1, ABSENT);
                         }
+                        values[slot] = previous.value(slot);
                     }
-                    columns.sort_unstable();
                 }
-                rows.insert(
+                rows.rows.insert(
                     change.key.into_boxed_str(),
                     Row {
                         shard,
-                        columns: columns.into_boxed_slice(),
+                        values: values.into_boxed_slice(),
                     },
                 );
             }
             "delete" => {
-                rows.remove(change.key.as_str());
+                rows.remove(&change.key);
             }
-            "truncate" => rows.retain(|_, row| row.shard != shard),
+            "truncate" => rows.rows.retain(|_, row| row.shard != shard),
             // Ops a later envelope version may add change no row.
             _ => {}
         }
@@ -234,8 +317,9 @@ mod tests {
         e.to_string().into_bytes()
     }
 
-    fn row(after: Value) -> RowHashes {
-        row_hashes(after.as_object().unwrap()).into_boxed_slice()
+    /// The comparison, as its debug text (it borrows the row).
+    fn compare(rows: &TableRows, key: &str, after: Value) -> String {
+        format!("{:?}", rows.compare(key, after.as_object().unwrap()))
     }
 
     #[test]
@@ -262,7 +346,18 @@ mod tests {
         assert_eq!((replica.envelopes, replica.skipped), (5, 1));
         let rows = replica.take_table("public.t");
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows["{\"id\":1}"].columns, row(json!({"id": 1, "v": "z"})));
+        let one = "{\"id\":1}";
+        assert_eq!(compare(&rows, one, json!({"id": 1, "v": "z"})), "Same");
+        assert_eq!(
+            compare(&rows, one, json!({"id": 1, "v": "x"})),
+            r#"Differs(Some("v"))"#
+        );
+        assert_eq!(
+            compare(&rows, one, json!({"id": 1})),
+            "Differs(None)",
+            "a column only the replica has"
+        );
+        assert_eq!(compare(&rows, "{\"id\":3}", json!({"id": 3})), "Absent");
         assert!(replica.take_table("public.t").is_empty());
     }
 
@@ -286,15 +381,15 @@ mod tests {
         replica.apply("a", toast.to_string().as_bytes());
         let rows = replica.take_table("public.t");
         assert_eq!(rows.len(), 1, "{rows:?}");
-        let got = &rows["{\"id\":5}"];
-        assert_eq!(got.columns, row(json!({"id": 5, "v": "z", "big": "long"})));
-        let source = json!({"id": 5, "v": "z", "big": "other"});
+        let five = "{\"id\":5}";
         assert_eq!(
-            first_difference(source.as_object().unwrap(), got),
-            Some("big")
+            compare(&rows, five, json!({"id": 5, "v": "z", "big": "long"})),
+            "Same"
         );
-        let same = json!({"id": 5, "v": "z", "big": "long"});
-        assert_eq!(first_difference(same.as_object().unwrap(), got), None);
+        assert_eq!(
+            compare(&rows, five, json!({"id": 5, "v": "z", "big": "other"})),
+            r#"Differs(Some("big"))"#
+        );
     }
 
     #[test]
@@ -307,6 +402,7 @@ mod tests {
         replica.apply("a", &envelope("insert", 3, Some(json!({"id": 3}))));
         let rows = replica.take_table("public.t");
         let mut keys: Vec<&str> = rows.keys().map(|k| &**k).collect();
+        assert_eq!(rows.len(), 2);
         keys.sort_unstable();
         assert_eq!(keys, ["{\"id\":2}", "{\"id\":3}"]);
     }

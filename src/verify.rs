@@ -42,7 +42,7 @@ use tributary_postgres::decoder::{Decoder, Transaction};
 use tributary_postgres::replication::connect_sql;
 use tributary_postgres::{PostgresSourceConfig, pgoutput, snapshot};
 
-use crate::replica::{Change, Replica, TableRows, first_difference, row_hashes};
+use crate::replica::{Change, Comparison, Replica, TableRows};
 use crate::settings::{ConfigError, SourceConfig, Validated};
 
 /// Keys shown per kind of difference.
@@ -304,13 +304,10 @@ async fn first_read(
     report.source_rows = scanner
         .scan(reader, name, |change| {
             let Some(after) = change.after else { return };
-            match rows.get(change.key.as_str()) {
-                Some(row) if *row.columns == *row_hashes(&after) => {
-                    rows.remove(change.key.as_str());
-                }
-                _ => {
-                    flagged.insert(change.key.into_boxed_str());
-                }
+            if rows.compare(&change.key, &after) == Comparison::Same {
+                rows.remove(&change.key);
+            } else {
+                flagged.insert(change.key.into_boxed_str());
             }
         })
         .await?;
@@ -340,14 +337,12 @@ async fn recheck(
                 return;
             }
             let Some(after) = change.after else { return };
-            match rows.get(change.key.as_str()) {
-                None => missing.push(change.key),
-                Some(row) => {
-                    if let Some(column) = first_difference(&after, row) {
-                        different.insert(change.key, column.to_owned());
-                    } else if *row.columns != *row_hashes(&after) {
-                        different.insert(change.key, "(a column the table lacks)".to_owned());
-                    }
+            match rows.compare(&change.key, &after) {
+                Comparison::Same => {}
+                Comparison::Absent => missing.push(change.key),
+                Comparison::Differs(column) => {
+                    let column = column.unwrap_or("(a column the table lacks)").to_owned();
+                    different.insert(change.key, column);
                 }
             }
         })
