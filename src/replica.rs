@@ -12,7 +12,7 @@
 //! wrote it and a 64-bit hash of each column's JSON value, by column slots
 //! numbered once per table; never the values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 
 use serde_json::{Map, Value};
@@ -230,6 +230,8 @@ pub struct Replica {
     pub envelopes: u64,
     /// Records that were not envelopes (skipped).
     pub skipped: u64,
+    /// Only these tables are kept (all when empty).
+    wanted: HashSet<String>,
 }
 
 impl Replica {
@@ -241,6 +243,9 @@ impl Replica {
             return;
         };
         self.envelopes += 1;
+        if !self.wanted.is_empty() && !self.wanted.contains(&change.table) {
+            return;
+        }
         let shard = self.shard_index(shard);
         let rows = self.tables.entry(change.table).or_default();
         // A key change: the row leaves its old key (and lends the values
@@ -278,6 +283,14 @@ impl Replica {
             "truncate" => rows.rows.retain(|_, row| row.shard != shard),
             // Ops a later envelope version may add change no row.
             _ => {}
+        }
+    }
+
+    /// A replica keeping only the tables of `wanted` (all when empty).
+    pub fn keeping(wanted: HashSet<String>) -> Self {
+        Self {
+            wanted,
+            ..Self::default()
         }
     }
 
@@ -343,7 +356,13 @@ mod tests {
         );
         replica.apply("b", &envelope("delete", 3, None));
         replica.apply("b", b"not an envelope");
-        assert_eq!((replica.envelopes, replica.skipped), (5, 1));
+        replica.wanted = ["public.t".to_owned()].into();
+        replica.apply("b", br#"{"op":"insert","source":{"schema":"public","table":"u"},"key":{"id":1},"after":{"id":1}}"#);
+        assert!(
+            replica.take_table("public.u").is_empty(),
+            "a table not wanted is not kept"
+        );
+        assert_eq!((replica.envelopes, replica.skipped), (6, 1));
         let rows = replica.take_table("public.t");
         assert_eq!(rows.len(), 2);
         let one = "{\"id\":1}";

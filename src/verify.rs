@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 use tributary_kinesis::{RecordVisitor, StartFrom};
@@ -151,7 +152,7 @@ pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Res
         .collect();
     streams.sort();
     streams.dedup();
-    let mut replica = Replica::default();
+    let mut replica = Replica::keeping(tables.iter().cloned().collect());
     for stream in &streams {
         tributary_kinesis::check_stream(&kinesis, stream, "sink.stream")
             .await
@@ -180,7 +181,10 @@ pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Res
         let rows = replica.take_table(name);
         pending.push(first_read(&mut scanner, &reader, name, rows).await?);
     }
-    reader.batch_execute("COMMIT").await?;
+    reader
+        .batch_execute("COMMIT")
+        .await
+        .context("ending the consistent read")?;
     // 4. The keys that differ, once more on a fresh read.
     let mut reports = Vec::with_capacity(pending.len());
     for (report, rows, flagged) in pending {
@@ -347,7 +351,10 @@ async fn recheck(
             }
         })
         .await?;
-    client.batch_execute("COMMIT").await?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .context("ending the re-check's read")?;
     // Flagged keys the table no longer holds: extra when the stream has them.
     let mut extra: Vec<String> = flagged
         .into_iter()
