@@ -34,6 +34,13 @@ use crate::shards::{call_error, is_open, list_shards};
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The most records one GetRecords call returns.
 const GET_RECORDS_LIMIT: i32 = 10_000;
+/// The first call's record limit: small, since records can be up to the
+/// stream's record size (aggregated records are often about 1 MiB).
+const FIRST_LIMIT: i32 = 10;
+/// The data one page should hold at most: what Kinesis itself returns per
+/// call. Emulators return far more (kinesalite a whole shard), so the
+/// record limit follows the page sizes seen, keeping memory bounded.
+const PAGE_BYTES: usize = 10 << 20;
 
 /// Where [`tail`] starts in each shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +74,8 @@ struct Cursor {
     next_poll: Instant,
     caught_up: bool,
     backoff: Backoff,
+    /// The record limit of the next GetRecords call.
+    limit: i32,
 }
 
 impl Cursor {
@@ -82,6 +91,7 @@ impl Cursor {
             state,
             origin,
             last_sequence: None,
+            limit: FIRST_LIMIT,
             next_poll: Instant::now(),
             caught_up: false,
             backoff: Backoff::new(RetryPolicy::default()),
@@ -221,6 +231,12 @@ pub async fn read_stream(
                     cursor.last_sequence = Some(record.sequence_number().to_owned());
                 }
                 written += output.records().len() as u64;
+                let bytes = output
+                    .records()
+                    .iter()
+                    .map(|r| r.data().as_ref().len())
+                    .sum();
+                cursor.limit = next_limit(cursor.limit, output.records().len(), bytes);
                 visitor.page_done().await?;
                 cursor.caught_up =
                     output.records().is_empty() && output.millis_behind_latest() == Some(0);
@@ -238,6 +254,23 @@ pub async fn read_stream(
             other => cursor.state = other,
         }
     }
+}
+
+/// The record limit after a page of `records` records and `bytes` bytes
+/// read with `limit`: smaller when the page was over [`PAGE_BYTES`], twice
+/// as large (up to [`GET_RECORDS_LIMIT`]) when a full page was well under.
+fn next_limit(limit: i32, records: usize, bytes: usize) -> i32 {
+    if bytes > PAGE_BYTES && records > 0 {
+        let fitting = PAGE_BYTES / (bytes / records).max(1);
+        return i32::try_from(fitting)
+            .unwrap_or(1)
+            .clamp(1, GET_RECORDS_LIMIT);
+    }
+    let full = i32::try_from(records).unwrap_or(i32::MAX) >= limit;
+    if full && bytes < PAGE_BYTES / 2 {
+        return limit.saturating_mul(2).min(GET_RECORDS_LIMIT);
+    }
+    limit
 }
 
 /// The cursor to poll next: the one due first among those that can poll.
@@ -358,7 +391,7 @@ async fn get_records(
     let answer = client
         .get_records()
         .shard_iterator(iterator)
-        .limit(GET_RECORDS_LIMIT)
+        .limit(cursor.limit)
         .send()
         .await;
     match answer {
@@ -469,6 +502,19 @@ mod tests {
     use aws_smithy_mocks::{MockResponse, RuleMode, mock, mock_client};
 
     use super::*;
+
+    #[test]
+    fn the_record_limit_follows_page_sizes() {
+        // Small records: full pages double the limit up to the maximum.
+        assert_eq!(next_limit(10, 10, 3_000), 20);
+        assert_eq!(next_limit(8_000, 8_000, 2_400_000), GET_RECORDS_LIMIT);
+        // A page that was not full keeps it.
+        assert_eq!(next_limit(640, 12, 3_600), 640);
+        // 1 MiB records: 10 per page.
+        assert_eq!(next_limit(40, 40, 40 << 20), 10);
+        // Huge pages never drop it below one record.
+        assert_eq!(next_limit(10, 1, 100 << 20), 1);
+    }
 
     /// A stream with a closed parent shard (3 records, one of them binary)
     /// and its open child (2 records). GetRecords returns 2 records a call.
