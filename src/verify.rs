@@ -41,7 +41,7 @@ use tributary_kinesis::{RecordVisitor, StartFrom};
 use tributary_postgres::catalog::Catalog;
 use tributary_postgres::decoder::{Decoder, Transaction};
 use tributary_postgres::replication::connect_sql;
-use tributary_postgres::{PostgresSourceConfig, pgoutput, snapshot};
+use tributary_postgres::{PostgresSourceConfig, snapshot};
 
 use crate::replica::{Change, Comparison, Replica, TableRows};
 use crate::settings::{ConfigError, SourceConfig, Validated};
@@ -258,22 +258,24 @@ impl Scanner {
         mut each: impl FnMut(Change),
     ) -> anyhow::Result<u64> {
         let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-        let rel = snapshot::relation(client, schema, table).await?;
-        let facts = self.catalog.describe(client, &rel).await?;
-        self.decoder.relation(&rel, facts);
-        snapshot::open_cursor(client, schema, table).await?;
+        let relation =
+            snapshot::open_table(client, &mut self.catalog, &mut self.decoder, schema, table)
+                .await?;
         let mut tx = Transaction::begin(0, 0, 0);
         let (mut rows, mut reported) = (0u64, Instant::now());
         let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
         loop {
-            let chunk = snapshot::fetch(client, rel.id).await?;
-            if chunk.is_empty() {
+            let read = snapshot::next_chunk(
+                client,
+                relation,
+                &mut self.decoder,
+                &mut tx,
+                &self.captured_at,
+                &mut decoded,
+            )
+            .await?;
+            if read == 0 {
                 break;
-            }
-            for bytes in &chunk {
-                let msg = pgoutput::parse(bytes)?;
-                self.decoder
-                    .snapshot_row(&msg, &mut tx, &self.captured_at, &mut decoded)?;
             }
             for record in decoded.drain(..) {
                 if let Some(change) = Change::parse(&record.data) {

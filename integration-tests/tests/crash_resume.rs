@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use rand::Rng as _;
 use serde_json::Value;
-use tributary_integration_tests::{DEFAULT_DATABASE, Kinesalite, Pipeline};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Kinesalite, Pipeline, assert_last_occurrences_in_commit_order,
+};
 
 const STREAM: &str = "crash-cdc";
 const TRANSACTIONS: i64 = 10_000;
@@ -107,22 +109,12 @@ async fn kill_9_at_random_moments_loses_nothing_and_keeps_per_key_order() -> any
     );
     assert_eq!(per_key.len() as i64, KEYS);
 
-    for (key, events) in &per_key {
-        // The last occurrence of each event, in stream order, must be in commit order.
-        let mut last: HashMap<i64, usize> = HashMap::new();
-        for (index, (v, _)) in events.iter().enumerate() {
-            last.insert(*v, index);
-        }
-        let mut order: Vec<(usize, i64)> = last.iter().map(|(v, i)| (*i, *v)).collect();
-        order.sort();
-        let values: Vec<i64> = order.iter().map(|(_, v)| *v).collect();
-        let mut sorted = values.clone();
-        sorted.sort();
-        assert_eq!(
-            values, sorted,
-            "key {key}: last occurrences out of commit order"
-        );
-    }
+    // The last occurrence of each event, in stream order, must be in commit order.
+    let values: HashMap<i64, Vec<i64>> = per_key
+        .iter()
+        .map(|(key, events)| (*key, events.iter().map(|(v, _)| *v).collect()))
+        .collect();
+    assert_last_occurrences_in_commit_order(&values);
     let duplicates = records.len() as i64 - TRANSACTIONS;
     eprintln!(
         "{kills} kills, {} records, {duplicates} duplicates",

@@ -6,39 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tributary_integration_tests::consumer::shards_with_op;
-use tributary_integration_tests::{Pipeline, StreamRecord, TributaryProcess, repo_root};
+use tributary_integration_tests::{Pipeline, TributaryProcess, valid_envelopes_by_position};
 
 const STREAM: &str = "shop-cdc";
-
-/// The envelopes of `records`, each asserted valid against
-/// `schema/envelope.v1.json`, sorted by source position (commit order).
-fn valid_envelopes_by_position(records: &[StreamRecord]) -> anyhow::Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(repo_root().join("schema/envelope.v1.json")).expect("schema file");
-    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
-    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
-    let mut envelopes = records
-        .iter()
-        .map(StreamRecord::json)
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for envelope in &envelopes {
-        let errors: Vec<String> = validator
-            .iter_errors(envelope)
-            .map(|e| format!("{e} at {}", e.instance_path()))
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "envelope {envelope} is invalid: {errors:?}"
-        );
-    }
-    envelopes.sort_by(|a, b| {
-        a["source"]["position"]
-            .as_str()
-            .unwrap()
-            .cmp(b["source"]["position"].as_str().unwrap())
-    });
-    Ok(envelopes)
-}
 
 const SETUP: &str = r#"
 CREATE TYPE mood AS ENUM ('happy', 'sad');

@@ -309,10 +309,9 @@ impl PostgresSource {
             let Some((schema, table)) = name.split_once('.') else {
                 continue;
             };
-            let rel = snapshot::relation(&reader, schema, table).await?;
-            let facts = self.catalog.describe(&reader, &rel).await?;
-            self.decoder.relation(&rel, facts);
-            snapshot::open_cursor(&reader, schema, table).await?;
+            let relation =
+                snapshot::open_table(&reader, &mut self.catalog, &mut self.decoder, schema, table)
+                    .await?;
             let (table_began, mut rows, mut reported) = (
                 tokio::time::Instant::now(),
                 0usize,
@@ -323,19 +322,22 @@ impl PostgresSource {
                     info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
                     return Ok(false);
                 }
-                let chunk = snapshot::fetch(&reader, rel.id).await?;
-                if chunk.is_empty() {
+                let read = snapshot::next_chunk(
+                    &reader,
+                    relation,
+                    &mut self.decoder,
+                    &mut tx,
+                    &st.captured_at,
+                    &mut decoded,
+                )
+                .await?;
+                if read == 0 {
                     break;
-                }
-                for bytes in &chunk {
-                    let msg = pgoutput::parse(bytes)?;
-                    self.decoder
-                        .snapshot_row(&msg, &mut tx, &st.captured_at, &mut decoded)?;
                 }
                 for record in decoded.drain(..) {
                     st.push_plain(record).await?;
                 }
-                rows += chunk.len();
+                rows += read;
                 if reported.elapsed() >= Duration::from_secs(5) {
                     reported = tokio::time::Instant::now();
                     let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);

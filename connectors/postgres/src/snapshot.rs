@@ -307,3 +307,39 @@ pub async fn fetch(reader: &Client, relation: u32) -> Result<Vec<Vec<u8>>, Postg
     }
     Ok(rows)
 }
+
+/// Makes `decoder` know `schema.table` as the stream would (its shape, key
+/// and column kinds) and opens the cursor that reads it; returns the
+/// table's relation id for [`next_chunk`].
+pub async fn open_table(
+    reader: &Client,
+    catalog: &mut crate::catalog::Catalog,
+    decoder: &mut crate::decoder::Decoder,
+    schema: &str,
+    table: &str,
+) -> Result<u32, PostgresError> {
+    let rel = relation(reader, schema, table).await?;
+    let facts = catalog.describe(reader, &rel).await?;
+    decoder.relation(&rel, facts);
+    open_cursor(reader, schema, table).await?;
+    Ok(rel.id)
+}
+
+/// Reads the next chunk of the open cursor and renders each row, as the
+/// stream's decoder does, into `out` as an `op = "snapshot"` record;
+/// returns the rows read (0 at the end of the table).
+pub async fn next_chunk(
+    reader: &Client,
+    relation: u32,
+    decoder: &mut crate::decoder::Decoder,
+    tx: &mut crate::decoder::Transaction,
+    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+    out: &mut Vec<tributary_envelope::Record>,
+) -> Result<usize, PostgresError> {
+    let chunk = fetch(reader, relation).await?;
+    for bytes in &chunk {
+        let msg = crate::pgoutput::parse(bytes)?;
+        decoder.snapshot_row(&msg, tx, captured_at, out)?;
+    }
+    Ok(chunk.len())
+}
