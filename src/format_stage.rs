@@ -4,8 +4,11 @@
 //!
 //! The source took byte budget for each record's v1 size; the sink gives
 //! back the size of what it was handed. The stage settles the difference
-//! per batch (takes more budget before a batch whose records grew, gives
-//! back what shrank), so the budget keeps bounding what is in flight.
+//! per batch: it gives back what shrank at once, and takes what grew right
+//! after handing the batch on, before reading the next one — never while
+//! holding the batch, whose own budget only the sink can give back (that
+//! wait could never end). In flight may so exceed the budget by one batch's
+//! growth, for as long as the sink takes to deliver it.
 
 use std::sync::Arc;
 
@@ -41,13 +44,17 @@ pub fn spawn(
                 grew += after.saturating_sub(before);
                 shrank += before.saturating_sub(after);
             }
-            if grew > shrank {
-                budget.acquire(grew - shrank).await;
-            } else if shrank > grew {
+            if shrank > grew {
                 budget.release(shrank - grew);
             }
             if output.send(batch).await.is_err() {
                 return; // the sink stopped; it reports why
+            }
+            if grew > shrank {
+                // Paid after the batch went on: waiting while holding it
+                // could never end, as only the sink gives its budget back.
+                // Nothing more is read until it is paid.
+                budget.acquire((grew - shrank).min(budget.capacity())).await;
             }
         }
     });
