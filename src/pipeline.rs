@@ -151,6 +151,8 @@ async fn run_source<S: Source>(
     health.watch(tracker.clone());
 
     let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
+    let overdue = stop_overdue(shutdown_rx.clone(), drain);
+    tokio::pin!(overdue);
     let ctx = SourceContext {
         out: tx,
         tracker: tracker.clone(),
@@ -181,6 +183,7 @@ async fn run_source<S: Source>(
             return Ok(exit_code(stopped, &tracker));
         }
         result = &mut sink => result.context("sink task panicked")?,
+        () = &mut overdue => return Ok(abort_overdue(&source, &sink, &tracker)),
     };
     if let Err(err) = sink_result {
         source.abort();
@@ -188,11 +191,38 @@ async fn run_source<S: Source>(
             err.context("the sink failed; unacknowledged changes are sent again after a restart")
         );
     }
-    let stopped = source
-        .await
-        .context("source task panicked")?
-        .map_err(|e| source_error(e, "the source failed"))?;
+    let stopped = tokio::select! {
+        result = &mut source => result
+            .context("source task panicked")?
+            .map_err(|e| source_error(e, "the source failed"))?,
+        () = &mut overdue => return Ok(abort_overdue(&source, &sink, &tracker)),
+    };
     Ok(exit_code(stopped, &tracker))
+}
+
+/// What a stop may take beyond `sink.drain_timeout_secs` before the
+/// pipeline stops the source itself. Every wait of a source watches the
+/// drain timeout on its own; this is the backstop for one that does not
+/// (a blocked server query, a bug), so that a SIGTERM always ends the
+/// process in bounded time.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Returns once a shutdown was requested and the drain timeout plus
+/// [`STOP_GRACE`] passed since.
+async fn stop_overdue(mut shutdown: watch::Receiver<bool>, drain: Duration) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(drain + STOP_GRACE).await;
+}
+
+/// The source did not stop in time: both tasks are stopped where they are.
+/// Nothing unacknowledged was acknowledged, so a restart sends it again.
+fn abort_overdue<T, U>(source: &JoinHandle<T>, sink: &JoinHandle<U>, tracker: &AckTracker) -> i32 {
+    error!("the source did not stop within sink.drain_timeout_secs; stopping it where it is");
+    source.abort();
+    sink.abort();
+    exit_code(Stopped::TimedOut, tracker)
 }
 
 /// A source error for `main`: a setting a person must change exits 2 like a

@@ -36,5 +36,5 @@ pub use route::{StreamRouter, TemplateError};
 pub use setup_plan::{SetupPlan, SetupStatement};
 pub use sink::Sink;
 pub use source::{
-    Emitter, OffsetStore, PipelineClosed, Source, SourceContext, SourceError, Stopped,
+    Emitter, OffsetStore, PipelineClosed, Source, SourceContext, SourceError, Stopped, WhileWaiting,
 };

@@ -210,8 +210,38 @@ pub fn redact_url(url: &str) -> String {
 /// Budget a source takes at a time (records draw on it one by one).
 const BUDGET_CHUNK: usize = 256 * 1024;
 
+/// How often a wait on the pipeline wakes up to look at the stop's deadline
+/// and to let the source keep its connection alive.
+const WAIT_TICK: Duration = Duration::from_millis(100);
+
+/// What a source does while the pipeline makes it wait (for budget, or for
+/// room in the queue to the sink), every [`WAIT_TICK`]: e.g. Postgres sends
+/// standby status updates so the server neither times the connection out
+/// nor holds WAL that is already acknowledged.
+pub trait WhileWaiting: Send {
+    /// The source's error; a closed pipeline is one of them.
+    type Error: From<PipelineClosed>;
+    /// Called between looks at the budget and the queue.
+    fn tick(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Nothing to do while waiting.
+impl WhileWaiting for () {
+    type Error = PipelineClosed;
+    async fn tick(&mut self) -> Result<(), PipelineClosed> {
+        Ok(())
+    }
+}
+
 /// Hands records to the sink in batches, numbered and paid for from the
-/// budget: the shared half of every source's streaming loop.
+/// budget: the shared half of every source's streaming and snapshot loops.
+///
+/// Every wait it does (for budget while the sink is behind, for room in the
+/// queue to the sink) watches the stop: once a shutdown was requested
+/// ([`Emitter::stop_when`]) a wait lasts until the drain timeout at most,
+/// then the open transaction is dropped uncommitted and the emitter is
+/// [`Emitter::abandoned`]. A stalled Kinesis can therefore never hold a stop
+/// past `sink.drain_timeout_secs`.
 #[derive(Debug)]
 pub struct Emitter {
     out: Option<mpsc::Sender<Vec<Record>>>,
@@ -224,9 +254,9 @@ pub struct Emitter {
     credit: usize,
     /// Set by [`Emitter::stop_when`]: turns true on shutdown.
     shutdown: Option<watch::Receiver<bool>>,
-    /// How long a wait for budget may last after the shutdown.
+    /// How long a wait may last after the shutdown.
     drain_timeout: Duration,
-    /// When the stop must be over, once a wait for budget saw the shutdown.
+    /// When the stop must be over, once a wait saw the shutdown.
     stop_deadline: Option<tokio::time::Instant>,
     /// The sink stayed stalled through the drain timeout: the open
     /// transaction was dropped, nothing more is taken or committed.
@@ -262,42 +292,79 @@ impl Emitter {
         }
     }
 
-    /// Bounds the wait for budget by the shutdown: once `shutdown` is true,
-    /// a wait for budget (a stalled sink, e.g. Kinesis down) lasts at most
-    /// `drain_timeout`; then the open transaction is dropped uncommitted
-    /// (so nothing of it is acknowledged and a restart sends it again),
-    /// [`Emitter::abandoned`] turns true and the source should stop reading.
+    /// An emitter for a [`SourceContext`]: its queue, tracker and budget,
+    /// with waits bounded by its shutdown and drain timeout.
+    pub fn for_context(ctx: SourceContext, batch_records: usize) -> Self {
+        Self::new(ctx.out, ctx.tracker, ctx.budget, batch_records)
+            .stop_when(ctx.shutdown, ctx.drain_timeout)
+    }
+
+    /// Bounds every wait by the shutdown: once `shutdown` is true, a wait
+    /// for budget or for the sink (a stalled sink, e.g. Kinesis down) lasts
+    /// at most `drain_timeout`; then the open transaction is dropped
+    /// uncommitted (so nothing of it is acknowledged and a restart sends it
+    /// again), [`Emitter::abandoned`] turns true and the source should stop
+    /// reading.
     pub fn stop_when(mut self, shutdown: watch::Receiver<bool>, drain_timeout: Duration) -> Self {
         self.shutdown = Some(shutdown);
         self.drain_timeout = drain_timeout;
         self
     }
 
-    /// True once a stop gave up waiting for budget (see [`Emitter::stop_when`]).
+    /// True once a stop gave up waiting for the sink (see [`Emitter::stop_when`]).
     pub fn abandoned(&self) -> bool {
         self.abandoned
     }
 
-    /// Waits for `want` bytes of budget; false when the stop's deadline
-    /// passed first.
-    async fn acquire(&mut self, want: usize) -> bool {
+    /// True once a shutdown was requested and its drain timeout passed
+    /// (counted from the first wait that saw the request).
+    fn stop_overdue(
+        shutdown: Option<&watch::Receiver<bool>>,
+        stop_deadline: &mut Option<tokio::time::Instant>,
+        drain_timeout: Duration,
+    ) -> bool {
+        if !shutdown.is_some_and(|s| *s.borrow()) {
+            return false;
+        }
+        let deadline =
+            *stop_deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain_timeout);
+        tokio::time::Instant::now() >= deadline
+    }
+
+    /// Gives up the open transaction: its batched records are dropped
+    /// (their budget given back) and nothing is committed from now on.
+    fn abandon(&mut self) {
+        let budget = &self.budget;
+        let held: usize = self
+            .batch
+            .drain(..)
+            .map(|r| r.weight().min(budget.capacity()))
+            .sum();
+        budget.release(held + std::mem::take(&mut self.credit));
+        self.abandoned = true;
+    }
+
+    /// Waits for `want` bytes of budget, ticking `waiting`; false when the
+    /// stop's deadline passed first.
+    async fn acquire<W: WhileWaiting>(
+        &mut self,
+        want: usize,
+        waiting: &mut W,
+    ) -> Result<bool, W::Error> {
         let budget = self.budget.clone();
         let acquire = budget.acquire(want);
         tokio::pin!(acquire);
         loop {
-            if let Some(shutdown) = &self.shutdown
-                && *shutdown.borrow()
-            {
-                let deadline = *self
-                    .stop_deadline
-                    .get_or_insert_with(|| tokio::time::Instant::now() + self.drain_timeout);
-                if tokio::time::Instant::now() >= deadline {
-                    return false;
-                }
+            if Self::stop_overdue(
+                self.shutdown.as_ref(),
+                &mut self.stop_deadline,
+                self.drain_timeout,
+            ) {
+                return Ok(false);
             }
             tokio::select! {
-                _ = &mut acquire => return true,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = &mut acquire => return Ok(true),
+                _ = tokio::time::sleep(WAIT_TICK) => waiting.tick().await?,
             }
         }
     }
@@ -309,7 +376,16 @@ impl Emitter {
 
     /// Takes budget for a record (waiting while the sink is behind), numbers
     /// it and adds it to the batch.
-    pub async fn push(&mut self, mut record: Record) -> Result<(), PipelineClosed> {
+    pub async fn push(&mut self, record: Record) -> Result<(), PipelineClosed> {
+        self.push_waiting(record, &mut ()).await
+    }
+
+    /// [`Emitter::push`], ticking `waiting` while it waits.
+    pub async fn push_waiting<W: WhileWaiting>(
+        &mut self,
+        mut record: Record,
+        waiting: &mut W,
+    ) -> Result<(), W::Error> {
         if self.abandoned {
             return Ok(());
         }
@@ -324,11 +400,13 @@ impl Emitter {
             let want = weight.max(BUDGET_CHUNK).min(self.budget.capacity());
             if self.budget.available() < want {
                 // Hand over what we hold so it can complete and free budget.
-                self.flush().await?;
+                self.flush_waiting(waiting).await?;
+                if self.abandoned {
+                    return Ok(());
+                }
             }
-            if !self.acquire(want).await {
-                self.batch.clear();
-                self.abandoned = true;
+            if !self.acquire(want, waiting).await? {
+                self.abandon();
                 return Ok(());
             }
             self.credit = want;
@@ -338,30 +416,69 @@ impl Emitter {
         self.next_seq += 1;
         self.batch.push(record);
         if self.batch.len() >= self.batch_records {
-            self.flush().await?;
+            self.flush_waiting(waiting).await?;
         }
         Ok(())
     }
 
     /// Hands the batch to the sink.
     pub async fn flush(&mut self) -> Result<(), PipelineClosed> {
-        if self.batch.is_empty() {
+        self.flush_waiting(&mut ()).await
+    }
+
+    /// [`Emitter::flush`], ticking `waiting` while the queue to the sink is
+    /// full (the sink is behind: e.g. many one-record transactions during a
+    /// Kinesis outage).
+    pub async fn flush_waiting<W: WhileWaiting>(
+        &mut self,
+        waiting: &mut W,
+    ) -> Result<(), W::Error> {
+        if self.batch.is_empty() || self.abandoned {
             return Ok(());
         }
+        let out = self.out.clone().ok_or(PipelineClosed)?;
+        let permit = loop {
+            if let Ok(permit) = out.try_reserve() {
+                break permit;
+            }
+            if Self::stop_overdue(
+                self.shutdown.as_ref(),
+                &mut self.stop_deadline,
+                self.drain_timeout,
+            ) {
+                // Only records of the open transaction are batched (every
+                // commit flushes): dropping them loses nothing acknowledged.
+                self.abandon();
+                return Ok(());
+            }
+            tokio::select! {
+                permit = out.reserve() => break permit.map_err(|_| PipelineClosed)?,
+                _ = tokio::time::sleep(WAIT_TICK) => waiting.tick().await?,
+            }
+        };
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_records));
         self.tracker.issued(self.next_seq);
-        let out = self.out.as_ref().ok_or(PipelineClosed)?;
-        out.send(batch).await.map_err(|_| PipelineClosed)
+        permit.send(batch);
+        Ok(())
     }
 
     /// A transaction ended at `watermark`: hands its records over and tells
     /// the tracker.
     pub async fn commit(&mut self, watermark: u64) -> Result<(), PipelineClosed> {
+        self.commit_waiting(watermark, &mut ()).await
+    }
+
+    /// [`Emitter::commit`], ticking `waiting` while it waits.
+    pub async fn commit_waiting<W: WhileWaiting>(
+        &mut self,
+        watermark: u64,
+        waiting: &mut W,
+    ) -> Result<(), W::Error> {
+        self.flush_waiting(waiting).await?;
         if self.abandoned {
             // Records of this transaction were dropped: never commit it.
             return Ok(());
         }
-        self.flush().await?;
         self.tracker.commit(self.next_seq, watermark);
         Ok(())
     }
@@ -371,11 +488,26 @@ impl Emitter {
         !self.batch.is_empty()
     }
 
-    /// Flushes and closes the sink's input (graceful stop), then waits up to
-    /// `timeout` for the tracker to drain.
+    /// Flushes and closes the sink's input (graceful stop), then waits for
+    /// the tracker to drain: up to `timeout`, or to the stop's deadline if a
+    /// wait already started it.
     pub async fn close_and_drain(&mut self, timeout: Duration) -> Result<Stopped, PipelineClosed> {
-        self.flush().await?;
+        self.close_and_drain_waiting(timeout, &mut ()).await
+    }
+
+    /// [`Emitter::close_and_drain`], ticking `waiting` while it waits.
+    pub async fn close_and_drain_waiting<W: WhileWaiting>(
+        &mut self,
+        timeout: Duration,
+        waiting: &mut W,
+    ) -> Result<Stopped, W::Error> {
+        self.flush_waiting(waiting).await?;
         self.out = None;
+        if self.abandoned {
+            // The open transaction was dropped: work is left whatever the
+            // tracker says.
+            return Ok(Stopped::TimedOut);
+        }
         let deadline = self
             .stop_deadline
             .unwrap_or_else(|| tokio::time::Instant::now() + timeout);
@@ -383,6 +515,7 @@ impl Emitter {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Stopped::TimedOut);
             }
+            waiting.tick().await?;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(Stopped::Drained)

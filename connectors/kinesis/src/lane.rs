@@ -82,6 +82,11 @@ struct Pending {
     rejections: u32,
     /// PutRecords calls that carried it.
     attempts: u32,
+    /// Kinesis accepted a copy of it that was then sent again (held behind
+    /// an earlier record of its key): that copy is in the stream, so the
+    /// record is never dead-lettered, or the copy, older than the records
+    /// of its key sent meanwhile, would stay its key's last occurrence.
+    accepted_once: bool,
 }
 
 /// What happens to one entry of an answered batch.
@@ -243,6 +248,7 @@ impl Lane {
                     record,
                     rejections: 0,
                     attempts: 0,
+                    accepted_once: false,
                 });
             }
         }
@@ -546,7 +552,10 @@ fn sort_answer(
         let held =
             barrier_retried || retried_keys.contains(key) || (barrier && !retried_keys.is_empty());
         let outcome = match (result.error_code(), result.sequence_number()) {
-            (None, Some(_)) if held => Outcome::Retry,
+            (None, Some(_)) if held => {
+                pending.accepted_once = true;
+                Outcome::Retry
+            }
             (None, Some(_)) => Outcome::Done,
             (code, _) => {
                 let code = code.unwrap_or("MissingSequenceNumber");
@@ -565,7 +574,9 @@ fn sort_answer(
                 // and the earlier record would land after it for good.
                 // Held, it goes again behind that record and is given up
                 // once it is the first of its key.
-                if pending.rejections >= max_rejections && !held {
+                // Nor when a copy of it was accepted before: the record
+                // must land again, after what was sent ahead of it.
+                if pending.rejections >= max_rejections && !held && !pending.accepted_once {
                     Outcome::DeadLetter(format!(
                         "kinesis rejected the record {} times; last error: {code}: {message}",
                         pending.rejections
@@ -616,6 +627,7 @@ mod tests {
             },
             rejections,
             attempts: 1,
+            accepted_once: false,
         }
     }
 
@@ -695,6 +707,24 @@ mod tests {
         let mut again = vec![pending(1, "a", 3)];
         let sorted = sort_answer(&mut again, &[refused("InvalidArgumentException")], 3);
         assert_eq!(kinds(&sorted), "x");
+    }
+
+    #[test]
+    fn a_record_with_an_accepted_copy_is_never_given_up() {
+        // Record 1 is accepted but held behind record 0 of its key.
+        let mut batch = vec![pending(0, "a", 0), pending(1, "a", 2)];
+        let results = [refused("InternalFailure"), accepted()];
+        let sorted = sort_answer(&mut batch, &results, 3);
+        assert_eq!(kinds(&sorted), "rr");
+        assert!(batch[1].accepted_once);
+        // Next call: record 0 lands, record 1 is rejected a third time. Its
+        // earlier copy is in the stream before record 0: giving it up now
+        // would leave that stale copy as the key's last occurrence.
+        let mut again: Vec<Pending> = batch.into_iter().collect();
+        let results = [accepted(), refused("InvalidArgumentException")];
+        let sorted = sort_answer(&mut again, &results, 3);
+        assert_eq!(kinds(&sorted), "dr");
+        assert_eq!(again[1].rejections, 3);
     }
 
     #[test]

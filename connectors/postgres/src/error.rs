@@ -40,6 +40,12 @@ pub enum PostgresError {
     PipelineClosed,
 }
 
+impl From<tributary_envelope::PipelineClosed> for PostgresError {
+    fn from(_: tributary_envelope::PipelineClosed) -> Self {
+        PostgresError::PipelineClosed
+    }
+}
+
 impl PostgresError {
     /// True when reconnecting may fix it (a dropped connection or a server
     /// restart); false for errors that need a person.

@@ -20,7 +20,7 @@ use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 pub use tributary_envelope::Stopped;
 use tributary_envelope::error_text::one_line;
-use tributary_envelope::{AckTracker, Budget, Record};
+use tributary_envelope::{AckTracker, Budget, Emitter, Record, WhileWaiting};
 
 use crate::catalog::Catalog;
 use crate::config::PostgresSourceConfig;
@@ -39,9 +39,6 @@ const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c Tim
 /// Read deadline when neither `source.postgres.read_timeout_secs` nor the
 /// server's `wal_sender_timeout` gives one.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Budget the reader takes at a time (records draw on it one by one).
-const BUDGET_CHUNK: usize = 256 * 1024;
 
 /// A connected Postgres source, ready to stream.
 pub struct PostgresSource {
@@ -224,27 +221,19 @@ impl PostgresSource {
         drain_timeout: Duration,
     ) -> Result<Stopped, PostgresError> {
         let mut state = RunState {
-            out: Some(out),
-            tracker,
-            budget,
-            next_seq: 0,
-            batch: Vec::with_capacity(self.cfg.batch_records),
+            emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records)
+                .stop_when(shutdown.clone(), drain_timeout),
             captured_at: tributary_envelope::time::now(),
-            credit: 0,
-            shutdown: shutdown.clone(),
-            drain_timeout,
-            stop_deadline: None,
-            abandoned: false,
         };
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut state, &shutdown).await?
         {
             // Stopped during the snapshot: it starts again at the next run.
-            return Ok(state.drain(drain_timeout).await);
+            return Ok(state.emitter.close_and_drain(drain_timeout).await?);
         }
         if self.cfg.snapshot_only {
             info!("snapshot = \"only\": the copy is delivered; stopping");
-            return Ok(state.drain(drain_timeout).await);
+            return Ok(state.emitter.close_and_drain(drain_timeout).await?);
         }
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -318,7 +307,7 @@ impl PostgresSource {
                 tokio::time::Instant::now(),
             );
             loop {
-                if *shutdown.borrow() {
+                if *shutdown.borrow() || st.emitter.abandoned() {
                     info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
                     return Ok(false);
                 }
@@ -335,7 +324,7 @@ impl PostgresSource {
                     break;
                 }
                 for record in decoded.drain(..) {
-                    st.push_plain(record).await?;
+                    st.emitter.push(record).await?;
                 }
                 rows += read;
                 if reported.elapsed() >= Duration::from_secs(5) {
@@ -352,12 +341,11 @@ impl PostgresSource {
             .batch_execute("COMMIT")
             .await
             .map_err(PostgresError::query("ending the snapshot transaction"))?;
-        st.flush().await?;
-        st.tracker.commit(st.next_seq, consistent_point);
+        st.emitter.commit(consistent_point).await?;
         // Streaming may start only once Kinesis holds every snapshot row:
         // the marker says the snapshot is unfinished until then.
-        while !st.tracker.is_drained() {
-            if *shutdown.borrow() {
+        while !st.emitter.tracker().is_drained() {
+            if *shutdown.borrow() || st.emitter.abandoned() {
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -380,7 +368,8 @@ impl PostgresSource {
         drain_timeout: Duration,
     ) -> Result<Stopped, PostgresError> {
         let silence = self.read_deadline().await?;
-        let start = self.confirmed_flush(silence).await?.max(st.tracker.acked());
+        let tracker = st.emitter.tracker().clone();
+        let start = self.confirmed_flush(silence).await?.max(tracker.acked());
         let mut conn = ReplicationConnection::start(
             &self.cfg.connection,
             SESSION_OPTIONS,
@@ -405,7 +394,7 @@ impl PostgresSource {
         // Time spent waiting on the socket with nothing arriving (time spent
         // handing records downstream does not count).
         let mut quiet = Duration::ZERO;
-        let mut acked = st.tracker.subscribe();
+        let mut acked = tracker.subscribe();
         let mut tx: Option<Transaction> = None;
         let mut stopping = *shutdown.borrow();
         let mut decoded = Vec::with_capacity(4);
@@ -428,10 +417,14 @@ impl PostgresSource {
                                 st.captured_at = tributary_envelope::time::now();
                             }
                             Message::Commit { end_lsn, .. } => {
-                                st.flush().await?;
-                                st.tracker.commit(st.next_seq, *end_lsn);
+                                let mut keep = KeepAlive {
+                                    conn: &mut conn,
+                                    feedback: &mut feedback,
+                                    tracker: &tracker,
+                                };
+                                st.emitter.commit_waiting(*end_lsn, &mut keep).await?;
                                 tx = None;
-                                if stopping {
+                                if stopping || st.emitter.abandoned() {
                                     break 'stream;
                                 }
                             }
@@ -456,10 +449,15 @@ impl PostgresSource {
                         // envelope, not twice.
                         drop(msg);
                         drop(data);
+                        let mut keep = KeepAlive {
+                            conn: &mut conn,
+                            feedback: &mut feedback,
+                            tracker: &tracker,
+                        };
                         for record in decoded.drain(..) {
-                            st.push(record, &mut conn, &mut feedback).await?;
+                            st.emitter.push_waiting(record, &mut keep).await?;
                         }
-                        if st.abandoned {
+                        if st.emitter.abandoned() {
                             // Stopping while the sink is stalled: the open
                             // transaction is never committed, so nothing of
                             // it is acknowledged.
@@ -467,11 +465,11 @@ impl PostgresSource {
                         }
                     }
                     StreamMessage::KeepAlive { wal_end, reply } => {
-                        if tx.is_none() && st.batch.is_empty() {
-                            st.tracker.idle(wal_end);
+                        if tx.is_none() && !st.emitter.has_pending() {
+                            tracker.idle(wal_end);
                         }
                         if reply {
-                            feedback.send(&mut conn, st.tracker.acked(), true).await?;
+                            feedback.send(&mut conn, tracker.acked(), true).await?;
                         }
                     }
                     StreamMessage::End => {
@@ -485,13 +483,21 @@ impl PostgresSource {
             if stopping && tx.is_none() {
                 break;
             }
-            feedback.maybe_send(&mut conn, st.tracker.acked()).await?;
+            feedback.maybe_send(&mut conn, tracker.acked()).await?;
             // Records wait in the batch only while more of their transaction
             // is on its way; hand them over before sleeping on the socket.
             if tx.is_some() {
-                st.flush().await?;
+                let mut keep = KeepAlive {
+                    conn: &mut conn,
+                    feedback: &mut feedback,
+                    tracker: &tracker,
+                };
+                st.emitter.flush_waiting(&mut keep).await?;
+                if st.emitter.abandoned() {
+                    break;
+                }
             }
-            let feedback_due = feedback.next_due(st.tracker.acked());
+            let feedback_due = feedback.next_due(tracker.acked());
             let waiting_since = tokio::time::Instant::now();
             let read_deadline = waiting_since + silence.saturating_sub(quiet);
             let mut heard = false;
@@ -527,26 +533,21 @@ impl PostgresSource {
         }
         // Shutdown at a transaction boundary: hand over the rest, let the
         // sink finish, then acknowledge the last commit before closing.
-        st.flush().await?;
-        st.out = None;
-        let deadline = st
-            .stop_deadline
-            .unwrap_or_else(|| tokio::time::Instant::now() + drain_timeout);
-        let mut stopped = Stopped::Drained;
-        while !st.tracker.is_drained() {
-            if tokio::time::Instant::now() >= deadline {
-                stopped = Stopped::TimedOut;
-                break;
-            }
-            feedback.maybe_send(&mut conn, st.tracker.acked()).await?;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let last = st.tracker.acked();
+        let mut keep = KeepAlive {
+            conn: &mut conn,
+            feedback: &mut feedback,
+            tracker: &tracker,
+        };
+        let stopped = st
+            .emitter
+            .close_and_drain_waiting(drain_timeout, &mut keep)
+            .await?;
+        let last = tracker.acked();
         feedback.send(&mut conn, last, false).await?;
         conn.close()
             .await
             .map_err(wire_error("closing the replication stream"))?;
-        info!(acknowledged_lsn = %Lsn(last), in_flight = st.tracker.in_flight(), "replication stopped");
+        info!(acknowledged_lsn = %Lsn(last), in_flight = tracker.in_flight(), "replication stopped");
         Ok(stopped)
     }
 }
@@ -696,139 +697,31 @@ impl Feedback {
     }
 }
 
+/// The reader's side of the pipeline: the emitter and the capture time of
+/// the current transaction's records.
 struct RunState {
-    out: Option<mpsc::Sender<Vec<Record>>>,
-    tracker: Arc<AckTracker>,
-    budget: Arc<Budget>,
-    next_seq: u64,
-    batch: Vec<Record>,
+    emitter: Emitter,
     /// `captured_at` of the records of the current transaction.
     captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
-    /// Budget taken but not yet given to a record.
-    credit: usize,
-    /// Turns true on shutdown; bounds a wait for budget.
-    shutdown: watch::Receiver<bool>,
-    /// `sink.drain_timeout_secs`.
-    drain_timeout: Duration,
-    /// Set when a wait for budget first sees the shutdown: the stop must
-    /// be over by then, stalled sink or not.
-    stop_deadline: Option<tokio::time::Instant>,
-    /// A shutdown came while waiting for budget: the open transaction was
-    /// dropped (its batch too) and the session must stop reading.
-    abandoned: bool,
 }
 
-impl RunState {
-    /// Takes budget for a record (sending status updates for what completes
-    /// meanwhile) and adds it to the batch.
-    async fn push(
-        &mut self,
-        record: Record,
-        conn: &mut ReplicationConnection,
-        feedback: &mut Feedback,
-    ) -> Result<(), PostgresError> {
-        if self.abandoned {
-            return Ok(());
-        }
-        let weight = record.weight().min(self.budget.capacity());
-        if self.credit < weight {
-            // Take budget in chunks, not per record (what is left over stays
-            // below one chunk). Give the remainder back first, so a record
-            // as large as the whole budget can still get it.
-            if self.credit > 0 {
-                self.budget.release(self.credit);
-                self.credit = 0;
-            }
-            let want = weight.max(BUDGET_CHUNK).min(self.budget.capacity());
-            if self.budget.available() < want {
-                // Hand over what we hold so it can complete and free budget.
-                self.flush().await?;
-            }
-            let budget = self.budget.clone();
-            let acquire = budget.acquire(want);
-            tokio::pin!(acquire);
-            loop {
-                if *self.shutdown.borrow() {
-                    let deadline = *self
-                        .stop_deadline
-                        .get_or_insert_with(|| tokio::time::Instant::now() + self.drain_timeout);
-                    if tokio::time::Instant::now() >= deadline {
-                        // The sink stayed stalled (e.g. Kinesis is down) for
-                        // the whole drain timeout: stop waiting rather than
-                        // hang. The open transaction is never committed, so
-                        // nothing of it is acknowledged and a restart sends it.
-                        warn!(
-                            "the sink is stalled: stopping inside a transaction, which stays unacknowledged"
-                        );
-                        self.batch.clear();
-                        self.abandoned = true;
-                        return Ok(());
-                    }
-                }
-                tokio::select! {
-                    _ = &mut acquire => break,
-                    _ = tokio::time::sleep(Feedback::RAISE_DELAY) => {
-                        feedback.maybe_send(conn, self.tracker.acked()).await?;
-                    }
-                }
-            }
-            self.credit += want;
-        }
-        self.credit -= weight;
-        self.enqueue(record).await
-    }
+/// Keeps the replication connection alive while the pipeline makes the
+/// reader wait (budget, a full queue, the final drain): status updates go
+/// out as they fall due, so the server neither times the session out nor
+/// keeps WAL that is already acknowledged.
+struct KeepAlive<'a> {
+    conn: &'a mut ReplicationConnection,
+    feedback: &'a mut Feedback,
+    tracker: &'a AckTracker,
+}
 
-    /// Takes budget for a snapshot record and adds it to the batch (no
-    /// replication session is open yet, so no status updates meanwhile).
-    async fn push_plain(&mut self, record: Record) -> Result<(), PostgresError> {
-        let weight = record.weight().min(self.budget.capacity());
-        if self.budget.available() < weight {
-            // Hand over what we hold so it can complete and free budget.
-            self.flush().await?;
-        }
-        self.budget.acquire(weight).await;
-        self.enqueue(record).await
-    }
+impl WhileWaiting for KeepAlive<'_> {
+    type Error = PostgresError;
 
-    /// Numbers a record that holds its budget and adds it to the batch.
-    async fn enqueue(&mut self, mut record: Record) -> Result<(), PostgresError> {
-        record.seq = self.next_seq;
-        self.next_seq += 1;
-        self.batch.push(record);
-        if self.batch.len() >= self.batch.capacity() {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    /// Hands over what is batched, closes the output and waits up to
-    /// `drain_timeout` for the sink to finish it.
-    async fn drain(&mut self, drain_timeout: Duration) -> Stopped {
-        if self.flush().await.is_err() {
-            return Stopped::TimedOut;
-        }
-        self.out = None;
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        while !self.tracker.is_drained() {
-            if tokio::time::Instant::now() >= deadline {
-                return Stopped::TimedOut;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Stopped::Drained
-    }
-
-    async fn flush(&mut self) -> Result<(), PostgresError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let capacity = self.batch.capacity();
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(capacity));
-        self.tracker.issued(self.next_seq);
-        let out = self.out.as_ref().ok_or(PostgresError::PipelineClosed)?;
-        out.send(batch)
+    async fn tick(&mut self) -> Result<(), PostgresError> {
+        self.feedback
+            .maybe_send(self.conn, self.tracker.acked())
             .await
-            .map_err(|_| PostgresError::PipelineClosed)
     }
 }
 
