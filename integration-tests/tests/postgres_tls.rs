@@ -4,7 +4,9 @@
 //! replication stream) must be TLS for the run to work at all:
 //! - `sslmode=verify-full` with the right CA streams a change to Kinesis;
 //! - with another CA, start-up stops with a message that names
-//!   `sslrootcert` and what failed;
+//!   `sslrootcert` and what failed (exit 1, like any connection failure);
+//!   with a CA file that is not there, it stops as a configuration error
+//!   (exit 2);
 //! - `sslmode=require` against a server without TLS stops clearly too.
 
 use std::time::Duration;
@@ -61,6 +63,19 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
         ),
     )
     .await?;
+
+    // A CA file that is not there: a setting to fix (exit 2).
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("missing-ca.pem");
+    let extra = format!("[source]\nurl = \"{}\"\n", url(&missing));
+    let config = write_config(dir.path(), &servers.pg, &servers.kin, STREAM, &extra)?;
+    TributaryProcess::run(&config.path, &[])?
+        .expect_failure(
+            2,
+            &format!("source.url: cannot read sslrootcert={}", missing.display()),
+            Duration::from_secs(30),
+        )
+        .await?;
 
     // The right CA: the whole pipeline runs over TLS.
     let dir = tempfile::tempdir()?;
