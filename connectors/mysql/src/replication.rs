@@ -563,7 +563,11 @@ impl MysqlSource {
                         decode_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
                     })?;
                     if !schema.names_from_event || may_hold_json(&schema) {
-                        let facts = st.catalog.facts(&mut self.side, &schema).await?;
+                        // Bounded: a silent side connection must not hang
+                        // the stream (the session reconnects instead).
+                        let limit = self.read_deadline();
+                        let lookup = st.catalog.facts(&mut self.side, &schema);
+                        let facts = bounded(limit, "reading a table's columns", lookup).await??;
                         schema.complete(facts);
                     }
                     st.decoder.table_map(id, schema);
