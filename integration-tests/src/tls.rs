@@ -22,6 +22,13 @@ pub struct TestCerts {
 impl TestCerts {
     /// Makes a CA named `name` and a leaf for 127.0.0.1 / localhost.
     pub fn generate(name: &str) -> Result<Self> {
+        Self::generate_for(name, "IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// Makes a CA named `name` and a leaf whose subjectAltName is
+    /// `alt_names` (e.g. `DNS:localhost`: a leaf that does not name
+    /// 127.0.0.1, for host-name checks).
+    pub fn generate_for(name: &str, alt_names: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tributary-tls-")
             .tempdir()
@@ -67,8 +74,10 @@ impl TestCerts {
         )?;
         std::fs::write(
             certs.path("leaf.ext"),
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "basicConstraints=CA:FALSE\nsubjectAltName={alt_names}\n\
+                 keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            ),
         )?;
         openssl(&[
             "x509",

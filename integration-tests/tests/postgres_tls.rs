@@ -3,6 +3,8 @@
 //! (`hostssl`), so every connection tributary opens (queries and the
 //! replication stream) must be TLS for the run to work at all:
 //! - `sslmode=verify-full` with the right CA streams a change to Kinesis;
+//!   to a host the certificate does not name it stops start-up, and
+//!   `verify-ca` (chain only) connects there (`tributary check`);
 //! - with another CA, start-up stops with a message that names
 //!   `sslrootcert` and what failed (exit 1, like any connection failure);
 //!   with a CA file that is not there, it stops as a configuration error
@@ -33,7 +35,9 @@ async fn fails_at_start(servers: &Servers, url: &str, needle: &str) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() -> Result<()> {
-    let certs = TestCerts::generate("tributary test CA")?;
+    // The leaf names `localhost` only: connecting to 127.0.0.1 is a name
+    // mismatch that verify-full refuses and verify-ca accepts.
+    let certs = TestCerts::generate_for("tributary test CA", "DNS:localhost")?;
     let other = TestCerts::generate("some other CA")?;
     let pg = Postgres::start_with_tls(&certs).await?;
     let port = pg.port();
@@ -44,13 +48,14 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
         "CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL)",
     )
     .await?;
-    let url = |ca: &std::path::Path| {
+    let url_to = |host: &str, mode: &str, ca: &std::path::Path| {
         format!(
-            "postgres://{TLS_USER}@127.0.0.1:{port}/{DEFAULT_DATABASE}\
-             ?sslmode=verify-full&sslrootcert={}",
+            "postgres://{TLS_USER}@{host}:{port}/{DEFAULT_DATABASE}\
+             ?sslmode={mode}&sslrootcert={}",
             ca.display()
         )
     };
+    let url = |ca: &std::path::Path| url_to("localhost", "verify-full", ca);
 
     // A CA that did not sign the server's certificate.
     let wrong = url(&other.ca());
@@ -76,6 +81,14 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
             Duration::from_secs(30),
         )
         .await?;
+
+    // The right CA, but a host the certificate does not name.
+    fails_at_start(
+        &servers,
+        &url_to("127.0.0.1", "verify-full", &certs.ca()),
+        "the server's certificate does not name the host 127.0.0.1 (sslmode=verify-full checks",
+    )
+    .await?;
 
     // The right CA: the whole pipeline runs over TLS.
     let dir = tempfile::tempdir()?;
@@ -107,16 +120,25 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
     assert!(walsender_ssl, "the replication stream is not over TLS");
     tributary.stop_gracefully(Duration::from_secs(30)).await?;
 
-    // `check` connects over TLS too.
-    let check = TributaryProcess::spawn(
+    // `check` connects over TLS too; verify-ca does not check the name.
+    let extra = format!(
+        "[source]\nurl = \"{}\"\n",
+        url_to("127.0.0.1", "verify-ca", &certs.ca())
+    );
+    let config = write_config(dir.path(), &servers.pg, &servers.kin, STREAM, &extra)?;
+    let mut check = TributaryProcess::spawn(
         &["check".as_ref(), "-c".as_ref(), config.path.as_os_str()],
         &tributary_integration_tests::EMULATOR_AWS_ENV,
         dir.path(),
     )?;
-    let mut check = check;
     check.wait_exit(Duration::from_secs(60)).await?;
     let report = check.logs();
-    assert!(report.contains(&format!("as {TLS_USER}")), "{report}");
+    assert!(
+        report.contains(&format!(
+            "connected to 127.0.0.1:{port}/{DEFAULT_DATABASE} as {TLS_USER}"
+        )),
+        "{report}"
+    );
 
     // `require` against a server without TLS.
     let plain = Postgres::start().await?;
