@@ -7,7 +7,8 @@
 //! - `sslmode=verify-full&sslrootcert=` (libpq's spelling) with another CA
 //!   stops start-up with a message that names the parameter and what
 //!   failed;
-//! - `ssl-mode=REQUIRED` against a server without TLS stops clearly too.
+//! - `ssl-mode=REQUIRED` against a server without TLS stops clearly too,
+//!   and `ssl-mode=PREFERRED` goes on in plain TCP (`tributary check`).
 
 use std::time::Duration;
 
@@ -112,5 +113,20 @@ async fn verify_identity_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_u
         "the server does not accept TLS connections, and ssl-mode=REQUIRED asks for TLS",
     )
     .await?;
+
+    // PREFERRED goes on in plain TCP when the server has no TLS.
+    let dir = tempfile::tempdir()?;
+    let preferred = url(plain.port(), "ssl-mode=PREFERRED");
+    let extra = format!("[source]\nurl = \"{preferred}\"\n");
+    let config = write_mysql_config(dir.path(), &plain, &pipeline.kin, STREAM, &extra)?;
+    let mut check = TributaryProcess::spawn(
+        &["check".as_ref(), "-c".as_ref(), config.path.as_os_str()],
+        &[],
+        dir.path(),
+    )?;
+    check.wait_exit(Duration::from_secs(60)).await?;
+    let report = check.logs();
+    let connected = format!("connected to 127.0.0.1:{}", plain.port());
+    assert!(report.contains(&connected), "{report}");
     Ok(())
 }
