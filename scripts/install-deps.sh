@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Tributary's tests and quickstart need on a Debian machine:
 # PostgreSQL 15 server binaries, MariaDB server and client (for the MySQL
-# source's tests: they start their own throwaway mariadbd), node + npm, kinesalite (npm ci, pinned in
+# source's tests: they start their own throwaway mariadbd), openssl (the TLS
+# tests' certificates), node + npm, kinesalite (npm ci, pinned in
 # package-lock.json) and cargo-nextest. Idempotent, and quiet when
 # everything is already there.
 set -euo pipefail
@@ -33,6 +34,11 @@ if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ] ||
     # Installing starts no service on our machines (policy-rc.d); the tests
     # never use a system server.
     apt_install mariadb-server mariadb-client
+fi
+
+# The TLS tests make a throwaway CA and server certificate with it.
+if ! command -v openssl >/dev/null; then
+    apt_install openssl
 fi
 
 if ! command -v node >/dev/null; then

@@ -377,7 +377,7 @@ pub enum SourceConfig {
     /// `kind = "postgres"`.
     Postgres(Box<PostgresSourceConfig>),
     /// `kind = "mysql"`.
-    Mysql(MysqlSourceConfig),
+    Mysql(Box<MysqlSourceConfig>),
 }
 
 /// Something generic over the source type: the pipeline's wiring.
@@ -396,7 +396,7 @@ impl SourceConfig {
                 with.run::<tributary_postgres::PostgresSource>(*config)
                     .await
             }
-            SourceConfig::Mysql(config) => with.run::<tributary_mysql::MysqlSource>(config).await,
+            SourceConfig::Mysql(config) => with.run::<tributary_mysql::MysqlSource>(*config).await,
         }
     }
 }
@@ -604,7 +604,7 @@ impl Settings {
             SourceKind::Postgres => {
                 SourceConfig::Postgres(Box::new(source.postgres.validate(&common)?))
             }
-            SourceKind::Mysql => SourceConfig::Mysql(source.mysql.validate(&common)?),
+            SourceKind::Mysql => SourceConfig::Mysql(Box::new(source.mysql.validate(&common)?)),
         };
         Ok(Validated {
             settings: self,

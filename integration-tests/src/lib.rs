@@ -33,6 +33,9 @@
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
+//! - `tls.rs`: [`TestCerts`], a throwaway CA and server certificate for
+//!   the servers' TLS (`Postgres::start_with_tls`, `Mariadb::start_with`
+//!   and its `--ssl-*` flags).
 
 mod config;
 pub mod consumer;
@@ -45,6 +48,7 @@ mod pipeline;
 mod postgres;
 mod process;
 mod proxy;
+mod tls;
 
 use std::path::{Path, PathBuf};
 
@@ -57,9 +61,12 @@ pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BI
 pub use mysql_pipeline::MysqlPipeline;
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
-pub use postgres::{DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, USER};
+pub use postgres::{
+    DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, TLS_USER, USER,
+};
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;
+pub use tls::TestCerts;
 
 /// The root of the repository: the directory holding the workspace's
 /// `Cargo.toml`, `package.json` and `config.toml`.

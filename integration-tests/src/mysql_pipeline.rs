@@ -62,7 +62,25 @@ impl MysqlPipeline {
         setup_sql: &str,
         extra_toml: &str,
     ) -> Result<Self> {
-        let db = Mariadb::start().await?;
+        Self::start_on(
+            Mariadb::start().await?,
+            stream,
+            shards,
+            setup_sql,
+            extra_toml,
+        )
+        .await
+    }
+
+    /// [`MysqlPipeline::start_without_waiting`] on a MariaDB the test
+    /// started itself (e.g. with TLS flags).
+    pub async fn start_on(
+        db: Mariadb,
+        stream: &str,
+        shards: u32,
+        setup_sql: &str,
+        extra_toml: &str,
+    ) -> Result<Self> {
         let kin = Kinesalite::start().await?;
         kin.create_stream(stream, shards).await?;
         if !setup_sql.trim().is_empty() {

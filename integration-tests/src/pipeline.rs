@@ -43,7 +43,17 @@ impl Servers {
     /// shards, and runs `setup_sql` (the tables, as one transaction) as
     /// [`crate::USER`] in [`crate::DEFAULT_DATABASE`].
     pub async fn start(stream: &str, shards: u32, setup_sql: &str) -> Result<Self> {
-        let pg = Postgres::start().await?;
+        Self::start_with(Postgres::start().await?, stream, shards, setup_sql).await
+    }
+
+    /// [`Servers::start`] on a Postgres the test started itself (e.g. with
+    /// TLS).
+    pub async fn start_with(
+        pg: Postgres,
+        stream: &str,
+        shards: u32,
+        setup_sql: &str,
+    ) -> Result<Self> {
         let kin = Kinesalite::start().await?;
         kin.create_stream(stream, shards).await?;
         pg.execute(setup_sql).await?;

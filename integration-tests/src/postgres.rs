@@ -31,6 +31,10 @@ pub const SUPERUSER: &str = "postgres";
 pub const SCRAM_USER: &str = "tributary_scram";
 /// A role that must log in with an MD5 password; the auth tests create it.
 pub const MD5_USER: &str = "tributary_md5";
+/// A role that may log in over TLS only (`hostssl` in `pg_hba.conf`), a
+/// member of [`USER`]: a cluster started with
+/// [`Postgres::start_with_tls`] has it.
+pub const TLS_USER: &str = "tributary_tls";
 
 /// Where Debian's PostgreSQL 15 server binaries live. `TRIBUTARY_PG_BIN`
 /// overrides it.
@@ -75,8 +79,20 @@ impl Postgres {
         Err(last_error.expect("at least one attempt was made"))
     }
 
+    /// [`Postgres::start`] with TLS on (`ssl = on`, the server certificate
+    /// and key of `certs`) and the role [`TLS_USER`], which may connect
+    /// over TLS only. Plain connections of the other roles still work.
+    pub async fn start_with_tls(certs: &crate::tls::TestCerts) -> Result<Self> {
+        let port = free_port()?;
+        Self::start_on_with(port, Some(certs)).await
+    }
+
     /// Starts a cluster on the given loopback port; fails if it is taken.
     pub async fn start_on(port: u16) -> Result<Self> {
+        Self::start_on_with(port, None).await
+    }
+
+    async fn start_on_with(port: u16, tls: Option<&crate::tls::TestCerts>) -> Result<Self> {
         if !port_is_free(port) {
             bail!("cannot start postgres: port {port} on 127.0.0.1 is already in use");
         }
@@ -106,10 +122,22 @@ impl Postgres {
             running: false,
         };
         pg.init_cluster()?;
+        if let Some(certs) = tls {
+            pg.enable_tls(certs)?;
+        }
         pg.pg_ctl_start()?;
         pg.create_user_and_database()
             .await
             .with_context(|| format!("setting up postgres\n{}", pg.log_excerpt()))?;
+        if tls.is_some() {
+            pg.superuser_client("postgres")
+                .await?
+                .batch_execute(&format!(
+                    "CREATE ROLE {TLS_USER} WITH LOGIN REPLICATION IN ROLE {USER}"
+                ))
+                .await
+                .with_context(|| format!("creating role {TLS_USER}"))?;
+        }
         Ok(pg)
     }
 
@@ -321,6 +349,11 @@ host all tributary_scram 127.0.0.1/32 scram-sha-256
 host replication tributary_scram 127.0.0.1/32 scram-sha-256
 host all tributary_md5 127.0.0.1/32 md5
 host replication tributary_md5 127.0.0.1/32 md5
+# TLS_USER: over TLS only (a cluster started with TLS has the role)
+hostssl all tributary_tls 127.0.0.1/32 trust
+hostssl replication tributary_tls 127.0.0.1/32 trust
+hostnossl all tributary_tls 127.0.0.1/32 reject
+hostnossl replication tributary_tls 127.0.0.1/32 reject
 local all all trust
 host all all 127.0.0.1/32 trust
 local replication all trust
@@ -328,6 +361,30 @@ host replication all 127.0.0.1/32 trust
 ";
         std::fs::write(data.join("pg_hba.conf"), hba).context("writing pg_hba.conf")?;
         Ok(())
+    }
+
+    /// Copies the server's certificate and key into the data directory
+    /// (the key owned by the server's account, mode 0600, as it requires)
+    /// and turns `ssl` on.
+    fn enable_tls(&self, certs: &crate::tls::TestCerts) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let data = self.data_dir();
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::copy(certs.server_cert(), &cert).context("copying the server certificate")?;
+        std::fs::copy(certs.server_key(), &key).context("copying the server key")?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        if self.as_os_user {
+            let user = nix::unistd::User::from_name(OS_USER)?
+                .with_context(|| format!("no `{OS_USER}` OS account"))?;
+            for file in [&cert, &key] {
+                std::os::unix::fs::chown(file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .with_context(|| format!("chown {}", file.display()))?;
+            }
+        }
+        append(
+            &data.join("postgresql.conf"),
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
     }
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<()> {

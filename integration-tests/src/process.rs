@@ -264,6 +264,23 @@ impl TributaryProcess {
         Ok(status)
     }
 
+    /// Waits up to `timeout` for a process that must fail: its exit code
+    /// must be `code` and its logs must hold `needle`. Returns its last
+    /// log line (the error).
+    pub async fn expect_failure(
+        &mut self,
+        code: i32,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let status = self.wait_exit(timeout).await?;
+        let logs = self.logs();
+        if status.code() != Some(code) || !logs.contains(needle) {
+            bail!("expected exit code {code} and {needle:?}, got {status}\n{logs}");
+        }
+        Ok(logs.lines().last().unwrap_or_default().to_owned())
+    }
+
     /// The exit status if the process has exited, without waiting.
     pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
         if self.exit.is_none() {

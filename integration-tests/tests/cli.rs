@@ -60,6 +60,12 @@ fn bad_configs_exit_2_and_name_the_key() {
             format!("{GOOD}\n[source.postgres]\nread_timeout_secs = 0\n"),
             "source.postgres.read_timeout_secs",
         ),
+        (
+            // verify-full without the CA to verify with.
+            GOOD.replace("/shop\"", "/shop?sslmode=verify-full\""),
+            "source.url: sslmode=verify-full checks the server's certificate against a CA: \
+             add sslrootcert=PATH",
+        ),
     ];
     for (config, key) in cases {
         let (code, stderr) = run_with(&config, &[]);

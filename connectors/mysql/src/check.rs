@@ -28,7 +28,7 @@ pub async fn check(config: &MysqlSourceConfig) -> Vec<CheckItem> {
         config.opts.tcp_port()
     );
     let user = config.opts.user().unwrap_or_default().to_owned();
-    let mut conn = match Conn::new(config.opts.clone()).await {
+    let mut conn = match config.opts.connect().await {
         Ok(conn) => conn,
         Err(err) => {
             return vec![CheckItem::fail(

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use mysql_async::{Opts, OptsBuilder};
 use tributary_envelope::source::{SettingError, SourceCommon};
+use tributary_envelope::tls::{Spelling, TlsMode, TlsParams};
+
+use crate::tls::ConnectOpts;
 use tributary_envelope::{StreamRouter, TableFilter};
 
 /// `[source.mysql]`, as written in the config file.
@@ -14,15 +17,25 @@ pub struct MysqlSettings {
     /// The replica id this connector registers with; unique among the
     /// server's replicas (1..=4294967295).
     pub server_id: Option<u32>,
+    /// Seconds between the server's binlog heartbeats while the stream is
+    /// idle (`@master_heartbeat_period`, default 5). Twice this with
+    /// nothing at all from the server, the connection is taken for dead
+    /// and reopened.
+    pub heartbeat_interval_secs: Option<u64>,
 }
+
+/// `source.mysql.heartbeat_interval_secs` when absent.
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The largest heartbeat period the server takes (seconds).
+const MAX_HEARTBEAT_SECS: u64 = 4_294_967;
 
 /// Settings of one MySQL source, ready to connect with.
 #[derive(Clone, Debug)]
 pub struct MysqlSourceConfig {
     /// `source.name`: event ids and the offset file's name.
     pub name: String,
-    /// Parsed `source.url` (password applied).
-    pub opts: Opts,
+    /// Parsed `source.url` (password and TLS applied).
+    pub opts: ConnectOpts,
     /// `source.mysql.server_id`.
     pub server_id: u32,
     /// Which tables are captured.
@@ -41,6 +54,9 @@ pub struct MysqlSourceConfig {
     /// `source.snapshot = "only"`: copy the captured tables' rows, then
     /// stop (no offset, no marker, no lock).
     pub snapshot_only: bool,
+    /// `source.mysql.heartbeat_interval_secs`: the server's heartbeat
+    /// period on the binlog connection; twice it is the read deadline.
+    pub heartbeat: std::time::Duration,
 }
 
 impl MysqlSettings {
@@ -61,6 +77,22 @@ impl MysqlSettings {
                 ));
             }
         };
+        let heartbeat = match self.heartbeat_interval_secs {
+            None => DEFAULT_HEARTBEAT,
+            Some(secs) if (1..=MAX_HEARTBEAT_SECS).contains(&secs) => {
+                std::time::Duration::from_secs(secs)
+            }
+            Some(_) => {
+                return Err(SettingError::new(
+                    "source.mysql.heartbeat_interval_secs",
+                    format!(
+                        "must be between 1 and {MAX_HEARTBEAT_SECS} (seconds between the \
+                         server's heartbeats; twice it without a word, the connection is \
+                         taken for dead)"
+                    ),
+                ));
+            }
+        };
         let opts = parse_url(&common.url, common.password.as_deref())?;
         Ok(MysqlSourceConfig {
             name: common.name.clone(),
@@ -75,13 +107,19 @@ impl MysqlSettings {
             state_dir: common.state_dir.clone(),
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
+            heartbeat,
         })
     }
 }
 
-/// Parses `source.url` (`mysql://USER[:PASSWORD]@HOST[:PORT][/DB]`) and
-/// applies a password given separately.
-pub fn parse_url(url: &str, password: Option<&str>) -> Result<Opts, SettingError> {
+/// Idle time before the first TCP keepalive probe, unless the URL sets
+/// `tcp_keepalive` (milliseconds).
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Parses `source.url` (`mysql://USER[:PASSWORD]@HOST[:PORT][/DB]`, TLS
+/// parameters in either spelling, see `tls`) and applies a password given
+/// separately. Without a TLS parameter the connection is plain TCP.
+pub fn parse_url(url: &str, password: Option<&str>) -> Result<ConnectOpts, SettingError> {
     let err = |message: String| SettingError::new("source.url", message);
     let redacted = tributary_envelope::source::redact_url(url);
     if !url.starts_with("mysql://") {
@@ -89,15 +127,20 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<Opts, SettingError
             "`{redacted}` is not a MySQL URL: use mysql://USER@HOST:PORT"
         )));
     }
-    let opts = Opts::from_url(url).map_err(|e| err(format!("cannot parse `{redacted}`: {e}")))?;
+    let (rest, tls) =
+        TlsParams::take_from_url(url, Spelling::LibpqOrMysql, TlsMode::Disable).map_err(&err)?;
+    let opts = Opts::from_url(&rest).map_err(|e| err(format!("cannot parse `{redacted}`: {e}")))?;
     if opts.user().is_none_or(str::is_empty) {
         return Err(err("the URL names no user: mysql://USER@HOST:PORT".into()));
     }
-    let mut builder = OptsBuilder::from_opts(opts).prefer_socket(false);
+    let keepalive = opts.tcp_keepalive().or(Some(TCP_KEEPALIVE));
+    let mut builder = OptsBuilder::from_opts(opts)
+        .prefer_socket(false)
+        .tcp_keepalive(keepalive);
     if let Some(password) = password {
         builder = builder.pass(Some(password));
     }
-    Ok(builder.into())
+    Ok(ConnectOpts::new(builder.into(), tls))
 }
 
 #[cfg(test)]
@@ -121,11 +164,13 @@ mod tests {
     fn validates_server_id_and_url() {
         let ok = MysqlSettings {
             server_id: Some(5401),
+            heartbeat_interval_secs: None,
         };
         let config = ok
             .validate(&common("mysql://cdc:s3cret@127.0.0.1:3307/shop"))
             .unwrap();
         assert_eq!(config.server_id, 5401);
+        assert_eq!(config.heartbeat, DEFAULT_HEARTBEAT);
         assert_eq!(config.opts.tcp_port(), 3307);
         assert_eq!(config.opts.pass(), Some("s3cret"));
         assert_eq!(
@@ -134,14 +179,28 @@ mod tests {
         );
         for (settings, url, key) in [
             (
-                MysqlSettings { server_id: None },
+                MysqlSettings {
+                    server_id: None,
+                    heartbeat_interval_secs: None,
+                },
                 "mysql://cdc@h",
                 "source.mysql.server_id",
             ),
             (
-                MysqlSettings { server_id: Some(0) },
+                MysqlSettings {
+                    server_id: Some(0),
+                    heartbeat_interval_secs: None,
+                },
                 "mysql://cdc@h",
                 "source.mysql.server_id",
+            ),
+            (
+                MysqlSettings {
+                    server_id: Some(1),
+                    heartbeat_interval_secs: Some(0),
+                },
+                "mysql://cdc@h",
+                "source.mysql.heartbeat_interval_secs",
             ),
             (ok.clone_id(), "postgres://cdc:s3cret@h/db", "source.url"),
             (ok.clone_id(), "mysql://h:3306", "source.url"),
@@ -156,6 +215,7 @@ mod tests {
         fn clone_id(&self) -> Self {
             Self {
                 server_id: self.server_id,
+                heartbeat_interval_secs: self.heartbeat_interval_secs,
             }
         }
     }

@@ -6,7 +6,7 @@
 //! only at transaction ends the sink has fully delivered.
 //!
 //! Files (the same roles as in `connectors/postgres`): `config` (settings,
-//! URL parsing), `setup` (binlog settings check, start position, purged
+//! URL parsing), `tls` (connections, over TLS as the URL says), `setup` (binlog settings check, start position, purged
 //! binlog check), `snapshot` (the initial snapshot: consistent view, its
 //! binlog position, the marker), `replication` (the snapshot copy, the
 //! streaming loop and offsets), `source`
@@ -31,6 +31,7 @@ pub mod schema;
 pub mod setup;
 pub mod snapshot;
 mod source;
+pub mod tls;
 pub mod types;
 
 pub use config::MysqlSourceConfig;

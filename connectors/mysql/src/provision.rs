@@ -157,12 +157,13 @@ async fn apply_plan(conn: &mut Conn, plan: &SetupPlan) -> Result<(), MysqlError>
 /// shows the plan with `show`, and runs it when `apply`; returns how many
 /// statements ran.
 pub async fn setup(
-    opts: mysql_async::Opts,
+    opts: crate::tls::ConnectOpts,
     user: &str,
     apply: bool,
     show: impl FnOnce(&SetupPlan),
 ) -> Result<usize, MysqlError> {
-    let mut conn = Conn::new(opts)
+    let mut conn = opts
+        .connect()
         .await
         .map_err(MysqlError::connection("connecting to the server"))?;
     let plan = plan(&mut conn, user).await?;

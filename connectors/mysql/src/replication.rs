@@ -32,14 +32,25 @@ use crate::schema::{Catalog, TableSchema};
 use crate::setup;
 use crate::snapshot::{self, PendingSnapshot};
 
+/// `fut`, failed as a dropped connection when it takes longer than `limit`
+/// (a statement on a connection whose peer went silent never ends).
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, MysqlError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| MysqlError::Connection {
+            context: format!("{what}: no answer within {limit:?}"),
+            source: mysql_async::Error::Other("statement timed out".into()),
+        })
+}
+
 /// MariaDB's GTID event (read by hand: the library does not decode it).
 const MARIADB_GTID_EVENT: u8 = 162;
 /// MariaDB's GTID event flag: a statement outside any BEGIN (DDL).
 const MARIADB_FL_STANDALONE: u8 = 1;
-/// The server sends a heartbeat this often when idle.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-/// No event or heartbeat for this long: the connection is dead.
-const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// The offset store is written at most this often while streaming.
 const SAVE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -71,7 +82,9 @@ impl MysqlSource {
     /// the server's current position on the first start and stores it).
     pub async fn connect(cfg: MysqlSourceConfig) -> Result<Self, MysqlError> {
         let server = describe(&cfg);
-        let mut side = Conn::new(cfg.opts.clone())
+        let mut side = cfg
+            .opts
+            .connect()
             .await
             .map_err(MysqlError::connection(format!("connecting to {server}")))?;
         let settings = setup::server_settings(&mut side).await?;
@@ -221,7 +234,7 @@ impl MysqlSource {
                         _ = shutdown.changed() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if let Ok(side) = Conn::new(self.cfg.opts.clone()).await {
+                    if let Ok(side) = self.cfg.opts.connect().await {
                         self.side = side;
                     }
                 }
@@ -311,26 +324,42 @@ impl MysqlSource {
     }
 
     async fn open_stream(&self, from: &Offset) -> Result<BinlogStream, MysqlError> {
-        let mut conn = Conn::new(self.cfg.opts.clone())
+        let mut conn = self
+            .cfg
+            .opts
+            .connect()
             .await
             .map_err(MysqlError::connection(format!(
                 "connecting to {}",
                 describe(&self.cfg)
             )))?;
         // MariaDB sends its GTID events only to replicas that say they can
-        // read them; the heartbeat period is in nanoseconds.
-        conn.query_drop(format!(
+        // read them; the heartbeat period is in nanoseconds. Both answers
+        // are bounded: a server gone silent must not hang the session.
+        let silence = self.read_deadline();
+        let prepare = conn.query_drop(format!(
             "SET @mariadb_slave_capability = 4, @master_heartbeat_period = {}",
-            HEARTBEAT.as_nanos()
-        ))
-        .await
-        .map_err(MysqlError::connection("preparing the binlog session"))?;
+            self.cfg.heartbeat.as_nanos()
+        ));
+        bounded(silence, "preparing the binlog session", prepare)
+            .await?
+            .map_err(MysqlError::connection("preparing the binlog session"))?;
         let request = BinlogStreamRequest::new(self.cfg.server_id)
             .with_filename(from.file.as_bytes())
             .with_pos(u64::from(from.pos));
-        conn.get_binlog_stream(request)
-            .await
-            .map_err(MysqlError::connection("requesting the binlog stream"))
+        bounded(
+            silence,
+            "requesting the binlog stream",
+            conn.get_binlog_stream(request),
+        )
+        .await?
+        .map_err(MysqlError::connection("requesting the binlog stream"))
+    }
+
+    /// How long the binlog stream may stay silent: twice the heartbeat
+    /// period (`source.mysql.heartbeat_interval_secs`).
+    fn read_deadline(&self) -> Duration {
+        self.cfg.heartbeat * 2
     }
 
     async fn session(
@@ -354,6 +383,9 @@ impl MysqlSource {
         };
         let mut acked = st.emitter.tracker().subscribe();
         let mut stopping = *shutdown.borrow();
+        let silence = self.read_deadline();
+        // The read deadline runs from the last event or heartbeat heard.
+        let mut heard_at = Instant::now();
         loop {
             // A stop while the sink stayed stalled: the open transaction
             // was dropped uncommitted (see `Emitter::stop_when`).
@@ -375,10 +407,15 @@ impl MysqlSource {
                             st.save_acked(&mut self.store, true)?;
                             continue;
                         }
-                        _ = tokio::time::sleep(SILENCE_LIMIT) => {
+                        _ = tokio::time::sleep_until(heard_at + silence) => {
                             return Err(MysqlError::Connection {
-                                context: format!("no binlog event or heartbeat for {SILENCE_LIMIT:?}"),
-                                source: mysql_async::Error::Other("binlog stream silent".into()),
+                                context: format!(
+                                    "nothing from the server for {silence:?}, not even a \
+                                     heartbeat (twice source.mysql.heartbeat_interval_secs)"
+                                ),
+                                source: mysql_async::Error::Other(
+                                    "read deadline passed: the connection is taken for dead".into(),
+                                ),
                             });
                         }
                         next = stream.next() => next,
@@ -386,7 +423,10 @@ impl MysqlSource {
                 }
             };
             let event = match next {
-                Some(Ok(event)) => event,
+                Some(Ok(event)) => {
+                    heard_at = Instant::now();
+                    event
+                }
                 Some(Err(err)) => {
                     let err = MysqlError::connection("reading the binlog stream")(err);
                     if err.is_missing_binlog() {
@@ -523,7 +563,11 @@ impl MysqlSource {
                         decode_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
                     })?;
                     if !schema.names_from_event || may_hold_json(&schema) {
-                        let facts = st.catalog.facts(&mut self.side, &schema).await?;
+                        // Bounded: a silent side connection must not hang
+                        // the stream (the session reconnects instead).
+                        let limit = self.read_deadline();
+                        let lookup = st.catalog.facts(&mut self.side, &schema);
+                        let facts = bounded(limit, "reading a table's columns", lookup).await??;
                         schema.complete(facts);
                     }
                     st.decoder.table_map(id, schema);

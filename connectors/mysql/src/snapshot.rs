@@ -28,8 +28,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mysql_async::Conn;
 use mysql_async::prelude::Queryable as _;
-use mysql_async::{Conn, Opts};
 use tracing::info;
 
 use crate::error::MysqlError;
@@ -98,8 +98,12 @@ pub fn remove_marker(marker: &Path) -> Result<(), MysqlError> {
 /// under a short global read lock. Without `marker` (`snapshot = "only"`:
 /// no stream follows) no lock is taken and the position is approximate,
 /// used only for the rows' positions.
-pub async fn begin(opts: &Opts, marker: Option<PathBuf>) -> Result<PendingSnapshot, MysqlError> {
-    let mut reader = Conn::new(opts.clone())
+pub async fn begin(
+    opts: &crate::tls::ConnectOpts,
+    marker: Option<PathBuf>,
+) -> Result<PendingSnapshot, MysqlError> {
+    let mut reader = opts
+        .connect()
         .await
         .map_err(MysqlError::connection("opening the snapshot reader"))?;
     // UTC: TIMESTAMP values come back as UTC wall time; utf8mb4: every

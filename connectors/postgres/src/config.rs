@@ -4,6 +4,7 @@ use std::str::FromStr;
 
 use tokio_postgres::config::{Host, SslMode};
 use tributary_envelope::source::{SettingError, SourceCommon};
+use tributary_envelope::tls::{Spelling, TlsMode, TlsParams};
 use tributary_envelope::{StreamRouter, TableFilter};
 
 /// Settings of one Postgres source (from `[source]` and `[source.postgres]`).
@@ -12,7 +13,7 @@ pub struct PostgresSourceConfig {
     /// `source.name`: event ids, application name.
     pub name: String,
     /// Parsed `source.url` (password applied).
-    pub connection: tokio_postgres::Config,
+    pub connection: ConnectionConfig,
     /// Slot name.
     pub slot: String,
     /// Publication name.
@@ -34,6 +35,9 @@ pub struct PostgresSourceConfig {
     /// is failed and reconnected. `None`: twice the server's
     /// `wal_sender_timeout`.
     pub read_timeout: Option<std::time::Duration>,
+    /// `source.postgres.heartbeat_interval_secs`: how often a WAL message
+    /// is written on the captured database while streaming. `None`: off.
+    pub heartbeat: Option<std::time::Duration>,
 }
 
 /// `[source.postgres]`, as written in the config file.
@@ -48,6 +52,11 @@ pub struct PostgresSettings {
     /// connection is taken for dead (default: twice the server's
     /// `wal_sender_timeout`).
     pub read_timeout_secs: Option<u64>,
+    /// Seconds between heartbeats: a non-transactional
+    /// `pg_logical_emit_message` on the captured database, so the slot
+    /// advances while it is idle and the rest of the cluster writes WAL.
+    /// 0 or absent: off.
+    pub heartbeat_interval_secs: Option<u64>,
 }
 
 impl PostgresSettings {
@@ -81,6 +90,10 @@ impl PostgresSettings {
             snapshot_only: common.snapshot_only,
             state_dir: common.state_dir.clone(),
             read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
+            heartbeat: self
+                .heartbeat_interval_secs
+                .filter(|&secs| secs > 0)
+                .map(std::time::Duration::from_secs),
         })
     }
 }
@@ -105,8 +118,28 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Parses `source.url` and applies a password given separately.
-pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Config, ConfigError> {
+/// A parsed `source.url`: the driver's settings (through `Deref`) and the
+/// TLS parameters, which the driver does not know all of (`verify-ca`,
+/// `verify-full`, `sslrootcert`).
+#[derive(Clone, Debug)]
+pub struct ConnectionConfig {
+    /// tokio-postgres' settings (its `sslmode` says whether to ask for TLS).
+    pub config: tokio_postgres::Config,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`.
+    pub tls: TlsParams,
+}
+
+impl std::ops::Deref for ConnectionConfig {
+    type Target = tokio_postgres::Config;
+
+    fn deref(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+/// Parses `source.url` (libpq's URL form, TLS parameters included) and
+/// applies a password given separately.
+pub fn parse_url(url: &str, password: Option<&str>) -> Result<ConnectionConfig, ConfigError> {
     let err = |message: String| ConfigError {
         key: "source.url",
         message,
@@ -117,7 +150,9 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Co
             redact(url)
         )));
     }
-    let mut config = tokio_postgres::Config::from_str(url)
+    let (rest, tls) =
+        TlsParams::take_from_url(url, Spelling::Libpq, TlsMode::Prefer).map_err(&err)?;
+    let mut config = tokio_postgres::Config::from_str(&rest)
         .map_err(|e| err(format!("cannot parse `{}`: {e}", redact(url))))?;
     if let Some(password) = password {
         config.password(password);
@@ -146,18 +181,17 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<tokio_postgres::Co
             "the URL names no database: postgres://USER@HOST:PORT/DATABASE".into(),
         ));
     }
-    match config.get_hosts() {
-        [Host::Tcp(_)] | [Host::Unix(_)] => {}
-        [] => return Err(err("the URL names no host".into())),
+    // The driver asks for TLS as the mode says; `tls` checks the
+    // certificate. Over a Unix socket there is no TLS (as libpq).
+    let ssl_mode = match (config.get_hosts(), tls.mode) {
+        ([Host::Tcp(_)], TlsMode::Disable) | ([Host::Unix(_)], _) => SslMode::Disable,
+        ([Host::Tcp(_)], TlsMode::Prefer) => SslMode::Prefer,
+        ([Host::Tcp(_)], _) => SslMode::Require,
+        ([], _) => return Err(err("the URL names no host".into())),
         _ => return Err(err("give exactly one host".into())),
-    }
-    if matches!(config.get_ssl_mode(), SslMode::Require) {
-        return Err(err(
-            "sslmode=require is not supported yet by this build: use sslmode=disable or prefer"
-                .into(),
-        ));
-    }
-    Ok(config)
+    };
+    config.ssl_mode(ssl_mode);
+    Ok(ConnectionConfig { config, tls })
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.
@@ -204,6 +238,26 @@ mod tests {
             Some(&std::time::Duration::from_secs(3))
         );
         assert_eq!(c.get_keepalives_idle(), std::time::Duration::from_secs(7));
+        let c = parse_url(
+            "postgres://u@127.0.0.1/db?sslmode=verify-full&sslrootcert=/ca.pem",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.get_ssl_mode(), SslMode::Require);
+        assert_eq!(c.tls.mode, TlsMode::VerifyFull);
+        let c = parse_url("postgres://u@127.0.0.1/db", None).unwrap();
+        assert_eq!(
+            (c.get_ssl_mode(), c.tls.mode),
+            (SslMode::Prefer, TlsMode::Prefer)
+        );
+        let c = parse_url("postgres://u@%2Ftmp/db?sslmode=require", None).unwrap();
+        assert_eq!(
+            c.get_ssl_mode(),
+            SslMode::Disable,
+            "no TLS over a Unix socket"
+        );
+        let err = parse_url("postgres://u@h/db?sslmode=verify-full", None).unwrap_err();
+        assert!(err.message.contains("sslrootcert"), "{err}");
         assert_eq!(
             parse_url("mysql://x@y/z", None).unwrap_err().key,
             "source.url"

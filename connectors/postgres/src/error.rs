@@ -35,6 +35,9 @@ pub enum PostgresError {
     /// The server settings or objects do not allow replication.
     #[error("{0}")]
     Setup(String),
+    /// A TLS file named in `source.url` cannot be used.
+    #[error("{0}")]
+    Tls(#[source] crate::tls::TlsSetupError),
     /// The pipeline downstream is gone.
     #[error("the pipeline stopped receiving records")]
     PipelineClosed,

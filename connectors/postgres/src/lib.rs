@@ -8,7 +8,7 @@
 //! Files: `config` (settings, URL parsing), `setup` (publication, slot,
 //! `wal_level` check), `replication` (the streaming loop and
 //! acknowledgements), `source` (the envelope's `Source` contract), `wire` (the replication connection: startup,
-//! authentication, CopyBoth framing, status updates), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
+//! authentication, CopyBoth framing, status updates), `tls` (the rustls client of both connections), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
 //! and non-built-in types), `error`; beside the dataflow, for the DBA commands:
 //! `inspect` (server, role, tables, publication and slots as they are),
@@ -36,6 +36,7 @@ pub mod snapshot;
 mod sockopt;
 mod source;
 pub mod table_schema;
+pub mod tls;
 pub mod types;
 pub mod wire;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 pub use tributary_envelope::Stopped;
@@ -23,13 +23,14 @@ use tributary_envelope::error_text::one_line;
 use tributary_envelope::{AckTracker, Budget, Emitter, Record, WhileWaiting};
 
 use crate::catalog::Catalog;
-use crate::config::PostgresSourceConfig;
+use crate::config::{ConnectionConfig, PostgresSourceConfig};
 use crate::decoder::{Decoder, Transaction};
 use crate::error::PostgresError;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
 use crate::snapshot::{self, PendingSnapshot};
+use crate::tls::{MakeRustlsConnect, TlsParams};
 use crate::wire::{ReplicationConnection, StreamMessage, WireError};
 
 /// Session settings that give every type one text shape (see `types`).
@@ -59,31 +60,66 @@ impl std::fmt::Debug for PostgresSource {
     }
 }
 
-/// Opens an ordinary (non-replication) connection. The whole handshake is
-/// bounded by the URL's `connect_timeout` (tokio-postgres bounds only the
-/// TCP connect): a server that accepts and then says nothing fails it.
-pub async fn connect_sql(config: &tokio_postgres::Config) -> Result<Client, PostgresError> {
+/// Opens an ordinary (non-replication) connection, over TLS as the URL's
+/// `sslmode` says. The whole handshake is bounded by the URL's
+/// `connect_timeout` (tokio-postgres bounds only the TCP connect): a
+/// server that accepts and then says nothing fails it.
+pub async fn connect_sql(config: &ConnectionConfig) -> Result<Client, PostgresError> {
     let limit = config
         .get_connect_timeout()
         .copied()
         .unwrap_or(crate::config::DEFAULT_CONNECT_TIMEOUT);
     let context = || format!("connecting to {}", describe(config));
-    let (client, connection) = tokio::time::timeout(limit, config.connect(NoTls))
-        .await
-        .map_err(|_| PostgresError::Connection {
-            context: context(),
-            source: format!("no answer within {limit:?} (connect_timeout)").into(),
-        })?
-        .map_err(|e| PostgresError::Connection {
-            context: context(),
-            source: Box::new(e),
-        })?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            debug!(error = %err, "postgres connection ended");
-        }
-    });
+    let timed_out = || PostgresError::Connection {
+        context: context(),
+        source: format!("no answer within {limit:?} (connect_timeout)").into(),
+    };
+    let failed = |e: tokio_postgres::Error| PostgresError::Connection {
+        context: context(),
+        source: tls_refusal(&config.tls, e),
+    };
+    let client = if config.get_ssl_mode() == SslMode::Disable {
+        let (client, connection) = tokio::time::timeout(limit, config.connect(NoTls))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(failed)?;
+        tokio::spawn(drive(connection));
+        client
+    } else {
+        let tls = MakeRustlsConnect::new(&config.tls).map_err(PostgresError::Tls)?;
+        let (client, connection) = tokio::time::timeout(limit, config.connect(tls))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(failed)?;
+        tokio::spawn(drive(connection));
+        client
+    };
     Ok(client)
+}
+
+/// Runs a query connection until it ends.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(err) = connection.await {
+        debug!(error = %err, "postgres connection ended");
+    }
+}
+
+/// tokio-postgres' "server does not support TLS" in the user's words.
+fn tls_refusal(
+    tls: &TlsParams,
+    err: tokio_postgres::Error,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    let refused = std::error::Error::source(&err)
+        .is_some_and(|cause| cause.to_string() == "server does not support TLS");
+    if refused {
+        tls.refused_message().into()
+    } else {
+        Box::new(err)
+    }
 }
 
 /// `host:port/db` of a connection, without secrets.
@@ -398,6 +434,10 @@ impl PostgresSource {
         let mut tx: Option<Transaction> = None;
         let mut stopping = *shutdown.borrow();
         let mut decoded = Vec::with_capacity(4);
+        let mut heartbeat_due = self
+            .cfg
+            .heartbeat
+            .map(|every| tokio::time::Instant::now() + every);
         'stream: loop {
             // Everything already read, without waiting.
             while let Some(message) = conn
@@ -506,6 +546,16 @@ impl PostgresSource {
                 requested = stop_requested(shutdown), if !stopping => stopping = requested,
                 _ = acked.changed() => {}
                 _ = tokio::time::sleep_until(feedback_due) => {}
+                _ = tokio::time::sleep_until(heartbeat_due.unwrap_or(read_deadline)),
+                    if heartbeat_due.is_some() =>
+                {
+                    let beating = self.heartbeat(silence).await?;
+                    heartbeat_due = self
+                        .cfg
+                        .heartbeat
+                        .filter(|_| beating)
+                        .map(|every| tokio::time::Instant::now() + every);
+                }
                 more = conn.fill() => {
                     if !more.map_err(wire_error("reading the replication stream"))? {
                         return Err(PostgresError::Connection {
@@ -552,6 +602,33 @@ impl PostgresSource {
     }
 }
 
+impl PostgresSource {
+    /// Writes a heartbeat (`source.postgres.heartbeat_interval_secs`) into
+    /// the captured database's WAL: a non-transactional logical message,
+    /// which pgoutput does not send (it is asked for no messages), so
+    /// nothing reaches the stream; the walsender decodes past it and its
+    /// keepalives carry a WAL end that the idle session confirms. False
+    /// when the server refuses it (logged once; no more heartbeats this
+    /// session); a silent connection fails the session like any query.
+    async fn heartbeat(&self, limit: Duration) -> Result<bool, PostgresError> {
+        let query = self
+            .side
+            .batch_execute("SELECT pg_logical_emit_message(false, 'tributary', 'heartbeat')");
+        match bounded(limit, "writing a heartbeat", query).await? {
+            Ok(()) => Ok(true),
+            Err(err) if err.as_db_error().is_some() => {
+                warn!(
+                    error = %one_line(&err),
+                    "heartbeat refused (source.postgres.heartbeat_interval_secs): \
+                     heartbeats stop until the next reconnect"
+                );
+                Ok(false)
+            }
+            Err(err) => Err(PostgresError::query("writing a heartbeat")(err)),
+        }
+    }
+}
+
 /// `fut`, failed as a dropped connection when it takes longer than `limit`
 /// (a query on a connection whose peer went silent never ends by itself).
 async fn bounded<T>(
@@ -580,6 +657,9 @@ async fn stop_requested(shutdown: &mut watch::Receiver<bool>) -> bool {
 fn wire_error(context: &str) -> impl FnOnce(WireError) -> PostgresError {
     let context = context.to_owned();
     move |e| {
+        if let WireError::Tls(setup) = e {
+            return PostgresError::Tls(*setup);
+        }
         if e.is_auth() || !retry_can_fix(&e) {
             PostgresError::Setup(format!("{context}: {e}"))
         } else {
@@ -607,6 +687,7 @@ fn retry_can_fix(e: &WireError) -> bool {
                     .any(|c| code.starts_with(c))
         }
         WireError::Io(_) | WireError::Protocol(_) => true,
+        WireError::Tls(_) | WireError::TlsRefused(_) => false,
     }
 }
 

@@ -12,6 +12,10 @@ impl SourceError for PostgresError {
     fn is_transient(&self) -> bool {
         PostgresError::is_transient(self)
     }
+
+    fn misconfigured(&self) -> Option<&str> {
+        matches!(self, PostgresError::Tls(_)).then_some("source.url")
+    }
 }
 
 impl Source for PostgresSource {

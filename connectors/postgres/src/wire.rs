@@ -22,6 +22,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::Host;
 
+use crate::config::ConnectionConfig;
+use crate::tls::TlsMode;
+
 /// Bytes the kernel should gather before waking the reader during a burst.
 const BURST_LOW_WATER: i32 = 64 * 1024;
 /// The largest message the connection accepts: PostgreSQL allocates no
@@ -54,6 +57,12 @@ pub enum WireError {
     /// The server sent something this client does not expect.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A TLS file named in `source.url` cannot be used.
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsSetupError>),
+    /// The server declined TLS and the URL's `sslmode` requires it.
+    #[error("{0}")]
+    TlsRefused(String),
 }
 
 impl WireError {
@@ -87,6 +96,7 @@ pub enum StreamMessage {
 
 enum Socket {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
 
@@ -132,7 +142,7 @@ impl ReplicationConnection {
     /// streaming `slot` (pgoutput, protocol 1) from `start` (0: the slot's
     /// confirmed position).
     pub async fn start(
-        config: &tokio_postgres::Config,
+        config: &ConnectionConfig,
         options: &str,
         application_name: &str,
         slot: &str,
@@ -147,7 +157,7 @@ impl ReplicationConnection {
     /// Connects and authenticates with `replication=database`, ready for a
     /// replication command.
     pub async fn open(
-        config: &tokio_postgres::Config,
+        config: &ConnectionConfig,
         options: &str,
         application_name: &str,
     ) -> Result<Self, WireError> {
@@ -168,7 +178,7 @@ impl ReplicationConnection {
     }
 
     async fn handshake(
-        config: &tokio_postgres::Config,
+        config: &ConnectionConfig,
         options: &str,
         application_name: &str,
     ) -> Result<Self, WireError> {
@@ -192,7 +202,7 @@ impl ReplicationConnection {
                             .unwrap_or(crate::config::KEEPALIVE_RETRIES),
                     )?;
                 }
-                Socket::Tcp(tcp)
+                secure(tcp, config, host).await?
             }
             None => return Err(protocol("no host to connect to")),
         };
@@ -410,6 +420,7 @@ impl ReplicationConnection {
         self.buf.reserve(READ_BUFFER_BYTES);
         match &mut self.socket {
             Socket::Tcp(s) => s.read_buf(&mut self.buf).await,
+            Socket::Tls(s) => s.read_buf(&mut self.buf).await,
             Socket::Unix(s) => s.read_buf(&mut self.buf).await,
         }
     }
@@ -418,6 +429,11 @@ impl ReplicationConnection {
         let out = self.out.split();
         match &mut self.socket {
             Socket::Tcp(s) => s.write_all(&out).await,
+            Socket::Tls(s) => {
+                // TLS holds written bytes in its own buffer until flushed.
+                s.write_all(&out).await?;
+                s.flush().await
+            }
             Socket::Unix(s) => s.write_all(&out).await,
         }
     }
@@ -457,7 +473,14 @@ impl ReplicationConnection {
         if raise == self.low_water_raised {
             return;
         }
-        if let Socket::Tcp(tcp) = &self.socket {
+        // On the TCP socket itself, under TLS too: TLS records arrive
+        // whole or not at all, so the mark only batches them.
+        let tcp = match &self.socket {
+            Socket::Tcp(tcp) => Some(tcp),
+            Socket::Tls(tls) => Some(tls.get_ref().0),
+            Socket::Unix(_) => None,
+        };
+        if let Some(tcp) = tcp {
             // Best effort: without the option reads are merely smaller.
             let _ = crate::sockopt::set_receive_low_water(tcp, bytes);
         }
@@ -498,6 +521,36 @@ impl ReplicationConnection {
         let _ = self.flush().await;
         Ok(())
     }
+}
+
+/// Asks for TLS (SSLRequest) when the URL's `sslmode` says so and wraps
+/// the socket: `prefer` goes on in plain TCP when the server declines, the
+/// stricter modes fail with the reason.
+async fn secure(
+    mut tcp: TcpStream,
+    config: &ConnectionConfig,
+    host: &str,
+) -> Result<Socket, WireError> {
+    if config.tls.mode == TlsMode::Disable {
+        return Ok(Socket::Tcp(tcp));
+    }
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await?;
+    match tcp.read_u8().await? {
+        b'S' => {}
+        b'N' if config.tls.mode == TlsMode::Prefer => return Ok(Socket::Tcp(tcp)),
+        b'N' => return Err(WireError::TlsRefused(config.tls.refused_message())),
+        other => {
+            return Err(protocol(format!(
+                "unexpected answer {:?} to the TLS request",
+                other as char
+            )));
+        }
+    }
+    let client = crate::tls::client_config(&config.tls).map_err(|e| WireError::Tls(Box::new(e)))?;
+    let tls = crate::tls::handshake(client, &config.tls, host, tcp).await?;
+    Ok(Socket::Tls(Box::new(tls)))
 }
 
 /// The length of the backend message at the start of `buf` (tag and length
