@@ -24,6 +24,7 @@ pub mod setup_plan;
 pub mod sink;
 pub mod source;
 pub mod time;
+pub mod transaction;
 
 pub use ack::{AckTracker, Acks, Budget};
 pub use check::{CheckItem, CheckStatus};

@@ -523,8 +523,8 @@ struct SortedAnswer {
 /// a failed entry is retried, or dead-lettered once a non-retryable error
 /// has refused it `max_rejections` times (counted in `batch`).
 ///
-/// A copy of a fanned-out record (a truncate) is ordered against every
-/// entry of the lane, not just its key: it goes again when anything before
+/// A copy of a fanned-out record (a truncate) and a transaction marker are
+/// ordered against every entry of the lane, not just its key: it goes again when anything before
 /// it does, and when it goes again so does everything after it.
 fn sort_answer(
     batch: &mut [Pending],
@@ -542,7 +542,7 @@ fn sort_answer(
     let mut barrier_retried = false;
     for (pending, result) in batch.iter_mut().zip(results) {
         let key = pending.record.partition_key.as_str();
-        let barrier = pending.record.copies.is_some();
+        let barrier = pending.record.copies.is_some() || pending.record.marker.is_some();
         let held =
             barrier_retried || retried_keys.contains(key) || (barrier && !retried_keys.is_empty());
         let outcome = match (result.error_code(), result.sequence_number()) {
