@@ -6,7 +6,8 @@
 //! of PutRecords entries (so markers and events are retried); the slot is
 //! acknowledged (the markers count in the watermark); the events still
 //! replay to the source table. Debezium markers follow Debezium's
-//! transaction metadata layout. One smaller MySQL run.
+//! transaction metadata layout. With aggregation, markers are sub-records
+//! that `tail --validate` reads back and accepts. One smaller MySQL run.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -262,5 +263,79 @@ async fn mysql_transactions_are_framed_on_every_shard() -> Result<()> {
     for table in ["shop.orders", "shop.items"] {
         assert_mysql_replica_matches(&mut conn, &records, table, &["id"]).await?;
     }
+    Ok(())
+}
+
+/// `sink.aggregation = true`: markers travel as sub-records like events;
+/// `tributary tail --validate` de-aggregates them, finds every marker and
+/// event valid, and (shards in order, each in sequence order) each
+/// transaction's events on a shard come between its begin and its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregated_markers_are_sub_records_that_tail_validates() -> Result<()> {
+    const STREAM: &str = "markers-agg";
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        2,
+        SETUP,
+        "[sink]\naggregation = true\ntransaction_markers = true\n",
+    )
+    .await?;
+    let statements = workload();
+    let statements: Vec<&str> = statements.iter().take(8).map(String::as_str).collect();
+    pipeline.pg.execute_each(&statements).await?;
+    let committed = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(committed, Duration::from_secs(60))
+        .await?;
+    pipeline.stop_gracefully().await?;
+    let raw = pipeline.kin.read_all(STREAM).await?;
+
+    let config = pipeline.config.path.to_str().context("UTF-8 config path")?;
+    let mut tail = tributary_integration_tests::TributaryProcess::spawn(
+        &["tail", "--stream", STREAM, "--validate", "-c", config],
+        &[],
+        pipeline.dir.path(),
+    )?;
+    let status = tail.wait_exit(Duration::from_secs(60)).await?;
+    assert!(status.success(), "{}", tail.logs());
+    assert!(tail.stderr().contains("all valid"), "{}", tail.stderr());
+    let lines: Vec<Value> = tail
+        .stdout()
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect::<Result<_>>()?;
+    assert!(
+        raw.len() < lines.len(),
+        "{} records carried {} lines: not aggregated",
+        raw.len(),
+        lines.len()
+    );
+    let mut open: Option<(String, u64)> = None;
+    let (mut framed, mut events) = (0, 0);
+    for line in &lines {
+        match line["op"].as_str() {
+            Some("begin") => {
+                assert!(open.is_none(), "a begin inside a transaction: {line}");
+                let id = line["transaction"]["id"].as_str().context("id")?;
+                open = Some((id.to_owned(), 0));
+            }
+            Some("end") => {
+                let (id, seen) = open.take().context("an end without a begin")?;
+                assert_eq!(line["transaction"]["id"], id.as_str());
+                assert_eq!(line["transaction"]["shard_event_count"], seen, "{line}");
+                framed += 1;
+            }
+            _ => {
+                let (id, seen) = open.as_mut().context("an event outside a transaction")?;
+                let position = line["source"]["position"].as_str().context("position")?;
+                assert!(position.starts_with(id.as_str()), "{line} outside {id}");
+                *seen += 1;
+                events += 1;
+            }
+        }
+    }
+    assert!(open.is_none());
+    assert_eq!(events, 8 * 10, "8 transactions of 10 changes");
+    assert!(framed >= 8, "{framed} framed parts");
     Ok(())
 }
