@@ -116,7 +116,13 @@ async fn run_source<S: Source>(
     let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let rx = match settings.sink.format {
         Format::Tributary => rx,
-        format => crate::format_stage::spawn(format, rx, budget.clone(), CHANNEL_BATCHES),
+        format => crate::format_stage::spawn(
+            format,
+            settings.sink.transaction_markers,
+            rx,
+            budget.clone(),
+            CHANNEL_BATCHES,
+        ),
     };
 
     let mut sink: JoinHandle<anyhow::Result<()>> = match settings.sink.kind {
@@ -132,6 +138,7 @@ async fn run_source<S: Source>(
             config.share = settings.sink.quota.share;
             config.request_timeout = Duration::from_secs(settings.sink.request_timeout_secs);
             config.connect_timeout = Duration::from_secs(settings.sink.connect_timeout_secs);
+            config.format = settings.sink.format;
             if let Err(tributary_kinesis::KinesisError::Config { key, message }) = config.validate()
             {
                 return Err(crate::settings::ConfigError::Invalid {
@@ -141,9 +148,14 @@ async fn run_source<S: Source>(
                 .into());
             }
             let client = tributary_kinesis::build_sink_client(&config).await;
-            let kinesis = KinesisSink::new(client, config)
+            let mut kinesis = KinesisSink::new(client, config)
                 .await
                 .context("cannot start the kinesis sink")?;
+            if settings.sink.transaction_markers {
+                // Set before the source starts: every commit waits for
+                // its markers.
+                kinesis = kinesis.with_transaction_markers(tracker.commit_feed());
+            }
             tokio::spawn(async move { Ok(kinesis.run(rx, acks).await?) })
         }
     };

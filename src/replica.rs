@@ -161,6 +161,10 @@ impl Change {
         let Ok(Value::Object(mut envelope)) = serde_json::from_slice::<Value>(data) else {
             return None;
         };
+        // A transaction marker (`begin`, `end`) changes no row.
+        if matches!(envelope.get("op")?.as_str()?, "begin" | "end") {
+            return None;
+        }
         let source = envelope.get("source")?.as_object()?;
         let scope = source
             .get("schema")
@@ -228,7 +232,8 @@ pub struct Replica {
     tables: HashMap<String, TableRows>,
     /// Envelopes applied.
     pub envelopes: u64,
-    /// Records that were not envelopes (skipped).
+    /// Records that were not change envelopes (other writers' records,
+    /// transaction markers): skipped.
     pub skipped: u64,
     /// Only these tables are kept (all when empty).
     wanted: HashSet<String>,

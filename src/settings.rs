@@ -158,6 +158,11 @@ pub struct SinkSettings {
     /// The record format: `tributary` (envelope v1), `debezium` or `cloudevents`.
     #[serde(default)]
     pub format: Format,
+    /// Transaction markers: a `begin` and an `end` record per transaction
+    /// on every shard that received an event of it (docs/envelope.md).
+    /// Only the Kinesis sink writes them.
+    #[serde(default)]
+    pub transaction_markers: bool,
     /// `[sink.quota]`.
     #[serde(default)]
     pub quota: QuotaSettings,

@@ -1,6 +1,8 @@
 //! `tributary tail --validate`: checks every envelope a stream holds against
 //! the envelope's JSON Schema (`schema/envelope.v1.json`, built into the
-//! binary) as it passes by, and reports the ones that do not conform.
+//! binary; transaction markers, `op` `begin` or `end`, against
+//! `schema/transaction.v1.json`) as it passes by, and reports the ones that
+//! do not conform.
 //!
 //! The consumers' side of the dataflow: `tail` writes one JSON line per
 //! record; each line is validated and passed on unchanged (to stdout or the
@@ -13,6 +15,36 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _,
 
 /// The envelope's JSON Schema, as shipped in the repository.
 pub const ENVELOPE_SCHEMA: &str = include_str!("../schema/envelope.v1.json");
+/// The transaction markers' JSON Schema, as shipped in the repository.
+pub const TRANSACTION_SCHEMA: &str = include_str!("../schema/transaction.v1.json");
+
+/// The compiled schemas: change envelopes and transaction markers.
+struct Validators {
+    envelope: jsonschema::Validator,
+    marker: jsonschema::Validator,
+}
+
+impl Validators {
+    fn new() -> anyhow::Result<Self> {
+        let compile = |text: &str| -> anyhow::Result<jsonschema::Validator> {
+            let schema: Value = serde_json::from_str(text)?;
+            jsonschema::validator_for(&schema)
+                .map_err(|err| anyhow::anyhow!("a built-in schema does not compile: {err}"))
+        };
+        Ok(Self {
+            envelope: compile(ENVELOPE_SCHEMA)?,
+            marker: compile(TRANSACTION_SCHEMA)?,
+        })
+    }
+
+    /// The schema `record` is checked against, by its `op`.
+    fn for_record(&self, record: &Value) -> &jsonschema::Validator {
+        match record.get("op").and_then(Value::as_str) {
+            Some("begin" | "end") => &self.marker,
+            _ => &self.envelope,
+        }
+    }
+}
 
 /// Failures reported in full before the rest are only counted.
 const REPORTED: usize = 20;
@@ -34,14 +66,12 @@ pub async fn pass_lines(
     input: impl AsyncRead + Unpin,
     out: &mut (impl AsyncWrite + Unpin),
 ) -> anyhow::Result<Summary> {
-    let schema: Value = serde_json::from_str(ENVELOPE_SCHEMA)?;
-    let validator = jsonschema::validator_for(&schema)
-        .map_err(|err| anyhow::anyhow!("the built-in envelope schema does not compile: {err}"))?;
+    let validators = Validators::new()?;
     let mut summary = Summary::default();
     let mut lines = BufReader::new(input).lines();
     while let Some(line) = lines.next_line().await? {
         summary.records += 1;
-        if let Some(problem) = check(&validator, &line) {
+        if let Some(problem) = check(&validators, &line) {
             summary.invalid += 1;
             if summary.invalid as usize <= REPORTED {
                 eprintln!("{problem}");
@@ -55,12 +85,13 @@ pub async fn pass_lines(
 }
 
 /// Why `line` is not a valid envelope, naming its `id`; `None` when it is.
-fn check(validator: &jsonschema::Validator, line: &str) -> Option<String> {
+fn check(validators: &Validators, line: &str) -> Option<String> {
     let envelope: Value = match serde_json::from_str(line) {
         Ok(value) => value,
         Err(err) => return Some(format!("invalid record (not JSON: {err}): {line:.120}")),
     };
-    let errors: Vec<String> = validator
+    let errors: Vec<String> = validators
+        .for_record(&envelope)
         .iter_errors(&envelope)
         .take(ERRORS_PER_ENVELOPE)
         .map(|e| format!("{} at {}", e, e.instance_path()))
@@ -116,14 +147,58 @@ mod tests {
             input,
             "lines pass unchanged"
         );
-        let schema: Value = serde_json::from_str(ENVELOPE_SCHEMA).unwrap();
-        let validator = jsonschema::validator_for(&schema).unwrap();
-        let problem = check(&validator, &broken).unwrap();
+        let validators = Validators::new().unwrap();
+        let problem = check(&validators, &broken).unwrap();
         assert!(
             problem.contains("shop:00000000016B3748:00000003"),
             "{problem}"
         );
         assert!(problem.contains("/op"), "{problem}");
         assert_eq!(verdict(summary), "validated 3 envelopes: 2 invalid");
+    }
+
+    #[test]
+    fn markers_are_checked_against_their_own_schema() {
+        use tributary_envelope::transaction::{
+            MarkerKind, MarkerSpec, TxCounts, TxTag, render_marker,
+        };
+        let validators = Validators::new().unwrap();
+        let tag = TxTag {
+            connector: "mysql".into(),
+            name: "shop".into(),
+            db: "shop".into(),
+            major: 0x1_0000_0200,
+            tx_id: "0-1-7".into(),
+            commit_ts: Some(*b"2026-11-23T05:21:05.000000Z"),
+            extra: br#","gtid":"0-1-7","file":"binlog.000001","pos":512"#.to_vec(),
+        };
+        let mut counts = TxCounts::default();
+        counts.add(&"shop.orders".into());
+        for (kind, counts) in [
+            (MarkerKind::Begin, None),
+            (MarkerKind::End, Some((&counts, 1))),
+        ] {
+            let spec = MarkerSpec {
+                kind,
+                tag: &tag,
+                shard_start: 170141183460469231731687303715884105728,
+                counts,
+            };
+            let line = String::from_utf8(render_marker(Default::default(), spec)).unwrap();
+            assert_eq!(check(&validators, &line), None, "{line}");
+        }
+        let begin = MarkerSpec {
+            kind: MarkerKind::Begin,
+            tag: &tag,
+            shard_start: 0,
+            counts: None,
+        };
+        let line = String::from_utf8(render_marker(Default::default(), begin)).unwrap();
+        let broken = line.replace(r#""op":"begin""#, r#""op":"end""#);
+        let problem = check(&validators, &broken).unwrap();
+        assert!(
+            problem.contains(":begin:0"),
+            "an end without counts: {problem}"
+        );
     }
 }

@@ -9,7 +9,8 @@
 //!   as one update) first removes the row under the old key;
 //! - `delete`: the row under its `key` is removed;
 //! - `truncate`: every row of that table that this shard's events wrote is
-//!   removed (the truncate is written to every shard).
+//!   removed (the truncate is written to every shard);
+//! - `begin`, `end` (transaction markers): change no row.
 //!
 //! Only per-shard order may be relied on, so [`replay`] applies whole shards
 //! one after the other into one shared table: a stream keeps per-key order
@@ -72,12 +73,10 @@ pub fn replay_every_order(records: &[StreamRecord]) -> Result<Replica> {
 }
 
 fn apply(rows: &mut Applied, shard: &str, envelope: &Value) -> Result<()> {
-    let source = &envelope["source"];
-    let scope = source["schema"]
-        .as_str()
-        .or_else(|| source["db"].as_str())
-        .context("no schema or db")?;
-    let table = format!("{scope}.{}", source["table"].as_str().context("no table")?);
+    if is_marker(envelope) {
+        return Ok(()); // a transaction marker changes no row
+    }
+    let table = table_of(envelope)?;
     let table_rows = rows.entry(table).or_default();
     let key = envelope["key"].to_string();
     let op = envelope["op"].as_str().context("no op")?;
@@ -208,6 +207,25 @@ pub async fn mysql_rows(
     Ok(rows)
 }
 
+/// `{schema or db}.{table}` of an event.
+fn table_of(envelope: &Value) -> Result<String> {
+    let source = &envelope["source"];
+    let scope = source["schema"]
+        .as_str()
+        .or_else(|| source["db"].as_str())
+        .context("no schema or db")?;
+    Ok(format!(
+        "{scope}.{}",
+        source["table"].as_str().context("no table")?
+    ))
+}
+
+/// True for a transaction marker (`op` `begin` or `end`,
+/// `sink.transaction_markers`).
+pub fn is_marker(envelope: &Value) -> bool {
+    matches!(envelope["op"].as_str(), Some("begin" | "end"))
+}
+
 /// The distinct shards (sorted) that hold an event with `op`.
 pub fn shards_with_op(records: &[StreamRecord], op: &str) -> Vec<String> {
     let mut shards: Vec<String> = records
@@ -259,4 +277,161 @@ pub async fn postgres_rows(
         rows.insert(Value::Object(key).to_string(), object);
     }
     Ok(rows)
+}
+
+/// What [`check_transaction_markers`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MarkedTransactions {
+    /// Transactions framed by markers.
+    pub transactions: usize,
+    /// (transaction, shard) parts, each with its `begin` and `end`.
+    pub shard_parts: usize,
+    /// Transactions whose events went to more than one shard.
+    pub multi_shard: usize,
+    /// Transactions with events of more than one table.
+    pub multi_table: usize,
+}
+
+/// Checks the transaction markers (`sink.transaction_markers = true`) of
+/// `records` (as [`crate::Kinesalite::read_all`] returns them) the way a
+/// worker reading one shard relies on them: on every shard, each streamed
+/// event's transaction has exactly one `begin` and one `end` there (by
+/// `id`, duplicates allowed), the last copy of the `begin` comes before the
+/// last copy of each of its events and the last copy of the `end` after
+/// them; the `end`'s `shard_event_count` is the number of distinct events
+/// of the transaction on that shard; its `data_collections` and
+/// `event_count` equal the transaction's distinct events per table over all
+/// shards (a truncate counted once); every marker validates against
+/// `schema/transaction.v1.json`.
+pub fn check_transaction_markers(records: &[StreamRecord]) -> Result<MarkedTransactions> {
+    use std::collections::{BTreeSet, HashMap};
+
+    let text = std::fs::read_to_string(crate::repo_root().join("schema/transaction.v1.json"))?;
+    let schema: Value = serde_json::from_str(&text)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| anyhow::anyhow!("the marker schema does not compile: {e}"))?;
+
+    // Per (transaction, shard): the index of the last copy of its begin and
+    // end, and of each event; per transaction: distinct events per table.
+    #[derive(Default)]
+    struct Part {
+        begins: HashMap<String, usize>,
+        ends: HashMap<String, (usize, Value)>,
+        events: HashMap<String, usize>,
+    }
+    let mut parts: BTreeMap<(String, String), Part> = BTreeMap::new();
+    let mut per_table: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (index, record) in records.iter().enumerate() {
+        let envelope = record.json()?;
+        let shard = record.shard_id.clone();
+        let id = envelope["id"].as_str().context("no id")?.to_owned();
+        if is_marker(&envelope) {
+            let errors: Vec<String> = validator
+                .iter_errors(&envelope)
+                .map(|e| format!("{e} at {}", e.instance_path()))
+                .collect();
+            if !errors.is_empty() {
+                bail!("marker {envelope} is invalid: {errors:?}");
+            }
+            let tx = envelope["transaction"]["id"]
+                .as_str()
+                .context("no transaction.id")?
+                .to_owned();
+            let part = parts.entry((tx, shard)).or_default();
+            if envelope["op"] == "begin" {
+                part.begins.insert(id, index);
+            } else {
+                part.ends.insert(id, (index, envelope));
+            }
+            continue;
+        }
+        if envelope["source"]["snapshot"] == true {
+            continue;
+        }
+        let position = envelope["source"]["position"]
+            .as_str()
+            .context("no position")?;
+        let tx = position.split(':').next().context("a position")?.to_owned();
+        let table = table_of(&envelope)?;
+        per_table
+            .entry(tx.clone())
+            .or_default()
+            .entry(table)
+            .or_default()
+            .insert(id.clone());
+        parts
+            .entry((tx, shard))
+            .or_default()
+            .events
+            .insert(id, index);
+    }
+
+    let mut found = MarkedTransactions::default();
+    let mut shards_of: BTreeMap<&str, usize> = BTreeMap::new();
+    for ((tx, shard), part) in &parts {
+        let context = || format!("transaction {tx} on {shard}");
+        if part.begins.len() != 1 || part.ends.len() != 1 {
+            bail!(
+                "{}: expected one begin and one end, found begins {:?} and ends {:?} \
+                 around {} events",
+                context(),
+                part.begins.keys(),
+                part.ends.keys(),
+                part.events.len()
+            );
+        }
+        let begin = *part.begins.values().next().expect("one begin");
+        let (end, marker) = part.ends.values().next().expect("one end");
+        if let Some((id, _)) = part
+            .events
+            .iter()
+            .find(|(_, index)| **index < begin || **index > *end)
+        {
+            bail!(
+                "{}: event {id} is not between the begin and the end",
+                context()
+            );
+        }
+        let transaction = &marker["transaction"];
+        if transaction["shard_event_count"] != part.events.len() {
+            bail!(
+                "{}: the end counts {} events on the shard, the shard holds {}",
+                context(),
+                transaction["shard_event_count"],
+                part.events.len()
+            );
+        }
+        let tables = per_table.get(tx).cloned().unwrap_or_default();
+        let expected: Vec<Value> = tables
+            .iter()
+            .map(|(table, ids)| serde_json::json!({"data_collection": table, "event_count": ids.len()}))
+            .collect();
+        let mut got: Vec<Value> = transaction["data_collections"]
+            .as_array()
+            .context("no data_collections")?
+            .clone();
+        got.sort_by_key(|c| c["data_collection"].as_str().map(str::to_owned));
+        if got != expected {
+            bail!(
+                "{}: the end counts {got:?} per table, the stream holds {expected:?}",
+                context()
+            );
+        }
+        let total: usize = tables.values().map(BTreeSet::len).sum();
+        if transaction["event_count"] != total {
+            bail!(
+                "{}: event_count {} but the stream holds {total}",
+                context(),
+                transaction["event_count"]
+            );
+        }
+        found.shard_parts += 1;
+        *shards_of.entry(tx).or_default() += 1;
+        if tables.len() > 1 && shards_of[tx.as_str()] == 1 {
+            found.multi_table += 1;
+        }
+    }
+    found.transactions = shards_of.len();
+    found.multi_shard = shards_of.values().filter(|n| **n > 1).count();
+    Ok(found)
 }

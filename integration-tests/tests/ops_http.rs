@@ -149,6 +149,22 @@ async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
         sample(&metrics, "tributary_kinesis_records_sent_total", &[]).is_some_and(|n| n >= 105.0),
         "the writer's metrics are exported:\n{metrics}"
     );
+    // Commit-to-ack latency: one observation per streamed change (not the
+    // snapshot's rows), and the source lag of the newest one, under a
+    // second on a healthy pipeline.
+    let latencies = sample(&metrics, "tributary_commit_to_ack_seconds_count", &[])
+        .context(format!("no commit-to-ack histogram:\n{metrics}"))?;
+    assert_eq!(latencies, 100.0, "{metrics}");
+    let lag = sample(
+        &metrics,
+        "tributary_source_lag_seconds",
+        &["source=\"shop\""],
+    )
+    .context(format!("no source lag gauge:\n{metrics}"))?;
+    assert!(
+        (0.0..5.0).contains(&lag),
+        "lag {lag} s on a healthy pipeline"
+    );
     // The lag gauge is read every 5 s; it appears once read.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -187,5 +203,20 @@ async fn metrics_move_and_readyz_follows_a_kinesis_outage() -> Result<()> {
         .kin
         .wait_for_records(STREAM, 205, Duration::from_secs(30))
         .await?;
+    // The rows committed during the outage were accepted seconds after
+    // their commit: the lag and the latency histogram show it.
+    let (_, metrics) = get(addr, "/metrics").await?;
+    let lag = sample(
+        &metrics,
+        "tributary_source_lag_seconds",
+        &["source=\"shop\""],
+    )
+    .context("no source lag gauge")?;
+    assert!(lag >= 3.0, "lag {lag} s after an outage of more than 3 s");
+    assert_eq!(
+        sample(&metrics, "tributary_commit_to_ack_seconds_count", &[]),
+        Some(200.0),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -9,9 +9,10 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::record::Record;
+use crate::transaction::Marker;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -21,8 +22,12 @@ struct Inner {
     done: VecDeque<bool>,
     /// Records below this were handed to the sink.
     issued: u64,
-    /// Transactions not yet acknowledgeable: (end sequence, position).
-    commits: VecDeque<(u64, u64)>,
+    /// Transactions not yet acknowledgeable: (end sequence, position,
+    /// confirmed by the sink).
+    commits: VecDeque<(u64, u64, bool)>,
+    /// Set by [`AckTracker::commit_feed`]: where commits are announced to
+    /// the sink, which confirms each one.
+    feed: Option<mpsc::UnboundedSender<u64>>,
 }
 
 /// Tracks which records are done and which source position may be acknowledged.
@@ -67,7 +72,38 @@ impl AckTracker {
     pub fn commit(&self, end_seq: u64, position: u64) {
         let mut inner = self.lock();
         inner.issued = inner.issued.max(end_seq);
-        inner.commits.push_back((end_seq, position));
+        // With a feed, the sink must confirm the commit (its transaction
+        // markers are delivered); a sink that stopped confirms nothing.
+        let confirmed = match &inner.feed {
+            Some(feed) => feed.send(end_seq).is_err(),
+            None => true,
+        };
+        inner.commits.push_back((end_seq, position, confirmed));
+        self.advance(&mut inner);
+    }
+
+    /// From now on every [`AckTracker::commit`] is announced on the
+    /// returned channel (its `end_seq`) and is acknowledgeable only once
+    /// the sink calls [`AckTracker::confirm`] for it as well: a sink that
+    /// writes transaction markers confirms a commit when they are delivered.
+    /// Call it before the source starts.
+    pub fn commit_feed(&self) -> mpsc::UnboundedReceiver<u64> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.lock().feed = Some(sender);
+        receiver
+    }
+
+    /// The sink delivered what it adds to the commit announced with
+    /// `end_seq` (the oldest unconfirmed one with that `end_seq`).
+    pub fn confirm(&self, end_seq: u64) {
+        let mut inner = self.lock();
+        if let Some(commit) = inner
+            .commits
+            .iter_mut()
+            .find(|(end, _, confirmed)| *end == end_seq && !confirmed)
+        {
+            commit.2 = true;
+        }
         self.advance(&mut inner);
     }
 
@@ -105,8 +141,8 @@ impl AckTracker {
 
     fn advance(&self, inner: &mut Inner) {
         let mut position = None;
-        while let Some(&(end_seq, pos)) = inner.commits.front() {
-            if end_seq > inner.base {
+        while let Some(&(end_seq, pos, confirmed)) = inner.commits.front() {
+            if end_seq > inner.base || !confirmed {
                 break;
             }
             position = Some(pos);
@@ -221,9 +257,21 @@ impl Acks {
         let mut bytes = 0usize;
         let mut count = 0usize;
         let tracker = &self.tracker;
-        // A fanned-out record is done when its last copy is.
+        // A fanned-out record is done when its last copy is. A marker
+        // holds no budget and no sequence number: the last `end` of a
+        // transaction confirms its commit.
+        // (Confirmed after `complete`, which holds the tracker's lock.)
+        let mut confirmed = Vec::new();
         let seqs = records
             .into_iter()
+            .filter(|r| match &r.marker {
+                None => true,
+                Some(Marker::Begin) => false,
+                Some(Marker::End(group)) => {
+                    confirmed.extend(group.finish_one());
+                    false
+                }
+            })
             .filter(|r| r.copies.as_ref().is_none_or(|c| c.finish_one()))
             .map(|r| {
                 bytes += self.budget.clamp(r.weight()) as usize;
@@ -231,6 +279,9 @@ impl Acks {
                 r.seq
             });
         tracker.complete(seqs);
+        for end_seq in confirmed {
+            tracker.confirm(end_seq);
+        }
         if count > 0 {
             self.budget.semaphore.add_permits(bytes);
         }
@@ -314,6 +365,36 @@ mod tests {
             tracker.commit(1, 5);
             assert_eq!(tracker.acked(), 5);
         });
+    }
+
+    #[test]
+    fn a_fed_commit_waits_for_the_sinks_confirmation() {
+        let tracker = Arc::new(AckTracker::new(0));
+        let acks = Acks::new(tracker.clone(), Arc::new(Budget::new(1_000)));
+        let mut feed = tracker.commit_feed();
+        tracker.commit(1, 10);
+        tracker.commit(1, 20); // an empty transaction
+        assert_eq!(feed.try_recv().unwrap(), 1);
+        assert_eq!(feed.try_recv().unwrap(), 1);
+        tracker.complete([0]);
+        assert_eq!(tracker.acked(), 0, "record 0 is done, its markers are not");
+        let group = crate::transaction::MarkerGroup::new(2, 1);
+        let end = Record {
+            marker: Some(Marker::End(group)),
+            ..Record::new("s".into(), "k".into(), vec![0; 10])
+        };
+        let begin = Record {
+            marker: Some(Marker::Begin),
+            ..end.clone()
+        };
+        acks.done([&begin, &end]);
+        assert_eq!(tracker.acked(), 0, "one end marker is still undelivered");
+        acks.done([&end]);
+        assert_eq!(tracker.acked(), 10);
+        tracker.confirm(1);
+        assert_eq!(tracker.acked(), 20);
+        assert!(tracker.is_drained());
+        assert_eq!(acks.budget().available(), 1_000, "markers hold no budget");
     }
 
     #[tokio::test]

@@ -6,9 +6,13 @@
 //! Field order is fixed: `v, id, op, source, key, before, after, unchanged,
 //! captured_at`.
 
+use std::sync::{Arc, OnceLock};
+
 use crate::json;
 use crate::position::Position;
+use crate::record::Record;
 use crate::time::TIMESTAMP_LEN;
+use crate::transaction::{TxRef, TxTag};
 
 /// The kind of change an envelope carries (`op`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,7 +50,9 @@ pub struct TableMeta {
     /// `"connector":..,"name":..,"db":..,"schema":..,"table":..` inside `source`.
     source: Vec<u8>,
     /// `{schema or db}.{table}`: the partition key prefix and fallback.
-    qualified: String,
+    qualified: Arc<str>,
+    /// `connector`, `name` and `db`, for transaction markers.
+    origin: [Arc<str>; 3],
 }
 
 impl TableMeta {
@@ -69,11 +75,12 @@ impl TableMeta {
         }
         source.extend_from_slice(b",\"table\":");
         json::write_str(&mut source, table);
-        let qualified = format!("{}.{}", schema.unwrap_or(db), table);
+        let qualified = format!("{}.{}", schema.unwrap_or(db), table).into();
         Self {
             head,
             source,
             qualified,
+            origin: [connector.into(), name.into(), db.into()],
         }
     }
 
@@ -92,6 +99,59 @@ pub struct TxMeta {
     pub commit_ts: Option<[u8; TIMESTAMP_LEN]>,
     /// Extra raw `source` fields, each starting with a comma (MySQL: gtid, file, pos).
     pub extra: Vec<u8>,
+    /// The transaction's tag, made with its first streamed change.
+    pub tag: OnceLock<Arc<TxTag>>,
+}
+
+impl TxMeta {
+    /// Tags `record`, a change of `table` at `position` streamed from the
+    /// log (not a snapshot row), with its transaction and table: what
+    /// transaction markers count (see `transaction.rs`).
+    pub fn tag(&self, record: &mut Record, table: &TableMeta, position: Position) {
+        let tag = self.tag.get_or_init(|| {
+            let [connector, name, db] = table.origin.clone();
+            Arc::new(TxTag {
+                connector,
+                name,
+                db,
+                major: position.major,
+                tx_id: self.tx_id.clone(),
+                commit_ts: self.commit_ts,
+                extra: self.extra.clone(),
+            })
+        });
+        record.tx = Some(TxRef {
+            tag: tag.clone(),
+            table: table.qualified.clone(),
+        });
+    }
+}
+
+/// Writes `,"tx_id":..,"commit_ts":..` of a `source` object (an empty
+/// `tx_id` or no `commit_ts`: null). `tx_id` is written as it is (sources
+/// use digits and dashes).
+pub(crate) fn write_tx_fields(
+    out: &mut Vec<u8>,
+    tx_id: &str,
+    commit_ts: Option<&[u8; TIMESTAMP_LEN]>,
+) {
+    out.extend_from_slice(b",\"tx_id\":");
+    if tx_id.is_empty() {
+        out.extend_from_slice(b"null");
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(tx_id.as_bytes());
+        out.push(b'"');
+    }
+    out.extend_from_slice(b",\"commit_ts\":");
+    match commit_ts {
+        Some(ts) => {
+            out.push(b'"');
+            out.extend_from_slice(ts);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// Renders `"name":` for a column once, to be copied per row.
@@ -135,23 +195,8 @@ impl<'a> EnvelopeEncoder<'a> {
         out.extend_from_slice(&table.source);
         out.extend_from_slice(b",\"position\":\"");
         out.extend_from_slice(&pos);
-        out.extend_from_slice(b"\",\"tx_id\":");
-        if tx.tx_id.is_empty() {
-            out.extend_from_slice(b"null");
-        } else {
-            out.push(b'"');
-            out.extend_from_slice(tx.tx_id.as_bytes());
-            out.push(b'"');
-        }
-        out.extend_from_slice(b",\"commit_ts\":");
-        match &tx.commit_ts {
-            Some(ts) => {
-                out.push(b'"');
-                out.extend_from_slice(ts);
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b"null"),
-        }
+        out.push(b'"');
+        write_tx_fields(out, &tx.tx_id, tx.commit_ts.as_ref());
         out.extend_from_slice(if snapshot {
             b",\"snapshot\":true"
         } else {
@@ -268,6 +313,7 @@ mod tests {
             tx_id: "7781".into(),
             commit_ts: Some(*b"2026-11-23T05:21:05.123456Z"),
             extra: Vec::new(),
+            tag: Default::default(),
         };
         let id = column_label("id");
         let status = column_label("status");
@@ -328,6 +374,7 @@ mod tests {
             tx_id: String::new(),
             commit_ts: None,
             extra: b",\"file\":\"binlog.000001\",\"pos\":4".to_vec(),
+            tag: Default::default(),
         };
         let mut out = Vec::new();
         let enc = EnvelopeEncoder::begin(

@@ -88,7 +88,21 @@ struct Debezium<'a> {
     source: DebeziumSource<'a>,
     op: &'static str,
     ts_ms: Option<i64>,
-    transaction: Option<()>,
+    transaction: Option<&'a EventOrder>,
+}
+
+/// Debezium's `transaction` block of a change event, written when
+/// transaction markers are on: the transaction's id (the marker's
+/// `transaction.id`) and the event's 1-based order in it, overall and
+/// within its table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EventOrder {
+    /// The transaction's id.
+    pub id: String,
+    /// The event's order in the transaction, from 1.
+    pub total_order: u64,
+    /// The event's order among the transaction's events of its table, from 1.
+    pub data_collection_order: u64,
 }
 
 #[derive(Serialize)]
@@ -133,13 +147,23 @@ struct CloudEvent<'a> {
 /// Rewrites the v1 envelope `v1` into `format` (a copy of it for
 /// [`Format::Tributary`]).
 pub fn convert(format: Format, v1: &[u8]) -> Result<Vec<u8>, FormatError> {
+    convert_event(format, v1, None)
+}
+
+/// [`convert`], with Debezium's `transaction` block set to `order` (the
+/// other formats have no such field).
+pub fn convert_event(
+    format: Format,
+    v1: &[u8],
+    order: Option<&EventOrder>,
+) -> Result<Vec<u8>, FormatError> {
     if format == Format::Tributary {
         return Ok(v1.to_vec());
     }
     let envelope: Envelope<'_> = serde_json::from_slice(v1)?;
     Ok(match format {
         Format::Tributary => unreachable!("returned above"),
-        Format::Debezium => serde_json::to_vec(&debezium(&envelope))?,
+        Format::Debezium => serde_json::to_vec(&debezium(&envelope, order))?,
         Format::Cloudevents => {
             let data: &RawValue = serde_json::from_slice(v1)?;
             serde_json::to_vec(&cloud_event(&envelope, data))?
@@ -147,7 +171,7 @@ pub fn convert(format: Format, v1: &[u8]) -> Result<Vec<u8>, FormatError> {
     })
 }
 
-fn debezium<'a>(e: &'a Envelope<'a>) -> Debezium<'a> {
+fn debezium<'a>(e: &'a Envelope<'a>, order: Option<&'a EventOrder>) -> Debezium<'a> {
     let s = &e.source;
     let postgres = s.connector == "postgres";
     let op = match e.op.as_ref() {
@@ -183,7 +207,7 @@ fn debezium<'a>(e: &'a Envelope<'a>) -> Debezium<'a> {
         },
         op,
         ts_ms: parse_unix_millis(&e.captured_at),
-        transaction: None,
+        transaction: order,
     }
 }
 
@@ -228,6 +252,17 @@ mod tests {
         assert_eq!(event["before"], json!({"id": 42}));
         assert_eq!(event["ts_ms"], 1_795_411_265_130i64);
         assert_eq!(event["transaction"], Value::Null);
+        let order = EventOrder {
+            id: "00000000016B3748".into(),
+            total_order: 3,
+            data_collection_order: 2,
+        };
+        let with_order = convert_event(Format::Debezium, V1.as_bytes(), Some(&order)).unwrap();
+        let with_order: Value = serde_json::from_slice(&with_order).unwrap();
+        assert_eq!(
+            with_order["transaction"],
+            json!({"id": "00000000016B3748", "total_order": 3, "data_collection_order": 2})
+        );
         let source = &event["source"];
         assert_eq!(source["connector"], "postgresql");
         assert_eq!(source["name"], "shop");

@@ -25,6 +25,7 @@ pub mod sink;
 pub mod source;
 pub mod time;
 pub mod tls;
+pub mod transaction;
 
 pub use ack::{AckTracker, Acks, Budget};
 pub use check::{CheckItem, CheckStatus};

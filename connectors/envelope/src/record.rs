@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use md5::{Digest, Md5};
 
+use crate::transaction::{Marker, TxRef};
+
 /// One envelope on its way to a sink.
 #[derive(Clone, Debug)]
 pub struct Record {
@@ -29,6 +31,12 @@ pub struct Record {
     /// The copies of a fanned-out record still undelivered (set by a sink):
     /// the record is done only when the last copy is.
     pub copies: Option<Arc<Copies>>,
+    /// The transaction and table of a change streamed from the log (set by
+    /// a source; none for snapshot rows): what transaction markers count.
+    pub tx: Option<TxRef>,
+    /// Set by a sink on the transaction markers it writes: how the marker
+    /// is reported done (it holds no budget and no sequence number).
+    pub marker: Option<Marker>,
 }
 
 impl Record {
@@ -43,6 +51,8 @@ impl Record {
             fan_out: false,
             explicit_hash_key: None,
             copies: None,
+            tx: None,
+            marker: None,
         }
     }
 
@@ -57,6 +67,8 @@ impl Record {
             fan_out: false,
             explicit_hash_key: Some(explicit_hash_key),
             copies: Some(copies.clone()),
+            tx: self.tx.clone(),
+            marker: None,
         }
     }
 

@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tributary_envelope::Format;
+
 use crate::error::KinesisError;
 
 /// Kinesis' per-shard write quota in records per second.
@@ -82,6 +84,9 @@ pub struct KinesisSinkConfig {
     pub connect_timeout: Duration,
     /// Backoff and give-up settings.
     pub retry: RetryPolicy,
+    /// `sink.format`: the layout of the transaction markers the sink
+    /// writes (records arrive already in it).
+    pub format: Format,
 }
 
 impl KinesisSinkConfig {
@@ -100,6 +105,7 @@ impl KinesisSinkConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             retry: RetryPolicy::default(),
+            format: Format::Tributary,
         }
     }
 

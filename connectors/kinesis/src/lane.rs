@@ -26,7 +26,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::SdkError;
@@ -37,6 +37,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{debug, warn};
 use tributary_envelope::error_text::one_line;
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
+use tributary_envelope::time::parse_unix_millis;
+use tributary_envelope::transaction::TxTag;
 use tributary_envelope::{Acks, Record};
 
 use ::metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -124,6 +126,7 @@ struct LaneMetrics {
     call_retries: Counter,
     queued_records: Gauge,
     queued_bytes: Gauge,
+    commit_to_ack: Histogram,
 }
 
 impl LaneMetrics {
@@ -139,7 +142,8 @@ impl LaneMetrics {
             entry_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "entry"),
             call_retries: counter!(metrics::RETRIES, "stream" => stream.clone(), "kind" => "call"),
             queued_records: gauge!(metrics::QUEUED_RECORDS, "stream" => stream.clone(), "shard" => shard.clone()),
-            queued_bytes: gauge!(metrics::QUEUED_BYTES, "stream" => stream, "shard" => shard),
+            queued_bytes: gauge!(metrics::QUEUED_BYTES, "stream" => stream.clone(), "shard" => shard),
+            commit_to_ack: histogram!(metrics::COMMIT_TO_ACK_SECONDS, "stream" => stream),
         }
     }
 }
@@ -305,6 +309,7 @@ impl Lane {
             self.setup
                 .acks
                 .done(self.queue.iter().take(count).map(|p| &p.record));
+            self.observe_commit_latency(self.queue.iter().take(count).map(|p| &p.record));
             let bytes: usize = self.queue.drain(..count).map(|p| p.record.weight()).sum();
             self.queued_bytes -= bytes;
             self.metrics.records_sent.increment(count as u64);
@@ -333,6 +338,7 @@ impl Lane {
                 .map(|(p, _)| &p.record)
         };
         self.setup.acks.done(done());
+        self.observe_commit_latency(done());
         let done_bytes: usize = done().map(Record::weight).sum();
         self.metrics.records_sent.increment(done().count() as u64);
         self.metrics.bytes_sent.increment(done_bytes as u64);
@@ -447,6 +453,41 @@ impl Lane {
         Ok(())
     }
 
+    /// Records the commit-to-ack time of the streamed changes among the
+    /// just accepted `records`, and sets the source lag to the newest one's.
+    fn observe_commit_latency<'r>(&self, records: impl Iterator<Item = &'r Record>) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        // Records of one transaction share its tag: parse its time once.
+        let mut last: Option<(&Arc<TxTag>, Option<i64>)> = None;
+        let mut newest: Option<(&TxTag, f64)> = None;
+        for record in records {
+            let Some(tx) = &record.tx else { continue };
+            let commit_ms = match last {
+                Some((tag, ms)) if Arc::ptr_eq(tag, &tx.tag) => ms,
+                _ => {
+                    let ms = tx
+                        .tag
+                        .commit_ts
+                        .as_ref()
+                        .and_then(|ts| parse_unix_millis(std::str::from_utf8(ts).ok()?));
+                    last = Some((&tx.tag, ms));
+                    ms
+                }
+            };
+            let Some(commit_ms) = commit_ms else { continue };
+            let secs = now_ms.saturating_sub(commit_ms).max(0) as f64 / 1000.0;
+            self.metrics.commit_to_ack.record(secs);
+            if newest.is_none_or(|(tag, _)| tag.major <= tx.tag.major) {
+                newest = Some((&tx.tag, secs));
+            }
+        }
+        if let Some((tag, secs)) = newest {
+            gauge!(metrics::SOURCE_LAG_SECONDS, "source" => tag.name.to_string()).set(secs);
+        }
+    }
+
     /// Counts an answer in the quota's window and reports the rate factor.
     fn observe(&mut self, sent: usize, throttled: usize) {
         self.setup.quota.observe(sent, throttled);
@@ -529,8 +570,8 @@ struct SortedAnswer {
 /// a failed entry is retried, or dead-lettered once a non-retryable error
 /// has refused it `max_rejections` times (counted in `batch`).
 ///
-/// A copy of a fanned-out record (a truncate) is ordered against every
-/// entry of the lane, not just its key: it goes again when anything before
+/// A copy of a fanned-out record (a truncate) and a transaction marker are
+/// ordered against every entry of the lane, not just its key: it goes again when anything before
 /// it does, and when it goes again so does everything after it.
 fn sort_answer(
     batch: &mut [Pending],
@@ -548,7 +589,7 @@ fn sort_answer(
     let mut barrier_retried = false;
     for (pending, result) in batch.iter_mut().zip(results) {
         let key = pending.record.partition_key.as_str();
-        let barrier = pending.record.copies.is_some();
+        let barrier = pending.record.copies.is_some() || pending.record.marker.is_some();
         let held =
             barrier_retried || retried_keys.contains(key) || (barrier && !retried_keys.is_empty());
         let outcome = match (result.error_code(), result.sequence_number()) {

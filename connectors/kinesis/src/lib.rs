@@ -21,6 +21,8 @@
 //! - `shards.rs`: reading a stream's shards, routing a key to its lane.
 //! - `sink.rs`: [`KinesisSink`], the dispatcher and the [`Sink`] impl.
 //! - `lane.rs`: one shard's batching, sending and ordered retries.
+//! - `markers.rs`: transaction markers, `begin`/`end` per shard a
+//!   transaction touched (`sink.transaction_markers`).
 //! - `quota.rs`: per-lane record and byte rate limits, adaptive slow-down.
 //! - `retry.rs`: sorting failures, backoff with jitter, rate-limited warnings.
 //! - `dead_letter.rs`: [`DeadLetterStore`], the JSON Lines file of records
@@ -45,6 +47,7 @@ mod dead_letter;
 mod dead_letter_stream;
 mod error;
 mod lane;
+mod markers;
 pub mod metrics;
 mod preflight;
 mod quota;

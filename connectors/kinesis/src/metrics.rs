@@ -3,7 +3,7 @@
 //! debugging recorder; without one, recording costs next to nothing.
 //!
 //! Names are constants, never literals at call sites. Labels: `stream`
-//! everywhere, `shard` where a value is per lane, `code` for refused
+//! everywhere but `source` on the source lag, `shard` where a value is per lane, `code` for refused
 //! entries, `reason` for dead letters, `kind` (`entry` or `call`) for
 //! retries.
 
@@ -29,8 +29,19 @@ pub const QUEUED_RECORDS: &str = "tributary_kinesis_queued_records";
 /// Gauge: bytes of the records queued in a lane and not yet accepted.
 pub const QUEUED_BYTES: &str = "tributary_kinesis_queued_bytes";
 
+/// Histogram: seconds from a change's commit on the source (`commit_ts`)
+/// to Kinesis accepting its record, per streamed change (snapshot rows and
+/// transaction markers excluded). Label `stream`.
+pub const COMMIT_TO_ACK_SECONDS: &str = "tributary_commit_to_ack_seconds";
+/// Gauge: how far behind the source the stream is: the commit-to-ack time
+/// of the newest change Kinesis accepted, set at each acceptance (it does
+/// not grow while the source is idle). Label `source`.
+pub const SOURCE_LAG_SECONDS: &str = "tributary_source_lag_seconds";
+
 /// Every metric name, for exporters that describe them up front.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
+    COMMIT_TO_ACK_SECONDS,
+    SOURCE_LAG_SECONDS,
     RECORDS_SENT,
     BYTES_SENT,
     PUT_RECORDS_SECONDS,

@@ -38,6 +38,7 @@ use crate::dead_letter::DeadLetterStore;
 use crate::dead_letter_stream::DeadLetterStream;
 use crate::error::KinesisError;
 use crate::lane::{Lane, LaneSetup};
+use crate::markers::{Queued, TxMarkers};
 use crate::quota::LaneQuota;
 use crate::retry::{Backoff, Failure, WARN_EVERY, WarnGate};
 use crate::shards::{ShardMap, StreamInfo, describe_stream_classified};
@@ -58,6 +59,8 @@ pub struct KinesisSink {
     client: Client,
     config: KinesisSinkConfig,
     dead_letters: Arc<DeadLetterStore>,
+    /// The tracker's commit feed when transaction markers are on.
+    commit_feed: Option<mpsc::UnboundedReceiver<u64>>,
 }
 
 impl KinesisSink {
@@ -78,7 +81,18 @@ impl KinesisSink {
             client,
             config,
             dead_letters,
+            commit_feed: None,
         })
+    }
+
+    /// Writes transaction markers (`sink.transaction_markers`) in
+    /// `config.format` for the commits announced on `feed`
+    /// ([`tributary_envelope::AckTracker::commit_feed`] of the tracker the
+    /// sink reports to), and confirms each commit once its markers are
+    /// delivered. See `markers.rs`.
+    pub fn with_transaction_markers(mut self, feed: mpsc::UnboundedReceiver<u64>) -> Self {
+        self.commit_feed = Some(feed);
+        self
     }
 
     /// Where dead letters go.
@@ -129,11 +143,18 @@ struct Dispatcher {
     warnings: WarnGate,
     /// Paces DescribeStreamSummary + ListShards.
     control: DefaultDirectRateLimiter,
+    /// Transaction markers, when on.
+    markers: Option<TxMarkers>,
 }
 
 impl Dispatcher {
-    fn new(sink: KinesisSink, acks: Acks) -> Self {
+    fn new(mut sink: KinesisSink, acks: Acks) -> Self {
+        let markers = sink
+            .commit_feed
+            .take()
+            .map(|feed| TxMarkers::new(sink.config.format, feed));
         Self {
+            markers,
             sink,
             acks,
             streams: HashMap::new(),
@@ -150,12 +171,20 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 Some(joined) = self.tasks.join_next() => lane_result(joined)?,
+                end_seq = next_commit(&mut self.markers) => {
+                    if let Some(markers) = &mut self.markers {
+                        markers.announce(end_seq);
+                    }
+                    self.queue_ends(None).await?;
+                }
                 batch = input.recv() => match batch {
                     Some(records) => self.dispatch(records).await?,
                     None => break,
                 },
             }
         }
+        // The source committed everything it sent before closing the input.
+        self.queue_ends(None).await?;
         info!(
             lanes = self.tasks.len(),
             "kinesis sink input closed; draining the lanes"
@@ -172,25 +201,62 @@ impl Dispatcher {
     async fn dispatch(&mut self, records: Vec<Record>) -> Result<(), KinesisError> {
         self.refresh_due_maps().await?;
         for record in records {
+            self.queue_ends(Some(record.seq)).await?;
             if !self.streams.contains_key(&*record.stream) {
                 self.open_stream(record.stream.clone()).await?;
+            }
+            let stream = &self.streams[&*record.stream];
+            if let Some(markers) = &mut self.markers {
+                let starts: Vec<u128> = if record.fan_out {
+                    stream.shards.shards().iter().map(|s| s.start).collect()
+                } else {
+                    vec![stream.shards.shards()[lane_of(stream, &record)].start]
+                };
+                let begins = markers.route(&record, &starts);
+                if !self.queue(begins) {
+                    return Err(self.lane_failure().await);
+                }
             }
             let stream = &self.streams[&*record.stream];
             let sent = if record.fan_out {
                 fan_out(stream, &record)
             } else {
-                let lane = match record.explicit_hash_key {
-                    Some(hash) => stream.shards.lane_of_hash(hash),
-                    None => stream.shards.lane_of(&record.partition_key),
-                };
-                stream.lanes[lane].send(record).is_ok()
+                stream.lanes[lane_of(stream, &record)].send(record).is_ok()
             };
             if !sent {
                 // A lane only stops early on a fatal error: report it.
                 return Err(self.lane_failure().await);
             }
         }
-        Ok(())
+        self.queue_ends(None).await
+    }
+
+    /// Queues the `end` markers of the announced commits whose records were
+    /// all routed before `seq` (all routed records when `None`).
+    async fn queue_ends(&mut self, seq: Option<u64>) -> Result<(), KinesisError> {
+        let Some(markers) = &mut self.markers else {
+            return Ok(());
+        };
+        let ends = markers.ends_before(seq, self.acks.tracker());
+        if self.queue(ends) {
+            Ok(())
+        } else {
+            Err(self.lane_failure().await)
+        }
+    }
+
+    /// Queues markers on the lanes of their shards' first hash keys; false
+    /// when a lane has stopped.
+    fn queue(&self, markers: Vec<Queued>) -> bool {
+        markers.into_iter().all(|(stream, start, marker)| {
+            let Some(lanes) = self.streams.get(&stream) else {
+                // Not reachable: a marker's stream had a record routed.
+                return false;
+            };
+            lanes.lanes[lanes.shards.lane_of_hash(start)]
+                .send(marker)
+                .is_ok()
+        })
     }
 
     /// Reads again the shard maps that a lane found stale or that are due,
@@ -328,6 +394,22 @@ impl Dispatcher {
             stream: String::new(),
             message: "a lane stopped without an error".to_owned(),
         }
+    }
+}
+
+/// The lane a record that is not fanned out goes to.
+fn lane_of(stream: &StreamLanes, record: &Record) -> usize {
+    match record.explicit_hash_key {
+        Some(hash) => stream.shards.lane_of_hash(hash),
+        None => stream.shards.lane_of(&record.partition_key),
+    }
+}
+
+/// The next commit announced to the markers (pending forever without them).
+async fn next_commit(markers: &mut Option<TxMarkers>) -> u64 {
+    match markers {
+        Some(markers) => markers.next_commit().await,
+        None => std::future::pending().await,
     }
 }
 

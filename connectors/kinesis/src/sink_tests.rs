@@ -51,6 +51,8 @@ struct Entry {
     bytes: usize,
     /// The open shard Kinesis puts it on (by explicit hash key or key).
     shard: usize,
+    /// A transaction's `end` marker.
+    end: bool,
 }
 
 /// A record's partition key and data.
@@ -176,6 +178,7 @@ impl Fake {
                                 key,
                                 bytes: 0,
                                 shard: 0,
+                                end: false,
                             }
                         })
                         .collect();
@@ -199,6 +202,10 @@ impl Fake {
                                 .iter()
                                 .position(|&(start, end)| start <= hash && hash <= end)
                                 .unwrap(),
+                            end: e.data().as_ref().starts_with(br#"{"v":1,"id":"#) && {
+                                let end = br#""op":"end","#;
+                                e.data().as_ref().windows(end.len()).any(|w| w == end)
+                            },
                         }
                     })
                     .collect();
@@ -1055,4 +1062,113 @@ async fn a_permanent_error_stops_the_sink_while_input_is_open() {
     }
     assert_eq!(tracker.in_flight(), 10, "no record was reported done");
     drop(sender);
+}
+
+/// A transaction of `records` records spread over the shards by key, each
+/// tagged with one transaction (as a source tags streamed changes).
+fn transaction(records: u64) -> Vec<Record> {
+    use tributary_envelope::transaction::{TxRef, TxTag};
+    let tag = Arc::new(TxTag {
+        connector: "postgres".into(),
+        name: "shop".into(),
+        db: "shop".into(),
+        major: 0x100,
+        tx_id: "7".into(),
+        commit_ts: None,
+        extra: Vec::new(),
+    });
+    (0..records)
+        .map(|i| {
+            let table: Arc<str> = if i % 2 == 0 { "public.a" } else { "public.b" }.into();
+            let mut record = record(i, &format!("{table}:{i}"), 10);
+            record.tx = Some(TxRef {
+                tag: tag.clone(),
+                table,
+            });
+            record
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_commit_is_acknowledged_only_once_its_end_markers_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Arc::new(AckTracker::new(0));
+    let feed = tracker.commit_feed();
+    // Every end marker is refused in its first two calls; each call notes
+    // whether it carries an end and what was acknowledged then.
+    let seen = Arc::new(Mutex::new((0usize, Vec::<(bool, u64)>::new())));
+    let (log, observed) = (seen.clone(), tracker.clone());
+    let fake = Fake::new(2, None, move |_, entries| {
+        let mut log = log.lock().unwrap();
+        let ends: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].end).collect();
+        let refuse = !ends.is_empty() && log.0 < 2;
+        log.0 += usize::from(refuse);
+        log.1.push((!ends.is_empty(), observed.acked()));
+        if refuse {
+            throttle(ends.into_iter())
+        } else {
+            Reply::Accept
+        }
+    });
+    let records = transaction(20);
+    let budget = Arc::new(Budget::new(1 << 20));
+    for record in &records {
+        budget.acquire(record.weight()).await;
+    }
+    let mut config = config(&dir);
+    config.format = tributary_envelope::Format::Tributary;
+    let sink = KinesisSink::new(fake.client.clone(), config)
+        .await
+        .unwrap()
+        .with_transaction_markers(feed);
+    let (sender, input) = mpsc::channel(4);
+    let acks = Acks::new(tracker.clone(), budget.clone());
+    let source = async {
+        sender.send(records).await.unwrap();
+        tracker.commit(20, END_POSITION);
+        drop(sender);
+    };
+    let (_, result) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(source, sink.run(input, acks))
+    })
+    .await
+    .expect("the sink finished within a minute");
+    result.unwrap();
+    assert_eq!(tracker.acked(), END_POSITION);
+    assert!(tracker.is_drained());
+    assert_eq!(
+        budget.available(),
+        budget.capacity(),
+        "markers hold no budget"
+    );
+
+    let (refusals, log) = seen.lock().unwrap().clone();
+    assert_eq!(refusals, 2, "{log:?}");
+    assert!(
+        log.iter().all(|&(end, acked)| !end || acked == 0),
+        "acknowledged while an end marker was undelivered: {log:?}"
+    );
+    // Per shard, in the last-copy sense: begin, the events, end.
+    let calls = fake.calls();
+    for shard in 0..2 {
+        let landed: Vec<&Entry> = calls
+            .iter()
+            .flatten()
+            .filter(|e| e.shard == shard)
+            .collect();
+        let last = |pred: &dyn Fn(&Entry) -> bool| landed.iter().rposition(|e| pred(e)).unwrap();
+        let end = last(&|e| e.end);
+        let begin = last(&|e| e.seq == u64::MAX && !e.end);
+        let events = landed.iter().filter(|e| e.seq != u64::MAX);
+        assert!(events.count() > 0, "20 keys over 2 shards");
+        for seq in 0..20 {
+            if let Some(at) = landed.iter().rposition(|e| e.seq == seq) {
+                assert!(
+                    begin < at && at < end,
+                    "shard {shard}: event {seq} at {at}, begin {begin}, end {end}"
+                );
+            }
+        }
+    }
 }

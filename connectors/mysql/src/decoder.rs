@@ -84,6 +84,7 @@ impl Transaction {
                     i64::from(timestamp_secs) * 1_000_000,
                 )),
                 extra,
+                tag: Default::default(),
             },
         }
     }
@@ -295,11 +296,12 @@ impl Decoder {
                 .map(|(a, b)| &self.buf[a..b])
         };
         let mut data = Vec::with_capacity(256 + self.buf.len() * 2);
+        let position = tx.next_position();
         let mut enc = EnvelopeEncoder::begin(
             &mut data,
             &table.meta,
             op,
-            tx.next_position(),
+            position,
             &tx.meta,
             op == Op::Snapshot,
         );
@@ -339,7 +341,11 @@ impl Decoder {
             .filter(|(i, _)| with_after && value(&self.after, *i).is_none())
             .map(|(_, c)| c.name.as_str());
         enc.finish(unchanged, captured_at);
-        out.push(Record::new(table.stream.clone(), partition.finish(), data));
+        let mut record = Record::new(table.stream.clone(), partition.finish(), data);
+        if op != Op::Snapshot {
+            tx.meta.tag(&mut record, &table.meta, position);
+        }
+        out.push(record);
     }
 
     /// A `TRUNCATE` of `db.table`: one envelope with key, before and after null.
@@ -353,19 +359,14 @@ impl Decoder {
     ) {
         let meta = TableMeta::new(CONNECTOR, &self.name, db, None, table);
         let mut data = Vec::with_capacity(384);
-        let enc = EnvelopeEncoder::begin(
-            &mut data,
-            &meta,
-            Op::Truncate,
-            tx.next_position(),
-            &tx.meta,
-            false,
-        );
+        let position = tx.next_position();
+        let enc = EnvelopeEncoder::begin(&mut data, &meta, Op::Truncate, position, &tx.meta, false);
         enc.finish([], captured_at);
         let stream = self.router.resolve(&self.name, db, None, table).into();
         let mut record = Record::new(stream, meta.qualified_name().to_owned(), data);
         // Every shard that holds the table's keys must see the truncate.
         record.fan_out = true;
+        tx.meta.tag(&mut record, &meta, position);
         out.push(record);
     }
 }

@@ -75,6 +75,7 @@ impl Transaction {
                     commit_time_pg_micros.saturating_add(POSTGRES_EPOCH_UNIX_MICROS),
                 )),
                 extra: Vec::new(),
+                tag: Default::default(),
             },
             ordinal: 0,
         }
@@ -295,14 +296,16 @@ impl Decoder {
             EnvelopeEncoder::begin(&mut data, &table.meta, Op::Truncate, pos, &tx.meta, false)
                 .finish([], captured_at);
             table.counters.record(Op::Truncate, data.len());
-            out.push(Record {
+            let mut record = Record {
                 fan_out: true,
                 ..Record::new(
                     table.stream.clone(),
                     PartitionKey::new(table.meta.qualified_name()).finish(),
                     data,
                 )
-            });
+            };
+            tx.meta.tag(&mut record, &table.meta, pos);
+            out.push(record);
         }
         Ok(())
     }
@@ -556,7 +559,11 @@ impl Rows<'_> {
         }
         enc.finish(unchanged, captured_at);
         table.counters.record(op, data.len());
-        Record::new(table.stream.clone(), partition_key.finish(), data)
+        let mut record = Record::new(table.stream.clone(), partition_key.finish(), data);
+        if !snapshot {
+            tx.tag(&mut record, &table.meta, pos);
+        }
+        record
     }
 }
 
