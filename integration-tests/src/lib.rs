@@ -33,6 +33,8 @@
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
+//! - `snapshot_resume.rs`: watching a snapshot's stored progress and what
+//!   a resumed run logs.
 
 mod config;
 pub mod consumer;
@@ -45,6 +47,7 @@ mod pipeline;
 mod postgres;
 mod process;
 mod proxy;
+pub mod snapshot_resume;
 
 use std::path::{Path, PathBuf};
 

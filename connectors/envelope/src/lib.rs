@@ -22,7 +22,9 @@ pub mod record;
 pub mod route;
 pub mod setup_plan;
 pub mod sink;
+pub mod snapshot_progress;
 pub mod source;
+pub mod state_file;
 pub mod time;
 
 pub use ack::{AckTracker, Acks, Budget};

@@ -41,6 +41,8 @@ pub struct MysqlSourceConfig {
     /// `source.snapshot = "only"`: copy the captured tables' rows, then
     /// stop (no offset, no marker, no lock).
     pub snapshot_only: bool,
+    /// `source.snapshot_chunk_rows`: rows per keyset chunk of the snapshot.
+    pub snapshot_chunk_rows: usize,
 }
 
 impl MysqlSettings {
@@ -75,6 +77,7 @@ impl MysqlSettings {
             state_dir: common.state_dir.clone(),
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
+            snapshot_chunk_rows: common.snapshot_chunk_rows,
         })
     }
 }
@@ -114,6 +117,7 @@ mod tests {
             state_dir: PathBuf::from("/var/lib/tributary"),
             snapshot: false,
             snapshot_only: false,
+            snapshot_chunk_rows: 10_000,
         }
     }
 
