@@ -708,6 +708,10 @@ region = "us-east-1"
                 BASE.replace("[sink]", "[sink]\nrequest_timeout_secs = 99999999"),
                 "sink.request_timeout_secs",
             ),
+            (
+                BASE.replace("tables = [", "snapshot_chunk_rows = 0\ntables = ["),
+                "source.snapshot_chunk_rows",
+            ),
         ];
         for (toml, key) in cases {
             let err = load_str(&toml).unwrap_err().to_string();

@@ -15,9 +15,9 @@
 //! yet acknowledged are read and sent again (at-least-once).
 //!
 //! Snapshot rows take positions `{major}:{ordinal}` below the stream's
-//! start; the progress keeps the position of the next row after the last
-//! done chunk, so a resumed snapshot numbers the rows it re-reads from the
-//! same ordinal the first run gave them.
+//! start; the progress keeps the position of the last row of the last done
+//! chunk, so a resumed snapshot numbers the rows it re-reads from the same
+//! ordinal the first run gave them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -58,9 +58,10 @@ pub struct SnapshotProgress {
     /// the binlog offset), in the source's own text. Empty until the
     /// consistent point is taken: such a snapshot cannot be resumed.
     pub start: String,
-    /// `major` of the next snapshot row's position.
+    /// `major` of the snapshot rows' positions after the last done chunk.
     pub major: u64,
-    /// Ordinal of the next snapshot row's position.
+    /// The ordinal of the last row of the last done chunk: a resumed
+    /// snapshot numbers its rows from the next one.
     pub ordinal: u32,
     /// Per captured table (`schema.table`, MySQL `db.table`): its progress.
     /// A table not listed is read from its first row.

@@ -10,20 +10,26 @@
 //! milliseconds (its duration is logged) but waits for running statements
 //! to finish first, and blocks every write on the server while it waits.
 //!
-//! Each captured table is then read with `SELECT *` through the binary
-//! protocol, one row at a time off the socket (memory stays bounded by the
-//! byte budget whatever the table's size); every value is put in the shape
-//! the binlog gives it and rendered by the same code as the stream, as an
-//! `op = "snapshot"` envelope, so both paths give the same JSON. Snapshot
-//! rows take positions `{snapshot watermark - 1}:{ordinal}`: they sort
-//! before every change the stream sends (those commit after the position).
+//! Each captured table is then read in primary-key chunks
+//! ([`select_chunk`]; a table without a key with one `SELECT *`) through
+//! the binary protocol, one row at a time off the socket (memory stays
+//! bounded by the byte budget whatever the table's size); every value is
+//! put in the shape the binlog gives it and rendered by the same code as
+//! the stream, as an `op = "snapshot"` envelope, so both paths give the
+//! same JSON. Snapshot rows take positions `{snapshot watermark -
+//! 1}:{ordinal}`: they sort before every change the stream sends (those
+//! commit after the position).
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
-//! written before the snapshot starts and removed only after Kinesis
-//! acknowledged every snapshot row and the offset was written; a start
-//! that finds it (a crash or stop mid-snapshot) takes the snapshot again
-//! from a new position, so no row is ever missing (rows already sent come
-//! again, with other ids: delivery is at-least-once).
+//! written before the snapshot starts, then holds its progress (the binlog
+//! position, each table's last acknowledged key: see
+//! `tributary_envelope::snapshot_progress`), and is removed only after
+//! Kinesis acknowledged every snapshot row and the offset was written. A
+//! start that finds it with progress resumes: the binlog must still hold
+//! the position; the rest is read in a new consistent snapshot, without
+//! the lock, and the binlog is then streamed from the stored position,
+//! whose changes bring every key read later to its latest state. A marker
+//! without progress takes the snapshot again from a new position.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -5,19 +5,26 @@
 //! replication connection that exports a snapshot ([`prepare`]); a reader
 //! connection imports it (`SET TRANSACTION SNAPSHOT`, REPEATABLE READ, read
 //! only: no lock beyond what a plain read takes) and the exporting
-//! connection is closed. Each captured table is read through a cursor in
-//! chunks; every row becomes a pgoutput Insert message rendered by the same
-//! decoder as the stream, as an `op = "snapshot"` envelope, so snapshot and
-//! stream JSON are the same for every type. Snapshot rows take positions
+//! connection is closed. Each captured table is read in primary-key
+//! chunks ([`TableReader`]: `WHERE (key) > (last) ORDER BY key LIMIT n`;
+//! a table without a key through a cursor, in one pass); every row becomes
+//! a pgoutput Insert message rendered by the same decoder as the stream,
+//! as an `op = "snapshot"` envelope, so snapshot and stream JSON are the
+//! same for every type. Snapshot rows take positions
 //! `{consistent point - 1}:{ordinal}`: they sort before every change the
 //! stream sends (those commit after the consistent point).
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
-//! written before the slot is created and removed only after Kinesis
-//! acknowledged every snapshot row; a start that finds it (a crash or stop
-//! mid-snapshot) drops the slot and takes the snapshot again from a new
-//! consistent point, so no row is ever missing (rows already sent come
-//! again, with other ids: delivery is at-least-once).
+//! written before the slot is created, then holds the snapshot's progress
+//! (the consistent point, each table's last acknowledged key: see
+//! `tributary_envelope::snapshot_progress`), and is removed only after
+//! Kinesis acknowledged every snapshot row. A start that finds it with
+//! progress, and the slot still at that consistent point, resumes: the
+//! exported snapshot is gone, so the rest is read in a new REPEATABLE READ
+//! transaction (later than the consistent point) and the stream then starts
+//! at the consistent point; the stream's changes after it bring every key
+//! read later to its latest state. A marker without progress (a crash
+//! before the slot existed) drops the slot and takes the snapshot again.
 
 use std::path::{Path, PathBuf};
 
