@@ -372,6 +372,23 @@ mod tests {
     }
 
     #[test]
+    fn a_watched_table_counts_its_rows_with_or_without_a_bar() {
+        let mut metrics = SnapshotMetrics::new("shop");
+        for bar in [true, false] {
+            enable_progress_bar(bar);
+            let mut watch = metrics.start_table("public.t", 10, None);
+            assert_eq!(watch.bar.is_some(), bar);
+            watch.add(4);
+            watch.add(3);
+            assert_eq!(watch.rows(), 7);
+            watch.finish();
+            metrics.table_done();
+        }
+        enable_progress_bar(false);
+        assert_eq!(metrics.done, 2);
+    }
+
+    #[test]
     fn eta_counts_the_rows_left() {
         assert_eq!(eta(1_000, 11_000, 500.0), 20);
         assert_eq!(eta(12_000, 11_000, 500.0), 0);

@@ -325,7 +325,7 @@ impl PostgresSource {
             ledger: marker
                 .as_ref()
                 .map(|m| ChunkLedger::new(m, progress.clone())),
-            decoded: Vec::with_capacity(self.cfg.snapshot_chunk_rows.min(snapshot::CHUNK_ROWS)),
+            decoded: Vec::with_capacity(2),
             tx,
             total: 0,
         };
@@ -404,21 +404,22 @@ impl PostgresSource {
                 info!(table = %name, rows = watch.rows(), "snapshot interrupted: it resumes after the last acknowledged chunk at the next run");
                 return Ok(false);
             }
-            let read = table_reader
-                .next_chunk(
-                    reader,
-                    &mut self.decoder,
-                    &mut copy.tx,
-                    &st.captured_at,
-                    &mut copy.decoded,
-                )
-                .await?;
+            // One record at a time: memory holds the chunk's rows as text
+            // and the records the budget admits, not a chunk of both.
+            let rows = table_reader.fetch(reader).await?;
+            let read = rows.len();
             if read == 0 {
                 break;
             }
-            for record in copy.decoded.drain(..) {
-                st.push_plain(record).await?;
+            for row in &rows {
+                let at = &st.captured_at;
+                let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
+                table_reader.render(row, decoder, tx, at, &mut copy.decoded)?;
+                for record in copy.decoded.drain(..) {
+                    st.push_plain(record).await?;
+                }
             }
+            drop(rows);
             watch.add(read as u64);
             copy.total += read;
             if let Some(key) = table_reader.last_key() {

@@ -384,34 +384,24 @@ impl TableReader {
         )
     }
 
-    /// Reads the next chunk and renders each row, as the stream's decoder
-    /// does, into `out` as an `op = "snapshot"` record; returns the rows
-    /// read (0 at the end of the table).
-    pub async fn next_chunk(
+    /// Reads the next chunk's rows as text (empty at the end of the
+    /// table) and remembers the key of its last row.
+    pub async fn fetch(
         &mut self,
         reader: &Client,
-        decoder: &mut crate::decoder::Decoder,
-        tx: &mut crate::decoder::Transaction,
-        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
-        out: &mut Vec<tributary_envelope::Record>,
-    ) -> Result<usize, PostgresError> {
+    ) -> Result<Vec<tokio_postgres::SimpleQueryRow>, PostgresError> {
         let messages = reader
             .simple_query(&self.chunk_sql())
             .await
             .map_err(PostgresError::query("reading a snapshot chunk"))?;
-        let mut read = 0;
-        let mut last = None;
-        for message in &messages {
-            let SimpleQueryMessage::Row(row) = message else {
-                continue;
-            };
-            let bytes = insert_message(self.relation, row);
-            let msg = crate::pgoutput::parse(&bytes)?;
-            decoder.snapshot_row(&msg, tx, captured_at, out)?;
-            read += 1;
-            last = Some(row);
-        }
-        if let Some(row) = last
+        let rows: Vec<_> = messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        if let Some(row) = rows.last()
             && !self.key.is_empty()
         {
             let key = self
@@ -421,7 +411,40 @@ impl TableReader {
                 .collect();
             self.after = Some(key);
         }
-        Ok(read)
+        Ok(rows)
+    }
+
+    /// Renders one fetched row, as the stream's decoder does, into `out`
+    /// as an `op = "snapshot"` record.
+    pub fn render(
+        &self,
+        row: &tokio_postgres::SimpleQueryRow,
+        decoder: &mut crate::decoder::Decoder,
+        tx: &mut crate::decoder::Transaction,
+        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+        out: &mut Vec<tributary_envelope::Record>,
+    ) -> Result<(), PostgresError> {
+        let bytes = insert_message(self.relation, row);
+        let msg = crate::pgoutput::parse(&bytes)?;
+        decoder.snapshot_row(&msg, tx, captured_at, out)?;
+        Ok(())
+    }
+
+    /// Reads the next chunk and renders every row into `out`; returns the
+    /// rows read (0 at the end of the table).
+    pub async fn next_chunk(
+        &mut self,
+        reader: &Client,
+        decoder: &mut crate::decoder::Decoder,
+        tx: &mut crate::decoder::Transaction,
+        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+        out: &mut Vec<tributary_envelope::Record>,
+    ) -> Result<usize, PostgresError> {
+        let rows = self.fetch(reader).await?;
+        for row in &rows {
+            self.render(row, decoder, tx, captured_at, out)?;
+        }
+        Ok(rows.len())
     }
 
     /// Ends the read (closes the cursor of a table without a key).
