@@ -76,6 +76,14 @@ pub fn assert_resumed(logs: &str, table_rows: u64) -> Result<u64> {
         !resumed.is_empty(),
         "the restart says where it resumes:\n{logs}"
     );
+    let estimated = logs
+        .lines()
+        .filter(|l| l.contains("resuming table after its last acknowledged key"))
+        .find_map(|l| serde_json::from_str::<Value>(l).ok()?["estimated_rows"].as_u64());
+    ensure!(
+        estimated.is_some_and(|rows| rows > 0),
+        "the resumed table's estimated rows come from the statistics ({estimated:?}):\n{logs}"
+    );
     let resent = rows_of_completed_snapshot(logs)?;
     eprintln!("resumed {resumed:?}: {resent} of {table_rows} rows read again after the restart");
     ensure!(

@@ -524,8 +524,8 @@ async fn primary_key(reader: &Client, rel: &Relation) -> Result<Vec<KeyColumn>, 
 pub async fn estimated_rows(reader: &Client, relation: u32) -> Result<u64, PostgresError> {
     let row = reader
         .query_one(
-            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint \
-             FROM pg_partition_tree($1::oid::regclass) p JOIN pg_class c ON c.oid = p.relid",
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c \
+             WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))",
             &[&relation],
         )
         .await
