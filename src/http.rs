@@ -222,6 +222,7 @@ mod tests {
         let names: Vec<&str> = tributary_postgres::metrics::ALL
             .iter()
             .chain(tributary_kinesis::metrics::ALL.iter())
+            .chain(tributary_envelope::snapshot_progress::ALL.iter())
             .copied()
             .collect();
         for name in &names {

@@ -41,4 +41,9 @@ pub fn init(settings: &LogSettings) {
         }
         LogFormat::Pretty => builder.with_ansi(false).compact().try_init(),
     };
+    // A person at a terminal watches a snapshot's bar; a pipe or a log
+    // collector gets the periodic progress lines alone.
+    tributary_envelope::snapshot_progress::enable_progress_bar(
+        !is_json() && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
 }

@@ -115,6 +115,10 @@ pub struct SourceSettings {
     /// `initial`, `never` or `only`.
     #[serde(default)]
     pub snapshot: SnapshotMode,
+    /// Rows a snapshot reads per primary-key chunk: a crash re-sends at
+    /// most the chunks not yet acknowledged, and memory holds one chunk.
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
     /// `[source.postgres]` (parsed and validated by the Postgres crate).
     #[serde(default)]
     pub postgres: PostgresSettings,
@@ -122,6 +126,16 @@ pub struct SourceSettings {
     #[serde(default)]
     pub mysql: MysqlSettings,
 }
+
+fn default_snapshot_chunk_rows() -> usize {
+    DEFAULT_SNAPSHOT_CHUNK_ROWS
+}
+
+/// `source.snapshot_chunk_rows` when not set.
+pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
+
+/// The largest `source.snapshot_chunk_rows` (one chunk is held in memory).
+pub const MAX_SNAPSHOT_CHUNK_ROWS: usize = 1_000_000;
 
 fn default_tables() -> Vec<String> {
     vec!["*.*".into()]
@@ -570,6 +584,14 @@ impl Settings {
                 "must be at least 1048576 (1 MiB)",
             ));
         }
+        if !(1..=MAX_SNAPSHOT_CHUNK_ROWS).contains(&source.snapshot_chunk_rows) {
+            return Err(invalid(
+                "source.snapshot_chunk_rows",
+                format!(
+                    "must be between 1 and {MAX_SNAPSHOT_CHUNK_ROWS} (rows per snapshot chunk; default {DEFAULT_SNAPSHOT_CHUNK_ROWS})"
+                ),
+            ));
+        }
         if self.http.stall_timeout_secs == 0 {
             return Err(invalid(
                 "http.stall_timeout_secs",
@@ -604,6 +626,7 @@ impl Settings {
             state_dir: self.state.dir.clone(),
             snapshot: source.snapshot == SnapshotMode::Initial,
             snapshot_only: source.snapshot == SnapshotMode::Only,
+            snapshot_chunk_rows: source.snapshot_chunk_rows,
         };
         let source = match source.kind {
             SourceKind::Postgres => {
@@ -689,6 +712,10 @@ region = "us-east-1"
             (
                 BASE.replace("[sink]", "[sink]\nrequest_timeout_secs = 99999999"),
                 "sink.request_timeout_secs",
+            ),
+            (
+                BASE.replace("tables = [", "snapshot_chunk_rows = 0\ntables = ["),
+                "source.snapshot_chunk_rows",
             ),
         ];
         for (toml, key) in cases {

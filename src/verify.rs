@@ -258,22 +258,28 @@ impl Scanner {
         mut each: impl FnMut(Change),
     ) -> anyhow::Result<u64> {
         let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-        let relation =
-            snapshot::open_table(client, &mut self.catalog, &mut self.decoder, schema, table)
-                .await?;
+        let mut reader = snapshot::open_table(
+            client,
+            &mut self.catalog,
+            &mut self.decoder,
+            (schema, table),
+            None,
+            snapshot::CHUNK_ROWS,
+        )
+        .await?;
         let mut tx = Transaction::begin(0, 0, 0);
         let (mut rows, mut reported) = (0u64, Instant::now());
         let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
         loop {
-            let read = snapshot::next_chunk(
-                client,
-                relation,
-                &mut self.decoder,
-                &mut tx,
-                &self.captured_at,
-                &mut decoded,
-            )
-            .await?;
+            let read = reader
+                .next_chunk(
+                    client,
+                    &mut self.decoder,
+                    &mut tx,
+                    &self.captured_at,
+                    &mut decoded,
+                )
+                .await?;
             if read == 0 {
                 break;
             }
@@ -288,7 +294,7 @@ impl Scanner {
                 eprintln!("verify: {name}: {rows} rows read");
             }
         }
-        snapshot::close_cursor(client).await?;
+        reader.close(client).await?;
         Ok(rows)
     }
 }

@@ -36,6 +36,8 @@
 //! - `tls.rs`: [`TestCerts`], a throwaway CA and server certificate for
 //!   the servers' TLS (`Postgres::start_with_tls`, `Mariadb::start_with`
 //!   and its `--ssl-*` flags).
+//! - `snapshot_resume.rs`: watching a snapshot's stored progress and what
+//!   a resumed run logs.
 
 mod config;
 pub mod consumer;
@@ -48,6 +50,7 @@ mod pipeline;
 mod postgres;
 mod process;
 mod proxy;
+pub mod snapshot_resume;
 mod tls;
 
 use std::path::{Path, PathBuf};

@@ -107,65 +107,102 @@ async fn existing_rows_arrive_as_snapshots_then_the_binlog_follows() -> Result<(
     Ok(())
 }
 
+/// Inserts, updates and deletes rows of `shop.items` (keys 1 to `rows`)
+/// until `done`; returns the rounds it ran.
+fn spawn_writer(
+    mut conn: mysql_async::Conn,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rows: u32,
+) -> tokio::task::JoinHandle<Result<u32>> {
+    use mysql_async::prelude::Queryable as _;
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            conn.query_drop(format!(
+                "UPDATE shop.items SET price = price + 1, name = 'w{n}' WHERE id = {}; \
+                 DELETE FROM shop.items WHERE id = {}; \
+                 INSERT INTO shop.items VALUES ({}, 'new {n}', {n})",
+                (n * 37) % rows + 1,
+                (n * 53) % rows + 1,
+                10 * rows + n
+            ))
+            .await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(n)
+    })
+}
+
+/// 30,000 keyed rows (and a table without a key) copied in 500-row
+/// chunks: a few seconds of snapshot to kill in the middle.
+const LARGE: &str = "
+CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(40), price INT);
+INSERT INTO items (id, name, price)
+  SELECT seq, CONCAT('item ', seq), seq * 3 FROM seq_1_to_30000;
+CREATE TABLE notes (body VARCHAR(40));
+INSERT INTO notes SELECT CONCAT('note ', seq) FROM seq_1_to_10;
+ANALYZE TABLE items;
+";
+const LARGE_ROWS: u64 = 30_010;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_killed_midway_is_taken_again_and_converges() -> Result<()> {
-    // A slow stream (400 records/s on one shard) keeps the snapshot going
-    // long enough to kill it in the middle.
+async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_converges() -> Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tributary_integration_tests::snapshot_resume;
     let mut pipeline = MysqlPipeline::start_without_waiting(
         STREAM,
-        1,
-        SETUP,
-        "[source]\nsnapshot = \"initial\"\n[sink.quota]\nrecords_per_shard_per_sec = 400\n",
+        2,
+        LARGE,
+        "[source]\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500\n\
+         [sink]\nmax_in_flight_bytes = 1048576\n",
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let before_kill = pipeline.kin.read_all(STREAM).await?.len();
-    ensure!(
-        before_kill > 0 && before_kill < 5010,
-        "killed in the middle: {before_kill} rows were out\n{}",
-        pipeline.tributary.logs()
-    );
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(pipeline.db.root().await?, done.clone(), 30_000);
+    let marker = pipeline
+        .config
+        .state_dir
+        .join("mysql-snapshot-shop.pending");
+    let progress = snapshot_resume::wait_for_acknowledged_chunk(
+        &marker,
+        "shop.items",
+        3_000,
+        Duration::from_secs(60),
+    )
+    .await
+    .with_context(|| pipeline.tributary.logs())?;
     pipeline.tributary.kill9().await?;
     ensure!(
         pipeline.stored_offset().is_none(),
         "no offset is written before the snapshot completes"
     );
-    pipeline
-        .db
-        .execute("UPDATE items SET name = 'changed' WHERE id % 7 = 0")
-        .await?;
-    std::fs::write(
-        pipeline.config.path.as_path(),
-        std::fs::read_to_string(&pipeline.config.path)?.replace(
-            "records_per_shard_per_sec = 400",
-            "records_per_shard_per_sec = 1000",
-        ),
-    )?;
+    let before_kill = pipeline.kin.read_all(STREAM).await?.len();
+    eprintln!("killed with {before_kill} snapshot rows out; stored progress {progress}");
+
     pipeline
         .restart_with_timeout(Duration::from_secs(120))
         .await?;
     let logs = pipeline.tributary.logs();
-    assert!(
-        logs.contains("an earlier snapshot did not finish"),
-        "the restart says it takes the snapshot again:\n{logs}"
+    ensure!(
+        !logs.contains("global read lock released"),
+        "a resumed snapshot takes no lock:\n{logs}"
     );
-    pipeline
-        .db
-        .execute("DELETE FROM items WHERE id % 11 = 0")
-        .await?;
+    snapshot_resume::assert_resumed(&logs, LARGE_ROWS)?;
+    done.store(true, Ordering::Relaxed);
+    let rounds = writer.await??;
+    ensure!(
+        rounds > 10,
+        "the writer ran during the snapshot ({rounds} rounds)"
+    );
     let records = pipeline
         .settled(STREAM, SETTLE)
         .await
         .context("after the restart")?;
-    eprintln!(
-        "{before_kill} snapshot rows were out before kill -9; {} records in all",
-        records.len()
-    );
+    eprintln!("{rounds} write rounds; {} records in all", records.len());
     assert_replica_matches(&pipeline, &records, "shop.items", &["id"]).await?;
-    let marker = pipeline
-        .config
-        .state_dir
-        .join("mysql-snapshot-shop.pending");
     assert!(!marker.exists(), "the marker is removed once complete");
     pipeline.stop_gracefully().await?;
     Ok(())
@@ -244,7 +281,6 @@ async fn every_type_has_the_same_json_in_the_snapshot_and_the_binlog() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_the_snapshot_are_neither_lost_nor_overtaken() -> Result<()> {
-    use mysql_async::prelude::Queryable as _;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     // One slow shard: the copy takes seconds while a writer inserts,
@@ -257,27 +293,7 @@ async fn writes_during_the_snapshot_are_neither_lost_nor_overtaken() -> Result<(
     )
     .await?;
     let done = Arc::new(AtomicBool::new(false));
-    let mut conn = pipeline.db.root().await?;
-    let writer = tokio::spawn({
-        let done = done.clone();
-        async move {
-            let mut n = 0u32;
-            while !done.load(Ordering::Relaxed) {
-                n += 1;
-                let k = (n * 37) % 5000 + 1;
-                conn.query_drop(format!(
-                    "UPDATE shop.items SET price = price + 1, name = 'w{n}' WHERE id = {k}; \
-                     DELETE FROM shop.items WHERE id = {}; \
-                     INSERT INTO shop.items VALUES ({}, 'new {n}', {n})",
-                    (n * 53) % 5000 + 1,
-                    10_000 + n
-                ))
-                .await?;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            anyhow::Ok(n)
-        }
-    });
+    let writer = spawn_writer(pipeline.db.root().await?, done.clone(), 5_000);
     let waited = pipeline
         .tributary
         .wait_for_log("snapshot complete", Duration::from_secs(120))

@@ -107,52 +107,89 @@ async fn existing_rows_arrive_as_snapshots_then_the_stream_follows() -> Result<(
     Ok(())
 }
 
+/// 30,000 keyed rows (and a table without a key) copied in 500-row
+/// chunks: a few seconds of snapshot to kill in the middle.
+const LARGE: &str = "
+CREATE TABLE items (id int PRIMARY KEY, name text, price int);
+INSERT INTO items SELECT g, 'item ' || g, g * 3 FROM generate_series(1, 30000) g;
+CREATE TABLE notes (body text);
+INSERT INTO notes SELECT 'note ' || g FROM generate_series(1, 10) g;
+ANALYZE items;
+";
+const LARGE_ROWS: u64 = 30_010;
+
+/// Inserts, updates and deletes rows of `items` until `done`; returns the
+/// rounds it ran.
+fn spawn_writer(
+    client: tokio_postgres::Client,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Result<u32>> {
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            client
+                .batch_execute(&format!(
+                    "UPDATE items SET price = price + 1, name = 'w{n}' WHERE id = {}; \
+                     DELETE FROM items WHERE id = {}; \
+                     INSERT INTO items VALUES ({}, 'new {n}', {n})",
+                    (n * 37) % 30_000 + 1,
+                    (n * 53) % 30_000 + 1,
+                    100_000 + n
+                ))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(n)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_killed_midway_is_taken_again_and_converges() -> Result<()> {
-    // A slow stream (200 records/s on one shard) keeps the snapshot going
-    // long enough to kill it in the middle.
-    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 1, SETUP)
+async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_converges() -> Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tributary_integration_tests::snapshot_resume;
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
         .await?
         .start_tributary_without_waiting(
-            "[source]\nsnapshot = \"initial\"\n[sink.quota]\nrecords_per_shard_per_sec = 400\n",
+            "[source]\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500\n\
+             [sink]\nmax_in_flight_bytes = 1048576\n",
         )
         .await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let before_kill = pipeline.kin.read_all(STREAM).await?.len();
-    ensure!(
-        before_kill > 0 && before_kill < 5010,
-        "killed in the middle: {before_kill} rows were out"
-    );
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(pipeline.pg.client(DEFAULT_DATABASE).await?, done.clone());
+    let marker = pipeline
+        .config
+        .state_dir
+        .join("postgres-snapshot-tributary_shop.pending");
+    let progress = snapshot_resume::wait_for_acknowledged_chunk(
+        &marker,
+        "public.items",
+        3_000,
+        Duration::from_secs(60),
+    )
+    .await
+    .with_context(|| pipeline.tributary.logs())?;
     pipeline.tributary.kill9().await?;
-    pipeline
-        .pg
-        .execute("UPDATE items SET name = 'changed' WHERE id % 7 = 0")
-        .await?;
-    std::fs::write(
-        pipeline.config.path.as_path(),
-        std::fs::read_to_string(&pipeline.config.path)?.replace(
-            "records_per_shard_per_sec = 400",
-            "records_per_shard_per_sec = 1000",
-        ),
-    )?;
+    let before_kill = pipeline.kin.read_all(STREAM).await?.len();
+    eprintln!("killed with {before_kill} snapshot rows out; stored progress {progress}");
+
     pipeline
         .restart_with_timeout(Duration::from_secs(120))
         .await?;
     let logs = pipeline.tributary.logs();
-    assert!(
-        logs.contains("an earlier snapshot did not finish"),
-        "the restart says it takes the snapshot again:\n{logs}"
+    snapshot_resume::assert_resumed(&logs, LARGE_ROWS)?;
+    done.store(true, Ordering::Relaxed);
+    let rounds = writer.await??;
+    ensure!(
+        rounds > 10,
+        "the writer ran during the snapshot ({rounds} rounds)"
     );
-    pipeline
-        .pg
-        .execute("DELETE FROM items WHERE id % 11 = 0")
-        .await?;
     let records = settled(&pipeline).await.context("after the restart")?;
-    eprintln!(
-        "{before_kill} snapshot rows were out before kill -9; {} records in all",
-        records.len()
-    );
+    eprintln!("{rounds} write rounds; {} records in all", records.len());
     assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    assert!(!marker.exists(), "the marker is removed once complete");
     pipeline.stop_gracefully().await?;
     Ok(())
 }

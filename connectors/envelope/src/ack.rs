@@ -173,6 +173,13 @@ impl AckTracker {
         self.acked.subscribe()
     }
 
+    /// Every record below this sequence number is done (accepted by the
+    /// destination or dead-lettered): a source that remembers where a
+    /// group of records ends knows when the whole group is delivered.
+    pub fn done_below(&self) -> u64 {
+        self.lock().base
+    }
+
     /// Records handed to the sink and not yet done.
     pub fn in_flight(&self) -> u64 {
         let inner = self.lock();
@@ -314,6 +321,7 @@ mod tests {
         assert_eq!(tracker.acked(), 0, "B is done but A is not");
         tracker.complete([0, 2]);
         assert_eq!(tracker.acked(), 0, "seq 1 is still in flight");
+        assert_eq!(tracker.done_below(), 1, "seq 0 alone is done in order");
         tracker.complete([1]);
         assert_eq!(tracker.acked(), 300, "A, B and the empty C are all done");
         assert!(tracker.is_drained());

@@ -163,6 +163,9 @@ pub struct SourceCommon {
     /// `source.snapshot = "only"`: copy the captured tables' rows, then
     /// stop (no streaming, nothing left on the server).
     pub snapshot_only: bool,
+    /// `source.snapshot_chunk_rows`: rows a snapshot reads per keyset
+    /// chunk (the unit of resumption after a crash).
+    pub snapshot_chunk_rows: usize,
 }
 
 /// A setting a source cannot use; names the key and the fix.
@@ -367,6 +370,12 @@ impl Emitter {
                 _ = tokio::time::sleep(WAIT_TICK) => waiting.tick().await?,
             }
         }
+    }
+
+    /// The sequence number the next record gets: the records pushed so far
+    /// are below it.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// The tracker records are numbered for.

@@ -57,6 +57,8 @@ pub struct MysqlSourceConfig {
     /// `source.mysql.heartbeat_interval_secs`: the server's heartbeat
     /// period on the binlog connection; twice it is the read deadline.
     pub heartbeat: std::time::Duration,
+    /// `source.snapshot_chunk_rows`: rows per keyset chunk of the snapshot.
+    pub snapshot_chunk_rows: usize,
 }
 
 impl MysqlSettings {
@@ -108,6 +110,7 @@ impl MysqlSettings {
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
             heartbeat,
+            snapshot_chunk_rows: common.snapshot_chunk_rows,
         })
     }
 }
@@ -157,6 +160,7 @@ mod tests {
             state_dir: PathBuf::from("/var/lib/tributary"),
             snapshot: false,
             snapshot_only: false,
+            snapshot_chunk_rows: 10_000,
         }
     }
 

@@ -13,12 +13,6 @@
 //! suffix of the binlog file (`binlog.000042` → 42), the offset a 32-bit
 //! v4 event position. Later commits always have larger watermarks.
 
-use std::fs;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-
-use tributary_envelope::OffsetStore;
-
 /// The numeric suffix of a binlog file name (`binlog.000042` → 42).
 pub fn file_index(file: &str) -> Option<u32> {
     let (_, suffix) = file.rsplit_once('.')?;
@@ -80,56 +74,14 @@ impl Offset {
     }
 }
 
-/// An [`OffsetStore`] in one file, replaced atomically.
-#[derive(Debug)]
-pub struct FileOffsetStore {
-    path: PathBuf,
-}
-
-impl FileOffsetStore {
-    /// A store at `path` (its directory is created on the first save).
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl OffsetStore for FileOffsetStore {
-    type Error = std::io::Error;
-
-    fn load(&self) -> Result<Option<Vec<u8>>, std::io::Error> {
-        match fs::read(&self.path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn save(&mut self, offset: &[u8]) -> Result<(), std::io::Error> {
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir)?;
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(offset)?;
-            file.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        fs::File::open(&dir)?.sync_all()
-    }
-}
+pub use tributary_envelope::state_file::FileOffsetStore;
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
+    use tributary_envelope::OffsetStore as _;
+
     use super::*;
 
     #[test]

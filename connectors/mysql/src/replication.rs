@@ -31,6 +31,9 @@ use crate::offsets::{FileOffsetStore, Offset, file_index, watermark};
 use crate::schema::{Catalog, TableSchema};
 use crate::setup;
 use crate::snapshot::{self, PendingSnapshot};
+use tributary_envelope::snapshot_progress::{
+    ChunkLedger, SnapshotMetrics, SnapshotProgress, TableProgress,
+};
 
 /// `fut`, failed as a dropped connection when it takes longer than `limit`
 /// (a statement on a connection whose peer went silent never ends).
@@ -95,12 +98,13 @@ impl MysqlSource {
             path: cfg.offset_file.display().to_string(),
             source,
         };
-        // A marker: an earlier snapshot did not finish; its offset (if
-        // any) is not trusted and the snapshot is taken again.
+        // A marker: an earlier snapshot did not finish. When it recorded
+        // its binlog position the snapshot resumes (the offset file, if
+        // any, is not trusted); otherwise it is taken again.
         let marker = snapshot::marker_path(&cfg.state_dir, &cfg.name);
         if cfg.snapshot_only {
             // Copy and stop: no offset, no marker, no lock.
-            let taken = snapshot::begin(&cfg.opts, None).await?;
+            let taken = snapshot::begin(&cfg.opts, None, None).await?;
             return Ok(Self {
                 start: taken.position.clone(),
                 snapshot: Some(taken),
@@ -111,9 +115,14 @@ impl MysqlSource {
             });
         }
         let unfinished = marker.exists();
-        if unfinished {
+        let resume = if unfinished {
+            resumable(&mut side, &marker).await?
+        } else {
+            None
+        };
+        if unfinished && resume.is_none() {
             warn!(marker = %marker.display(),
-                  "an earlier snapshot did not finish: taking the snapshot again");
+                  "an earlier snapshot did not finish and cannot be resumed: taking the snapshot again");
         }
         let stored = if unfinished {
             None
@@ -134,10 +143,28 @@ impl MysqlSource {
                 (offset, false)
             }
             // The offset is written only once the snapshot is acknowledged.
+            None if resume.is_some() => {
+                let taken = snapshot::begin(&cfg.opts, Some(marker), resume).await?;
+                let start = taken.position.clone();
+                pending = Some(taken);
+                (start, false)
+            }
             None if cfg.snapshot || unfinished => {
                 snapshot::write_marker(&marker)?;
-                let taken = snapshot::begin(&cfg.opts, Some(marker)).await?;
+                let taken = snapshot::begin(&cfg.opts, Some(marker.clone()), None).await?;
+                // From here on an interrupted snapshot can be resumed: the
+                // marker names the position the stream starts from.
                 let start = taken.position.clone();
+                let progress = SnapshotProgress::new(
+                    String::from_utf8_lossy(&start.encode()),
+                    start.watermark().unwrap_or(0).saturating_sub(1),
+                );
+                progress
+                    .save(&marker)
+                    .map_err(|source| MysqlError::Offset {
+                        path: marker.display().to_string(),
+                        source,
+                    })?;
                 pending = Some(taken);
                 (start, false)
             }
@@ -256,9 +283,16 @@ impl MysqlSource {
             mut reader,
             position,
             marker,
+            resume,
             ..
         } = pending;
         let mark = position.watermark().unwrap_or(0);
+        let progress = resume.unwrap_or_else(|| {
+            SnapshotProgress::new(
+                String::from_utf8_lossy(&position.encode()),
+                mark.saturating_sub(1),
+            )
+        });
         let mut copy = SnapshotCopy {
             decoder: Decoder::new(
                 &self.cfg.name,
@@ -274,8 +308,14 @@ impl MysqlSource {
             ),
             captured_at: tributary_envelope::time::now(),
             decoded: Vec::with_capacity(1),
+            metrics: SnapshotMetrics::new(&self.cfg.name),
+            ledger: marker
+                .as_ref()
+                .map(|m| ChunkLedger::new(m, progress.clone())),
+            chunk_rows: self.cfg.snapshot_chunk_rows,
         };
-        copy.tx.major = mark.saturating_sub(1);
+        copy.tx.major = progress.major;
+        copy.tx.ordinal = progress.ordinal;
         copy.tx.meta.commit_ts = None;
         let tables: Vec<(String, String)> = snapshot::base_tables(&mut reader)
             .await?
@@ -287,7 +327,30 @@ impl MysqlSource {
         let began = Instant::now();
         let mut total = 0usize;
         for (id, (db, table)) in (0u64..).zip(&tables) {
-            match copy.table(&mut reader, id, db, table, st, shutdown).await? {
+            let after = match progress.tables.get(&format!("{db}.{table}")) {
+                Some(TableProgress::Done) => {
+                    info!(table = %format!("{db}.{table}"), "snapshot: table already delivered before the restart");
+                    copy.metrics.table_done();
+                    continue;
+                }
+                Some(TableProgress::After(key)) => Some(
+                    key.iter()
+                        .map(|k| snapshot::decode_key(k))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| MysqlError::Offset {
+                            path: marker.as_ref().map(|m| m.display().to_string()).unwrap_or_default(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "unreadable key in the snapshot progress (delete the file to take the snapshot again)",
+                            ),
+                        })?,
+                ),
+                None => None,
+            };
+            match copy
+                .table(&mut reader, id, (db, table), after, st, shutdown)
+                .await?
+            {
                 Some(rows) => total += rows,
                 None => return Ok(false),
             }
@@ -304,6 +367,7 @@ impl MysqlSource {
             if *shutdown.borrow() || st.emitter.abandoned() {
                 return Ok(false);
             }
+            copy.persist(st)?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Some(marker) = &marker {
@@ -626,17 +690,24 @@ struct SnapshotCopy {
     tx: Transaction,
     captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
     decoded: Vec<tributary_envelope::Record>,
+    metrics: SnapshotMetrics,
+    /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
+    ledger: Option<ChunkLedger>,
+    /// `source.snapshot_chunk_rows`.
+    chunk_rows: usize,
 }
 
 impl SnapshotCopy {
-    /// Copies `db.table` (mapped as `id`) into the emitter; its row count,
-    /// or None when a shutdown interrupted it.
+    /// Copies `db.table` (mapped as `id`) into the emitter, by primary key
+    /// in chunks from after `after` (or from its first row; a table without
+    /// a key in one pass); its row count, or None when a shutdown
+    /// interrupted it.
     async fn table(
         &mut self,
         reader: &mut Conn,
         id: u64,
-        db: &str,
-        table: &str,
+        (db, table): (&str, &str),
+        mut after: Option<Vec<mysql_async::Value>>,
         st: &mut State,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Option<usize>, MysqlError> {
@@ -644,9 +715,87 @@ impl SnapshotCopy {
         let facts = crate::schema::read_table_facts(reader, db, table).await?;
         let schema = TableSchema::from_facts(db, table, &facts);
         let expected: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let key: Vec<usize> = schema.key.clone();
+        let key_names: Vec<String> = key.iter().map(|&i| expected[i].clone()).collect();
         self.decoder.table_map(id, schema);
+        if key.is_empty() {
+            after = None;
+        }
+        let estimated = snapshot::estimated_rows(reader, db, table).await?;
+        let shown: Option<Vec<String>> = after
+            .as_ref()
+            .map(|a| a.iter().map(snapshot::encode_key).collect());
+        let mut watch = self.metrics.start_table(&name, estimated, shown.as_deref());
+        loop {
+            let key_refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
+            let (sql, params) =
+                snapshot::select_chunk(db, table, &key_refs, after.as_deref(), self.chunk_rows);
+            let read = match self
+                .chunk(
+                    reader,
+                    id,
+                    &name,
+                    (&sql, params),
+                    &expected,
+                    &key,
+                    st,
+                    shutdown,
+                )
+                .await?
+            {
+                Some((read, last)) => {
+                    if last.is_some() {
+                        after = last;
+                    }
+                    read
+                }
+                None => {
+                    info!(table = %name, rows = watch.rows(), "snapshot interrupted: it resumes after the last acknowledged chunk at the next run");
+                    return Ok(None);
+                }
+            };
+            watch.add(read as u64);
+            let end = st.emitter.next_seq();
+            if key.is_empty() || read < self.chunk_rows {
+                if let Some(ledger) = &mut self.ledger {
+                    ledger.sent(
+                        end,
+                        &name,
+                        TableProgress::Done,
+                        self.tx.major,
+                        self.tx.ordinal,
+                    );
+                }
+                break;
+            }
+            if let (Some(ledger), Some(last)) = (&mut self.ledger, &after) {
+                let state = TableProgress::After(last.iter().map(snapshot::encode_key).collect());
+                ledger.sent(end, &name, state, self.tx.major, self.tx.ordinal);
+            }
+            self.persist(st)?;
+        }
+        let rows = watch.rows();
+        watch.finish();
+        self.metrics.table_done();
+        Ok(Some(usize::try_from(rows).unwrap_or(usize::MAX)))
+    }
+
+    /// Reads one chunk (`sql` with `params`) into the emitter: the rows
+    /// read and the key of the last, or None when a shutdown interrupted it.
+    #[allow(clippy::too_many_arguments)]
+    async fn chunk(
+        &mut self,
+        reader: &mut Conn,
+        id: u64,
+        name: &str,
+        (sql, params): (&str, Vec<mysql_async::Value>),
+        expected: &[String],
+        key: &[usize],
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<(usize, Option<Vec<mysql_async::Value>>)>, MysqlError> {
         let mut result = reader
-            .exec_iter(snapshot::select_all(db, table), ())
+            .exec_iter(sql, params)
             .await
             .map_err(MysqlError::connection(format!("reading {name}")))?;
         let names: Vec<String> = result
@@ -671,11 +820,10 @@ impl SnapshotCopy {
                 _ => crate::types::UTF8MB4_CHARSET,
             })
             .collect();
-        let (began, mut reported, mut rows) = (Instant::now(), Instant::now(), 0usize);
+        let (mut rows, mut last) = (0usize, None);
         let read_error = |e| MysqlError::connection(format!("reading {name}"))(e);
         while let Some(row) = result.next().await.map_err(read_error)? {
             if *shutdown.borrow() || st.emitter.abandoned() {
-                info!(table = %name, rows, "snapshot interrupted: it is taken again at the next run");
                 return Ok(None);
             }
             if self.tx.ordinal == u32::MAX {
@@ -684,6 +832,13 @@ impl SnapshotCopy {
                 self.tx.major = self.tx.major.saturating_sub(1);
                 self.tx.ordinal = 0;
             }
+            if !key.is_empty() {
+                last = Some(
+                    key.iter()
+                        .map(|&i| row.as_ref(i).cloned().unwrap_or(mysql_async::Value::NULL))
+                        .collect(),
+                );
+            }
             let (tx, at) = (&mut self.tx, &self.captured_at);
             self.decoder
                 .snapshot_row(id, row.unwrap(), &charsets, tx, at, &mut self.decoded);
@@ -691,15 +846,49 @@ impl SnapshotCopy {
                 st.emitter.push(record).await?;
             }
             rows += 1;
-            if reported.elapsed() >= Duration::from_secs(5) {
-                reported = Instant::now();
-                let per_sec = rows as f64 / began.elapsed().as_secs_f64().max(0.001);
-                info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
-            }
         }
-        info!(table = %name, rows, secs = began.elapsed().as_secs_f64(), "snapshot: table copied");
-        Ok(Some(rows))
+        Ok(Some((rows, last)))
     }
+
+    /// Stores the progress of every chunk Kinesis acknowledged.
+    fn persist(&mut self, st: &State) -> Result<(), MysqlError> {
+        if let Some(ledger) = &mut self.ledger {
+            ledger
+                .persist_done(st.emitter.tracker())
+                .map_err(|source| MysqlError::Offset {
+                    path: "the snapshot progress in [state] dir".into(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The progress of the unfinished snapshot in `marker` and the binlog
+/// position it streams from, when it can be resumed: the marker names the
+/// position and the server still holds that binlog (else start-up fails
+/// and says so: the changes between it and now are gone).
+async fn resumable(
+    side: &mut Conn,
+    marker: &std::path::Path,
+) -> Result<Option<(Offset, SnapshotProgress)>, MysqlError> {
+    let progress = SnapshotProgress::load(marker)
+        .map_err(|source| MysqlError::Offset {
+            path: marker.display().to_string(),
+            source,
+        })?
+        .flatten();
+    let Some(progress) = progress else {
+        return Ok(None);
+    };
+    let Some(offset) = Offset::decode(progress.start.as_bytes()) else {
+        return Ok(None);
+    };
+    setup::check_offset(side, &offset, &marker.display().to_string()).await?;
+    info!(file = %offset.file, pos = offset.pos,
+          tables_done = progress.tables.values().filter(|t| **t == TableProgress::Done).count(),
+          "an earlier snapshot did not finish: resuming it after its last acknowledged chunks");
+    Ok(Some((offset, progress)))
 }
 
 /// Where the reader is inside the binlog.

@@ -10,27 +10,35 @@
 //! milliseconds (its duration is logged) but waits for running statements
 //! to finish first, and blocks every write on the server while it waits.
 //!
-//! Each captured table is then read with `SELECT *` through the binary
-//! protocol, one row at a time off the socket (memory stays bounded by the
-//! byte budget whatever the table's size); every value is put in the shape
-//! the binlog gives it and rendered by the same code as the stream, as an
-//! `op = "snapshot"` envelope, so both paths give the same JSON. Snapshot
-//! rows take positions `{snapshot watermark - 1}:{ordinal}`: they sort
-//! before every change the stream sends (those commit after the position).
+//! Each captured table is then read in primary-key chunks
+//! ([`select_chunk`]; a table without a key with one `SELECT *`) through
+//! the binary protocol, one row at a time off the socket (memory stays
+//! bounded by the byte budget whatever the table's size); every value is
+//! put in the shape the binlog gives it and rendered by the same code as
+//! the stream, as an `op = "snapshot"` envelope, so both paths give the
+//! same JSON. Snapshot rows take positions `{snapshot watermark -
+//! 1}:{ordinal}`: they sort before every change the stream sends (those
+//! commit after the position).
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
-//! written before the snapshot starts and removed only after Kinesis
-//! acknowledged every snapshot row and the offset was written; a start
-//! that finds it (a crash or stop mid-snapshot) takes the snapshot again
-//! from a new position, so no row is ever missing (rows already sent come
-//! again, with other ids: delivery is at-least-once).
+//! written before the snapshot starts, then holds its progress (the binlog
+//! position, each table's last acknowledged key: see
+//! `tributary_envelope::snapshot_progress`), and is removed only after
+//! Kinesis acknowledged every snapshot row and the offset was written. A
+//! start that finds it with progress resumes: the binlog must still hold
+//! the position; the rest is read in a new consistent snapshot, without
+//! the lock, and the binlog is then streamed from the stored position,
+//! whose changes bring every key read later to its latest state. A marker
+//! without progress takes the snapshot again from a new position.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mysql_async::Conn;
+use mysql_async::Value;
 use mysql_async::prelude::Queryable as _;
 use tracing::info;
+use tributary_envelope::snapshot_progress::SnapshotProgress;
 
 use crate::error::MysqlError;
 use crate::offsets::Offset;
@@ -47,6 +55,9 @@ pub struct PendingSnapshot {
     pub marker: Option<PathBuf>,
     /// How long `FLUSH TABLES WITH READ LOCK` was held.
     pub lock_held: Duration,
+    /// What an interrupted snapshot already delivered (`None`: a new
+    /// snapshot): the tables and keys to skip.
+    pub resume: Option<SnapshotProgress>,
 }
 
 impl std::fmt::Debug for PendingSnapshot {
@@ -54,6 +65,7 @@ impl std::fmt::Debug for PendingSnapshot {
         f.debug_struct("PendingSnapshot")
             .field("position", &self.position)
             .field("lock_held", &self.lock_held)
+            .field("resume", &self.resume.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -97,10 +109,13 @@ pub fn remove_marker(marker: &Path) -> Result<(), MysqlError> {
 /// Opens the reader, takes the consistent view and its binlog position
 /// under a short global read lock. Without `marker` (`snapshot = "only"`:
 /// no stream follows) no lock is taken and the position is approximate,
-/// used only for the rows' positions.
+/// used only for the rows' positions. With `resume` (an interrupted
+/// snapshot) no lock is taken either: the stream starts from the stored,
+/// older position, so a view taken later converges (see the module doc).
 pub async fn begin(
     opts: &crate::tls::ConnectOpts,
     marker: Option<PathBuf>,
+    resume: Option<(Offset, SnapshotProgress)>,
 ) -> Result<PendingSnapshot, MysqlError> {
     let mut reader = opts
         .connect()
@@ -119,7 +134,7 @@ pub async fn begin(
             .await
             .map_err(MysqlError::connection("preparing the snapshot reader"))?;
     }
-    let lock = marker.is_some();
+    let lock = marker.is_some() && resume.is_none();
     let locked = Instant::now();
     if lock {
         reader
@@ -136,7 +151,10 @@ pub async fn begin(
         .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
         .await
         .map_err(MysqlError::connection("starting the snapshot transaction"))?;
-    let position = setup::current_position(&mut reader).await?;
+    let (position, resume) = match resume {
+        Some((stored, progress)) => (stored, Some(progress)),
+        None => (setup::current_position(&mut reader).await?, None),
+    };
     if lock {
         reader
             .query_drop("UNLOCK TABLES")
@@ -150,7 +168,10 @@ pub async fn begin(
     } else {
         Duration::ZERO
     };
-    if lock {
+    if resume.is_some() {
+        info!(file = %position.file, pos = position.pos,
+              "snapshot: resuming in a new consistent view (no lock); the stream starts at the stored position");
+    } else if lock {
         info!(file = %position.file, pos = position.pos, gtid = position.gtid.as_deref().unwrap_or(""),
               lock_ms = lock_held.as_secs_f64() * 1000.0,
               "snapshot: consistent view taken; global read lock released");
@@ -162,6 +183,7 @@ pub async fn begin(
         position,
         marker,
         lock_held,
+        resume,
     })
 }
 
@@ -176,9 +198,120 @@ pub async fn base_tables(reader: &mut Conn) -> Result<Vec<(String, String)>, Mys
         .map_err(MysqlError::connection("listing tables for the snapshot"))
 }
 
-/// `SELECT *` of `db.table`.
-pub fn select_all(db: &str, table: &str) -> String {
-    format!("SELECT * FROM {}.{}", quote_ident(db), quote_ident(table))
+/// `SELECT *` of `db.table`, the next `limit` rows after the key `after`
+/// (with `key` the key columns' names, in key order), in key order. The
+/// key comparison is spelled out (`k1 > ? OR (k1 = ? AND k2 > ?)`), which
+/// both MySQL and MariaDB turn into an index range. Without a key, the
+/// whole table. The returned values are the statement's parameters.
+pub fn select_chunk(
+    db: &str,
+    table: &str,
+    key: &[&str],
+    after: Option<&[Value]>,
+    limit: usize,
+) -> (String, Vec<Value>) {
+    let mut sql = format!("SELECT * FROM {}.{}", quote_ident(db), quote_ident(table));
+    if key.is_empty() {
+        return (sql, Vec::new());
+    }
+    let mut params = Vec::new();
+    if let Some(after) = after {
+        let mut terms = Vec::with_capacity(key.len());
+        for last in 0..key.len() {
+            let mut parts = Vec::with_capacity(last + 1);
+            for (column, value) in key.iter().zip(after).take(last) {
+                parts.push(format!("{} = ?", quote_ident(column)));
+                params.push(value.clone());
+            }
+            parts.push(format!("{} > ?", quote_ident(key[last])));
+            params.push(after.get(last).cloned().unwrap_or(Value::NULL));
+            terms.push(format!("({})", parts.join(" AND ")));
+        }
+        sql.push_str(&format!(" WHERE {}", terms.join(" OR ")));
+    }
+    let order: Vec<String> = key.iter().map(|c| quote_ident(c)).collect();
+    sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", order.join(", ")));
+    (sql, params)
+}
+
+/// A key value as stored in the progress file: a kind letter and the
+/// value, exact for every kind (floats by their bits).
+pub fn encode_key(value: &Value) -> String {
+    match value {
+        Value::NULL => "n".into(),
+        Value::Bytes(b) => {
+            let mut out = String::with_capacity(1 + b.len() * 2);
+            out.push('b');
+            for byte in b {
+                out.push_str(&format!("{byte:02x}"));
+            }
+            out
+        }
+        Value::Int(i) => format!("i{i}"),
+        Value::UInt(u) => format!("u{u}"),
+        Value::Float(f) => format!("f{}", f.to_bits()),
+        Value::Double(d) => format!("d{}", d.to_bits()),
+        Value::Date(y, mo, d, h, mi, s, us) => format!("D{y},{mo},{d},{h},{mi},{s},{us}"),
+        Value::Time(neg, d, h, mi, s, us) => format!("T{},{d},{h},{mi},{s},{us}", u8::from(*neg)),
+    }
+}
+
+/// Reads [`encode_key`]'s text back; `None` for anything else.
+pub fn decode_key(text: &str) -> Option<Value> {
+    let (kind, rest) = text.split_at_checked(1)?;
+    let numbers = || -> Option<Vec<u32>> { rest.split(',').map(|n| n.parse().ok()).collect() };
+    Some(match kind {
+        "n" => Value::NULL,
+        "b" => {
+            let bytes = (0..rest.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(rest.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            Value::Bytes(bytes)
+        }
+        "i" => Value::Int(rest.parse().ok()?),
+        "u" => Value::UInt(rest.parse().ok()?),
+        "f" => Value::Float(f32::from_bits(rest.parse().ok()?)),
+        "d" => Value::Double(f64::from_bits(rest.parse().ok()?)),
+        "D" => match numbers()?.as_slice() {
+            &[y, mo, d, h, mi, s, us] => Value::Date(
+                u16::try_from(y).ok()?,
+                u8::try_from(mo).ok()?,
+                u8::try_from(d).ok()?,
+                u8::try_from(h).ok()?,
+                u8::try_from(mi).ok()?,
+                u8::try_from(s).ok()?,
+                us,
+            ),
+            _ => return None,
+        },
+        "T" => match numbers()?.as_slice() {
+            &[neg, d, h, mi, s, us] => Value::Time(
+                neg == 1,
+                d,
+                u8::try_from(h).ok()?,
+                u8::try_from(mi).ok()?,
+                u8::try_from(s).ok()?,
+                us,
+            ),
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// The table's estimated row count (`information_schema.TABLES.TABLE_ROWS`,
+/// 0 when unknown).
+pub async fn estimated_rows(reader: &mut Conn, db: &str, table: &str) -> Result<u64, MysqlError> {
+    let rows: Option<Option<u64>> = reader
+        .exec_first(
+            "SELECT TABLE_ROWS FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (db, table),
+        )
+        .await
+        .map_err(MysqlError::connection("reading the table's estimated rows"))?;
+    Ok(rows.flatten().unwrap_or(0))
 }
 
 /// A backquoted identifier.
@@ -191,8 +324,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(select_all("shop", "a`b"), "SELECT * FROM `shop`.`a``b`");
+    fn chunks_follow_the_key_after_the_last_one() {
+        let (sql, params) = select_chunk("shop", "a`b", &[], None, 10);
+        assert_eq!(sql, "SELECT * FROM `shop`.`a``b`");
+        assert!(params.is_empty());
+        let (sql, _) = select_chunk("shop", "t", &["id"], None, 10);
+        assert_eq!(sql, "SELECT * FROM `shop`.`t` ORDER BY `id` LIMIT 10");
+        let after = [Value::Int(7), Value::Bytes(b"x".to_vec())];
+        let (sql, params) = select_chunk("shop", "t", &["a", "b"], Some(&after), 10);
+        assert_eq!(
+            sql,
+            "SELECT * FROM `shop`.`t` WHERE (`a` > ?) OR (`a` = ? AND `b` > ?) \
+             ORDER BY `a`, `b` LIMIT 10"
+        );
+        assert_eq!(
+            params,
+            vec![after[0].clone(), after[0].clone(), after[1].clone()]
+        );
+    }
+
+    #[test]
+    fn keys_round_trip_through_their_text() {
+        for value in [
+            Value::NULL,
+            Value::Bytes(b"it's \x00\xff".to_vec()),
+            Value::Int(-42),
+            Value::UInt(u64::MAX),
+            Value::Float(1.5),
+            Value::Double(-0.1),
+            Value::Date(2026, 12, 1, 2, 3, 4, 567_890),
+            Value::Time(true, 3, 4, 5, 6, 7),
+        ] {
+            assert_eq!(decode_key(&encode_key(&value)), Some(value));
+        }
+        assert_eq!(decode_key("x1"), None);
+        assert_eq!(decode_key("bzz"), None);
     }
 
     #[test]

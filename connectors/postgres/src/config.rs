@@ -28,6 +28,8 @@ pub struct PostgresSourceConfig {
     pub snapshot: bool,
     /// Copy the captured tables' rows and stop: no slot, no streaming.
     pub snapshot_only: bool,
+    /// `source.snapshot_chunk_rows`: rows per keyset chunk of the snapshot.
+    pub snapshot_chunk_rows: usize,
     /// `[state] dir`: where an unfinished snapshot is marked.
     pub state_dir: std::path::PathBuf,
     /// `source.postgres.read_timeout_secs`: how long the replication
@@ -88,6 +90,7 @@ impl PostgresSettings {
             batch_records: 256,
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
+            snapshot_chunk_rows: common.snapshot_chunk_rows,
             state_dir: common.state_dir.clone(),
             read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
             heartbeat: self

@@ -20,6 +20,9 @@ use tokio_postgres::{Client, NoTls};
 use tracing::{debug, info, warn};
 pub use tributary_envelope::Stopped;
 use tributary_envelope::error_text::one_line;
+use tributary_envelope::snapshot_progress::{
+    ChunkLedger, SnapshotMetrics, SnapshotProgress, TableProgress,
+};
 use tributary_envelope::{AckTracker, Budget, Emitter, Record, WhileWaiting};
 
 use crate::catalog::Catalog;
@@ -302,8 +305,9 @@ impl PostgresSource {
     }
 
     /// Copies every captured table at the slot's consistent point (see
-    /// `snapshot`), waits until Kinesis has every row, then removes the
-    /// marker. False when a shutdown interrupted it.
+    /// `snapshot`), or what an interrupted copy left, recording each chunk
+    /// Kinesis acknowledged in the marker; waits until Kinesis has every
+    /// row, then removes the marker. False when a shutdown interrupted it.
     async fn copy_snapshot(
         &mut self,
         pending: PendingSnapshot,
@@ -316,62 +320,59 @@ impl PostgresSource {
             export,
             consistent_point,
             marker,
+            resume,
             ..
         } = pending;
-        let consistent_point = taken_at.unwrap_or(consistent_point);
+        // A resumed copy reads in a new transaction, later than the slot's
+        // consistent point, and still streams from that point.
+        let consistent_point = match &resume {
+            Some(_) => consistent_point,
+            None => taken_at.unwrap_or(consistent_point),
+        };
         // Imported: the exporting connection is no longer needed.
         drop(export);
-        let mut tx = Transaction::begin(consistent_point.saturating_sub(1), 0, 0);
+        let progress = resume.unwrap_or_else(|| {
+            SnapshotProgress::new(
+                Lsn(consistent_point).to_string(),
+                consistent_point.saturating_sub(1),
+            )
+        });
+        let mut tx = Transaction::begin(progress.major, 0, 0);
+        tx.ordinal = progress.ordinal;
         tx.meta.tx_id.clear();
         tx.meta.commit_ts = None;
         st.captured_at = tributary_envelope::time::now();
         let tables = self.report.tables.clone();
         info!(tables = tables.len(), consistent_point = %Lsn(consistent_point), "snapshot: copying the captured tables");
         let began = tokio::time::Instant::now();
-        let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
-        let mut total = 0usize;
+        let mut copy = SnapshotCopy {
+            metrics: SnapshotMetrics::new(&self.cfg.name),
+            ledger: marker
+                .as_ref()
+                .map(|m| ChunkLedger::new(m, progress.clone())),
+            decoded: Vec::with_capacity(2),
+            tx,
+            total: 0,
+        };
         for name in &tables {
             let Some((schema, table)) = name.split_once('.') else {
                 continue;
             };
-            let relation =
-                snapshot::open_table(&reader, &mut self.catalog, &mut self.decoder, schema, table)
-                    .await?;
-            let (table_began, mut rows, mut reported) = (
-                tokio::time::Instant::now(),
-                0usize,
-                tokio::time::Instant::now(),
-            );
-            loop {
-                if *shutdown.borrow() || st.emitter.abandoned() {
-                    info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
-                    return Ok(false);
+            let after = match progress.tables.get(name) {
+                Some(TableProgress::Done) => {
+                    info!(table = %name, "snapshot: table already delivered before the restart");
+                    copy.metrics.table_done();
+                    continue;
                 }
-                let read = snapshot::next_chunk(
-                    &reader,
-                    relation,
-                    &mut self.decoder,
-                    &mut tx,
-                    &st.captured_at,
-                    &mut decoded,
-                )
-                .await?;
-                if read == 0 {
-                    break;
-                }
-                for record in decoded.drain(..) {
-                    st.emitter.push(record).await?;
-                }
-                rows += read;
-                if reported.elapsed() >= Duration::from_secs(5) {
-                    reported = tokio::time::Instant::now();
-                    let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);
-                    info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
-                }
+                Some(TableProgress::After(key)) => Some(key.clone()),
+                None => None,
+            };
+            if !self
+                .copy_table(&reader, (schema, table), after, &mut copy, st, shutdown)
+                .await?
+            {
+                return Ok(false);
             }
-            snapshot::close_cursor(&reader).await?;
-            total += rows;
-            info!(table = %name, rows, secs = table_began.elapsed().as_secs_f64(), "snapshot: table copied");
         }
         reader
             .batch_execute("COMMIT")
@@ -384,16 +385,80 @@ impl PostgresSource {
             if *shutdown.borrow() || st.emitter.abandoned() {
                 return Ok(false);
             }
+            copy.persist_with(st.emitter.tracker())?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Some(marker) = &marker {
             snapshot::remove_marker(marker)?;
         }
         info!(
-            rows = total,
+            rows = copy.total,
             secs = began.elapsed().as_secs_f64(),
             "snapshot complete; streaming from its consistent point"
         );
+        Ok(true)
+    }
+
+    /// Copies one table chunk by chunk; false when a shutdown interrupted it.
+    async fn copy_table(
+        &mut self,
+        reader: &Client,
+        (schema, table): (&str, &str),
+        after: Option<Vec<String>>,
+        copy: &mut SnapshotCopy,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PostgresError> {
+        let name = format!("{schema}.{table}");
+        let mut table_reader = snapshot::open_table(
+            reader,
+            &mut self.catalog,
+            &mut self.decoder,
+            (schema, table),
+            after,
+            self.cfg.snapshot_chunk_rows,
+        )
+        .await?;
+        let estimated = snapshot::estimated_rows(reader, table_reader.relation()).await?;
+        let mut watch = copy
+            .metrics
+            .start_table(&name, estimated, table_reader.last_key());
+        loop {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(table = %name, rows = watch.rows(), "snapshot interrupted: it resumes after the last acknowledged chunk at the next run");
+                return Ok(false);
+            }
+            // One record at a time: memory holds the chunk's rows as text
+            // and the records the budget admits, not a chunk of both.
+            let rows = table_reader.fetch(reader).await?;
+            let read = rows.len();
+            if read == 0 {
+                break;
+            }
+            for row in &rows {
+                let at = &st.captured_at;
+                let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
+                table_reader.render(row, decoder, tx, at, &mut copy.decoded)?;
+                for record in copy.decoded.drain(..) {
+                    st.emitter.push(record).await?;
+                }
+            }
+            drop(rows);
+            watch.add(read as u64);
+            copy.total += read;
+            if let Some(key) = table_reader.last_key() {
+                copy.sent(
+                    st.emitter.next_seq(),
+                    &name,
+                    TableProgress::After(key.to_vec()),
+                );
+            }
+            copy.persist_with(st.emitter.tracker())?;
+        }
+        table_reader.close(reader).await?;
+        copy.sent(st.emitter.next_seq(), &name, TableProgress::Done);
+        watch.finish();
+        copy.metrics.table_done();
         Ok(true)
     }
 
@@ -774,6 +839,38 @@ impl Feedback {
             .map_err(wire_error("sending a standby status update"))?;
         self.sent = lsn;
         self.sent_at = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+/// A snapshot copy's state shared by its tables.
+struct SnapshotCopy {
+    metrics: SnapshotMetrics,
+    /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
+    ledger: Option<ChunkLedger>,
+    decoded: Vec<Record>,
+    /// Every snapshot row's position: `{consistent point - 1}:{ordinal}`.
+    tx: Transaction,
+    total: usize,
+}
+
+impl SnapshotCopy {
+    /// A chunk of `table` ending before `end_seq` was handed over; once
+    /// done, the table is in `state`.
+    fn sent(&mut self, end_seq: u64, table: &str, state: TableProgress) {
+        if let Some(ledger) = &mut self.ledger {
+            let (major, ordinal) = (self.tx.commit_lsn, self.tx.ordinal);
+            ledger.sent(end_seq, table, state, major, ordinal);
+        }
+    }
+
+    /// Stores the progress of every chunk Kinesis acknowledged.
+    fn persist_with(&mut self, tracker: &AckTracker) -> Result<(), PostgresError> {
+        if let Some(ledger) = &mut self.ledger {
+            ledger.persist_done(tracker).map_err(|e| {
+                PostgresError::Setup(format!("cannot write the snapshot progress: {e}"))
+            })?;
+        }
         Ok(())
     }
 }

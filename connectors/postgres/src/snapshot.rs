@@ -5,19 +5,26 @@
 //! replication connection that exports a snapshot ([`prepare`]); a reader
 //! connection imports it (`SET TRANSACTION SNAPSHOT`, REPEATABLE READ, read
 //! only: no lock beyond what a plain read takes) and the exporting
-//! connection is closed. Each captured table is read through a cursor in
-//! chunks; every row becomes a pgoutput Insert message rendered by the same
-//! decoder as the stream, as an `op = "snapshot"` envelope, so snapshot and
-//! stream JSON are the same for every type. Snapshot rows take positions
+//! connection is closed. Each captured table is read in primary-key
+//! chunks ([`TableReader`]: `WHERE (key) > (last) ORDER BY key LIMIT n`;
+//! a table without a key through a cursor, in one pass); every row becomes
+//! a pgoutput Insert message rendered by the same decoder as the stream,
+//! as an `op = "snapshot"` envelope, so snapshot and stream JSON are the
+//! same for every type. Snapshot rows take positions
 //! `{consistent point - 1}:{ordinal}`: they sort before every change the
 //! stream sends (those commit after the consistent point).
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
-//! written before the slot is created and removed only after Kinesis
-//! acknowledged every snapshot row; a start that finds it (a crash or stop
-//! mid-snapshot) drops the slot and takes the snapshot again from a new
-//! consistent point, so no row is ever missing (rows already sent come
-//! again, with other ids: delivery is at-least-once).
+//! written before the slot is created, then holds the snapshot's progress
+//! (the consistent point, each table's last acknowledged key: see
+//! `tributary_envelope::snapshot_progress`), and is removed only after
+//! Kinesis acknowledged every snapshot row. A start that finds it with
+//! progress, and the slot still at that consistent point, resumes: the
+//! exported snapshot is gone, so the rest is read in a new REPEATABLE READ
+//! transaction (later than the consistent point) and the stream then starts
+//! at the consistent point; the stream's changes after it bring every key
+//! read later to its latest state. A marker without progress (a crash
+//! before the slot existed) drops the slot and takes the snapshot again.
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +36,10 @@ use crate::error::PostgresError;
 use crate::pgoutput::{Relation, RelationColumn};
 use crate::setup::quote_ident;
 use crate::wire::ReplicationConnection;
+use tributary_envelope::snapshot_progress::{SnapshotProgress, TableProgress};
 
-/// Rows fetched from the cursor at a time.
+/// Rows a chunk reads when no `source.snapshot_chunk_rows` applies
+/// (`tributary verify`).
 pub const CHUNK_ROWS: usize = 2_000;
 
 /// A snapshot to read: of a slot just created with an exported snapshot,
@@ -44,8 +53,12 @@ pub struct PendingSnapshot {
     /// The slot's consistent point (streaming starts here); for a plain
     /// transaction, read when it starts.
     pub consistent_point: u64,
-    /// The marker file to remove once every row is acknowledged.
+    /// The marker file to remove once every row is acknowledged; it holds
+    /// the snapshot's progress.
     pub marker: Option<PathBuf>,
+    /// What an interrupted snapshot of the same slot already delivered:
+    /// the tables (and keys) to skip. `None`: a new snapshot.
+    pub resume: Option<SnapshotProgress>,
 }
 
 impl std::fmt::Debug for PendingSnapshot {
@@ -53,6 +66,7 @@ impl std::fmt::Debug for PendingSnapshot {
         f.debug_struct("PendingSnapshot")
             .field("name", &self.name)
             .field("consistent_point", &self.consistent_point)
+            .field("resume", &self.resume.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -90,9 +104,21 @@ pub async fn prepare(
         return Ok(None);
     }
     if slot_exists {
+        if let Some(progress) = resumable(side, &cfg.slot, &marker).await? {
+            info!(slot = %cfg.slot, consistent_point = %progress.start,
+                  tables_done = progress.tables.values().filter(|t| **t == TableProgress::Done).count(),
+                  "an earlier snapshot did not finish: resuming it after its last acknowledged chunks");
+            return Ok(Some(PendingSnapshot {
+                export: None,
+                name: None,
+                consistent_point: crate::lsn::Lsn::parse(&progress.start).map_or(0, |l| l.0),
+                marker: Some(marker),
+                resume: Some(progress),
+            }));
+        }
         warn!(
             slot = %cfg.slot,
-            "an earlier snapshot did not finish: dropping the slot and taking the snapshot again"
+            "an earlier snapshot did not finish and cannot be resumed: dropping the slot and taking the snapshot again"
         );
         side.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
             .await
@@ -120,12 +146,51 @@ pub async fn prepare(
         ))
     })?;
     info!(slot = %cfg.slot, consistent_point = %crate::lsn::Lsn(consistent_point), "created logical replication slot with a snapshot");
+    // From here on an interrupted snapshot can be resumed: the slot keeps
+    // every change after the consistent point.
+    let progress = SnapshotProgress::new(
+        crate::lsn::Lsn(consistent_point).to_string(),
+        consistent_point.saturating_sub(1),
+    );
+    progress
+        .save(&marker)
+        .map_err(|e| PostgresError::Setup(format!("cannot write {}: {e}", marker.display())))?;
     Ok(Some(PendingSnapshot {
         export: Some(export),
         name: Some(name),
         consistent_point,
         marker: Some(marker),
+        resume: None,
     }))
+}
+
+/// The progress of the unfinished snapshot in `marker`, when it can be
+/// resumed: it names the consistent point and the slot still starts there
+/// (nothing was acknowledged from it: streaming never began).
+async fn resumable(
+    side: &Client,
+    slot: &str,
+    marker: &Path,
+) -> Result<Option<SnapshotProgress>, PostgresError> {
+    let progress = SnapshotProgress::load(marker)
+        .map_err(|e| PostgresError::Setup(format!("cannot read {}: {e}", marker.display())))?
+        .flatten();
+    let Some(progress) = progress else {
+        return Ok(None);
+    };
+    let row = side
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn::text, '') FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PostgresError::query(
+            "reading the slot's confirmed_flush_lsn",
+        ))?;
+    let confirmed = crate::lsn::Lsn::parse(&row.get::<_, String>(0));
+    let start = crate::lsn::Lsn::parse(&progress.start);
+    Ok((confirmed.is_some() && confirmed.map(|l| l.0) == start.map(|l| l.0)).then_some(progress))
 }
 
 fn write_marker(marker: &Path) -> Result<(), PostgresError> {
@@ -167,6 +232,7 @@ pub async fn begin(reader: &Client, snapshot: Option<&str>) -> Result<Option<u64
     let sql = format!(
         "SET DateStyle = ISO; SET IntervalStyle = iso_8601; SET TimeZone = UTC; \
          SET bytea_output = hex; SET lc_monetary = 'C'; SET extra_float_digits = 1; \
+         SET standard_conforming_strings = on; \
          BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {import}"
     );
     reader
@@ -196,6 +262,7 @@ pub fn plain() -> PendingSnapshot {
         name: None,
         consistent_point: 0,
         marker: None,
+        resume: None,
     }
 }
 
@@ -252,94 +319,296 @@ pub async fn relation(
     })
 }
 
-/// Declares the cursor that reads `schema.table` (all its partitions for a
-/// partitioned table).
-pub async fn open_cursor(reader: &Client, schema: &str, table: &str) -> Result<(), PostgresError> {
-    let sql = format!(
-        "DECLARE tributary_snapshot NO SCROLL CURSOR FOR SELECT * FROM {}.{}",
-        quote_ident(schema),
-        quote_ident(table)
-    );
-    reader
-        .batch_execute(&sql)
-        .await
-        .map_err(PostgresError::query(format!("reading {schema}.{table}")))
+/// A column of a table's primary key, for keyset chunks.
+#[derive(Clone, Debug)]
+struct KeyColumn {
+    /// Its index among the table's columns (as `SELECT *` returns them).
+    index: usize,
+    /// Its name, quoted.
+    quoted: String,
+    /// Its type as SQL (`format_type`), for the literal of the last key.
+    sql_type: String,
 }
 
-/// Closes the cursor of [`open_cursor`].
-pub async fn close_cursor(reader: &Client) -> Result<(), PostgresError> {
-    reader
-        .batch_execute("CLOSE tributary_snapshot")
-        .await
-        .map_err(PostgresError::query("closing the snapshot cursor"))
+/// Reads one table in chunks: by primary key (`WHERE (key) > (last) ORDER
+/// BY key LIMIT n`), so a chunk can be resumed after its last key; or, for
+/// a table without one, through a cursor in a single pass (it cannot be
+/// resumed: an interrupted copy reads it again from its first row).
+#[derive(Debug)]
+pub struct TableReader {
+    relation: u32,
+    select: String,
+    key: Vec<KeyColumn>,
+    after: Option<Vec<String>>,
+    chunk_rows: usize,
+    cursor_open: bool,
 }
 
-/// The next chunk of rows from the cursor, each as the pgoutput Insert
-/// message of `relation` it would be in the stream; empty at the end.
-pub async fn fetch(reader: &Client, relation: u32) -> Result<Vec<Vec<u8>>, PostgresError> {
-    let messages = reader
-        .simple_query(&format!("FETCH {CHUNK_ROWS} FROM tributary_snapshot"))
-        .await
-        .map_err(PostgresError::query("reading a snapshot chunk"))?;
-    let mut rows = Vec::with_capacity(CHUNK_ROWS);
-    for message in messages {
-        let SimpleQueryMessage::Row(row) = message else {
-            continue;
+impl TableReader {
+    /// The table's relation id.
+    pub fn relation(&self) -> u32 {
+        self.relation
+    }
+
+    /// True when the table is read by primary key (resumable).
+    pub fn keyed(&self) -> bool {
+        !self.key.is_empty()
+    }
+
+    /// The key of the last row read (or the key it resumed after), as text.
+    pub fn last_key(&self) -> Option<&[String]> {
+        self.after.as_deref()
+    }
+
+    fn chunk_sql(&self) -> String {
+        if self.key.is_empty() {
+            return format!("FETCH {} FROM tributary_snapshot", self.chunk_rows);
+        }
+        let names: Vec<&str> = self.key.iter().map(|k| k.quoted.as_str()).collect();
+        let names = names.join(", ");
+        let filter = match &self.after {
+            Some(values) => {
+                let literals: Vec<String> = self
+                    .key
+                    .iter()
+                    .zip(values)
+                    .map(|(k, v)| format!("{}::{}", quote_literal(v), k.sql_type))
+                    .collect();
+                format!(" WHERE ({names}) > ({})", literals.join(", "))
+            }
+            None => String::new(),
         };
-        let mut bytes = Vec::with_capacity(64);
-        bytes.push(b'I');
-        bytes.extend_from_slice(&relation.to_be_bytes());
-        bytes.push(b'N');
-        let columns = u16::try_from(row.len()).unwrap_or(u16::MAX);
-        bytes.extend_from_slice(&columns.to_be_bytes());
-        for i in 0..usize::from(columns) {
-            match row.get(i) {
-                None => bytes.push(b'n'),
-                Some(text) => {
-                    bytes.push(b't');
-                    let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
-                    bytes.extend_from_slice(&len.to_be_bytes());
-                    bytes.extend_from_slice(text.as_bytes());
-                }
+        format!(
+            "{}{filter} ORDER BY {names} LIMIT {}",
+            self.select, self.chunk_rows
+        )
+    }
+
+    /// Reads the next chunk's rows as text (empty at the end of the
+    /// table) and remembers the key of its last row.
+    pub async fn fetch(
+        &mut self,
+        reader: &Client,
+    ) -> Result<Vec<tokio_postgres::SimpleQueryRow>, PostgresError> {
+        let messages = reader
+            .simple_query(&self.chunk_sql())
+            .await
+            .map_err(PostgresError::query("reading a snapshot chunk"))?;
+        let rows: Vec<_> = messages
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        if let Some(row) = rows.last()
+            && !self.key.is_empty()
+        {
+            let key = self
+                .key
+                .iter()
+                .map(|k| row.get(k.index).unwrap_or_default().to_owned())
+                .collect();
+            self.after = Some(key);
+        }
+        Ok(rows)
+    }
+
+    /// Renders one fetched row, as the stream's decoder does, into `out`
+    /// as an `op = "snapshot"` record.
+    pub fn render(
+        &self,
+        row: &tokio_postgres::SimpleQueryRow,
+        decoder: &mut crate::decoder::Decoder,
+        tx: &mut crate::decoder::Transaction,
+        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+        out: &mut Vec<tributary_envelope::Record>,
+    ) -> Result<(), PostgresError> {
+        let bytes = insert_message(self.relation, row);
+        let msg = crate::pgoutput::parse(&bytes)?;
+        decoder.snapshot_row(&msg, tx, captured_at, out)?;
+        Ok(())
+    }
+
+    /// Reads the next chunk and renders every row into `out`; returns the
+    /// rows read (0 at the end of the table).
+    pub async fn next_chunk(
+        &mut self,
+        reader: &Client,
+        decoder: &mut crate::decoder::Decoder,
+        tx: &mut crate::decoder::Transaction,
+        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+        out: &mut Vec<tributary_envelope::Record>,
+    ) -> Result<usize, PostgresError> {
+        let rows = self.fetch(reader).await?;
+        for row in &rows {
+            self.render(row, decoder, tx, captured_at, out)?;
+        }
+        Ok(rows.len())
+    }
+
+    /// Ends the read (closes the cursor of a table without a key).
+    pub async fn close(self, reader: &Client) -> Result<(), PostgresError> {
+        if self.cursor_open {
+            reader
+                .batch_execute("CLOSE tributary_snapshot")
+                .await
+                .map_err(PostgresError::query("closing the snapshot cursor"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A text value as an SQL string literal (`standard_conforming_strings`
+/// is on: see [`begin`]).
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// One row of a simple query as the pgoutput Insert message of `relation`
+/// the stream would carry.
+fn insert_message(relation: u32, row: &tokio_postgres::SimpleQueryRow) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.push(b'I');
+    bytes.extend_from_slice(&relation.to_be_bytes());
+    bytes.push(b'N');
+    let columns = u16::try_from(row.len()).unwrap_or(u16::MAX);
+    bytes.extend_from_slice(&columns.to_be_bytes());
+    for i in 0..usize::from(columns) {
+        match row.get(i) {
+            None => bytes.push(b'n'),
+            Some(text) => {
+                bytes.push(b't');
+                let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                bytes.extend_from_slice(&len.to_be_bytes());
+                bytes.extend_from_slice(text.as_bytes());
             }
         }
-        rows.push(bytes);
     }
-    Ok(rows)
+    bytes
+}
+
+/// The primary key of the table `oid`, in key order (empty: none).
+async fn primary_key(reader: &Client, rel: &Relation) -> Result<Vec<KeyColumn>, PostgresError> {
+    let rows = reader
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+             FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&rel.id],
+        )
+        .await
+        .map_err(PostgresError::query(format!(
+            "reading the primary key of {}.{}",
+            rel.schema, rel.table
+        )))?;
+    let mut key = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.get(0);
+        let Some(index) = rel.columns.iter().position(|c| c.name == name) else {
+            return Ok(Vec::new());
+        };
+        key.push(KeyColumn {
+            index,
+            quoted: quote_ident(&name),
+            sql_type: row.get(1),
+        });
+    }
+    Ok(key)
+}
+
+/// The table's estimated row count from its statistics (all partitions
+/// of a partitioned table; 0 when never analysed).
+pub async fn estimated_rows(reader: &Client, relation: u32) -> Result<u64, PostgresError> {
+    let row = reader
+        .query_one(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_class c \
+             WHERE c.oid = $1 OR c.oid IN (SELECT relid FROM pg_partition_tree($1::oid::regclass))",
+            &[&relation],
+        )
+        .await
+        .map_err(PostgresError::query("reading the table's estimated rows"))?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
 /// Makes `decoder` know `schema.table` as the stream would (its shape, key
-/// and column kinds) and opens the cursor that reads it; returns the
-/// table's relation id for [`next_chunk`].
+/// and column kinds) and opens its reader: by primary key from after
+/// `after` (or from its first row), `chunk_rows` rows a chunk.
 pub async fn open_table(
     reader: &Client,
     catalog: &mut crate::catalog::Catalog,
     decoder: &mut crate::decoder::Decoder,
-    schema: &str,
-    table: &str,
-) -> Result<u32, PostgresError> {
+    table: (&str, &str),
+    after: Option<Vec<String>>,
+    chunk_rows: usize,
+) -> Result<TableReader, PostgresError> {
+    let (schema, table) = table;
     let rel = relation(reader, schema, table).await?;
     let facts = catalog.describe(reader, &rel).await?;
+    let key = primary_key(reader, &rel).await?;
     decoder.relation(&rel, facts);
-    open_cursor(reader, schema, table).await?;
-    Ok(rel.id)
+    let select = format!(
+        "SELECT * FROM {}.{}",
+        quote_ident(schema),
+        quote_ident(table)
+    );
+    let cursor_open = key.is_empty();
+    if cursor_open {
+        reader
+            .batch_execute(&format!(
+                "DECLARE tributary_snapshot NO SCROLL CURSOR FOR {select}"
+            ))
+            .await
+            .map_err(PostgresError::query(format!("reading {schema}.{table}")))?;
+    }
+    Ok(TableReader {
+        relation: rel.id,
+        select,
+        after: if key.is_empty() { None } else { after },
+        key,
+        chunk_rows: chunk_rows.max(1),
+        cursor_open,
+    })
 }
 
-/// Reads the next chunk of the open cursor and renders each row, as the
-/// stream's decoder does, into `out` as an `op = "snapshot"` record;
-/// returns the rows read (0 at the end of the table).
-pub async fn next_chunk(
-    reader: &Client,
-    relation: u32,
-    decoder: &mut crate::decoder::Decoder,
-    tx: &mut crate::decoder::Transaction,
-    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
-    out: &mut Vec<tributary_envelope::Record>,
-) -> Result<usize, PostgresError> {
-    let chunk = fetch(reader, relation).await?;
-    for bytes in &chunk {
-        let msg = crate::pgoutput::parse(bytes)?;
-        decoder.snapshot_row(&msg, tx, captured_at, out)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_follow_the_key_after_the_last_one() {
+        let mut reader = TableReader {
+            relation: 1,
+            select: "SELECT * FROM \"public\".\"t\"".into(),
+            key: vec![
+                KeyColumn {
+                    index: 0,
+                    quoted: "\"a\"".into(),
+                    sql_type: "integer".into(),
+                },
+                KeyColumn {
+                    index: 2,
+                    quoted: "\"b\"".into(),
+                    sql_type: "text".into(),
+                },
+            ],
+            after: None,
+            chunk_rows: 500,
+            cursor_open: false,
+        };
+        assert_eq!(
+            reader.chunk_sql(),
+            "SELECT * FROM \"public\".\"t\" ORDER BY \"a\", \"b\" LIMIT 500"
+        );
+        reader.after = Some(vec!["7".into(), "it's".into()]);
+        assert_eq!(
+            reader.chunk_sql(),
+            "SELECT * FROM \"public\".\"t\" WHERE (\"a\", \"b\") > ('7'::integer, 'it''s'::text) \
+             ORDER BY \"a\", \"b\" LIMIT 500"
+        );
+        reader.key.clear();
+        assert_eq!(reader.chunk_sql(), "FETCH 500 FROM tributary_snapshot");
     }
-    Ok(chunk.len())
 }

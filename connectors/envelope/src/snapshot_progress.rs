@@ -1,0 +1,397 @@
+//! Snapshot progress: what a resumable snapshot has delivered (persisted in
+//! `[state] dir`), and what a person watches while it runs (log lines, a
+//! progress bar, metrics).
+//!
+//! First stage of the dataflow, beside each source's snapshot reader. The
+//! rule that protects "nothing lost": a chunk counts as done only when the
+//! [`AckTracker`] reports every record up to the chunk's last one done
+//! (records are numbered densely in the order they were read, so
+//! [`AckTracker::done_below`] passing the chunk's end means Kinesis, or the
+//! dead-letter store, holds every row of it and of every chunk before it).
+//! [`ChunkLedger`] keeps the chunks handed to the sink in order and writes
+//! the progress of the last done one, atomically (see [`crate::state_file`]),
+//! into the snapshot's marker file. A restart reads the tables not done
+//! from the key after the stored one: rows of a chunk that was sent but not
+//! yet acknowledged are read and sent again (at-least-once).
+//!
+//! Snapshot rows take positions `{major}:{ordinal}` below the stream's
+//! start; the progress keeps the position of the last row of the last done
+//! chunk, so a resumed snapshot numbers the rows it re-reads from the same
+//! ordinal the first run gave them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, counter, gauge};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::OffsetStore as _;
+use crate::ack::AckTracker;
+use crate::state_file::FileOffsetStore;
+
+/// Counter: snapshot rows read and handed to the sink, by `source` and
+/// `table`.
+pub const ROWS: &str = "tributary_snapshot_rows_total";
+/// Gauge: the table's estimated row count from the server's statistics
+/// (Postgres `pg_class.reltuples`, MySQL `information_schema.TABLES.TABLE_ROWS`),
+/// by `source` and `table`.
+pub const ROWS_ESTIMATED: &str = "tributary_snapshot_rows_estimated";
+/// Gauge: tables whose snapshot copy is finished in this run (or was
+/// finished before a resume), by `source`.
+pub const TABLES_DONE: &str = "tributary_snapshot_tables_done";
+
+/// Every snapshot metric name.
+pub const ALL: [&str; 3] = [ROWS, ROWS_ESTIMATED, TABLES_DONE];
+
+/// How often a table's progress line is logged.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// The stored progress of a snapshot: where its stream starts and what of
+/// each table Kinesis holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotProgress {
+    /// The source position the stream starts from once the snapshot is
+    /// delivered (Postgres: the slot's consistent point as an LSN; MySQL:
+    /// the binlog offset), in the source's own text. Empty until the
+    /// consistent point is taken: such a snapshot cannot be resumed.
+    pub start: String,
+    /// `major` of the snapshot rows' positions after the last done chunk.
+    pub major: u64,
+    /// The ordinal of the last row of the last done chunk: a resumed
+    /// snapshot numbers its rows from the next one.
+    pub ordinal: u32,
+    /// Per captured table (`schema.table`, MySQL `db.table`): its progress.
+    /// A table not listed is read from its first row.
+    pub tables: BTreeMap<String, TableProgress>,
+}
+
+/// How far one table's copy got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableProgress {
+    /// Every row is delivered.
+    Done,
+    /// Rows up to this primary key (its columns' values, in key order, as
+    /// the source encodes them) are delivered.
+    After(Vec<String>),
+}
+
+impl SnapshotProgress {
+    /// Progress of a snapshot whose stream starts at `start`, nothing read.
+    pub fn new(start: impl Into<String>, major: u64) -> Self {
+        Self {
+            start: start.into(),
+            major,
+            ..Self::default()
+        }
+    }
+
+    /// The stored bytes (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("progress always serializes")
+    }
+
+    /// Parses [`SnapshotProgress::encode`]'s bytes; `None` for anything
+    /// else (such as the marker of an older version: not resumable).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// True when the stored progress names a stream start: a resumable
+    /// snapshot.
+    pub fn resumable(&self) -> bool {
+        !self.start.is_empty()
+    }
+
+    /// Reads the progress in the marker `path`: `None` when the file is
+    /// missing, `Some(None)` when it holds no resumable progress.
+    pub fn load(path: &Path) -> std::io::Result<Option<Option<Self>>> {
+        Ok(FileOffsetStore::new(path)
+            .load()?
+            .map(|bytes| Self::decode(&bytes).filter(Self::resumable)))
+    }
+
+    /// Writes the progress to `path`, atomically and durably.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        FileOffsetStore::new(path).save(&self.encode())
+    }
+}
+
+/// The end of a chunk handed to the sink: what becomes true of the
+/// progress once every record before `end_seq` is done.
+#[derive(Debug)]
+struct ChunkEnd {
+    end_seq: u64,
+    table: String,
+    state: TableProgress,
+    major: u64,
+    ordinal: u32,
+}
+
+/// Chunks handed to the sink, in order, and the progress file that
+/// records the last one the tracker reports done.
+#[derive(Debug)]
+pub struct ChunkLedger {
+    path: PathBuf,
+    stored: SnapshotProgress,
+    pending: VecDeque<ChunkEnd>,
+}
+
+impl ChunkLedger {
+    /// A ledger over the progress `stored` (already in the file at `path`).
+    pub fn new(path: impl Into<PathBuf>, stored: SnapshotProgress) -> Self {
+        Self {
+            path: path.into(),
+            stored,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// The progress as stored (only acknowledged chunks).
+    pub fn stored(&self) -> &SnapshotProgress {
+        &self.stored
+    }
+
+    /// A chunk of `table` was handed over: its records are below
+    /// `end_seq`; once done, the table is in `state` and the next row's
+    /// position is `major:ordinal`.
+    pub fn sent(
+        &mut self,
+        end_seq: u64,
+        table: &str,
+        state: TableProgress,
+        major: u64,
+        ordinal: u32,
+    ) {
+        self.pending.push_back(ChunkEnd {
+            end_seq,
+            table: table.to_owned(),
+            state,
+            major,
+            ordinal,
+        });
+    }
+
+    /// Stores the progress of the chunks the tracker reports done; returns
+    /// whether the file was written.
+    pub fn persist_done(&mut self, tracker: &AckTracker) -> std::io::Result<bool> {
+        let done_below = tracker.done_below();
+        let mut changed = false;
+        while let Some(chunk) = self.pending.front() {
+            if chunk.end_seq > done_below {
+                break;
+            }
+            let chunk = self.pending.pop_front().expect("front exists");
+            self.stored.tables.insert(chunk.table, chunk.state);
+            self.stored.major = chunk.major;
+            self.stored.ordinal = chunk.ordinal;
+            changed = true;
+        }
+        if changed {
+            self.stored.save(&self.path)?;
+        }
+        Ok(changed)
+    }
+}
+
+static BAR: AtomicBool = AtomicBool::new(false);
+
+/// Draw a progress bar on stderr while a snapshot copies a table (the
+/// binary turns it on when stderr is a terminal and logs are not JSON).
+pub fn enable_progress_bar(on: bool) {
+    BAR.store(on, Ordering::Relaxed);
+}
+
+/// The snapshot metrics of one source, registered once.
+#[derive(Debug)]
+pub struct SnapshotMetrics {
+    source: String,
+    tables_done: Gauge,
+    done: u32,
+}
+
+impl SnapshotMetrics {
+    /// The metrics of source `source`.
+    pub fn new(source: &str) -> Self {
+        Self {
+            source: source.to_owned(),
+            tables_done: gauge!(TABLES_DONE, "source" => source.to_owned()),
+            done: 0,
+        }
+    }
+
+    /// Starts watching the copy of `table`, of about `estimated` rows
+    /// (0: unknown), logging where it starts.
+    pub fn start_table(&self, table: &str, estimated: u64, after: Option<&[String]>) -> TableWatch {
+        let labels = [("source", self.source.clone()), ("table", table.to_owned())];
+        let estimate_gauge = gauge!(ROWS_ESTIMATED, &labels);
+        #[allow(clippy::cast_precision_loss)]
+        estimate_gauge.set(estimated as f64);
+        match after {
+            Some(key) => {
+                info!(table, estimated_rows = estimated, after_key = ?key, "snapshot: resuming table after its last acknowledged key");
+            }
+            None => info!(table, estimated_rows = estimated, "snapshot: copying table"),
+        }
+        let bar = BAR.load(Ordering::Relaxed).then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                (estimated > 0).then_some(estimated),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} rows, {per_sec}, eta {eta}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(table.to_owned());
+            bar
+        });
+        TableWatch {
+            table: table.to_owned(),
+            estimated,
+            rows: 0,
+            began: Instant::now(),
+            reported: Instant::now(),
+            counter: counter!(ROWS, &labels),
+            bar,
+        }
+    }
+
+    /// A table was finished (in this run, or before a resume).
+    pub fn table_done(&mut self) {
+        self.done += 1;
+        self.tables_done.set(f64::from(self.done));
+    }
+}
+
+/// The watch over one table's copy: counts rows, logs every
+/// [`REPORT_EVERY`] (rows, estimate, rows/s, ETA), draws the bar.
+#[derive(Debug)]
+pub struct TableWatch {
+    table: String,
+    estimated: u64,
+    rows: u64,
+    began: Instant,
+    reported: Instant,
+    counter: Counter,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TableWatch {
+    /// `rows` more rows were handed to the sink.
+    pub fn add(&mut self, rows: u64) {
+        self.rows += rows;
+        self.counter.increment(rows);
+        if let Some(bar) = &self.bar {
+            bar.inc(rows);
+        }
+        if self.reported.elapsed() >= REPORT_EVERY {
+            self.reported = Instant::now();
+            let per_sec = self.per_sec();
+            let eta_secs = eta(self.rows, self.estimated, per_sec);
+            let line = || {
+                info!(table = %self.table, rows = self.rows, estimated_rows = self.estimated,
+                      rows_per_sec = per_sec as u64, eta_secs, "snapshot: copying");
+            };
+            match &self.bar {
+                Some(bar) => bar.suspend(line),
+                None => line(),
+            }
+        }
+    }
+
+    /// Rows handed over so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    fn per_sec(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let rows = self.rows as f64;
+        rows / self.began.elapsed().as_secs_f64().max(0.001)
+    }
+
+    /// The table is read to its end.
+    pub fn finish(self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        info!(table = %self.table, rows = self.rows, rows_per_sec = self.per_sec() as u64,
+              secs = self.began.elapsed().as_secs_f64(), "snapshot: table copied");
+    }
+}
+
+/// Seconds left at `per_sec` for the rows between `rows` and `estimated`
+/// (0 when the estimate is passed or unknown).
+fn eta(rows: u64, estimated: u64, per_sec: f64) -> u64 {
+    if per_sec <= 0.0 {
+        return 0;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let left = estimated.saturating_sub(rows) as f64;
+    (left / per_sec) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_done_chunks_reach_the_file() {
+        let dir = std::env::temp_dir().join(format!("tributary-progress-{}", std::process::id()));
+        let path = dir.join("snap.pending");
+        let first = SnapshotProgress::new("0/16B3748", 41);
+        first.save(&path).unwrap();
+        let mut ledger = ChunkLedger::new(&path, first.clone());
+        let tracker = AckTracker::new(0);
+        tracker.issued(6);
+        ledger.sent(3, "public.a", TableProgress::After(vec!["3".into()]), 41, 3);
+        ledger.sent(6, "public.a", TableProgress::Done, 41, 6);
+        tracker.complete([0, 1, 3, 4, 5]);
+        assert!(
+            !ledger.persist_done(&tracker).unwrap(),
+            "row 2 is in flight"
+        );
+        assert_eq!(SnapshotProgress::load(&path).unwrap(), Some(Some(first)));
+        tracker.complete([2]);
+        assert!(ledger.persist_done(&tracker).unwrap());
+        let stored = SnapshotProgress::load(&path).unwrap().unwrap().unwrap();
+        assert_eq!(stored.tables["public.a"], TableProgress::Done);
+        assert_eq!((stored.major, stored.ordinal), (41, 6));
+        std::fs::write(&path, b"a snapshot is under way\n").unwrap();
+        assert_eq!(
+            SnapshotProgress::load(&path).unwrap(),
+            Some(None),
+            "an old marker is not resumable"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_watched_table_counts_its_rows_with_or_without_a_bar() {
+        let mut metrics = SnapshotMetrics::new("shop");
+        for bar in [true, false] {
+            enable_progress_bar(bar);
+            let mut watch = metrics.start_table("public.t", 10, None);
+            assert_eq!(watch.bar.is_some(), bar);
+            watch.add(4);
+            watch.add(3);
+            assert_eq!(watch.rows(), 7);
+            watch.finish();
+            metrics.table_done();
+        }
+        enable_progress_bar(false);
+        assert_eq!(metrics.done, 2);
+    }
+
+    #[test]
+    fn eta_counts_the_rows_left() {
+        assert_eq!(eta(1_000, 11_000, 500.0), 20);
+        assert_eq!(eta(12_000, 11_000, 500.0), 0);
+        assert_eq!(eta(0, 0, 0.0), 0);
+    }
+}
