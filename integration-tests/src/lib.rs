@@ -49,7 +49,8 @@ mod proxy;
 use std::path::{Path, PathBuf};
 
 pub use config::{
-    MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config, write_mysql_config,
+    MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, set_tables, write_config,
+    write_mysql_config,
 };
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};

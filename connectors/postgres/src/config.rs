@@ -34,6 +34,9 @@ pub struct PostgresSourceConfig {
     /// is failed and reconnected. `None`: twice the server's
     /// `wal_sender_timeout`.
     pub read_timeout: Option<std::time::Duration>,
+    /// `source.postgres.table_refresh_secs`: how often a running stream
+    /// looks for new tables matching `source.tables` (`None`: never).
+    pub table_refresh: Option<std::time::Duration>,
 }
 
 /// `[source.postgres]`, as written in the config file.
@@ -48,6 +51,10 @@ pub struct PostgresSettings {
     /// connection is taken for dead (default: twice the server's
     /// `wal_sender_timeout`).
     pub read_timeout_secs: Option<u64>,
+    /// Seconds between looks for tables created while the connector runs
+    /// that match `source.tables` (default 5; 0: never look, such tables
+    /// are captured from the next start).
+    pub table_refresh_secs: Option<u64>,
 }
 
 impl PostgresSettings {
@@ -81,9 +88,19 @@ impl PostgresSettings {
             snapshot_only: common.snapshot_only,
             state_dir: common.state_dir.clone(),
             read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
+            table_refresh: match self
+                .table_refresh_secs
+                .unwrap_or(DEFAULT_TABLE_REFRESH_SECS)
+            {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(secs)),
+            },
         })
     }
 }
+
+/// `source.postgres.table_refresh_secs` when not set.
+pub const DEFAULT_TABLE_REFRESH_SECS: u64 = 5;
 
 /// Connect timeout when the URL gives no `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

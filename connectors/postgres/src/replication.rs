@@ -31,6 +31,8 @@ use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
 use crate::snapshot::{self, PendingSnapshot};
 use crate::wire::{ReplicationConnection, StreamMessage, WireError};
+use tributary_envelope::CapturedTables;
+use tributary_envelope::captured::display_all;
 
 /// Session settings that give every type one text shape (see `types`).
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
@@ -51,6 +53,13 @@ pub struct PostgresSource {
     decoder: Decoder,
     report: SetupReport,
     snapshot: Option<PendingSnapshot>,
+    /// Tables whose rows were copied (or that were captured from their
+    /// first row), as stored in `[state] dir`.
+    captured: CapturedTables,
+    captured_path: std::path::PathBuf,
+    /// Tables added to `source.tables` since the last run: copied alone
+    /// before streaming resumes.
+    added: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PostgresSource {
@@ -114,6 +123,8 @@ impl PostgresSource {
                     .iter()
                     .map(|(s, t)| format!("{s}.{t}"))
                     .collect(),
+                matching: tables.tables,
+                added_to_publication: Vec::new(),
                 publication_created: false,
                 slot_created: false,
                 confirmed_flush_lsn: 0,
@@ -137,7 +148,72 @@ impl PostgresSource {
             }
             None => {}
         }
-        Ok(Self::new(cfg, side, report, snapshot))
+        let mut source = Self::new(cfg, side, report, snapshot);
+        source.plan_added_tables()?;
+        Ok(source)
+    }
+
+    /// Compares the matching tables with the stored set of captured ones:
+    /// tables new to the stream (added to `source.tables`, or added to the
+    /// publication now) are copied before streaming resumes, unless
+    /// `snapshot = "never"`; tables no longer matching are dropped from the
+    /// set (their changes are no longer captured).
+    fn plan_added_tables(&mut self) -> Result<(), PostgresError> {
+        let state_error = |e: std::io::Error| {
+            PostgresError::Setup(format!("cannot read {}: {e}", self.captured_path.display()))
+        };
+        if self.snapshot.is_some() {
+            // The snapshot copies every matching table and records them.
+            return Ok(());
+        }
+        let current = CapturedTables::new(self.report.matching.iter().cloned());
+        let stored = CapturedTables::load(&self.captured_path).map_err(state_error)?;
+        let mut added: Vec<(String, String)> = match &stored {
+            // A slot just made without a snapshot, or a state kept by a
+            // version without this file: the tables the publication held
+            // are captured already.
+            _ if self.report.slot_created => Vec::new(),
+            None => self.report.added_to_publication.clone(),
+            Some(stored) => stored
+                .missing(&self.report.matching)
+                .into_iter()
+                .cloned()
+                .collect(),
+        };
+        for table in &self.report.added_to_publication {
+            if !added.contains(table) && !self.report.slot_created {
+                added.push(table.clone());
+            }
+        }
+        if let Some(stored) = &stored {
+            for gone in stored.tables.difference(&current.tables) {
+                info!(table = %tributary_envelope::captured::display(gone),
+                      "table no longer matches source.tables (or was dropped): its changes are no \
+                       longer captured; it stays in the publication (ALTER PUBLICATION ... DROP \
+                       TABLE removes it)");
+            }
+        }
+        if added.is_empty() || !self.cfg.snapshot {
+            if !added.is_empty() {
+                info!(tables = %display_all(&added),
+                      "snapshot = \"never\": tables added to source.tables are streamed from now on, \
+                       their existing rows are not copied");
+            }
+            if stored.as_ref() != Some(&current) {
+                self.save_captured(current)?;
+            }
+            return Ok(());
+        }
+        // The set keeps the tables still matching until the copy is done.
+        self.captured = CapturedTables::new(
+            stored
+                .unwrap_or_default()
+                .tables
+                .into_iter()
+                .filter(|t| current.tables.contains(t)),
+        );
+        self.added = added;
+        Ok(())
     }
 
     fn new(
@@ -148,6 +224,7 @@ impl PostgresSource {
     ) -> Self {
         let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
         let decoder = Decoder::new(&cfg.name, &db, cfg.router.clone(), cfg.filter.clone());
+        let captured_path = CapturedTables::path(&cfg.state_dir, "postgres", &cfg.slot);
         Self {
             cfg,
             side,
@@ -155,6 +232,9 @@ impl PostgresSource {
             decoder,
             report,
             snapshot,
+            captured: CapturedTables::default(),
+            captured_path,
+            added: Vec::new(),
         }
     }
 
@@ -235,6 +315,8 @@ impl PostgresSource {
             drain_timeout,
             stop_deadline: None,
             abandoned: false,
+            read_end: 0,
+            last_snapshot: None,
         };
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut state, &shutdown).await?
@@ -244,6 +326,11 @@ impl PostgresSource {
         }
         if self.cfg.snapshot_only {
             info!("snapshot = \"only\": the copy is delivered; stopping");
+            return Ok(state.drain(drain_timeout).await);
+        }
+        let added = std::mem::take(&mut self.added);
+        if !added.is_empty() && !self.copy_added(added, &mut state, &shutdown).await? {
+            // Stopped during the copy: the next run copies them again.
             return Ok(state.drain(drain_timeout).await);
         }
         let mut backoff = Duration::from_millis(200);
@@ -277,8 +364,9 @@ impl PostgresSource {
     }
 
     /// Copies every captured table at the slot's consistent point (see
-    /// `snapshot`), waits until Kinesis has every row, then removes the
-    /// marker. False when a shutdown interrupted it.
+    /// `snapshot`), waits until Kinesis has every row, then records the
+    /// tables as captured and removes the marker. False when a shutdown
+    /// interrupted it.
     async fn copy_snapshot(
         &mut self,
         pending: PendingSnapshot,
@@ -296,58 +384,17 @@ impl PostgresSource {
         let consistent_point = taken_at.unwrap_or(consistent_point);
         // Imported: the exporting connection is no longer needed.
         drop(export);
-        let mut tx = Transaction::begin(consistent_point.saturating_sub(1), 0, 0);
-        tx.meta.tx_id.clear();
-        tx.meta.commit_ts = None;
+        let mut tx = snapshot_transaction(consistent_point.saturating_sub(1));
         st.captured_at = tributary_envelope::time::now();
-        let tables = self.report.tables.clone();
+        let tables = self.report.matching.clone();
         info!(tables = tables.len(), consistent_point = %Lsn(consistent_point), "snapshot: copying the captured tables");
         let began = tokio::time::Instant::now();
-        let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
-        let mut total = 0usize;
-        for name in &tables {
-            let Some((schema, table)) = name.split_once('.') else {
-                continue;
-            };
-            let relation =
-                snapshot::open_table(&reader, &mut self.catalog, &mut self.decoder, schema, table)
-                    .await?;
-            let (table_began, mut rows, mut reported) = (
-                tokio::time::Instant::now(),
-                0usize,
-                tokio::time::Instant::now(),
-            );
-            loop {
-                if *shutdown.borrow() {
-                    info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
-                    return Ok(false);
-                }
-                let read = snapshot::next_chunk(
-                    &reader,
-                    relation,
-                    &mut self.decoder,
-                    &mut tx,
-                    &st.captured_at,
-                    &mut decoded,
-                )
-                .await?;
-                if read == 0 {
-                    break;
-                }
-                for record in decoded.drain(..) {
-                    st.push_plain(record).await?;
-                }
-                rows += read;
-                if reported.elapsed() >= Duration::from_secs(5) {
-                    reported = tokio::time::Instant::now();
-                    let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);
-                    info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
-                }
-            }
-            snapshot::close_cursor(&reader).await?;
-            total += rows;
-            info!(table = %name, rows, secs = table_began.elapsed().as_secs_f64(), "snapshot: table copied");
-        }
+        let Some(total) = self
+            .copy_tables(&reader, &tables, &mut tx, st, shutdown, None)
+            .await?
+        else {
+            return Ok(false);
+        };
         reader
             .batch_execute("COMMIT")
             .await
@@ -356,11 +403,11 @@ impl PostgresSource {
         st.tracker.commit(st.next_seq, consistent_point);
         // Streaming may start only once Kinesis holds every snapshot row:
         // the marker says the snapshot is unfinished until then.
-        while !st.tracker.is_drained() {
-            if *shutdown.borrow() {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !wait_drained(st, shutdown, None).await? {
+            return Ok(false);
+        }
+        if !self.cfg.snapshot_only {
+            self.save_captured(CapturedTables::new(tables))?;
         }
         if let Some(marker) = &marker {
             snapshot::remove_marker(marker)?;
@@ -370,6 +417,211 @@ impl PostgresSource {
             secs = began.elapsed().as_secs_f64(),
             "snapshot complete; streaming from its consistent point"
         );
+        Ok(true)
+    }
+
+    /// Copies the tables added to `source.tables` since the last run (see
+    /// `docs/snapshots.md`, "Tables added later"): already in the
+    /// publication, read in a plain REPEATABLE READ transaction, their rows
+    /// take positions just below the slot's position, where the stream
+    /// resumes. False when a shutdown interrupted it (the next start copies
+    /// them again).
+    async fn copy_added(
+        &mut self,
+        added: Vec<(String, String)>,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PostgresError> {
+        let resume = self.report.confirmed_flush_lsn;
+        info!(tables = %display_all(&added), resume_lsn = %Lsn(resume),
+              "snapshot: copying tables added to source.tables; the others stream on from the slot");
+        let Some(rows) = self
+            .copy_added_at(&added, resume, st, shutdown, None)
+            .await?
+        else {
+            return Ok(false);
+        };
+        if !wait_drained(st, shutdown, None).await? {
+            return Ok(false);
+        }
+        let mut captured = self.captured.clone();
+        captured.tables.extend(added);
+        self.save_captured(captured)?;
+        info!(
+            rows,
+            "snapshot of the added tables complete; streaming from the slot"
+        );
+        Ok(true)
+    }
+
+    /// Reads `tables` in a new plain REPEATABLE READ transaction as
+    /// snapshot rows at `{resume - 1}:{ordinal}` and commits them to the
+    /// tracker at `resume`. The row count, or None when a shutdown
+    /// interrupted it.
+    async fn copy_added_at(
+        &mut self,
+        tables: &[(String, String)],
+        resume: u64,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+        session: Option<(&mut ReplicationConnection, &mut Feedback)>,
+    ) -> Result<Option<usize>, PostgresError> {
+        let reader = connect_sql(&self.cfg.connection).await?;
+        snapshot::begin(&reader, None).await?;
+        let major = resume.saturating_sub(1);
+        let mut tx = snapshot_transaction(major);
+        // Two copies at one position (nothing streamed between them) do
+        // not reuse ordinals, so every row keeps its own id.
+        if let Some((last_major, next)) = st.last_snapshot
+            && last_major == major
+        {
+            tx.ordinal = next;
+        }
+        st.captured_at = tributary_envelope::time::now();
+        let copied = self
+            .copy_tables(&reader, tables, &mut tx, st, shutdown, session)
+            .await?;
+        st.last_snapshot = Some((major, tx.ordinal));
+        st.flush().await?;
+        // The rows are acknowledged with the position the stream has
+        // reached: nothing beyond it.
+        st.tracker.commit(st.next_seq, resume);
+        if copied.is_some() {
+            reader
+                .batch_execute("COMMIT")
+                .await
+                .map_err(PostgresError::query("ending the snapshot transaction"))?;
+        }
+        Ok(copied)
+    }
+
+    /// Reads each of `tables` through the reader's open transaction into
+    /// the batch as snapshot rows of `tx`. With a `session` (a copy between
+    /// two transactions of a running stream) status updates keep the
+    /// replication connection alive meanwhile. The row count, or None when
+    /// a shutdown interrupted it.
+    async fn copy_tables(
+        &mut self,
+        reader: &Client,
+        tables: &[(String, String)],
+        tx: &mut Transaction,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+        mut session: Option<(&mut ReplicationConnection, &mut Feedback)>,
+    ) -> Result<Option<usize>, PostgresError> {
+        let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
+        let mut total = 0usize;
+        for (schema, table) in tables {
+            let name = format!("{schema}.{table}");
+            let relation =
+                snapshot::open_table(reader, &mut self.catalog, &mut self.decoder, schema, table)
+                    .await?;
+            let (table_began, mut rows, mut reported) = (
+                tokio::time::Instant::now(),
+                0usize,
+                tokio::time::Instant::now(),
+            );
+            loop {
+                if *shutdown.borrow() {
+                    info!(table = %name, rows, "snapshot interrupted: it starts again at the next run");
+                    return Ok(None);
+                }
+                let read = snapshot::next_chunk(
+                    reader,
+                    relation,
+                    &mut self.decoder,
+                    tx,
+                    &st.captured_at,
+                    &mut decoded,
+                )
+                .await?;
+                if read == 0 {
+                    break;
+                }
+                for record in decoded.drain(..) {
+                    match session.as_mut() {
+                        Some((conn, feedback)) => st.push(record, conn, feedback).await?,
+                        None => st.push_plain(record).await?,
+                    }
+                }
+                if let Some((conn, feedback)) = session.as_mut() {
+                    feedback.maybe_send(conn, st.tracker.acked()).await?;
+                }
+                rows += read;
+                if reported.elapsed() >= Duration::from_secs(5) {
+                    reported = tokio::time::Instant::now();
+                    let per_sec = rows as f64 / table_began.elapsed().as_secs_f64().max(0.001);
+                    info!(table = %name, rows, rows_per_sec = per_sec as u64, "snapshot: copying");
+                }
+            }
+            snapshot::close_cursor(reader).await?;
+            total += rows;
+            info!(table = %name, rows, secs = table_began.elapsed().as_secs_f64(), "snapshot: table copied");
+        }
+        Ok(Some(total))
+    }
+
+    /// Writes the set of captured tables to `[state] dir`.
+    fn save_captured(&mut self, captured: CapturedTables) -> Result<(), PostgresError> {
+        captured.save(&self.captured_path).map_err(|e| {
+            PostgresError::Setup(format!(
+                "cannot write {}: {e}",
+                self.captured_path.display()
+            ))
+        })?;
+        self.captured = captured;
+        Ok(())
+    }
+
+    /// Captures tables that match `source.tables` but are new to the
+    /// stream (created while it runs, or dropped and created again): adds
+    /// them to the publication, copies their rows between two transactions
+    /// of the stream, waits until Kinesis holds the copy, then records them
+    /// as captured. False when a shutdown interrupted it.
+    async fn refresh_tables(
+        &mut self,
+        st: &mut RunState,
+        conn: &mut ReplicationConnection,
+        feedback: &mut Feedback,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PostgresError> {
+        let matching = setup::matching_tables(&self.side, &self.cfg.filter)
+            .await?
+            .tables;
+        let published = setup::published_tables(&self.side, &self.cfg.publication).await?;
+        let new: Vec<(String, String)> = matching
+            .iter()
+            .filter(|t| !published.contains(t) || !self.captured.tables.contains(*t))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(true);
+        }
+        let unpublished: Vec<(String, String)> = new
+            .iter()
+            .filter(|t| !published.contains(t))
+            .cloned()
+            .collect();
+        // In the publication first: every change committed after this is
+        // streamed, and the copy below is read after it.
+        setup::add_to_publication(&self.side, &self.cfg.publication, &unpublished).await?;
+        if self.cfg.snapshot {
+            info!(tables = %display_all(&new), "snapshot: copying new tables matching source.tables");
+            let copied = self
+                .copy_added_at(&new, st.read_end, st, shutdown, Some((conn, feedback)))
+                .await?;
+            if copied.is_none() || !wait_drained(st, shutdown, Some((conn, feedback))).await? {
+                return Ok(false);
+            }
+        }
+        let mut captured = CapturedTables::new(
+            matching
+                .iter()
+                .filter(|t| self.captured.tables.contains(*t) || new.contains(t))
+                .cloned(),
+        );
+        captured.tables.extend(new);
+        self.save_captured(captured)?;
         Ok(true)
     }
 
@@ -402,6 +654,11 @@ impl PostgresSource {
         // Ask for a reply often enough that a live server is never silent
         // for `silence`, whatever its wal_sender_timeout.
         let mut feedback = Feedback::new(start, (silence / 3).min(Feedback::HEARTBEAT));
+        st.read_end = st.read_end.max(start);
+        // New tables matching source.tables are looked for this often,
+        // between two transactions.
+        let refresh_every = self.cfg.table_refresh;
+        let mut refresh_due = refresh_every.map(|every| tokio::time::Instant::now() + every);
         // Time spent waiting on the socket with nothing arriving (time spent
         // handing records downstream does not count).
         let mut quiet = Duration::ZERO;
@@ -430,6 +687,7 @@ impl PostgresSource {
                             Message::Commit { end_lsn, .. } => {
                                 st.flush().await?;
                                 st.tracker.commit(st.next_seq, *end_lsn);
+                                st.read_end = st.read_end.max(*end_lsn);
                                 tx = None;
                                 if stopping {
                                     break 'stream;
@@ -469,6 +727,7 @@ impl PostgresSource {
                     StreamMessage::KeepAlive { wal_end, reply } => {
                         if tx.is_none() && st.batch.is_empty() {
                             st.tracker.idle(wal_end);
+                            st.read_end = st.read_end.max(wal_end);
                         }
                         if reply {
                             feedback.send(&mut conn, st.tracker.acked(), true).await?;
@@ -485,6 +744,18 @@ impl PostgresSource {
             if stopping && tx.is_none() {
                 break;
             }
+            if let (Some(due), Some(every)) = (refresh_due, refresh_every)
+                && tx.is_none()
+                && tokio::time::Instant::now() >= due
+            {
+                if !self
+                    .refresh_tables(st, &mut conn, &mut feedback, shutdown)
+                    .await?
+                {
+                    break;
+                }
+                refresh_due = Some(tokio::time::Instant::now() + every);
+            }
             feedback.maybe_send(&mut conn, st.tracker.acked()).await?;
             // Records wait in the batch only while more of their transaction
             // is on its way; hand them over before sleeping on the socket.
@@ -500,6 +771,7 @@ impl PostgresSource {
                 requested = stop_requested(shutdown), if !stopping => stopping = requested,
                 _ = acked.changed() => {}
                 _ = tokio::time::sleep_until(feedback_due) => {}
+                _ = sleep_until_some(refresh_due), if tx.is_none() => {}
                 more = conn.fill() => {
                     if !more.map_err(wire_error("reading the replication stream"))? {
                         return Err(PostgresError::Connection {
@@ -548,6 +820,43 @@ impl PostgresSource {
             .map_err(wire_error("closing the replication stream"))?;
         info!(acknowledged_lsn = %Lsn(last), in_flight = st.tracker.in_flight(), "replication stopped");
         Ok(stopped)
+    }
+}
+
+/// A snapshot's "transaction": every row at `{major}:{ordinal}`, with no
+/// transaction id or commit time.
+fn snapshot_transaction(major: u64) -> Transaction {
+    let mut tx = Transaction::begin(major, 0, 0);
+    tx.meta.tx_id.clear();
+    tx.meta.commit_ts = None;
+    tx
+}
+
+/// Waits until the sink has finished everything handed over (sending
+/// status updates meanwhile when a replication session is open). False
+/// when a shutdown came first.
+async fn wait_drained(
+    st: &RunState,
+    shutdown: &watch::Receiver<bool>,
+    mut session: Option<(&mut ReplicationConnection, &mut Feedback)>,
+) -> Result<bool, PostgresError> {
+    while !st.tracker.is_drained() {
+        if *shutdown.borrow() {
+            return Ok(false);
+        }
+        if let Some((conn, feedback)) = session.as_mut() {
+            feedback.maybe_send(conn, st.tracker.acked()).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(true)
+}
+
+/// Sleeps until `when`, or forever without one.
+async fn sleep_until_some(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -716,6 +1025,12 @@ struct RunState {
     /// A shutdown came while waiting for budget: the open transaction was
     /// dropped (its batch too) and the session must stop reading.
     abandoned: bool,
+    /// How far the stream has been read: the end of the last commit, or
+    /// the WAL end of a keepalive that came with nothing open. Every change
+    /// sent so far has a position below it, every later one at or above.
+    read_end: u64,
+    /// The major of the last copy of tables and its next ordinal.
+    last_snapshot: Option<(u64, u32)>,
 }
 
 impl RunState {

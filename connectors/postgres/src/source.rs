@@ -12,6 +12,13 @@ impl SourceError for PostgresError {
     fn is_transient(&self) -> bool {
         PostgresError::is_transient(self)
     }
+
+    fn misconfigured(&self) -> Option<&str> {
+        match self {
+            PostgresError::Misconfigured { setting, .. } => Some(setting),
+            _ => None,
+        }
+    }
 }
 
 impl Source for PostgresSource {
