@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tributary_integration_tests::consumer::{self, of, snapshot_sorts_first};
-use tributary_integration_tests::{DEFAULT_DATABASE, Pipeline, StreamRecord, set_tables};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Pipeline, StreamRecord, TributaryProcess, USER, set_tables,
+};
 
 const STREAM: &str = "new-tables-cdc";
 
@@ -192,5 +194,41 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
         records.len()
     );
     pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_role_may_not_publish_stops_start_up_with_the_statement() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+    // A table another role owns: the connector may read it, not publish it.
+    pipeline
+        .pg
+        .superuser_client(DEFAULT_DATABASE)
+        .await?
+        .batch_execute(&format!(
+            "CREATE TABLE theirs (id int PRIMARY KEY); GRANT SELECT ON theirs TO {USER}"
+        ))
+        .await?;
+    set_tables(&pipeline.config.path, &["public.a", "public.theirs"])?;
+    pipeline.tributary = TributaryProcess::run(&pipeline.config.path, &[])?;
+    let status = pipeline
+        .tributary
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    let logs = pipeline.tributary.logs();
+    ensure!(status.code() == Some(2), "exit 2: {status}\n{logs}");
+    ensure!(
+        logs.contains(
+            "ALTER PUBLICATION \\\"tributary_shop\\\" ADD TABLE \\\"public\\\".\\\"theirs\\\";"
+        ) && logs.contains("source.postgres.publication"),
+        "the error names the key and the statement to run:\n{logs}"
+    );
     Ok(())
 }
