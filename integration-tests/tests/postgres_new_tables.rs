@@ -152,7 +152,7 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
     pipeline
         .tributary
         .wait_for_log(
-            "copying new tables matching source.tables",
+            "added tables to the publication",
             Duration::from_secs(30),
         )
         .await?;
