@@ -151,10 +151,7 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
         .await?;
     pipeline
         .tributary
-        .wait_for_log(
-            "added tables to the publication",
-            Duration::from_secs(30),
-        )
+        .wait_for_log("added tables to the publication", Duration::from_secs(30))
         .await?;
     // Changes after the table joined the publication flow as changes.
     pipeline
@@ -230,5 +227,31 @@ async fn a_table_the_role_may_not_publish_stops_start_up_with_the_statement() ->
         ) && logs.contains("source.postgres.publication"),
         "the error names the key and the statement to run:\n{logs}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_snapshot_never_an_added_table_streams_without_a_copy() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"never\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+    set_tables(&pipeline.config.path, &["public.a", "public.b"])?;
+    pipeline.restart().await?;
+    pipeline
+        .pg
+        .execute("UPDATE b SET v = 'streamed' WHERE id <= 3")
+        .await?;
+    let records = settled(&pipeline).await?;
+    ensure!(
+        records.len() == 3 && of(&records, "update", "b")?.len() == 3,
+        "only b's changes, no copy: {} records",
+        records.len()
+    );
+    pipeline.stop_gracefully().await?;
     Ok(())
 }
