@@ -149,10 +149,36 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
             "UPDATE a SET v = 'meanwhile' WHERE id <= 20",
         ])
         .await?;
+    // A writer keeps changing c before, during and after the refresh that
+    // adds it to the publication and copies it.
+    let writer_db = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    let (stop_writer, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        let mut i = 0u32;
+        while !*stopped.borrow_and_update() {
+            i += 1;
+            writer_db
+                .batch_execute(&format!(
+                    "UPDATE c SET v = 'writer {i}' WHERE id = {}; \
+                     INSERT INTO c VALUES ({}, 'writer'); \
+                     DELETE FROM c WHERE id = {}",
+                    i % 400 + 1,
+                    20_000 + i,
+                    20_000 + i / 2
+                ))
+                .await?;
+        }
+        anyhow::Ok(i)
+    });
     pipeline
         .tributary
         .wait_for_log("added tables to the publication", Duration::from_secs(30))
         .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_writer.send(true)?;
+    let writes = writer.await??;
+    eprintln!("the writer made {writes} transactions on c around the refresh");
+    ensure!(writes > 10, "the writer ran around the refresh: {writes}");
     // Changes after the table joined the publication flow as changes.
     pipeline
         .pg
@@ -165,7 +191,7 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
         .await?;
     let records = settled(&pipeline).await?;
     ensure!(
-        of(&records, "delete", "c")?.len() == 20,
+        !of(&records, "delete", "c")?.is_empty(),
         "c's deletes are streamed"
     );
     snapshot_sorts_first(&records, "c")?;
