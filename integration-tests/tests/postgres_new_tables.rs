@@ -45,6 +45,39 @@ async fn assert_tables_match(
     Ok(())
 }
 
+/// A writer running `statement(i)` for i = 1, 2, ... on its own
+/// connection until told to stop; returns how many it ran.
+struct Writer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<u32>>,
+}
+
+impl Writer {
+    async fn start(
+        pipeline: &Pipeline,
+        statement: impl Fn(u32) -> String + Send + 'static,
+    ) -> Result<Self> {
+        let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut i = 0u32;
+            while !*stopped.borrow_and_update() {
+                i += 1;
+                db.batch_execute(&statement(i)).await?;
+            }
+            Ok(i)
+        });
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> Result<u32> {
+        self.stop.send(true)?;
+        let writes = self.task.await??;
+        ensure!(writes > 10, "the writer ran: {writes} transactions");
+        Ok(writes)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_added_to_the_config_is_copied_alone_at_the_next_start() -> Result<()> {
     let mut pipeline = Pipeline::start(
@@ -81,7 +114,21 @@ async fn a_table_added_to_the_config_is_copied_alone_at_the_next_start() -> Resu
             "UPDATE b SET v = 'while stopped' WHERE id BETWEEN 11 AND 20",
         ])
         .await?;
+    // A writer changes b while it is copied: updates, and keys deleted and
+    // inserted again (b keeps 190 rows).
+    let writer = Writer::start(&pipeline, |i| {
+        let k = i % 90 + 100;
+        format!(
+            "UPDATE b SET v = 'writer {i}' WHERE id = {}; \
+             BEGIN; DELETE FROM b WHERE id = {k}; INSERT INTO b VALUES ({k}, 'again {i}'); COMMIT",
+            (i * 7) % 90 + 100
+        )
+    })
+    .await?;
     pipeline.restart().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = writer.stop().await?;
+    eprintln!("the writer made {writes} transactions on b around the copy");
     let logs = pipeline.tributary.logs();
     ensure!(
         logs.contains("copying tables added to source.tables"),
@@ -151,34 +198,23 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
         .await?;
     // A writer keeps changing c before, during and after the refresh that
     // adds it to the publication and copies it.
-    let writer_db = pipeline.pg.client(DEFAULT_DATABASE).await?;
-    let (stop_writer, mut stopped) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(async move {
-        let mut i = 0u32;
-        while !*stopped.borrow_and_update() {
-            i += 1;
-            writer_db
-                .batch_execute(&format!(
-                    "UPDATE c SET v = 'writer {i}' WHERE id = {}; \
-                     INSERT INTO c VALUES ({}, 'writer'); \
-                     DELETE FROM c WHERE id = {}",
-                    i % 400 + 1,
-                    20_000 + i,
-                    20_000 + i / 2
-                ))
-                .await?;
-        }
-        anyhow::Ok(i)
-    });
+    let writer = Writer::start(&pipeline, |i| {
+        format!(
+            "UPDATE c SET v = 'writer {i}' WHERE id = {}; \
+             INSERT INTO c VALUES ({}, 'writer'); DELETE FROM c WHERE id = {}",
+            i % 400 + 1,
+            20_000 + i,
+            20_000 + i / 2
+        )
+    })
+    .await?;
     pipeline
         .tributary
         .wait_for_log("added tables to the publication", Duration::from_secs(30))
         .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop_writer.send(true)?;
-    let writes = writer.await??;
+    let writes = writer.stop().await?;
     eprintln!("the writer made {writes} transactions on c around the refresh");
-    ensure!(writes > 10, "the writer ran around the refresh: {writes}");
     // Changes after the table joined the publication flow as changes.
     pipeline
         .pg
