@@ -33,6 +33,7 @@
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
+//! - `writer.rs`: [`Writer`], a task that keeps changing a database.
 
 mod config;
 pub mod consumer;
@@ -45,6 +46,7 @@ mod pipeline;
 mod postgres;
 mod process;
 mod proxy;
+mod writer;
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +63,7 @@ pub use pipeline::{Pipeline, Servers};
 pub use postgres::{DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, USER};
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;
+pub use writer::{Execute, Writer};
 
 /// The root of the repository: the directory holding the workspace's
 /// `Cargo.toml`, `package.json` and `config.toml`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use tributary_integration_tests::consumer::{self, of, snapshot_sorts_first};
-use tributary_integration_tests::{MysqlPipeline, StreamRecord, set_tables};
+use tributary_integration_tests::{MysqlPipeline, StreamRecord, Writer, set_tables};
 
 const STREAM: &str = "new-tables-cdc";
 const SETTLE: Duration = Duration::from_secs(120);
@@ -71,7 +71,20 @@ async fn a_table_added_to_the_config_is_copied_alone_at_the_next_start() -> Resu
             "UPDATE b SET v = 'while stopped' WHERE id BETWEEN 11 AND 20",
         ])
         .await?;
+    // A writer changes b while it is copied: updates, and keys deleted and
+    // inserted again (b keeps 190 rows).
+    let writer = Writer::start(pipeline.db.root().await?, |i| {
+        let k = i % 90 + 100;
+        format!(
+            "UPDATE shop.b SET v = 'writer {i}' WHERE id = {}; BEGIN; \
+             DELETE FROM shop.b WHERE id = {k}; INSERT INTO shop.b VALUES ({k}, 'again {i}'); COMMIT",
+            (i * 7) % 90 + 100
+        )
+    });
     pipeline.restart().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = writer.stop().await?;
+    eprintln!("the writer made {writes} transactions on b around the copy");
     let logs = pipeline.tributary.logs();
     ensure!(
         logs.contains("copying tables added to source.tables"),

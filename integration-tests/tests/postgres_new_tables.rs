@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use tributary_integration_tests::consumer::{self, of, snapshot_sorts_first};
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, Pipeline, StreamRecord, TributaryProcess, USER, set_tables,
+    DEFAULT_DATABASE, Pipeline, StreamRecord, TributaryProcess, USER, Writer, set_tables,
 };
 
 const STREAM: &str = "new-tables-cdc";
@@ -43,39 +43,6 @@ async fn assert_tables_match(
         consumer::assert_replica_matches(&client, records, table, &["id"]).await?;
     }
     Ok(())
-}
-
-/// A writer running `statement(i)` for i = 1, 2, ... on its own
-/// connection until told to stop; returns how many it ran.
-struct Writer {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<u32>>,
-}
-
-impl Writer {
-    async fn start(
-        pipeline: &Pipeline,
-        statement: impl Fn(u32) -> String + Send + 'static,
-    ) -> Result<Self> {
-        let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut i = 0u32;
-            while !*stopped.borrow_and_update() {
-                i += 1;
-                db.batch_execute(&statement(i)).await?;
-            }
-            Ok(i)
-        });
-        Ok(Self { stop, task })
-    }
-
-    async fn stop(self) -> Result<u32> {
-        self.stop.send(true)?;
-        let writes = self.task.await??;
-        ensure!(writes > 10, "the writer ran: {writes} transactions");
-        Ok(writes)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,15 +83,14 @@ async fn a_table_added_to_the_config_is_copied_alone_at_the_next_start() -> Resu
         .await?;
     // A writer changes b while it is copied: updates, and keys deleted and
     // inserted again (b keeps 190 rows).
-    let writer = Writer::start(&pipeline, |i| {
+    let writer = Writer::start(pipeline.pg.client(DEFAULT_DATABASE).await?, |i| {
         let k = i % 90 + 100;
         format!(
             "UPDATE b SET v = 'writer {i}' WHERE id = {}; \
              BEGIN; DELETE FROM b WHERE id = {k}; INSERT INTO b VALUES ({k}, 'again {i}'); COMMIT",
             (i * 7) % 90 + 100
         )
-    })
-    .await?;
+    });
     pipeline.restart().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let writes = writer.stop().await?;
@@ -198,7 +164,7 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
         .await?;
     // A writer keeps changing c before, during and after the refresh that
     // adds it to the publication and copies it.
-    let writer = Writer::start(&pipeline, |i| {
+    let writer = Writer::start(pipeline.pg.client(DEFAULT_DATABASE).await?, |i| {
         format!(
             "UPDATE c SET v = 'writer {i}' WHERE id = {}; \
              INSERT INTO c VALUES ({}, 'writer'); DELETE FROM c WHERE id = {}",
@@ -206,8 +172,7 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
             20_000 + i,
             20_000 + i / 2
         )
-    })
-    .await?;
+    });
     pipeline
         .tributary
         .wait_for_log("added tables to the publication", Duration::from_secs(30))
