@@ -168,21 +168,19 @@ impl PostgresSource {
         }
         let current = CapturedTables::new(self.report.matching.iter().cloned());
         let stored = CapturedTables::load(&self.captured_path).map_err(state_error)?;
-        let mut added: Vec<(String, String)> = match &stored {
-            // A slot just made without a snapshot, or a state kept by a
-            // version without this file: the tables the publication held
-            // are captured already.
-            _ if self.report.slot_created => Vec::new(),
-            None => self.report.added_to_publication.clone(),
-            Some(stored) => stored
-                .missing(&self.report.matching)
-                .into_iter()
-                .cloned()
-                .collect(),
-        };
-        for table in &self.report.added_to_publication {
-            if !added.contains(table) && !self.report.slot_created {
-                added.push(table.clone());
+        // New to the stream: matching tables not recorded (none without a
+        // record: a state kept by a version without it), and tables the
+        // publication lacked until now. A slot made just now (without a
+        // snapshot) streams every table from here: nothing is new.
+        let mut added: Vec<(String, String)> = Vec::new();
+        if !self.report.slot_created {
+            if let Some(stored) = &stored {
+                added.extend(stored.missing(&self.report.matching).into_iter().cloned());
+            }
+            for table in &self.report.added_to_publication {
+                if !added.contains(table) {
+                    added.push(table.clone());
+                }
             }
         }
         if let Some(stored) = &stored {
@@ -614,13 +612,13 @@ impl PostgresSource {
                 return Ok(false);
             }
         }
-        let mut captured = CapturedTables::new(
+        // Recorded: the tables still matching (dropped ones leave) and the
+        // new ones.
+        let captured = CapturedTables::new(
             matching
-                .iter()
-                .filter(|t| self.captured.tables.contains(*t) || new.contains(t))
-                .cloned(),
+                .into_iter()
+                .filter(|t| self.captured.tables.contains(t) || new.contains(t)),
         );
-        captured.tables.extend(new);
         self.save_captured(captured)?;
         Ok(true)
     }
