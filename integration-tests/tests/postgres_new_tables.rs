@@ -213,9 +213,10 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
     let again = settled(&pipeline).await?;
     ensure!(
         again.len() == records.len() + 1,
-        "only the new change: {} records after {}",
+        "only the new change: {} records after {}\n{}",
         again.len(),
-        records.len()
+        records.len(),
+        pipeline.tributary.logs()
     );
     pipeline.stop_gracefully().await?;
     Ok(())

@@ -582,11 +582,16 @@ impl PostgresSource {
         conn: &mut ReplicationConnection,
         feedback: &mut Feedback,
         shutdown: &watch::Receiver<bool>,
+        silence: Duration,
     ) -> Result<bool, PostgresError> {
-        let matching = setup::matching_tables(&self.side, &self.cfg.filter)
-            .await?
-            .tables;
-        let published = setup::published_tables(&self.side, &self.cfg.publication).await?;
+        // Bounded like every query of the session: a dead peer must not
+        // hold the stream.
+        let look = async {
+            let matching = setup::matching_tables(&self.side, &self.cfg.filter).await?;
+            let published = setup::published_tables(&self.side, &self.cfg.publication).await?;
+            Ok::<_, PostgresError>((matching.tables, published))
+        };
+        let (matching, published) = bounded(silence, "looking for new tables", look).await??;
         let new: Vec<(String, String)> = matching
             .iter()
             .filter(|t| !published.contains(t) || !self.captured.tables.contains(*t))
@@ -747,7 +752,7 @@ impl PostgresSource {
                 && tokio::time::Instant::now() >= due
             {
                 if !self
-                    .refresh_tables(st, &mut conn, &mut feedback, shutdown)
+                    .refresh_tables(st, &mut conn, &mut feedback, shutdown, silence)
                     .await?
                 {
                     break;
