@@ -193,6 +193,23 @@ fn merge(base: &mut Table, extra: Table) {
     }
 }
 
+/// Rewrites `source.tables` of the config file at `path` (a test that
+/// changes what is captured between two runs).
+pub fn set_tables(path: &Path, tables: &[&str]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config: Table = toml::from_str(&text)?;
+    let Some(Value::Table(source)) = config.get_mut("source") else {
+        bail!("{} has no [source]", path.display());
+    };
+    source.insert(
+        "tables".into(),
+        Value::Array(tables.iter().map(|t| Value::from(*t)).collect()),
+    );
+    std::fs::write(path, toml::to_string(&config)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,6 +226,54 @@ pub fn is_marker(envelope: &Value) -> bool {
     matches!(envelope["op"].as_str(), Some("begin" | "end"))
 }
 
+/// The records of `all` (a later read of a stream) that `earlier` (a
+/// read before) did not hold: what was written in between.
+pub fn written_since(all: &[StreamRecord], earlier: &[StreamRecord]) -> Vec<StreamRecord> {
+    let seen: std::collections::HashSet<(&str, &str)> = earlier
+        .iter()
+        .map(|r| (r.shard_id.as_str(), r.sequence_number.as_str()))
+        .collect();
+    all.iter()
+        .filter(|r| !seen.contains(&(r.shard_id.as_str(), r.sequence_number.as_str())))
+        .cloned()
+        .collect()
+}
+
+/// The envelopes of `records` with `op` on `table` (the table's name
+/// without its schema or database).
+pub fn of(records: &[StreamRecord], op: &str, table: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for record in records {
+        let envelope = record.json()?;
+        if envelope["op"] == op && envelope["source"]["table"] == table {
+            out.push(envelope);
+        }
+    }
+    Ok(out)
+}
+
+/// Fails unless every snapshot row of `table` in `records` sorts before
+/// every change of it there (a table copied on its own while others
+/// stream: its rows must still sort before its later changes).
+pub fn snapshot_sorts_first(records: &[StreamRecord], table: &str) -> Result<()> {
+    let latest = of(records, "snapshot", table)?
+        .iter()
+        .filter_map(|e| e["source"]["position"].as_str().map(str::to_owned))
+        .max()
+        .unwrap_or_default();
+    for op in ["insert", "update", "delete"] {
+        for change in of(records, op, table)? {
+            let position = change["source"]["position"].as_str().unwrap_or_default();
+            if position <= latest.as_str() {
+                bail!(
+                    "{table}: a {op} at {position} sorts before the snapshot rows (up to {latest})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The distinct shards (sorted) that hold an event with `op`.
 pub fn shards_with_op(records: &[StreamRecord], op: &str) -> Vec<String> {
     let mut shards: Vec<String> = records

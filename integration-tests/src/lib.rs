@@ -38,6 +38,7 @@
 //!   and its `--ssl-*` flags).
 //! - `snapshot_resume.rs`: watching a snapshot's stored progress and what
 //!   a resumed run logs.
+//! - `writer.rs`: [`Writer`], a task that keeps changing a database.
 
 mod config;
 pub mod consumer;
@@ -52,11 +53,13 @@ mod process;
 mod proxy;
 pub mod snapshot_resume;
 mod tls;
+mod writer;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{
-    MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, write_config, write_mysql_config,
+    MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, set_tables, write_config,
+    write_mysql_config,
 };
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
@@ -70,6 +73,7 @@ pub use postgres::{
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;
 pub use tls::TestCerts;
+pub use writer::{Execute, Writer};
 
 /// The root of the repository: the directory holding the workspace's
 /// `Cargo.toml`, `package.json` and `config.toml`.

@@ -8,9 +8,12 @@
 //! [`ack::AckTracker`] turns those reports into the highest source position
 //! that may be acknowledged to the source. [`source::Source`] is the contract
 //! every source keeps (and [`source::OffsetStore`] the one for sources whose
-//! database does not keep their position). This crate does no I/O.
+//! database does not keep their position). This crate does no network I/O;
+//! the one file it writes is a source's set of captured tables
+//! ([`captured`]).
 
 pub mod ack;
+pub mod captured;
 pub mod check;
 pub mod encoder;
 pub mod error_text;
@@ -30,6 +33,7 @@ pub mod tls;
 pub mod transaction;
 
 pub use ack::{AckTracker, Acks, Budget};
+pub use captured::CapturedTables;
 pub use check::{CheckItem, CheckStatus};
 pub use encoder::{EnvelopeEncoder, Op, TableMeta, TxMeta};
 pub use filter::TableFilter;

@@ -22,7 +22,10 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
-use tributary_envelope::{Emitter, OffsetStore as _, SourceContext, SourceError as _, Stopped};
+use tributary_envelope::captured::display_all;
+use tributary_envelope::{
+    CapturedTables, Emitter, OffsetStore as _, SourceContext, SourceError as _, Stopped,
+};
 
 use crate::config::MysqlSourceConfig;
 use crate::decoder::{Decoder, Transaction, truncated_table};
@@ -65,6 +68,13 @@ pub struct MysqlSource {
     fresh: bool,
     store: FileOffsetStore,
     snapshot: Option<PendingSnapshot>,
+    /// Tables whose rows were copied (or that were captured from their
+    /// first row), as stored in `[state] dir`.
+    captured: CapturedTables,
+    captured_path: std::path::PathBuf,
+    /// Tables added to `source.tables` since the last run: copied alone
+    /// before streaming resumes.
+    added: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for MysqlSource {
@@ -108,10 +118,13 @@ impl MysqlSource {
             return Ok(Self {
                 start: taken.position.clone(),
                 snapshot: Some(taken),
+                captured_path: CapturedTables::path(&cfg.state_dir, "mysql", &cfg.name),
                 cfg,
                 side,
                 fresh: false,
                 store,
+                captured: CapturedTables::default(),
+                added: Vec::new(),
             });
         }
         let unfinished = marker.exists();
@@ -185,14 +198,130 @@ impl MysqlSource {
         }
         info!(server = %server, version = %settings.version, file = %start.file, pos = start.pos,
               fresh, "mysql source ready");
-        Ok(Self {
+        let mut source = Self {
+            captured_path: CapturedTables::path(&cfg.state_dir, "mysql", &cfg.name),
             cfg,
             side,
             start,
             fresh,
             store,
             snapshot: pending,
-        })
+            captured: CapturedTables::default(),
+            added: Vec::new(),
+        };
+        source.plan_added_tables().await?;
+        Ok(source)
+    }
+
+    /// Compares the matching tables with the stored set of captured ones:
+    /// tables added to `source.tables` since the last run are copied before
+    /// streaming resumes, unless `snapshot = "never"`; tables no longer
+    /// matching are dropped from the set.
+    async fn plan_added_tables(&mut self) -> Result<(), MysqlError> {
+        if self.snapshot.is_some() {
+            // The snapshot copies every matching table and records them.
+            return Ok(());
+        }
+        let current = CapturedTables::new(self.matching_tables().await?);
+        let stored =
+            CapturedTables::load(&self.captured_path).map_err(|source| MysqlError::Offset {
+                path: self.captured_path.display().to_string(),
+                source,
+            })?;
+        let added: Vec<(String, String)> = match &stored {
+            // First start without a snapshot, or a state kept by a version
+            // without this file: every matching table streams already.
+            None => Vec::new(),
+            Some(_) if self.fresh => Vec::new(),
+            Some(stored) => current
+                .tables
+                .iter()
+                .filter(|t| !stored.tables.contains(*t))
+                .cloned()
+                .collect(),
+        };
+        if let Some(stored) = &stored {
+            for gone in stored.tables.difference(&current.tables) {
+                info!(table = %tributary_envelope::captured::display(gone),
+                      "table no longer matches source.tables (or was dropped): its changes are no \
+                       longer captured");
+            }
+        }
+        if added.is_empty() || !self.cfg.snapshot {
+            if !added.is_empty() {
+                info!(tables = %display_all(&added),
+                      "snapshot = \"never\": tables added to source.tables are streamed from now on, \
+                       their existing rows are not copied");
+            }
+            if stored.as_ref() != Some(&current) {
+                self.save_captured(current)?;
+            } else {
+                self.captured = current;
+            }
+            return Ok(());
+        }
+        self.captured = CapturedTables::new(
+            stored
+                .unwrap_or_default()
+                .tables
+                .into_iter()
+                .filter(|t| current.tables.contains(t)),
+        );
+        self.added = added;
+        Ok(())
+    }
+
+    /// The server's base tables that match `source.tables`.
+    async fn matching_tables(&mut self) -> Result<Vec<(String, String)>, MysqlError> {
+        Ok(snapshot::base_tables(&mut self.side)
+            .await?
+            .into_iter()
+            .filter(|(db, table)| self.cfg.filter.matches(db, table))
+            .collect())
+    }
+
+    /// Writes the set of captured tables to `[state] dir`.
+    fn save_captured(&mut self, captured: CapturedTables) -> Result<(), MysqlError> {
+        captured
+            .save(&self.captured_path)
+            .map_err(|source| MysqlError::Offset {
+                path: self.captured_path.display().to_string(),
+                source,
+            })?;
+        self.captured = captured;
+        Ok(())
+    }
+
+    /// Copies the tables added to `source.tables` since the last run (see
+    /// `docs/snapshots.md`, "Tables added later"): read in `START
+    /// TRANSACTION WITH CONSISTENT SNAPSHOT` (no lock), their rows take
+    /// positions just below the stored offset, where the stream resumes.
+    /// False when a shutdown interrupted it (the next start copies them
+    /// again).
+    async fn copy_added(
+        &mut self,
+        added: Vec<(String, String)>,
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, MysqlError> {
+        info!(tables = %display_all(&added), file = %self.start.file, pos = self.start.pos,
+              "snapshot: copying tables added to source.tables; the others stream on from the offset");
+        let reader = snapshot::begin(&self.cfg.opts, None, None).await?.reader;
+        let at = self.start.clone();
+        let Some(rows) = self
+            .copy_tables(reader, &added, &at, None, st, shutdown)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let mut captured = self.captured.clone();
+        captured.tables.extend(added);
+        self.save_captured(captured)?;
+        info!(
+            rows,
+            "snapshot of the added tables complete; streaming from the offset"
+        );
+        Ok(true)
     }
 
     /// The watermark of the stored offset (just before the snapshot's
@@ -246,6 +375,11 @@ impl MysqlSource {
             info!("snapshot = \"only\": the copy is delivered; stopping");
             return Ok(st.emitter.close_and_drain(drain_timeout).await?);
         }
+        let added = std::mem::take(&mut self.added);
+        if !added.is_empty() && !self.copy_added(added, &mut st, &shutdown).await? {
+            // Stopped during the copy: the next run copies them again.
+            return Ok(st.emitter.close_and_drain(drain_timeout).await?);
+        }
         let mut backoff = Duration::from_millis(200);
         loop {
             let began = Instant::now();
@@ -293,82 +427,29 @@ impl MysqlSource {
                 mark.saturating_sub(1),
             )
         });
-        let mut copy = SnapshotCopy {
-            decoder: Decoder::new(
-                &self.cfg.name,
-                self.cfg.router.clone(),
-                self.cfg.filter.clone(),
-            ),
-            tx: Transaction::begin(
-                &position.file,
-                file_index(&position.file).unwrap_or(0),
-                position.pos,
-                None,
-                0,
-            ),
-            captured_at: tributary_envelope::time::now(),
-            decoded: Vec::with_capacity(1),
-            metrics: SnapshotMetrics::new(&self.cfg.name),
-            ledger: marker
-                .as_ref()
-                .map(|m| ChunkLedger::new(m, progress.clone())),
-            chunk_rows: self.cfg.snapshot_chunk_rows,
-        };
-        copy.tx.major = progress.major;
-        copy.tx.ordinal = progress.ordinal;
-        copy.tx.meta.commit_ts = None;
         let tables: Vec<(String, String)> = snapshot::base_tables(&mut reader)
             .await?
             .into_iter()
-            .filter(|(db, table)| copy.decoder.captures(db, table))
+            .filter(|(db, table)| self.cfg.filter.matches(db, table))
             .collect();
         info!(tables = tables.len(), file = %position.file, pos = position.pos,
               "snapshot: copying the captured tables");
         let began = Instant::now();
-        let mut total = 0usize;
-        for (id, (db, table)) in (0u64..).zip(&tables) {
-            let after = match progress.tables.get(&format!("{db}.{table}")) {
-                Some(TableProgress::Done) => {
-                    info!(table = %format!("{db}.{table}"), "snapshot: table already delivered before the restart");
-                    copy.metrics.table_done();
-                    continue;
-                }
-                Some(TableProgress::After(key)) => Some(
-                    key.iter()
-                        .map(|k| snapshot::decode_key(k))
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| MysqlError::Offset {
-                            path: marker.as_ref().map(|m| m.display().to_string()).unwrap_or_default(),
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::InvalidData,
-                                "unreadable key in the snapshot progress (delete the file to take the snapshot again)",
-                            ),
-                        })?,
-                ),
-                None => None,
-            };
-            match copy
-                .table(&mut reader, id, (db, table), after, st, shutdown)
-                .await?
-            {
-                Some(rows) => total += rows,
-                None => return Ok(false),
-            }
-        }
-        reader
-            .query_drop("COMMIT")
-            .await
-            .map_err(MysqlError::connection("ending the snapshot transaction"))?;
-        drop(reader);
-        st.emitter.commit(mark).await?;
-        // Streaming (and the offset) may start only once Kinesis holds
-        // every snapshot row: until then the marker says it is unfinished.
-        while !st.emitter.tracker().is_drained() {
-            if *shutdown.borrow() || st.emitter.abandoned() {
-                return Ok(false);
-            }
-            copy.persist(st)?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(total) = self
+            .copy_tables(
+                reader,
+                &tables,
+                &position,
+                Some((progress, marker.as_deref())),
+                st,
+                shutdown,
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        if marker.is_some() {
+            self.save_captured(CapturedTables::new(tables))?;
         }
         if let Some(marker) = &marker {
             self.store
@@ -385,6 +466,100 @@ impl MysqlSource {
             "snapshot complete; streaming from its binlog position"
         );
         Ok(true)
+    }
+
+    /// Reads `tables` through `reader` (inside its consistent snapshot) as
+    /// snapshot rows, ends the transaction, and waits until Kinesis holds
+    /// every row. With `resume` (the initial snapshot) the rows sit at the
+    /// progress's position, tables it marks done are skipped, the others
+    /// start after their stored key, and acknowledged chunks are recorded
+    /// in the marker (when there is one); without it (tables added later)
+    /// they sit at `{watermark of at - 1}:{ordinal}`. The row count, or
+    /// None when a shutdown interrupted it.
+    async fn copy_tables(
+        &mut self,
+        mut reader: Conn,
+        tables: &[(String, String)],
+        at: &Offset,
+        resume: Option<(SnapshotProgress, Option<&std::path::Path>)>,
+        st: &mut State,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Option<usize>, MysqlError> {
+        let mark = at.watermark().unwrap_or(0);
+        let (progress, marker) = match resume {
+            Some((progress, marker)) => (Some(progress), marker),
+            None => (None, None),
+        };
+        let mut copy = SnapshotCopy {
+            decoder: Decoder::new(
+                &self.cfg.name,
+                self.cfg.router.clone(),
+                self.cfg.filter.clone(),
+            ),
+            tx: Transaction::begin(&at.file, file_index(&at.file).unwrap_or(0), at.pos, None, 0),
+            captured_at: tributary_envelope::time::now(),
+            decoded: Vec::with_capacity(1),
+            metrics: SnapshotMetrics::new(&self.cfg.name),
+            ledger: marker
+                .zip(progress.as_ref())
+                .map(|(m, p)| ChunkLedger::new(m, p.clone())),
+            chunk_rows: self.cfg.snapshot_chunk_rows,
+        };
+        copy.tx.major = progress
+            .as_ref()
+            .map_or(mark.saturating_sub(1), |p| p.major);
+        copy.tx.ordinal = progress.as_ref().map_or(0, |p| p.ordinal);
+        copy.tx.meta.commit_ts = None;
+        let mut total = 0usize;
+        for (id, (db, table)) in (0u64..).zip(tables) {
+            let stored = progress
+                .as_ref()
+                .and_then(|p| p.tables.get(&format!("{db}.{table}")));
+            let after = match stored {
+                Some(TableProgress::Done) => {
+                    info!(table = %format!("{db}.{table}"), "snapshot: table already delivered before the restart");
+                    copy.metrics.table_done();
+                    continue;
+                }
+                Some(TableProgress::After(key)) => Some(
+                    key.iter()
+                        .map(|k| snapshot::decode_key(k))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| MysqlError::Offset {
+                            path: marker.map(|m| m.display().to_string()).unwrap_or_default(),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "unreadable key in the snapshot progress (delete the file to take the snapshot again)",
+                            ),
+                        })?,
+                ),
+                None => None,
+            };
+            match copy
+                .table(&mut reader, id, (db, table), after, st, shutdown)
+                .await?
+            {
+                Some(rows) => total += rows,
+                None => return Ok(None),
+            }
+        }
+        reader
+            .query_drop("COMMIT")
+            .await
+            .map_err(MysqlError::connection("ending the snapshot transaction"))?;
+        drop(reader);
+        st.emitter.commit(mark).await?;
+        // Streaming (and the offset) may start only once Kinesis holds
+        // every copied row: until then the marker says it is unfinished.
+        while !st.emitter.tracker().is_drained() {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                return Ok(None);
+            }
+            copy.persist(st)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        copy.persist(st)?;
+        Ok(Some(total))
     }
 
     async fn open_stream(&self, from: &Offset) -> Result<BinlogStream, MysqlError> {
@@ -623,6 +798,14 @@ impl MysqlSource {
                 let id = tme.table_id();
                 let (db, table) = (tme.database_name(), tme.table_name());
                 if st.decoder.captures(&db, &table) {
+                    if !self.captured.contains(&db, &table) {
+                        // Created while the source runs: its changes flow
+                        // from its first row; the next start copies nothing.
+                        info!(table = %format!("{db}.{table}"), "capturing a new table matching source.tables");
+                        let mut captured = self.captured.clone();
+                        captured.tables.insert((db.to_string(), table.to_string()));
+                        self.save_captured(captured)?;
+                    }
                     let mut schema = TableSchema::from_event(&tme).map_err(|e| {
                         decode_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
                     })?;

@@ -386,7 +386,8 @@ fn publication_items(
                 COMPONENT,
                 "publication",
                 format!(
-                    "publication {name} does not publish {}; tributary run adds them",
+                    "publication {name} does not publish {}; tributary run adds them (and \
+                     copies their rows when the slot already exists)",
                     names(&missing)
                 ),
                 sql,

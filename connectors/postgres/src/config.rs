@@ -40,6 +40,9 @@ pub struct PostgresSourceConfig {
     /// `source.postgres.heartbeat_interval_secs`: how often a WAL message
     /// is written on the captured database while streaming. `None`: off.
     pub heartbeat: Option<std::time::Duration>,
+    /// `source.postgres.table_refresh_secs`: how often a running stream
+    /// looks for new tables matching `source.tables` (`None`: never).
+    pub table_refresh: Option<std::time::Duration>,
 }
 
 /// `[source.postgres]`, as written in the config file.
@@ -59,6 +62,10 @@ pub struct PostgresSettings {
     /// advances while it is idle and the rest of the cluster writes WAL.
     /// 0 or absent: off.
     pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds between looks for tables created while the connector runs
+    /// that match `source.tables` (default 5; 0: never look, such tables
+    /// are captured from the next start).
+    pub table_refresh_secs: Option<u64>,
 }
 
 impl PostgresSettings {
@@ -97,9 +104,19 @@ impl PostgresSettings {
                 .heartbeat_interval_secs
                 .filter(|&secs| secs > 0)
                 .map(std::time::Duration::from_secs),
+            table_refresh: match self
+                .table_refresh_secs
+                .unwrap_or(DEFAULT_TABLE_REFRESH_SECS)
+            {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(secs)),
+            },
         })
     }
 }
+
+/// `source.postgres.table_refresh_secs` when not set.
+pub const DEFAULT_TABLE_REFRESH_SECS: u64 = 5;
 
 /// Connect timeout when the URL gives no `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

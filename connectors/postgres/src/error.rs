@@ -38,6 +38,15 @@ pub enum PostgresError {
     /// A TLS file named in `source.url` cannot be used.
     #[error("{0}")]
     Tls(#[source] crate::tls::TlsSetupError),
+    /// A setting or a server object a person must change (exit 2): names
+    /// the config key and the fix.
+    #[error("{message}")]
+    Misconfigured {
+        /// The config key concerned (`source.postgres.publication`).
+        setting: &'static str,
+        /// What is wrong and the exact fix (e.g. the SQL to run).
+        message: String,
+    },
     /// The pipeline downstream is gone.
     #[error("the pipeline stopped receiving records")]
     PipelineClosed,

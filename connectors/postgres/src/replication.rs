@@ -35,6 +35,8 @@ use crate::setup::{self, SetupReport};
 use crate::snapshot::{self, PendingSnapshot};
 use crate::tls::{MakeRustlsConnect, TlsParams};
 use crate::wire::{ReplicationConnection, StreamMessage, WireError};
+use tributary_envelope::CapturedTables;
+use tributary_envelope::captured::display_all;
 
 /// Session settings that give every type one text shape (see `types`).
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
@@ -52,6 +54,13 @@ pub struct PostgresSource {
     decoder: Decoder,
     report: SetupReport,
     snapshot: Option<PendingSnapshot>,
+    /// Tables whose rows were copied (or that were captured from their
+    /// first row), as stored in `[state] dir`.
+    captured: CapturedTables,
+    captured_path: std::path::PathBuf,
+    /// Tables added to `source.tables` since the last run: copied alone
+    /// before streaming resumes.
+    added: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PostgresSource {
@@ -150,6 +159,8 @@ impl PostgresSource {
                     .iter()
                     .map(|(s, t)| format!("{s}.{t}"))
                     .collect(),
+                matching: tables.tables,
+                added_to_publication: Vec::new(),
                 publication_created: false,
                 slot_created: false,
                 confirmed_flush_lsn: 0,
@@ -173,7 +184,70 @@ impl PostgresSource {
             }
             None => {}
         }
-        Ok(Self::new(cfg, side, report, snapshot))
+        let mut source = Self::new(cfg, side, report, snapshot);
+        source.plan_added_tables()?;
+        Ok(source)
+    }
+
+    /// Compares the matching tables with the stored set of captured ones:
+    /// tables new to the stream (added to `source.tables`, or added to the
+    /// publication now) are copied before streaming resumes, unless
+    /// `snapshot = "never"`; tables no longer matching are dropped from the
+    /// set (their changes are no longer captured).
+    fn plan_added_tables(&mut self) -> Result<(), PostgresError> {
+        let state_error = |e: std::io::Error| {
+            PostgresError::Setup(format!("cannot read {}: {e}", self.captured_path.display()))
+        };
+        if self.snapshot.is_some() {
+            // The snapshot copies every matching table and records them.
+            return Ok(());
+        }
+        let current = CapturedTables::new(self.report.matching.iter().cloned());
+        let stored = CapturedTables::load(&self.captured_path).map_err(state_error)?;
+        // New to the stream: matching tables not recorded (none without a
+        // record: a state kept by a version without it), and tables the
+        // publication lacked until now. A slot made just now (without a
+        // snapshot) streams every table from here: nothing is new.
+        let mut added: Vec<(String, String)> = Vec::new();
+        if !self.report.slot_created {
+            if let Some(stored) = &stored {
+                added.extend(stored.missing(&self.report.matching).into_iter().cloned());
+            }
+            for table in &self.report.added_to_publication {
+                if !added.contains(table) {
+                    added.push(table.clone());
+                }
+            }
+        }
+        if let Some(stored) = &stored {
+            for gone in stored.tables.difference(&current.tables) {
+                info!(table = %tributary_envelope::captured::display(gone),
+                      "table no longer matches source.tables (or was dropped): its changes are no \
+                       longer captured; it stays in the publication (ALTER PUBLICATION ... DROP \
+                       TABLE removes it)");
+            }
+        }
+        if added.is_empty() || !self.cfg.snapshot {
+            if !added.is_empty() {
+                info!(tables = %display_all(&added),
+                      "snapshot = \"never\": tables added to source.tables are streamed from now on, \
+                       their existing rows are not copied");
+            }
+            if stored.as_ref() != Some(&current) {
+                self.save_captured(current)?;
+            }
+            return Ok(());
+        }
+        // The set keeps the tables still matching until the copy is done.
+        self.captured = CapturedTables::new(
+            stored
+                .unwrap_or_default()
+                .tables
+                .into_iter()
+                .filter(|t| current.tables.contains(t)),
+        );
+        self.added = added;
+        Ok(())
     }
 
     fn new(
@@ -184,6 +258,7 @@ impl PostgresSource {
     ) -> Self {
         let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
         let decoder = Decoder::new(&cfg.name, &db, cfg.router.clone(), cfg.filter.clone());
+        let captured_path = CapturedTables::path(&cfg.state_dir, "postgres", &cfg.slot);
         Self {
             cfg,
             side,
@@ -191,6 +266,9 @@ impl PostgresSource {
             decoder,
             report,
             snapshot,
+            captured: CapturedTables::default(),
+            captured_path,
+            added: Vec::new(),
         }
     }
 
@@ -263,6 +341,8 @@ impl PostgresSource {
             emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records)
                 .stop_when(shutdown.clone(), drain_timeout),
             captured_at: tributary_envelope::time::now(),
+            read_end: 0,
+            last_snapshot: None,
         };
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut state, &shutdown).await?
@@ -272,6 +352,11 @@ impl PostgresSource {
         }
         if self.cfg.snapshot_only {
             info!("snapshot = \"only\": the copy is delivered; stopping");
+            return Ok(state.emitter.close_and_drain(drain_timeout).await?);
+        }
+        let added = std::mem::take(&mut self.added);
+        if !added.is_empty() && !self.copy_added(added, &mut state, &shutdown).await? {
+            // Stopped during the copy: the next run copies them again.
             return Ok(state.emitter.close_and_drain(drain_timeout).await?);
         }
         let mut backoff = Duration::from_millis(200);
@@ -337,10 +422,8 @@ impl PostgresSource {
                 consistent_point.saturating_sub(1),
             )
         });
-        let mut tx = Transaction::begin(progress.major, 0, 0);
+        let mut tx = snapshot_transaction(progress.major);
         tx.ordinal = progress.ordinal;
-        tx.meta.tx_id.clear();
-        tx.meta.commit_ts = None;
         st.captured_at = tributary_envelope::time::now();
         let tables = self.report.tables.clone();
         info!(tables = tables.len(), consistent_point = %Lsn(consistent_point), "snapshot: copying the captured tables");
@@ -368,7 +451,15 @@ impl PostgresSource {
                 None => None,
             };
             if !self
-                .copy_table(&reader, (schema, table), after, &mut copy, st, shutdown)
+                .copy_table(
+                    &reader,
+                    (schema, table),
+                    after,
+                    &mut copy,
+                    st,
+                    shutdown,
+                    &mut (),
+                )
                 .await?
             {
                 return Ok(false);
@@ -388,6 +479,9 @@ impl PostgresSource {
             copy.persist_with(st.emitter.tracker())?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if !self.cfg.snapshot_only {
+            self.save_captured(CapturedTables::new(self.report.matching.clone()))?;
+        }
         if let Some(marker) = &marker {
             snapshot::remove_marker(marker)?;
         }
@@ -399,8 +493,12 @@ impl PostgresSource {
         Ok(true)
     }
 
-    /// Copies one table chunk by chunk; false when a shutdown interrupted it.
-    async fn copy_table(
+    /// Copies one table chunk by chunk; false when a shutdown interrupted
+    /// it. `keep` runs while the pipeline makes the copy wait (a copy
+    /// between two transactions of a running stream keeps the replication
+    /// connection alive with it).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_table<W>(
         &mut self,
         reader: &Client,
         (schema, table): (&str, &str),
@@ -408,7 +506,12 @@ impl PostgresSource {
         copy: &mut SnapshotCopy,
         st: &mut RunState,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<bool, PostgresError> {
+        keep: &mut W,
+    ) -> Result<bool, PostgresError>
+    where
+        W: WhileWaiting,
+        PostgresError: From<W::Error>,
+    {
         let name = format!("{schema}.{table}");
         let mut table_reader = snapshot::open_table(
             reader,
@@ -440,7 +543,7 @@ impl PostgresSource {
                 let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
                 table_reader.render(row, decoder, tx, at, &mut copy.decoded)?;
                 for record in copy.decoded.drain(..) {
-                    st.emitter.push(record).await?;
+                    st.emitter.push_waiting(record, keep).await?;
                 }
             }
             drop(rows);
@@ -454,11 +557,183 @@ impl PostgresSource {
                 );
             }
             copy.persist_with(st.emitter.tracker())?;
+            keep.tick().await?;
         }
         table_reader.close(reader).await?;
         copy.sent(st.emitter.next_seq(), &name, TableProgress::Done);
         watch.finish();
         copy.metrics.table_done();
+        Ok(true)
+    }
+
+    /// Copies the tables added to `source.tables` since the last run (see
+    /// `docs/snapshots.md`, "Tables added later"): already in the
+    /// publication, read in a plain REPEATABLE READ transaction, their rows
+    /// take positions just below the slot's position, where the stream
+    /// resumes. False when a shutdown interrupted it (the next start copies
+    /// them again).
+    async fn copy_added(
+        &mut self,
+        added: Vec<(String, String)>,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, PostgresError> {
+        let resume = self.report.confirmed_flush_lsn;
+        info!(tables = %display_all(&added), resume_lsn = %Lsn(resume),
+              "snapshot: copying tables added to source.tables; the others stream on from the slot");
+        let Some(rows) = self
+            .copy_added_at(&added, resume, st, shutdown, &mut ())
+            .await?
+        else {
+            return Ok(false);
+        };
+        if !wait_drained(st, shutdown, &mut ()).await? {
+            return Ok(false);
+        }
+        let mut captured = self.captured.clone();
+        captured.tables.extend(added);
+        self.save_captured(captured)?;
+        info!(
+            rows,
+            "snapshot of the added tables complete; streaming from the slot"
+        );
+        Ok(true)
+    }
+
+    /// Reads `tables` in a new plain REPEATABLE READ transaction as
+    /// snapshot rows at `{resume - 1}:{ordinal}` and commits them to the
+    /// tracker at `resume`. The row count, or None when a shutdown
+    /// interrupted it.
+    async fn copy_added_at<W>(
+        &mut self,
+        tables: &[(String, String)],
+        resume: u64,
+        st: &mut RunState,
+        shutdown: &watch::Receiver<bool>,
+        keep: &mut W,
+    ) -> Result<Option<usize>, PostgresError>
+    where
+        W: WhileWaiting,
+        PostgresError: From<W::Error>,
+    {
+        let reader = connect_sql(&self.cfg.connection).await?;
+        snapshot::begin(&reader, None).await?;
+        let major = resume.saturating_sub(1);
+        let mut tx = snapshot_transaction(major);
+        // Two copies at one position (nothing streamed between them) do
+        // not reuse ordinals, so every row keeps its own id.
+        if let Some((last_major, next)) = st.last_snapshot
+            && last_major == major
+        {
+            tx.ordinal = next;
+        }
+        st.captured_at = tributary_envelope::time::now();
+        // No ledger: an added table interrupted is copied whole again.
+        let mut copy = SnapshotCopy {
+            metrics: SnapshotMetrics::new(&self.cfg.name),
+            ledger: None,
+            decoded: Vec::with_capacity(2),
+            tx,
+            total: 0,
+        };
+        let mut finished = true;
+        for (schema, table) in tables {
+            if !self
+                .copy_table(
+                    &reader,
+                    (schema, table),
+                    None,
+                    &mut copy,
+                    st,
+                    shutdown,
+                    keep,
+                )
+                .await?
+            {
+                finished = false;
+                break;
+            }
+        }
+        st.last_snapshot = Some((major, copy.tx.ordinal));
+        // The rows are acknowledged with the position the stream has
+        // reached: nothing beyond it.
+        st.emitter.commit_waiting(resume, keep).await?;
+        if !finished {
+            return Ok(None);
+        }
+        reader
+            .batch_execute("COMMIT")
+            .await
+            .map_err(PostgresError::query("ending the snapshot transaction"))?;
+        Ok(Some(copy.total))
+    }
+
+    /// Writes the set of captured tables to `[state] dir`.
+    fn save_captured(&mut self, captured: CapturedTables) -> Result<(), PostgresError> {
+        captured.save(&self.captured_path).map_err(|e| {
+            PostgresError::Setup(format!(
+                "cannot write {}: {e}",
+                self.captured_path.display()
+            ))
+        })?;
+        self.captured = captured;
+        Ok(())
+    }
+
+    /// Captures tables that match `source.tables` but are new to the
+    /// stream (created while it runs, or dropped and created again): adds
+    /// them to the publication, copies their rows between two transactions
+    /// of the stream, waits until Kinesis holds the copy, then records them
+    /// as captured. False when a shutdown interrupted it.
+    async fn refresh_tables(
+        &mut self,
+        st: &mut RunState,
+        keep: &mut KeepAlive<'_>,
+        shutdown: &watch::Receiver<bool>,
+        silence: Duration,
+    ) -> Result<bool, PostgresError> {
+        // Bounded like every query of the session: a dead peer must not
+        // hold the stream.
+        let look = async {
+            let matching = setup::matching_tables(&self.side, &self.cfg.filter).await?;
+            let published = setup::published_tables(&self.side, &self.cfg.publication).await?;
+            Ok::<_, PostgresError>((matching.tables, published))
+        };
+        let (matching, published) = bounded(silence, "looking for new tables", look).await??;
+        let new: Vec<(String, String)> = matching
+            .iter()
+            .filter(|t| !published.contains(t) || !self.captured.tables.contains(*t))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(true);
+        }
+        let unpublished: Vec<(String, String)> = new
+            .iter()
+            .filter(|t| !published.contains(t))
+            .cloned()
+            .collect();
+        // In the publication first: every change committed after this is
+        // streamed, and the copy below is read after it.
+        let add = setup::add_to_publication(&self.side, &self.cfg.publication, &unpublished);
+        bounded(silence, "adding new tables to the publication", add).await??;
+        if self.cfg.snapshot {
+            info!(tables = %display_all(&new), "snapshot: copying new tables matching source.tables");
+            let copied = self
+                .copy_added_at(&new, st.read_end, st, shutdown, keep)
+                .await?;
+            if copied.is_none() || !wait_drained(st, shutdown, keep).await? {
+                return Ok(false);
+            }
+        }
+        // Recorded: the tables still matching (dropped ones leave) and the
+        // new ones.
+        let captured = CapturedTables::new(
+            matching
+                .into_iter()
+                .filter(|t| self.captured.tables.contains(t) || new.contains(t)),
+        );
+        self.save_captured(captured)?;
         Ok(true)
     }
 
@@ -492,6 +767,11 @@ impl PostgresSource {
         // Ask for a reply often enough that a live server is never silent
         // for `silence`, whatever its wal_sender_timeout.
         let mut feedback = Feedback::new(start, (silence / 3).min(Feedback::HEARTBEAT));
+        st.read_end = st.read_end.max(start);
+        // New tables matching source.tables are looked for this often,
+        // between two transactions.
+        let refresh_every = self.cfg.table_refresh;
+        let mut refresh_due = refresh_every.map(|every| tokio::time::Instant::now() + every);
         // Time spent waiting on the socket with nothing arriving (time spent
         // handing records downstream does not count).
         let mut quiet = Duration::ZERO;
@@ -528,6 +808,7 @@ impl PostgresSource {
                                     tracker: &tracker,
                                 };
                                 st.emitter.commit_waiting(*end_lsn, &mut keep).await?;
+                                st.read_end = st.read_end.max(*end_lsn);
                                 tx = None;
                                 if stopping || st.emitter.abandoned() {
                                     break 'stream;
@@ -572,6 +853,7 @@ impl PostgresSource {
                     StreamMessage::KeepAlive { wal_end, reply } => {
                         if tx.is_none() && !st.emitter.has_pending() {
                             tracker.idle(wal_end);
+                            st.read_end = st.read_end.max(wal_end);
                         }
                         if reply {
                             feedback.send(&mut conn, tracker.acked(), true).await?;
@@ -587,6 +869,24 @@ impl PostgresSource {
             }
             if stopping && tx.is_none() {
                 break;
+            }
+            if let (Some(due), Some(every)) = (refresh_due, refresh_every)
+                && tx.is_none()
+                && tokio::time::Instant::now() >= due
+            {
+                let mut keep = KeepAlive {
+                    conn: &mut conn,
+                    feedback: &mut feedback,
+                    tracker: &tracker,
+                };
+                if !self
+                    .refresh_tables(st, &mut keep, shutdown, silence)
+                    .await?
+                    || st.emitter.abandoned()
+                {
+                    break;
+                }
+                refresh_due = Some(tokio::time::Instant::now() + every);
             }
             feedback.maybe_send(&mut conn, tracker.acked()).await?;
             // Records wait in the batch only while more of their transaction
@@ -611,6 +911,7 @@ impl PostgresSource {
                 requested = stop_requested(shutdown), if !stopping => stopping = requested,
                 _ = acked.changed() => {}
                 _ = tokio::time::sleep_until(feedback_due) => {}
+                _ = sleep_until_some(refresh_due), if tx.is_none() => {}
                 _ = tokio::time::sleep_until(heartbeat_due.unwrap_or(read_deadline)),
                     if heartbeat_due.is_some() =>
                 {
@@ -691,6 +992,44 @@ impl PostgresSource {
             }
             Err(err) => Err(PostgresError::query("writing a heartbeat")(err)),
         }
+    }
+}
+
+/// A snapshot's "transaction": every row at `{major}:{ordinal}`, with no
+/// transaction id or commit time.
+fn snapshot_transaction(major: u64) -> Transaction {
+    let mut tx = Transaction::begin(major, 0, 0);
+    tx.meta.tx_id.clear();
+    tx.meta.commit_ts = None;
+    tx
+}
+
+/// Waits until the sink has finished everything handed over, running
+/// `keep` meanwhile. False when a shutdown came first.
+async fn wait_drained<W>(
+    st: &RunState,
+    shutdown: &watch::Receiver<bool>,
+    keep: &mut W,
+) -> Result<bool, PostgresError>
+where
+    W: WhileWaiting,
+    PostgresError: From<W::Error>,
+{
+    while !st.emitter.tracker().is_drained() {
+        if *shutdown.borrow() || st.emitter.abandoned() {
+            return Ok(false);
+        }
+        keep.tick().await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(true)
+}
+
+/// Sleeps until `when`, or forever without one.
+async fn sleep_until_some(when: Option<tokio::time::Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -881,6 +1220,12 @@ struct RunState {
     emitter: Emitter,
     /// `captured_at` of the records of the current transaction.
     captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    /// How far the stream has been read: the end of the last commit, or
+    /// the WAL end of a keepalive that came with nothing open. Every change
+    /// sent so far has a position below it, every later one at or above.
+    read_end: u64,
+    /// The major of the last copy of tables and its next ordinal.
+    last_snapshot: Option<(u64, u32)>,
 }
 
 /// Keeps the replication connection alive while the pipeline makes the

@@ -13,6 +13,11 @@ use tributary_envelope::TableFilter;
 pub struct SetupReport {
     /// Tables matching the patterns, `schema.table`.
     pub tables: Vec<String>,
+    /// The same tables as (schema, table).
+    pub matching: Vec<(String, String)>,
+    /// Matching tables the publication did not hold and that were added to
+    /// it now (their changes were not published before: they need a copy).
+    pub added_to_publication: Vec<(String, String)>,
     /// The publication was created now.
     pub publication_created: bool,
     /// The slot was created now.
@@ -115,7 +120,7 @@ pub async fn ensure(
     if tables.is_empty() {
         warn!(patterns = ?filter.include(), "no table matches source.tables yet");
     }
-    let publication_created =
+    let (publication_created, added_to_publication) =
         ensure_publication(client, publication, &tables, &partitioned).await?;
     if !partitioned.is_empty() {
         warn!(
@@ -165,6 +170,8 @@ pub async fn ensure(
         .unwrap_or(0);
     Ok(SetupReport {
         tables: names,
+        matching: tables,
+        added_to_publication,
         publication_created,
         slot_created,
         confirmed_flush_lsn,
@@ -232,12 +239,14 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<u64, PostgresErr
         .map_or(0, |lsn| lsn.0))
 }
 
+/// Creates the publication for `tables` when missing, or adds the matching
+/// tables it lacks; returns whether it was created and the tables added.
 async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[(String, String)],
     partitioned: &[String],
-) -> Result<bool, PostgresError> {
+) -> Result<(bool, Vec<(String, String)>), PostgresError> {
     let existing = client
         .query_opt(
             "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
@@ -245,17 +254,9 @@ async fn ensure_publication(
         )
         .await
         .map_err(PostgresError::query("reading pg_publication"))?;
-    let list = |tables: &[&(String, String)]| {
-        tables
-            .iter()
-            .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     match existing {
         None => {
-            let all: Vec<&(String, String)> = tables.iter().collect();
-            let sql = if all.is_empty() {
+            let sql = if tables.is_empty() {
                 format!(
                     "CREATE PUBLICATION {} WITH ({VIA_ROOT})",
                     quote_ident(publication)
@@ -264,7 +265,7 @@ async fn ensure_publication(
                 format!(
                     "CREATE PUBLICATION {} FOR TABLE {} WITH ({VIA_ROOT})",
                     quote_ident(publication),
-                    list(&all)
+                    table_list(tables.iter())
                 )
             };
             client
@@ -275,44 +276,85 @@ async fn ensure_publication(
                  or a DBA runs: {sql})"
                 )))?;
             info!(publication, tables = tables.len(), "created publication");
-            Ok(true)
+            Ok((true, tables.to_vec()))
         }
         Some(row) => {
             if !row.get::<_, bool>(1) {
                 publish_via_root(client, publication, partitioned).await?;
             }
             if row.get::<_, bool>(0) {
-                return Ok(false);
+                return Ok((false, Vec::new()));
             }
-            let published = client
-                .query(
-                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-                    &[&publication],
-                )
-                .await
-                .map_err(PostgresError::query("reading pg_publication_tables"))?;
-            let published: Vec<(String, String)> =
-                published.iter().map(|r| (r.get(0), r.get(1))).collect();
-            let missing: Vec<&(String, String)> =
-                tables.iter().filter(|t| !published.contains(t)).collect();
-            if !missing.is_empty() {
-                let sql = format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_ident(publication),
-                    list(&missing)
-                );
-                match client.batch_execute(&sql).await {
-                    Ok(()) => info!(
-                        publication,
-                        added = missing.len(),
-                        "added tables to publication"
-                    ),
-                    Err(err) => {
-                        warn!(publication, error = %err, sql = %sql, "cannot add matching tables to the publication; their changes are not captured")
-                    }
-                }
-            }
-            Ok(false)
+            let published = published_tables(client, publication).await?;
+            let missing: Vec<(String, String)> = tables
+                .iter()
+                .filter(|t| !published.contains(t))
+                .cloned()
+                .collect();
+            add_to_publication(client, publication, &missing).await?;
+            Ok((false, missing))
         }
     }
+}
+
+/// The tables `publication` publishes, as (schema, table): those named,
+/// those of its schemas (`FOR TABLES IN SCHEMA`) or every table (`FOR ALL
+/// TABLES`), as `pg_publication_tables` expands them.
+pub async fn published_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<(String, String)>, PostgresError> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(PostgresError::query("reading pg_publication_tables"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Adds `tables` to `publication`. When the user may not (it must own the
+/// publication and the tables), the error names the statement a DBA runs:
+/// without it the tables' changes would never be captured.
+pub async fn add_to_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<(), PostgresError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        quote_ident(publication),
+        table_list(tables.iter())
+    );
+    if let Err(err) = client.batch_execute(&sql).await {
+        let cause = err
+            .as_db_error()
+            .map_or_else(|| err.to_string(), |db| db.message().to_owned());
+        return Err(PostgresError::Misconfigured {
+            setting: "source.postgres.publication",
+            message: format!(
+                "source.tables matches tables that publication {publication} does not publish \
+                 ({cause}): the user must own the publication and the tables, or a DBA runs: \
+                 {sql};"
+            ),
+        });
+    }
+    info!(
+        publication,
+        added = %tables.iter().map(|(s, t)| format!("{s}.{t}")).collect::<Vec<_>>().join(", "),
+        "added tables to the publication"
+    );
+    Ok(())
+}
+
+/// `"schema"."table", ...` for SQL.
+fn table_list<'a>(tables: impl Iterator<Item = &'a (String, String)>) -> String {
+    tables
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

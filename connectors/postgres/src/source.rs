@@ -14,7 +14,11 @@ impl SourceError for PostgresError {
     }
 
     fn misconfigured(&self) -> Option<&str> {
-        matches!(self, PostgresError::Tls(_)).then_some("source.url")
+        match self {
+            PostgresError::Misconfigured { setting, .. } => Some(setting),
+            PostgresError::Tls(_) => Some("source.url"),
+            _ => None,
+        }
     }
 }
 

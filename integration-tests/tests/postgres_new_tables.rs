@@ -1,0 +1,285 @@
+//! Tables that join the capture after the first start, on a real Postgres
+//! 15 and kinesalite: a table added to `source.tables` between two runs is
+//! copied alone at the next start (the others are not copied again), and a
+//! table created while `tributary run` streams is captured from its first
+//! row without a restart. In both, a consumer replaying the stream ends
+//! with exactly the tables.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use tributary_integration_tests::consumer::{self, of, snapshot_sorts_first};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, Pipeline, StreamRecord, TributaryProcess, USER, Writer, set_tables,
+};
+
+const STREAM: &str = "new-tables-cdc";
+
+const SETUP: &str = "
+CREATE TABLE a (id int PRIMARY KEY, v text);
+INSERT INTO a SELECT g, 'a ' || g FROM generate_series(1, 300) g;
+CREATE TABLE b (id int PRIMARY KEY, v text);
+INSERT INTO b SELECT g, 'b ' || g FROM generate_series(1, 200) g;
+";
+
+/// Waits until the slot confirmed everything written so far, then reads
+/// the whole stream.
+async fn settled(pipeline: &Pipeline) -> Result<Vec<StreamRecord>> {
+    let end = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(end, Duration::from_secs(120))
+        .await?;
+    pipeline.kin.read_all(STREAM).await
+}
+
+/// Fails unless replaying `records` gives exactly each of `tables` (keyed by `id`).
+async fn assert_tables_match(
+    pipeline: &Pipeline,
+    records: &[StreamRecord],
+    tables: &[&str],
+) -> Result<()> {
+    let client = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    for table in tables {
+        consumer::assert_replica_matches(&client, records, table, &["id"]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_the_config_is_copied_alone_at_the_next_start() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        2,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline
+        .pg
+        .execute_each(&[
+            "UPDATE a SET v = 'first run' WHERE id <= 10",
+            "UPDATE b SET v = 'not captured yet' WHERE id <= 10",
+        ])
+        .await?;
+    let first = settled(&pipeline).await?;
+    ensure!(of(&first, "snapshot", "a")?.len() == 300, "a is copied");
+    ensure!(
+        first
+            .iter()
+            .all(|r| r.json().is_ok_and(|e| e["source"]["table"] == "a")),
+        "b is not captured in the first run"
+    );
+    pipeline.stop_gracefully().await?;
+
+    // While stopped: b joins source.tables, and both tables change.
+    set_tables(&pipeline.config.path, &["public.a", "public.b"])?;
+    pipeline
+        .pg
+        .execute_each(&[
+            "UPDATE a SET v = 'while stopped' WHERE id BETWEEN 11 AND 20",
+            "DELETE FROM b WHERE id > 190",
+            "UPDATE b SET v = 'while stopped' WHERE id BETWEEN 11 AND 20",
+        ])
+        .await?;
+    // A writer changes b while it is copied: updates, and keys deleted and
+    // inserted again (b keeps 190 rows).
+    let writer = Writer::start(pipeline.pg.client(DEFAULT_DATABASE).await?, |i| {
+        let k = i % 90 + 100;
+        format!(
+            "UPDATE b SET v = 'writer {i}' WHERE id = {}; \
+             BEGIN; DELETE FROM b WHERE id = {k}; INSERT INTO b VALUES ({k}, 'again {i}'); COMMIT",
+            (i * 7) % 90 + 100
+        )
+    });
+    pipeline.restart().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = writer.stop().await?;
+    eprintln!("the writer made {writes} transactions on b around the copy");
+    let logs = pipeline.tributary.logs();
+    ensure!(
+        logs.contains("copying tables added to source.tables"),
+        "the restart copies the added table:\n{logs}"
+    );
+    pipeline
+        .pg
+        .execute_each(&[
+            "UPDATE a SET v = 'second run' WHERE id BETWEEN 21 AND 30",
+            "UPDATE b SET v = 'second run' WHERE id BETWEEN 21 AND 30",
+            "DELETE FROM b WHERE id <= 5",
+            "INSERT INTO b VALUES (1000, 'new')",
+        ])
+        .await?;
+    let all = settled(&pipeline).await?;
+    let second = &consumer::written_since(&all, &first);
+    ensure!(
+        of(second, "snapshot", "a")?.is_empty(),
+        "a is not copied again"
+    );
+    let b_rows = of(second, "snapshot", "b")?.len();
+    ensure!(b_rows == 190, "b's 190 rows are copied once: {b_rows}");
+    snapshot_sorts_first(second, "b")?;
+    ensure!(!of(second, "update", "a")?.is_empty(), "a streams on");
+    assert_tables_match(&pipeline, &all, &["public.a", "public.b"]).await?;
+    pipeline.stop_gracefully().await?;
+
+    // A third run copies nothing.
+    pipeline.restart().await?;
+    pipeline
+        .pg
+        .execute("UPDATE b SET v = 'third run' WHERE id = 50")
+        .await?;
+    let third = settled(&pipeline).await?;
+    ensure!(
+        third.len() == all.len() + 1,
+        "only the new change: {} records after {}",
+        third.len(),
+        all.len()
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        2,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\n[source.postgres]\ntable_refresh_secs = 1\n",
+    )
+    .await?;
+    // Rows written right after CREATE, before any look for new tables can
+    // have added the table to the publication; one table is created with
+    // its rows in one transaction.
+    pipeline
+        .pg
+        .execute_each(&[
+            "CREATE TABLE c (id int PRIMARY KEY, v text)",
+            "INSERT INTO c SELECT g, 'c ' || g FROM generate_series(1, 500) g",
+            "UPDATE c SET v = 'early' WHERE id <= 50",
+            "BEGIN; CREATE TABLE d (id int PRIMARY KEY, v text); \
+             INSERT INTO d SELECT g, 'd ' || g FROM generate_series(1, 100) g; COMMIT",
+            "UPDATE a SET v = 'meanwhile' WHERE id <= 20",
+        ])
+        .await?;
+    // A writer keeps changing c before, during and after the refresh that
+    // adds it to the publication and copies it.
+    let writer = Writer::start(pipeline.pg.client(DEFAULT_DATABASE).await?, |i| {
+        format!(
+            "UPDATE c SET v = 'writer {i}' WHERE id = {}; \
+             INSERT INTO c VALUES ({}, 'writer'); DELETE FROM c WHERE id = {}",
+            i % 400 + 1,
+            20_000 + i,
+            20_000 + i / 2
+        )
+    });
+    pipeline
+        .tributary
+        .wait_for_log("added tables to the publication", Duration::from_secs(30))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes = writer.stop().await?;
+    eprintln!("the writer made {writes} transactions on c around the refresh");
+    // Changes after the table joined the publication flow as changes.
+    pipeline
+        .pg
+        .execute_each(&[
+            "UPDATE c SET v = 'late' WHERE id BETWEEN 40 AND 60",
+            "DELETE FROM c WHERE id > 480",
+            "INSERT INTO c VALUES (9001, 'after')",
+            "DELETE FROM d WHERE id <= 10",
+        ])
+        .await?;
+    let records = settled(&pipeline).await?;
+    ensure!(
+        !of(&records, "delete", "c")?.is_empty(),
+        "c's deletes are streamed"
+    );
+    snapshot_sorts_first(&records, "c")?;
+    assert_tables_match(
+        &pipeline,
+        &records,
+        &["public.a", "public.b", "public.c", "public.d"],
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+
+    // The created tables are recorded: a restart copies nothing.
+    pipeline.restart().await?;
+    pipeline
+        .pg
+        .execute("INSERT INTO c VALUES (9002, 'later')")
+        .await?;
+    let again = settled(&pipeline).await?;
+    ensure!(
+        again.len() == records.len() + 1,
+        "only the new change: {} records after {}\n{}",
+        again.len(),
+        records.len(),
+        pipeline.tributary.logs()
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_role_may_not_publish_stops_start_up_with_the_statement() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+    // A table another role owns: the connector may read it, not publish it.
+    pipeline
+        .pg
+        .superuser_client(DEFAULT_DATABASE)
+        .await?
+        .batch_execute(&format!(
+            "CREATE TABLE theirs (id int PRIMARY KEY); GRANT SELECT ON theirs TO {USER}"
+        ))
+        .await?;
+    set_tables(&pipeline.config.path, &["public.a", "public.theirs"])?;
+    pipeline.tributary = TributaryProcess::run(&pipeline.config.path, &[])?;
+    let status = pipeline
+        .tributary
+        .wait_exit(Duration::from_secs(30))
+        .await?;
+    let logs = pipeline.tributary.logs();
+    ensure!(status.code() == Some(2), "exit 2: {status}\n{logs}");
+    ensure!(
+        logs.contains(
+            "ALTER PUBLICATION \\\"tributary_shop\\\" ADD TABLE \\\"public\\\".\\\"theirs\\\";"
+        ) && logs.contains("source.postgres.publication"),
+        "the error names the key and the statement to run:\n{logs}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_snapshot_never_an_added_table_streams_without_a_copy() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"never\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+    set_tables(&pipeline.config.path, &["public.a", "public.b"])?;
+    pipeline.restart().await?;
+    pipeline
+        .pg
+        .execute("UPDATE b SET v = 'streamed' WHERE id <= 3")
+        .await?;
+    let records = settled(&pipeline).await?;
+    ensure!(
+        records.len() == 3 && of(&records, "update", "b")?.len() == 3,
+        "only b's changes, no copy: {} records",
+        records.len()
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
