@@ -127,6 +127,12 @@ pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(3
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Unanswered probes before the kernel drops the connection.
 pub const KEEPALIVE_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the
+/// connection (`TCP_USER_TIMEOUT`), unless the URL sets `tcp_user_timeout`:
+/// keepalive probes stop while data waits for an answer, so without it a
+/// query sent into a partition waits for the kernel's retransmissions
+/// (about 15 minutes). The keepalive's own budget: idle + interval × probes.
+pub const DEFAULT_TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A setting the source cannot use; names the key.
 #[derive(Debug, thiserror::Error)]
@@ -172,8 +178,19 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<ConnectionConfig, 
     }
     let (rest, tls) =
         TlsParams::take_from_url(url, Spelling::Libpq, TlsMode::Prefer).map_err(&err)?;
+    let (rest, user_timeout) = take_tcp_user_timeout(&rest).map_err(&err)?;
     let mut config = tokio_postgres::Config::from_str(&rest)
         .map_err(|e| err(format!("cannot parse `{}`: {e}", redact(url))))?;
+    match user_timeout {
+        // libpq: 0 leaves the system default.
+        Some(timeout) if timeout.is_zero() => {}
+        Some(timeout) => {
+            config.tcp_user_timeout(timeout);
+        }
+        None => {
+            config.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
+        }
+    }
     if let Some(password) = password {
         config.password(password);
     }
@@ -212,6 +229,35 @@ pub fn parse_url(url: &str, password: Option<&str>) -> Result<ConnectionConfig, 
     };
     config.ssl_mode(ssl_mode);
     Ok(ConnectionConfig { config, tls })
+}
+
+/// Takes `tcp_user_timeout` out of the URL's query, read as libpq reads it:
+/// milliseconds (the driver would read seconds).
+fn take_tcp_user_timeout(url: &str) -> Result<(String, Option<std::time::Duration>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut timeout = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("tcp_user_timeout", value)) => {
+                let millis: u64 = value.parse().map_err(|_| {
+                    format!(
+                        "tcp_user_timeout={value}: give milliseconds, e.g. tcp_user_timeout=30000"
+                    )
+                })?;
+                timeout = Some(std::time::Duration::from_millis(millis));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, timeout))
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.
@@ -258,6 +304,22 @@ mod tests {
             Some(&std::time::Duration::from_secs(3))
         );
         assert_eq!(c.get_keepalives_idle(), std::time::Duration::from_secs(7));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&DEFAULT_TCP_USER_TIMEOUT));
+        // libpq's unit: milliseconds; other parameters are kept.
+        let c = parse_url(
+            "postgres://u@h/db?tcp_user_timeout=4500&application_name=x",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.get_tcp_user_timeout(),
+            Some(&std::time::Duration::from_millis(4500))
+        );
+        assert_eq!(c.get_application_name(), Some("x"));
+        let c = parse_url("postgres://u@h/db?tcp_user_timeout=0", None).unwrap();
+        assert_eq!(c.get_tcp_user_timeout(), None);
+        let bad = parse_url("postgres://u@h/db?tcp_user_timeout=5s", None).unwrap_err();
+        assert!(bad.message.contains("milliseconds"), "{bad}");
         let c = parse_url(
             "postgres://u@127.0.0.1/db?sslmode=verify-full&sslrootcert=/ca.pem",
             None,

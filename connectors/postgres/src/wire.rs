@@ -202,6 +202,9 @@ impl ReplicationConnection {
                             .unwrap_or(crate::config::KEEPALIVE_RETRIES),
                     )?;
                 }
+                if let Some(timeout) = config.get_tcp_user_timeout() {
+                    crate::sockopt::set_user_timeout(&tcp, *timeout)?;
+                }
                 secure(tcp, config, host).await?
             }
             None => return Err(protocol("no host to connect to")),
