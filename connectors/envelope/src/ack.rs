@@ -28,6 +28,9 @@ struct Inner {
     /// Set by [`AckTracker::commit_feed`]: where commits are announced to
     /// the sink, which confirms each one.
     feed: Option<mpsc::UnboundedSender<u64>>,
+    /// `end_seq` of the last commit: a commit with the same one holds no
+    /// record.
+    last_end: u64,
 }
 
 /// Tracks which records are done and which source position may be acknowledged.
@@ -73,8 +76,14 @@ impl AckTracker {
         let mut inner = self.lock();
         inner.issued = inner.issued.max(end_seq);
         // With a feed, the sink must confirm the commit (its transaction
-        // markers are delivered); a sink that stopped confirms nothing.
+        // markers are delivered); a sink that stopped confirms nothing. A
+        // commit without records has no markers and is not announced: its
+        // `end_seq` is the previous commit's, whose confirmation it must
+        // not take.
+        let empty = end_seq == inner.last_end;
+        inner.last_end = end_seq;
         let confirmed = match &inner.feed {
+            Some(_) if empty => true,
             Some(feed) => feed.send(end_seq).is_err(),
             None => true,
         };
@@ -381,9 +390,9 @@ mod tests {
         let acks = Acks::new(tracker.clone(), Arc::new(Budget::new(1_000)));
         let mut feed = tracker.commit_feed();
         tracker.commit(1, 10);
-        tracker.commit(1, 20); // an empty transaction
+        tracker.commit(1, 20); // an empty transaction: nothing to confirm
         assert_eq!(feed.try_recv().unwrap(), 1);
-        assert_eq!(feed.try_recv().unwrap(), 1);
+        assert!(feed.try_recv().is_err(), "the empty commit is not announced");
         tracker.complete([0]);
         assert_eq!(tracker.acked(), 0, "record 0 is done, its markers are not");
         let group = crate::transaction::MarkerGroup::new(2, 1);
@@ -398,11 +407,30 @@ mod tests {
         acks.done([&begin, &end]);
         assert_eq!(tracker.acked(), 0, "one end marker is still undelivered");
         acks.done([&end]);
-        assert_eq!(tracker.acked(), 10);
-        tracker.confirm(1);
-        assert_eq!(tracker.acked(), 20);
+        assert_eq!(tracker.acked(), 20, "the empty commit follows its predecessor");
         assert!(tracker.is_drained());
         assert_eq!(acks.budget().available(), 1_000, "markers hold no budget");
+    }
+
+    #[test]
+    fn an_empty_commit_never_confirms_its_predecessors_markers() {
+        let tracker = AckTracker::new(0);
+        let mut feed = tracker.commit_feed();
+        tracker.commit(3, 100); // records 0..3
+        tracker.commit(3, 200); // no record (e.g. only uncaptured tables)
+        tracker.commit(3, 300); // no record either
+        assert_eq!(feed.try_recv().unwrap(), 3);
+        assert!(feed.try_recv().is_err());
+        tracker.complete([0, 1, 2]);
+        assert_eq!(
+            tracker.acked(),
+            0,
+            "the first transaction's end markers are not delivered yet"
+        );
+        tracker.confirm(3);
+        assert_eq!(tracker.acked(), 300);
+        tracker.commit(5, 400);
+        assert_eq!(feed.try_recv().unwrap(), 5, "later commits are announced");
     }
 
     #[tokio::test]
