@@ -283,3 +283,78 @@ async fn with_snapshot_never_an_added_table_streams_without_a_copy() -> Result<(
     pipeline.stop_gracefully().await?;
     Ok(())
 }
+
+/// A transaction that wrote to a table before start-up added the table to
+/// the publication and commits only after that: its rows are not decoded
+/// (they were written before the table was published), so the copy must
+/// wait for it to end before taking its snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_transaction_open_across_the_add_table_are_copied() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
+    )
+    .await?;
+    pipeline.stop_gracefully().await?;
+    set_tables(&pipeline.config.path, &["public.a", "public.b"])?;
+    let open = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    open.batch_execute(
+        "BEGIN; INSERT INTO b SELECT g, 'open across the ADD TABLE' FROM generate_series(1001, 1010) g",
+    )
+    .await?;
+    let commit_later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        open.batch_execute("COMMIT").await
+    });
+    pipeline.restart().await?;
+    commit_later.await??;
+    let all = settled(&pipeline).await?;
+    let logs = pipeline.tributary.logs();
+    ensure!(
+        logs.contains("copying tables added to source.tables"),
+        "the restart copies the added table:\n{logs}"
+    );
+    assert_tables_match(&pipeline, &all, &["public.b"]).await?;
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+/// A table another role creates while the connector streams (it may not
+/// add it to the publication): the stream goes on, the refusal is logged,
+/// and the other tables keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_role_may_not_publish_at_run_time_does_not_stop_the_stream() -> Result<()> {
+    let mut pipeline = Pipeline::start(
+        STREAM,
+        1,
+        SETUP,
+        "[source]\nsnapshot = \"initial\"\n[source.postgres]\ntable_refresh_secs = 1\n",
+    )
+    .await?;
+    pipeline
+        .pg
+        .superuser_client(DEFAULT_DATABASE)
+        .await?
+        .batch_execute(&format!(
+            "CREATE TABLE theirs (id int PRIMARY KEY); GRANT SELECT ON theirs TO {USER}"
+        ))
+        .await?;
+    pipeline
+        .tributary
+        .wait_for_log("are not captured yet", Duration::from_secs(30))
+        .await?;
+    pipeline
+        .pg
+        .execute("UPDATE a SET v = 'after the refusal' WHERE id <= 5")
+        .await?;
+    let records = settled(&pipeline).await?;
+    ensure!(
+        of(&records, "update", "a")?.len() == 5,
+        "the stream goes on:\n{}",
+        pipeline.tributary.logs()
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}

@@ -392,7 +392,10 @@ mod tests {
         tracker.commit(1, 10);
         tracker.commit(1, 20); // an empty transaction: nothing to confirm
         assert_eq!(feed.try_recv().unwrap(), 1);
-        assert!(feed.try_recv().is_err(), "the empty commit is not announced");
+        assert!(
+            feed.try_recv().is_err(),
+            "the empty commit is not announced"
+        );
         tracker.complete([0]);
         assert_eq!(tracker.acked(), 0, "record 0 is done, its markers are not");
         let group = crate::transaction::MarkerGroup::new(2, 1);
@@ -407,7 +410,11 @@ mod tests {
         acks.done([&begin, &end]);
         assert_eq!(tracker.acked(), 0, "one end marker is still undelivered");
         acks.done([&end]);
-        assert_eq!(tracker.acked(), 20, "the empty commit follows its predecessor");
+        assert_eq!(
+            tracker.acked(),
+            20,
+            "the empty commit follows its predecessor"
+        );
         assert!(tracker.is_drained());
         assert_eq!(acks.budget().available(), 1_000, "markers hold no budget");
     }

@@ -617,6 +617,7 @@ impl PostgresSource {
         PostgresError: From<W::Error>,
     {
         let reader = connect_sql(&self.cfg.connection).await?;
+        wait_for_older_transactions(&reader, OLDER_TRANSACTIONS_WAIT, keep).await?;
         snapshot::begin(&reader, None).await?;
         let major = resume.saturating_sub(1);
         let mut tx = snapshot_transaction(major);
@@ -716,7 +717,18 @@ impl PostgresSource {
         // In the publication first: every change committed after this is
         // streamed, and the copy below is read after it.
         let add = setup::add_to_publication(&self.side, &self.cfg.publication, &unpublished);
-        bounded(silence, "adding new tables to the publication", add).await??;
+        match bounded(silence, "adding new tables to the publication", add).await? {
+            Ok(()) => {}
+            // A table made by another role, or dropped since it was
+            // listed: the stream goes on and the next refresh tries again
+            // (at start-up the same refusal stops with the statement).
+            Err(PostgresError::Misconfigured { message, .. }) => {
+                warn!(tables = %display_all(&unpublished), error = %message,
+                      "new tables matching source.tables are not captured yet; retrying at the next refresh");
+                return Ok(true);
+            }
+            Err(err) => return Err(err),
+        }
         if self.cfg.snapshot {
             info!(tables = %display_all(&new), "snapshot: copying new tables matching source.tables");
             let copied = self
@@ -1023,6 +1035,63 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(true)
+}
+
+/// How long a copy of added tables waits for transactions older than the
+/// `ADD TABLE` (see [`wait_for_older_transactions`]).
+const OLDER_TRANSACTIONS_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (up to `limit`, running `keep`) until every transaction that was
+/// open when the tables were added to the publication has ended. Changes a
+/// transaction made to a table before the table was published are not
+/// decoded even when it commits later; once it has ended, the copy's
+/// snapshot, taken after this, holds them. Past `limit` it warns and goes
+/// on (a session left idle in a transaction must not stall the stream).
+async fn wait_for_older_transactions<W>(
+    client: &Client,
+    limit: Duration,
+    keep: &mut W,
+) -> Result<(), PostgresError>
+where
+    W: WhileWaiting,
+    PostgresError: From<W::Error>,
+{
+    let context = "waiting for transactions older than the new tables";
+    let horizon: String = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .map_err(PostgresError::query(context))?
+        .get(0);
+    let began: std::time::SystemTime = client
+        .query_one("SELECT statement_timestamp()", &[])
+        .await
+        .map_err(PostgresError::query(context))?
+        .get(0);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8, \
+                 (SELECT string_agg(pid::text, ', ') FROM pg_stat_activity \
+                  WHERE backend_xid IS NOT NULL AND xact_start < $2)",
+                &[&horizon, &began],
+            )
+            .await
+            .map_err(PostgresError::query(context))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let pids: Option<String> = row.get(1);
+            warn!(waited = ?limit, pids = pids.as_deref().unwrap_or("?"),
+                  "transactions older than the new tables are still open: rows they wrote to \
+                   those tables before the tables were published are not in the copy and are not \
+                   streamed (run `tributary verify` later, or re-snapshot the tables)");
+            return Ok(());
+        }
+        keep.tick().await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Sleeps until `when`, or forever without one.
