@@ -9,7 +9,8 @@
 //! crash before that copies it again at the next start: rows may come
 //! twice, none is missing.
 //!
-//! The file is JSON (`{"v":1,"tables":[["public","orders"],...]}`),
+//! The file is JSON (`{"v":1,"tables":[["public","orders"],...],
+//! "snapshot_end":[major,ordinal]}`),
 //! written to a temporary file, synced, then renamed over the old one: a
 //! reader sees the old set or the new one, never half of either.
 
@@ -25,12 +26,19 @@ pub type TableName = (String, String);
 pub struct CapturedTables {
     /// The tables, sorted.
     pub tables: BTreeSet<TableName>,
+    /// Where the last copy's rows ended: the major of their positions and
+    /// the ordinal state after its last row. A later copy at the same major
+    /// (nothing streamed in between) numbers its rows after it, so two
+    /// different rows never share a position, hence an id.
+    pub snapshot_end: Option<(u64, u32)>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredTables {
     v: u32,
     tables: Vec<TableName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot_end: Option<(u64, u32)>,
 }
 
 impl CapturedTables {
@@ -44,6 +52,7 @@ impl CapturedTables {
     pub fn new(tables: impl IntoIterator<Item = TableName>) -> Self {
         Self {
             tables: tables.into_iter().collect(),
+            snapshot_end: None,
         }
     }
 
@@ -64,7 +73,10 @@ impl CapturedTables {
                 ),
             )
         })?;
-        Ok(Some(Self::new(stored.tables)))
+        Ok(Some(Self {
+            snapshot_end: stored.snapshot_end,
+            ..Self::new(stored.tables)
+        }))
     }
 
     /// Writes the set atomically and durably.
@@ -77,6 +89,7 @@ impl CapturedTables {
         let stored = StoredTables {
             v: 1,
             tables: self.tables.iter().cloned().collect(),
+            snapshot_end: self.snapshot_end,
         };
         let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
         let mut tmp = path.as_os_str().to_owned();
@@ -98,6 +111,15 @@ impl CapturedTables {
         self.tables
             .iter()
             .any(|(s, t)| s.as_str() == schema && t.as_str() == table)
+    }
+
+    /// The ordinal state a copy at `major` starts from: after the last
+    /// copy's rows when that copy was at the same major, else `start`.
+    pub fn ordinal_after(&self, major: u64, start: u32) -> u32 {
+        match self.snapshot_end {
+            Some((last, next)) if last == major => next.max(start),
+            _ => start,
+        }
     }
 
     /// The tables of `current` that are not in the set, in order.
@@ -135,6 +157,20 @@ mod tests {
         let set = CapturedTables::new([name("public", "b"), name("public", "a.x")]);
         set.save(&path).unwrap();
         assert_eq!(CapturedTables::load(&path).unwrap(), Some(set.clone()));
+        let ended = CapturedTables {
+            snapshot_end: Some((41, 7)),
+            ..set.clone()
+        };
+        ended.save(&path).unwrap();
+        let loaded = CapturedTables::load(&path).unwrap().unwrap();
+        assert_eq!(loaded, ended);
+        assert_eq!(loaded.ordinal_after(41, 0), 7);
+        assert_eq!(
+            loaded.ordinal_after(42, 0),
+            0,
+            "another major starts afresh"
+        );
+        set.save(&path).unwrap();
         assert!(set.contains("public", "a.x"));
         assert!(!set.contains("public.a", "x"));
         let current = vec![name("public", "a.x"), name("public", "c")];

@@ -222,12 +222,13 @@ impl MysqlSource {
             // The snapshot copies every matching table and records them.
             return Ok(());
         }
-        let current = CapturedTables::new(self.matching_tables().await?);
+        let mut current = CapturedTables::new(self.matching_tables().await?);
         let stored =
             CapturedTables::load(&self.captured_path).map_err(|source| MysqlError::Offset {
                 path: self.captured_path.display().to_string(),
                 source,
             })?;
+        current.snapshot_end = stored.as_ref().and_then(|s| s.snapshot_end);
         let added: Vec<(String, String)> = match &stored {
             // First start without a snapshot, or a state kept by a version
             // without this file: every matching table streams already.
@@ -260,13 +261,16 @@ impl MysqlSource {
             }
             return Ok(());
         }
-        self.captured = CapturedTables::new(
-            stored
-                .unwrap_or_default()
-                .tables
-                .into_iter()
-                .filter(|t| current.tables.contains(t)),
-        );
+        self.captured = CapturedTables {
+            snapshot_end: current.snapshot_end,
+            ..CapturedTables::new(
+                stored
+                    .unwrap_or_default()
+                    .tables
+                    .into_iter()
+                    .filter(|t| current.tables.contains(t)),
+            )
+        };
         self.added = added;
         Ok(())
     }
@@ -281,7 +285,9 @@ impl MysqlSource {
     }
 
     /// Writes the set of captured tables to `[state] dir`.
-    fn save_captured(&mut self, captured: CapturedTables) -> Result<(), MysqlError> {
+    /// A set without [`CapturedTables::snapshot_end`] keeps the current one.
+    fn save_captured(&mut self, mut captured: CapturedTables) -> Result<(), MysqlError> {
+        captured.snapshot_end = captured.snapshot_end.or(self.captured.snapshot_end);
         captured
             .save(&self.captured_path)
             .map_err(|source| MysqlError::Offset {
@@ -508,7 +514,10 @@ impl MysqlSource {
         copy.tx.major = progress
             .as_ref()
             .map_or(mark.saturating_sub(1), |p| p.major);
-        copy.tx.ordinal = progress.as_ref().map_or(0, |p| p.ordinal);
+        copy.tx.ordinal = progress.as_ref().map_or_else(
+            || self.captured.ordinal_after(copy.tx.major, 0),
+            |p| p.ordinal,
+        );
         copy.tx.meta.commit_ts = None;
         let mut total = 0usize;
         for (id, (db, table)) in (0u64..).zip(tables) {
@@ -543,6 +552,7 @@ impl MysqlSource {
                 None => return Ok(None),
             }
         }
+        self.captured.snapshot_end = Some((copy.tx.major, copy.tx.ordinal));
         reader
             .query_drop("COMMIT")
             .await

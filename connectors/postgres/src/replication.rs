@@ -202,8 +202,9 @@ impl PostgresSource {
             // The snapshot copies every matching table and records them.
             return Ok(());
         }
-        let current = CapturedTables::new(self.report.matching.iter().cloned());
+        let mut current = CapturedTables::new(self.report.matching.iter().cloned());
         let stored = CapturedTables::load(&self.captured_path).map_err(state_error)?;
+        current.snapshot_end = stored.as_ref().and_then(|s| s.snapshot_end);
         // New to the stream: matching tables not recorded (none without a
         // record: a state kept by a version without it), and tables the
         // publication lacked until now. A slot made just now (without a
@@ -239,13 +240,16 @@ impl PostgresSource {
             return Ok(());
         }
         // The set keeps the tables still matching until the copy is done.
-        self.captured = CapturedTables::new(
-            stored
-                .unwrap_or_default()
-                .tables
-                .into_iter()
-                .filter(|t| current.tables.contains(t)),
-        );
+        self.captured = CapturedTables {
+            snapshot_end: current.snapshot_end,
+            ..CapturedTables::new(
+                stored
+                    .unwrap_or_default()
+                    .tables
+                    .into_iter()
+                    .filter(|t| current.tables.contains(t)),
+            )
+        };
         self.added = added;
         Ok(())
     }
@@ -342,7 +346,6 @@ impl PostgresSource {
                 .stop_when(shutdown.clone(), drain_timeout),
             captured_at: tributary_envelope::time::now(),
             read_end: 0,
-            last_snapshot: None,
         };
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut state, &shutdown).await?
@@ -479,6 +482,7 @@ impl PostgresSource {
             copy.persist_with(st.emitter.tracker())?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.captured.snapshot_end = Some((copy.tx.commit_lsn, copy.tx.ordinal));
         if !self.cfg.snapshot_only {
             self.save_captured(CapturedTables::new(self.report.matching.clone()))?;
         }
@@ -623,11 +627,7 @@ impl PostgresSource {
         let mut tx = snapshot_transaction(major);
         // Two copies at one position (nothing streamed between them) do
         // not reuse ordinals, so every row keeps its own id.
-        if let Some((last_major, next)) = st.last_snapshot
-            && last_major == major
-        {
-            tx.ordinal = next;
-        }
+        tx.ordinal = self.captured.ordinal_after(major, 0);
         st.captured_at = tributary_envelope::time::now();
         // No ledger: an added table interrupted is copied whole again.
         let mut copy = SnapshotCopy {
@@ -655,7 +655,7 @@ impl PostgresSource {
                 break;
             }
         }
-        st.last_snapshot = Some((major, copy.tx.ordinal));
+        self.captured.snapshot_end = Some((major, copy.tx.ordinal));
         // The rows are acknowledged with the position the stream has
         // reached: nothing beyond it.
         st.emitter.commit_waiting(resume, keep).await?;
@@ -670,7 +670,9 @@ impl PostgresSource {
     }
 
     /// Writes the set of captured tables to `[state] dir`.
-    fn save_captured(&mut self, captured: CapturedTables) -> Result<(), PostgresError> {
+    /// A set without [`CapturedTables::snapshot_end`] keeps the current one.
+    fn save_captured(&mut self, mut captured: CapturedTables) -> Result<(), PostgresError> {
+        captured.snapshot_end = captured.snapshot_end.or(self.captured.snapshot_end);
         captured.save(&self.captured_path).map_err(|e| {
             PostgresError::Setup(format!(
                 "cannot write {}: {e}",
@@ -1293,8 +1295,6 @@ struct RunState {
     /// the WAL end of a keepalive that came with nothing open. Every change
     /// sent so far has a position below it, every later one at or above.
     read_end: u64,
-    /// The major of the last copy of tables and its next ordinal.
-    last_snapshot: Option<(u64, u32)>,
 }
 
 /// Keeps the replication connection alive while the pipeline makes the
