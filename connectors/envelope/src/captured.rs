@@ -122,6 +122,22 @@ impl CapturedTables {
         }
     }
 
+    /// The stored tables that are still in `current` (the set a source
+    /// keeps while it copies the tables new to it), with `current`'s
+    /// snapshot end.
+    pub fn still_current(stored: Option<Self>, current: &Self) -> Self {
+        Self {
+            snapshot_end: current.snapshot_end,
+            ..Self::new(
+                stored
+                    .unwrap_or_default()
+                    .tables
+                    .into_iter()
+                    .filter(|t| current.tables.contains(t)),
+            )
+        }
+    }
+
     /// The tables of `current` that are not in the set, in order.
     pub fn missing<'a>(&self, current: &'a [TableName]) -> Vec<&'a TableName> {
         current

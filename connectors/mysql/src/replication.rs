@@ -261,16 +261,7 @@ impl MysqlSource {
             }
             return Ok(());
         }
-        self.captured = CapturedTables {
-            snapshot_end: current.snapshot_end,
-            ..CapturedTables::new(
-                stored
-                    .unwrap_or_default()
-                    .tables
-                    .into_iter()
-                    .filter(|t| current.tables.contains(t)),
-            )
-        };
+        self.captured = CapturedTables::still_current(stored, &current);
         self.added = added;
         Ok(())
     }

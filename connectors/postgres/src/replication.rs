@@ -240,16 +240,7 @@ impl PostgresSource {
             return Ok(());
         }
         // The set keeps the tables still matching until the copy is done.
-        self.captured = CapturedTables {
-            snapshot_end: current.snapshot_end,
-            ..CapturedTables::new(
-                stored
-                    .unwrap_or_default()
-                    .tables
-                    .into_iter()
-                    .filter(|t| current.tables.contains(t)),
-            )
-        };
+        self.captured = CapturedTables::still_current(stored, &current);
         self.added = added;
         Ok(())
     }
