@@ -371,3 +371,21 @@ async fn a_table_the_role_may_not_publish_at_run_time_does_not_stop_the_stream()
     pipeline.stop_gracefully().await?;
     Ok(())
 }
+
+/// `[state] dir` lost while the slot stays (a container without a volume):
+/// start-up cannot know whether a snapshot was finished, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_state_dir_with_a_kept_slot_is_warned_about() -> Result<()> {
+    let mut pipeline =
+        Pipeline::start(STREAM, 1, SETUP, "[source]\nsnapshot = \"initial\"\n").await?;
+    pipeline.stop_gracefully().await?;
+    std::fs::remove_dir_all(&pipeline.config.state_dir)?;
+    pipeline.restart().await?;
+    let logs = pipeline.tributary.logs();
+    ensure!(
+        logs.contains("the slot exists but [state] dir holds no record"),
+        "start-up warns:\n{logs}"
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}

@@ -205,6 +205,13 @@ impl PostgresSource {
         let mut current = CapturedTables::new(self.report.matching.iter().cloned());
         let stored = CapturedTables::load(&self.captured_path).map_err(state_error)?;
         current.snapshot_end = stored.as_ref().and_then(|s| s.snapshot_end);
+        if stored.is_none() && !self.report.slot_created && self.cfg.snapshot {
+            warn!(slot = %self.cfg.slot, state = %self.captured_path.display(),
+                  "the slot exists but [state] dir holds no record of this connector's tables: \
+                   if it was lost (a container without a volume) while a snapshot was unfinished, \
+                   the rows it had not copied are missing from the stream; drop the slot \
+                   (tributary slots drop) to take the snapshot again");
+        }
         // New to the stream: matching tables not recorded (none without a
         // record: a state kept by a version without it), and tables the
         // publication lacked until now. A slot made just now (without a
