@@ -189,6 +189,10 @@ async fn slots_lists_with_lag_and_drop_refuses_an_active_slot() -> anyhow::Resul
     let path = config.path.to_str().expect("utf-8 path");
 
     let mut run = TributaryProcess::run(&config.path, &[])?;
+    // The snapshot's exporting connection holds the slot too, and lets it
+    // go a moment before streaming takes it: wait for the stream.
+    run.wait_for_log("streaming changes from postgres", Duration::from_secs(30))
+        .await?;
     pg.wait_for_active_slot(SLOT, Duration::from_secs(30))
         .await?;
     let (code, list, stderr) = tributary(&["slots", "list", "-c", path], dir.path());
