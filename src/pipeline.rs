@@ -165,12 +165,23 @@ async fn run_source<S: Source>(
     let drain = Duration::from_secs(settings.sink.drain_timeout_secs);
     let overdue = stop_overdue(shutdown_rx.clone(), drain);
     tokio::pin!(overdue);
+    let (connected, mut connected_rx) = watch::channel(true);
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            while connected_rx.changed().await.is_ok() {
+                let now = *connected_rx.borrow_and_update();
+                health.set_source(now);
+            }
+        });
+    }
     let ctx = SourceContext {
         out: tx,
         tracker: tracker.clone(),
         budget,
         shutdown: shutdown_rx,
         drain_timeout: drain,
+        connected,
     };
     let mut source = tokio::spawn(source.run(ctx));
 

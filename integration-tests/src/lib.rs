@@ -33,6 +33,7 @@
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
+//! - `http_probe.rs`: `GET` on the connector's HTTP endpoints.
 //! - `tls.rs`: [`TestCerts`], a throwaway CA and server certificate for
 //!   the servers' TLS (`Postgres::start_with_tls`, `Mariadb::start_with`
 //!   and its `--ssl-*` flags).
@@ -42,6 +43,7 @@
 
 mod config;
 pub mod consumer;
+pub mod http_probe;
 mod kinesalite;
 mod kinesis_faults;
 mod mariadb;

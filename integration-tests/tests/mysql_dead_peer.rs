@@ -6,12 +6,14 @@
 //! dead twice that after the last word heard, keep reconnecting with
 //! backoff while the partition lasts (each connect bounded), and once it
 //! heals deliver every row committed before, during and after it.
+//! `/readyz` answers 503 (source not connected) while it lasts.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use tributary_integration_tests::http_probe::wait_status;
 use tributary_integration_tests::{
     DEFAULT_DATABASE, FaultProxy, MYSQL_PASSWORD, MYSQL_USER, Mariadb, MysqlPipeline,
 };
@@ -52,6 +54,8 @@ async fn a_silent_partition_is_detected_within_twice_the_heartbeat_and_nothing_i
         .await?;
     insert(&pipeline.db, 1, 100).await?;
     pipeline.settled(STREAM, Duration::from_secs(30)).await?;
+    let http = pipeline.config.http_addr;
+    wait_status(http, "/readyz", 200, Duration::from_secs(10)).await?;
     // Quiet and healthy: the server's heartbeats keep a live session
     // from being taken for dead.
     tokio::time::sleep(Duration::from_secs(HEARTBEAT_SECS * 4)).await;
@@ -78,7 +82,13 @@ async fn a_silent_partition_is_detected_within_twice_the_heartbeat_and_nothing_i
         detected >= deadline / 2,
         "detected before the deadline could pass ({detected:?})"
     );
-    // Reconnects fail while it lasts and the process keeps running.
+    // Reconnects fail while it lasts, the process keeps running, and
+    // /readyz says the source is not connected.
+    let not_ready = wait_status(http, "/readyz", 503, Duration::from_secs(5)).await?;
+    assert!(
+        not_ready.contains("\"source_connected\":false"),
+        "{not_ready}"
+    );
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         pipeline.tributary.try_exit()?.is_none(),
@@ -91,6 +101,7 @@ async fn a_silent_partition_is_detected_within_twice_the_heartbeat_and_nothing_i
     proxy.resume();
     insert(&pipeline.db, 301, 400).await?;
     let records = pipeline.settled(STREAM, Duration::from_secs(60)).await?;
+    wait_status(http, "/readyz", 200, Duration::from_secs(10)).await?;
     let mut ids = BTreeSet::new();
     for record in &records {
         let envelope: serde_json::Value = serde_json::from_slice(&record.data)?;

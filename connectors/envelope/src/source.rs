@@ -57,6 +57,10 @@ pub struct SourceContext {
     pub shutdown: watch::Receiver<bool>,
     /// How long a graceful stop waits for in-flight records.
     pub drain_timeout: Duration,
+    /// Whether the source is connected to its server (`/readyz`): a source
+    /// that reconnects sets it false when a session fails and true once a
+    /// new one streams.
+    pub connected: watch::Sender<bool>,
 }
 
 /// What a source's error must tell the pipeline.

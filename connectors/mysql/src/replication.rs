@@ -346,6 +346,7 @@ impl MysqlSource {
             budget,
             mut shutdown,
             drain_timeout,
+            connected,
         } = ctx;
         let mut st = State {
             emitter: Emitter::new(out, tracker, budget, self.cfg.batch_records)
@@ -361,6 +362,7 @@ impl MysqlSource {
             saved: self.start.clone(),
             saved_at: Instant::now(),
             pending: VecDeque::new(),
+            connected,
         };
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut st, &shutdown).await?
@@ -383,6 +385,7 @@ impl MysqlSource {
             match self.session(&mut st, &mut shutdown, drain_timeout).await {
                 Ok(stopped) => return Ok(stopped),
                 Err(err) if err.is_transient() && !*shutdown.borrow() => {
+                    st.connected.send_replace(false);
                     if began.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_millis(200);
                     }
@@ -610,6 +613,7 @@ impl MysqlSource {
     ) -> Result<Stopped, MysqlError> {
         let from = st.read_to.clone();
         let mut stream = self.open_stream(&from).await?;
+        st.connected.send_replace(true);
         info!(server = %describe(&self.cfg), file = %from.file, pos = from.pos,
               server_id = self.cfg.server_id, "streaming changes from mysql");
         let mut reader = Reader {
@@ -1116,6 +1120,8 @@ struct State {
     saved_at: Instant,
     /// Transaction ends read but not yet acknowledged, in order.
     pending: VecDeque<(u64, Offset)>,
+    /// `/readyz`'s view of the binlog session.
+    connected: watch::Sender<bool>,
 }
 
 impl State {
