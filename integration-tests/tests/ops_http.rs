@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tributary_integration_tests::http_probe::{get, wait_status};
 use tributary_integration_tests::{FaultProxy, Servers};
 
