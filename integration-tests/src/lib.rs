@@ -70,7 +70,7 @@ pub use mysql_pipeline::MysqlPipeline;
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
 pub use postgres::{
-    DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, TLS_USER, USER,
+    CERT_USER, DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, TLS_USER, USER,
 };
 pub use process::{EMULATOR_AWS_ENV, TributaryProcess, tributary_bin};
 pub use proxy::FaultProxy;

@@ -35,6 +35,10 @@ pub const MD5_USER: &str = "tributary_md5";
 /// member of [`USER`]: a cluster started with
 /// [`Postgres::start_with_tls`] has it.
 pub const TLS_USER: &str = "tributary_tls";
+/// A role that must present a client certificate signed by the test CA
+/// whose CN is its name (`cert` in `pg_hba.conf`); a cluster started with
+/// [`Postgres::start_with_tls`] has it.
+pub const CERT_USER: &str = "tributary_cert";
 
 /// Where Debian's PostgreSQL 15 server binaries live. `TRIBUTARY_PG_BIN`
 /// overrides it.
@@ -133,10 +137,11 @@ impl Postgres {
             pg.superuser_client("postgres")
                 .await?
                 .batch_execute(&format!(
-                    "CREATE ROLE {TLS_USER} WITH LOGIN REPLICATION IN ROLE {USER}"
+                    "CREATE ROLE {TLS_USER} WITH LOGIN REPLICATION IN ROLE {USER}; \
+                     CREATE ROLE {CERT_USER} WITH LOGIN REPLICATION IN ROLE {USER}"
                 ))
                 .await
-                .with_context(|| format!("creating role {TLS_USER}"))?;
+                .with_context(|| format!("creating roles {TLS_USER} and {CERT_USER}"))?;
         }
         Ok(pg)
     }
@@ -354,6 +359,11 @@ hostssl all tributary_tls 127.0.0.1/32 trust
 hostssl replication tributary_tls 127.0.0.1/32 trust
 hostnossl all tributary_tls 127.0.0.1/32 reject
 hostnossl replication tributary_tls 127.0.0.1/32 reject
+# CERT_USER: a client certificate (CN = the role) over TLS, nothing else
+hostssl all tributary_cert 127.0.0.1/32 cert
+hostssl replication tributary_cert 127.0.0.1/32 cert
+host all tributary_cert 127.0.0.1/32 reject
+host replication tributary_cert 127.0.0.1/32 reject
 local all all trust
 host all all 127.0.0.1/32 trust
 local replication all trust
@@ -371,19 +381,22 @@ host replication all 127.0.0.1/32 trust
         let data = self.data_dir();
         let (cert, key) = (data.join("server.crt"), data.join("server.key"));
         std::fs::copy(certs.server_cert(), &cert).context("copying the server certificate")?;
+        let ca = data.join("root.crt");
+        std::fs::copy(certs.ca(), &ca).context("copying the CA certificate")?;
         std::fs::copy(certs.server_key(), &key).context("copying the server key")?;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
         if self.as_os_user {
             let user = nix::unistd::User::from_name(OS_USER)?
                 .with_context(|| format!("no `{OS_USER}` OS account"))?;
-            for file in [&cert, &key] {
+            for file in [&cert, &key, &ca] {
                 std::os::unix::fs::chown(file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
                     .with_context(|| format!("chown {}", file.display()))?;
             }
         }
         append(
             &data.join("postgresql.conf"),
-            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             ssl_ca_file = 'root.crt'\n",
         )
     }
 

@@ -79,27 +79,70 @@ impl TestCerts {
                  keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
             ),
         )?;
+        certs.sign(
+            &certs.path("server.csr"),
+            &certs.path("leaf.ext"),
+            &certs.path("server.pem"),
+        )?;
+        for file in ["server.key", "ca.key"] {
+            set_mode(&certs.path(file), 0o644)?;
+        }
+        Ok(certs)
+    }
+
+    /// Makes a client certificate for `cn` (a role name) signed by the CA;
+    /// returns the certificate's and the key's paths (PEM).
+    pub fn client(&self, cn: &str) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key, csr, ext) = (
+            self.path(&format!("{cn}.pem")),
+            self.path(&format!("{cn}.key")),
+            self.path(&format!("{cn}.csr")),
+            self.path(&format!("{cn}.ext")),
+        );
+        let s = |p: &Path| p.display().to_string();
+        openssl(&[
+            "req",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
+            "-subj",
+            &format!("/CN={cn}"),
+        ])?;
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        )?;
+        self.sign(&csr, &ext, &cert)?;
+        Ok((cert, key))
+    }
+
+    /// Signs the request `csr` with the CA, with the extensions in `ext`.
+    fn sign(&self, csr: &Path, ext: &Path, out: &Path) -> Result<()> {
+        let s = |p: &Path| p.display().to_string();
         openssl(&[
             "x509",
             "-req",
             "-days",
             "2",
             "-in",
-            &p("server.csr"),
+            &s(csr),
             "-CA",
-            &p("ca.pem"),
+            &s(&self.ca()),
             "-CAkey",
-            &p("ca.key"),
+            &s(&self.path("ca.key")),
             "-CAcreateserial",
             "-extfile",
-            &p("leaf.ext"),
+            &s(ext),
             "-out",
-            &p("server.pem"),
-        ])?;
-        for file in ["server.key", "ca.key"] {
-            set_mode(&certs.path(file), 0o644)?;
-        }
-        Ok(certs)
+            &s(out),
+        ])
     }
 
     /// The CA's certificate (PEM): what `sslrootcert=` names.

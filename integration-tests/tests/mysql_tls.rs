@@ -3,7 +3,8 @@
 //! connection tributary opens (queries and the binlog stream) must be TLS
 //! for the run to work at all:
 //! - `ssl-mode=VERIFY_IDENTITY&ssl-ca=` (the MySQL client's spelling) with
-//!   the right CA streams a change to Kinesis;
+//!   the right CA streams a change to Kinesis, and with `ssl-cert`/`ssl-key`
+//!   too once the user must show a client certificate (`REQUIRE X509`);
 //! - `sslmode=verify-full&sslrootcert=` (libpq's spelling) with another CA
 //!   stops start-up with a message that names the parameter and what
 //!   failed;
@@ -91,6 +92,49 @@ async fn verify_identity_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_u
     let envelope: serde_json::Value = serde_json::from_slice(&records[0].data)?;
     assert_eq!(envelope["after"]["v"], "over tls", "{envelope}");
     pipeline.stop_gracefully().await?;
+
+    // A user that must show a client certificate (REQUIRE X509): refused
+    // without one, streaming with `ssl-cert`/`ssl-key`.
+    let mut root = pipeline.db.root().await?;
+    root.query_drop(format!(
+        "ALTER USER '{MYSQL_USER}'@'127.0.0.1' REQUIRE X509"
+    ))
+    .await?;
+    root.disconnect().await?;
+    fails_at_start(&pipeline, &pipeline.db, &good, "Access denied").await?;
+    let (cert, key) = certs.client(MYSQL_USER)?;
+    let with_cert = format!(
+        "{good}&ssl-cert={}&ssl-key={}",
+        cert.display(),
+        key.display()
+    );
+    let dir = tempfile::tempdir()?;
+    let extra = format!("[source]\nurl = \"{with_cert}\"\n");
+    let config = write_mysql_config(dir.path(), &pipeline.db, &pipeline.kin, STREAM, &extra)?;
+    let mut tributary = TributaryProcess::run(&config.path, &[])?;
+    tributary
+        .wait_for_log("streaming changes from mysql", Duration::from_secs(30))
+        .await?;
+    pipeline
+        .db
+        .execute("INSERT INTO items VALUES (2, 'with a client certificate')")
+        .await?;
+    let records = pipeline
+        .wait_for_records(STREAM, 2, Duration::from_secs(30))
+        .await
+        .with_context(|| tributary.logs())?;
+    assert!(
+        records
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.data).contains("with a client certificate")),
+        "{}",
+        tributary.logs()
+    );
+    tributary.stop_gracefully(Duration::from_secs(30)).await?;
+    let mut root = pipeline.db.root().await?;
+    root.query_drop(format!("ALTER USER '{MYSQL_USER}'@'127.0.0.1' REQUIRE SSL"))
+        .await?;
+    root.disconnect().await?;
 
     // A CA that did not sign the server's certificate.
     let wrong = url(

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, Postgres, SLOT, Servers, TLS_USER, TestCerts, TributaryProcess, write_config,
+    CERT_USER, DEFAULT_DATABASE, Postgres, SLOT, Servers, TLS_USER, TestCerts, TributaryProcess,
+    write_config,
 };
 
 const STREAM: &str = "tls-cdc";
@@ -33,13 +34,9 @@ async fn fails_at_start(servers: &Servers, url: &str, needle: &str) -> Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() -> Result<()> {
-    // The leaf names `localhost` only: connecting to 127.0.0.1 is a name
-    // mismatch that verify-full refuses and verify-ca accepts.
-    let certs = TestCerts::generate_for("tributary test CA", "DNS:localhost")?;
-    let other = TestCerts::generate("some other CA")?;
-    let pg = Postgres::start_with_tls(&certs).await?;
+/// A TLS PostgreSQL with `certs` and kinesalite; the server's port.
+async fn tls_servers(certs: &TestCerts) -> Result<(Servers, u16)> {
+    let pg = Postgres::start_with_tls(certs).await?;
     let port = pg.port();
     let servers = Servers::start_with(
         pg,
@@ -48,6 +45,46 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
         "CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL)",
     )
     .await?;
+    Ok((servers, port))
+}
+
+/// Runs the pipeline with `url`, inserts a row with `v` and checks that
+/// it reaches the stream; the running process.
+async fn streams_one_row(
+    servers: &Servers,
+    dir: &std::path::Path,
+    url: &str,
+    v: &str,
+) -> Result<TributaryProcess> {
+    let extra = format!("[source]\nurl = \"{url}\"\n");
+    let config = write_config(dir, &servers.pg, &servers.kin, STREAM, &extra)?;
+    let mut tributary = TributaryProcess::run(&config.path, &[])?;
+    tributary
+        .wait_streaming(&servers.pg, SLOT, Duration::from_secs(30))
+        .await
+        .with_context(|| tributary.logs())?;
+    let before = servers.kin.read_all(STREAM).await?.len();
+    servers
+        .pg
+        .execute(&format!("INSERT INTO items VALUES ({}, '{v}')", before + 1))
+        .await?;
+    let records = servers
+        .kin
+        .wait_for_records(STREAM, before + 1, Duration::from_secs(30))
+        .await
+        .with_context(|| tributary.logs())?;
+    let envelope: serde_json::Value = serde_json::from_slice(&records[before].data)?;
+    anyhow::ensure!(envelope["after"]["v"] == v, "{envelope}");
+    Ok(tributary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() -> Result<()> {
+    // The leaf names `localhost` only: connecting to 127.0.0.1 is a name
+    // mismatch that verify-full refuses and verify-ca accepts.
+    let certs = TestCerts::generate_for("tributary test CA", "DNS:localhost")?;
+    let other = TestCerts::generate("some other CA")?;
+    let (servers, port) = tls_servers(&certs).await?;
     let url_to = |host: &str, mode: &str, ca: &std::path::Path| {
         format!(
             "postgres://{TLS_USER}@{host}:{port}/{DEFAULT_DATABASE}\
@@ -92,23 +129,8 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
 
     // The right CA: the whole pipeline runs over TLS.
     let dir = tempfile::tempdir()?;
-    let extra = format!("[source]\nurl = \"{}\"\n", url(&certs.ca()));
-    let config = write_config(dir.path(), &servers.pg, &servers.kin, STREAM, &extra)?;
-    let mut tributary = TributaryProcess::run(&config.path, &[])?;
-    tributary
-        .wait_streaming(&servers.pg, SLOT, Duration::from_secs(30))
-        .await?;
-    servers
-        .pg
-        .execute("INSERT INTO items VALUES (1, 'over tls')")
-        .await?;
-    let records = servers
-        .kin
-        .wait_for_records(STREAM, 1, Duration::from_secs(30))
-        .await
-        .with_context(|| tributary.logs())?;
-    let envelope: serde_json::Value = serde_json::from_slice(&records[0].data)?;
-    assert_eq!(envelope["after"]["v"], "over tls", "{envelope}");
+    let mut tributary =
+        streams_one_row(&servers, dir.path(), &url(&certs.ca()), "over tls").await?;
     let admin = servers.pg.superuser_client(DEFAULT_DATABASE).await?;
     let walsender_ssl: bool = admin
         .query_one(
@@ -152,5 +174,31 @@ async fn verify_full_streams_over_tls_and_a_wrong_ca_or_no_tls_stops_start_up() 
         "the server does not accept TLS connections, and sslmode=require asks for TLS",
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_logs_in_where_the_server_asks_for_one() -> Result<()> {
+    let certs = TestCerts::generate("tributary test CA")?;
+    let (cert, key) = certs.client(CERT_USER)?;
+    let (servers, port) = tls_servers(&certs).await?;
+    let base = format!(
+        "postgres://{CERT_USER}@127.0.0.1:{port}/{DEFAULT_DATABASE}\
+         ?sslmode=verify-full&sslrootcert={}",
+        certs.ca().display()
+    );
+    // Without a certificate the server refuses the role.
+    fails_at_start(
+        &servers,
+        &base,
+        "connection requires a valid client certificate",
+    )
+    .await?;
+    // With it the whole pipeline runs, replication included.
+    let url = format!("{base}&sslcert={}&sslkey={}", cert.display(), key.display());
+    let dir = tempfile::tempdir()?;
+    let mut tributary =
+        streams_one_row(&servers, dir.path(), &url, "with a client certificate").await?;
+    tributary.stop_gracefully(Duration::from_secs(30)).await?;
     Ok(())
 }
