@@ -55,6 +55,9 @@ pub struct TableRows {
     /// Column name hash of each slot.
     columns: Vec<u64>,
     rows: HashMap<Box<str>, Row>,
+    /// Keys a delete or truncate removed (kept only for `verify --since`:
+    /// the replay saw them).
+    deleted: HashSet<Box<str>>,
 }
 
 impl TableRows {
@@ -119,6 +122,12 @@ impl TableRows {
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Whether the replay saw `key`: it holds a row under it, or (when
+    /// [`Replica::keep_deleted_keys`]) removed one.
+    pub fn saw(&self, key: &str) -> bool {
+        self.rows.contains_key(key) || self.deleted.contains(key)
     }
 
     /// Whether a row is held under `key`.
@@ -237,6 +246,8 @@ pub struct Replica {
     pub skipped: u64,
     /// Only these tables are kept (all when empty).
     wanted: HashSet<String>,
+    /// Whether keys removed by a delete or truncate are remembered.
+    keep_deleted: bool,
 }
 
 impl Replica {
@@ -255,8 +266,14 @@ impl Replica {
         let rows = self.tables.entry(change.table).or_default();
         // A key change: the row leaves its old key (and lends the values
         // of its unchanged columns to the new one).
+        let keep_deleted = self.keep_deleted;
         let moved = match &change.old_key {
-            Some(old) if change.op == "update" => rows.rows.remove(old.as_str()),
+            Some(old) if change.op == "update" => {
+                if keep_deleted {
+                    rows.deleted.insert(old.as_str().into());
+                }
+                rows.rows.remove(old.as_str())
+            }
             _ => None,
         };
         match change.op.as_str() {
@@ -274,6 +291,9 @@ impl Replica {
                         values[slot] = previous.value(slot);
                     }
                 }
+                if keep_deleted {
+                    rows.deleted.remove(change.key.as_str());
+                }
                 rows.rows.insert(
                     change.key.into_boxed_str(),
                     Row {
@@ -284,8 +304,20 @@ impl Replica {
             }
             "delete" => {
                 rows.remove(&change.key);
+                if keep_deleted {
+                    rows.deleted.insert(change.key.into_boxed_str());
+                }
             }
-            "truncate" => rows.rows.retain(|_, row| row.shard != shard),
+            "truncate" => {
+                let deleted = &mut rows.deleted;
+                rows.rows.retain(|key, row| {
+                    let stays = row.shard != shard;
+                    if !stays && keep_deleted {
+                        deleted.insert(key.clone());
+                    }
+                    stays
+                });
+            }
             // Ops a later envelope version may add change no row.
             _ => {}
         }
@@ -297,6 +329,13 @@ impl Replica {
             wanted,
             ..Self::default()
         }
+    }
+
+    /// Remembers the keys deletes and truncates remove (see
+    /// [`TableRows::saw`]), for a replay that does not start at the
+    /// stream's beginning.
+    pub fn keep_deleted_keys(&mut self, keep: bool) {
+        self.keep_deleted = keep;
     }
 
     fn shard_index(&mut self, shard: &str) -> u32 {
