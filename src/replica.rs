@@ -469,4 +469,33 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(keys, ["{\"id\":2}", "{\"id\":3}"]);
     }
+
+    #[test]
+    fn keys_removed_by_deletes_and_truncates_are_remembered_when_asked() {
+        let truncate = json!({"op": "truncate", "source": {"schema": "public", "table": "t"}});
+        for keep in [false, true] {
+            let mut replica = Replica::default();
+            replica.keep_deleted_keys(keep);
+            replica.apply("a", &envelope("insert", 1, Some(json!({"id": 1}))));
+            replica.apply("a", &envelope("delete", 1, None));
+            replica.apply("a", &envelope("insert", 2, Some(json!({"id": 2}))));
+            replica.apply("a", truncate.to_string().as_bytes());
+            replica.apply("b", &envelope("delete", 3, None));
+            replica.apply("b", &envelope("insert", 3, Some(json!({"id": 3}))));
+            let rows = replica.take_table("public.t");
+            assert_eq!(rows.len(), 1);
+            for (key, removed) in [
+                ("{\"id\":1}", true),
+                ("{\"id\":2}", true),
+                ("{\"id\":4}", false),
+            ] {
+                assert_eq!(rows.saw(key), keep && removed, "{key}, keep {keep}");
+            }
+            assert!(
+                rows.saw("{\"id\":3}"),
+                "a key set again after its delete is held"
+            );
+            assert_eq!(rows.keys().count(), 1, "removed keys are not rows");
+        }
+    }
 }

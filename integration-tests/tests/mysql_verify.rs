@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use aws_sdk_kinesis::primitives::{DateTime, DateTimeFormat};
 use mysql_async::prelude::Queryable as _;
 use serde_json::{Value, json};
 use tributary_integration_tests::verify_report::{
@@ -28,6 +29,23 @@ CREATE TABLE pairs (a VARCHAR(10), b INT, note TEXT, PRIMARY KEY (a, b));
 /// Runs `tributary verify` with `args`; its exit code, stdout and logs.
 async fn verify(pipeline: &MysqlPipeline, args: &[&str]) -> Result<VerifyOutcome> {
     run_verify(&pipeline.config.path, pipeline.dir.path(), &[], args).await
+}
+
+/// Moves the stored offset to the binlog's end: the changes up to there
+/// never reach the stream (run while the connector is stopped).
+async fn skip_to_binlog_end(pipeline: &MysqlPipeline) -> Result<()> {
+    let (file, pos) = pipeline.db.binlog_position().await?;
+    let mut offset = format!("file={file}\npos={pos}\n");
+    if pipeline
+        .stored_offset()
+        .is_some_and(|o| o.contains("gtid="))
+    {
+        let mut conn = pipeline.db.root().await?;
+        let gtid: Option<String> = conn.query_first("SELECT @@gtid_binlog_pos").await?;
+        offset.push_str(&format!("gtid={}\n", gtid.unwrap_or_default()));
+    }
+    std::fs::write(pipeline.config.state_dir.join("shop.mysql-offset"), offset)?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,17 +95,7 @@ async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> 
             "UPDATE shop.pairs SET note = 'lost' WHERE a = 'after' AND b = 2",
         ])
         .await?;
-    let (file, pos) = pipeline.db.binlog_position().await?;
-    let mut offset = format!("file={file}\npos={pos}\n");
-    if pipeline
-        .stored_offset()
-        .is_some_and(|o| o.contains("gtid="))
-    {
-        let mut conn = pipeline.db.root().await?;
-        let gtid: Option<String> = conn.query_first("SELECT @@gtid_binlog_pos").await?;
-        offset.push_str(&format!("gtid={}\n", gtid.unwrap_or_default()));
-    }
-    std::fs::write(pipeline.config.state_dir.join("shop.mysql-offset"), offset)?;
+    skip_to_binlog_end(&pipeline).await?;
     pipeline.restart().await?;
     pipeline
         .db
@@ -125,6 +133,97 @@ async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> 
     assert!(
         stdout.contains(r#"shop.items: missing from the stream: {"id":5000}"#),
         "{stdout}"
+    );
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+/// `verify --since`: the replay starts at a time; only keys changed since
+/// are compared, the others are counted as not compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_since_compares_only_the_keys_changed_since() -> Result<()> {
+    let mut pipeline = MysqlPipeline::start(
+        STREAM,
+        2,
+        "CREATE TABLE kv (id INT PRIMARY KEY, v INT)",
+        FAST_QUOTA,
+    )
+    .await?;
+    pipeline
+        .db
+        .execute(
+            "INSERT INTO shop.kv WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g \
+             WHERE i < 100) SELECT i, i FROM g",
+        )
+        .await?;
+    pipeline.settled(STREAM, WAIT).await?;
+    // Kinesis stamps records with its arrival time, in milliseconds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = DateTime::from(std::time::SystemTime::now()).fmt(DateTimeFormat::DateTime)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pipeline
+        .db
+        .execute_each(&[
+            "UPDATE shop.kv SET v = v + 1000 WHERE id <= 10",
+            "DELETE FROM shop.kv WHERE id = 11",
+            "INSERT INTO shop.kv VALUES (500, 500)",
+        ])
+        .await?;
+    pipeline.settled(STREAM, WAIT).await?;
+
+    let (code, stdout, logs) = verify(&pipeline, &["--json", "--since", &since]).await?;
+    assert_eq!(code, Some(0), "{stdout}\n{logs}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let kv = report_table(&report, "shop.kv");
+    assert_eq!(
+        (&kv["source_rows"], &kv["stream_rows"], &kv["not_compared"]),
+        (&json!(100), &json!(11), &json!(89)),
+        "{report:#}"
+    );
+    // Kinesis takes the time to the millisecond.
+    let echoed = report["since"].as_str().unwrap_or_default();
+    assert_eq!(echoed.get(..23), since.get(..23), "{report:#}");
+
+    // Lost: an update of a key changed since (compared), an update of a
+    // key not changed since (not compared), a delete of a key changed
+    // since, an insert of a key deleted since.
+    pipeline.stop_gracefully().await?;
+    pipeline
+        .db
+        .execute_each(&[
+            "UPDATE shop.kv SET v = -2 WHERE id = 2",
+            "UPDATE shop.kv SET v = -50 WHERE id = 50",
+            "DELETE FROM shop.kv WHERE id = 3",
+            // Deleted since: the replay saw the key, so it is compared.
+            "INSERT INTO shop.kv VALUES (11, 11)",
+        ])
+        .await?;
+    skip_to_binlog_end(&pipeline).await?;
+    pipeline.restart().await?;
+    let (code, stdout, logs) = verify(&pipeline, &["--json", "--since", &since]).await?;
+    assert_eq!(code, Some(1), "{stdout}\n{logs}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let kv = report_table(&report, "shop.kv");
+    assert_named(
+        kv,
+        &json!([{"id": 11}]),
+        &json!([{"id": 3}]),
+        &json!([{"key": {"id": 2}, "column": "v"}]),
+    );
+    assert_eq!(kv["not_compared"], 89, "{report:#}");
+    let (_, stdout, _) = verify(&pipeline, &["--since", &since]).await?;
+    assert!(
+        stdout.contains("shop.kv: 89 source rows not compared"),
+        "{stdout}"
+    );
+    // From the trim horizon, the key not changed since is compared too.
+    let (code, stdout, logs) = verify(&pipeline, &["--json"]).await?;
+    assert_eq!(code, Some(1), "{stdout}\n{logs}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(
+        report_table(&report, "shop.kv")["different_keys"],
+        json!([{"key": {"id": 2}, "column": "v"}, {"key": {"id": 50}, "column": "v"}]),
+        "{report:#}"
     );
     pipeline.stop_gracefully().await?;
     Ok(())
