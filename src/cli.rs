@@ -65,9 +65,11 @@ pub enum Command {
         /// a terminal), for reading by eye.
         #[arg(long)]
         pretty: bool,
-        /// Check every envelope against the envelope's JSON Schema: the
-        /// failures go to stderr with their ids, and the exit code is 1
-        /// when any envelope is invalid.
+        /// Check every envelope against the envelope's JSON Schema and,
+        /// when the config names a PostgreSQL source, its `after` and
+        /// `before` against the table's schema (as `schema --table`
+        /// prints it): the failures go to stderr with their ids, and the
+        /// exit code is 1 when any envelope is invalid.
         #[arg(long)]
         validate: bool,
     },
