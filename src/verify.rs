@@ -349,7 +349,7 @@ async fn first_read(
         report.not_compared = Some(not_compared);
     }
     // What is left in the replica and was not in the source: extra.
-    flagged.extend(rows.keys().cloned());
+    flagged.extend(rows.keys().map(Box::from));
     Ok((report, rows, flagged))
 }
 
