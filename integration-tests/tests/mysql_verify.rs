@@ -1,18 +1,21 @@
 //! `tributary verify` against a real MariaDB row binlog and kinesalite: a
-//! healthy pipeline matches (rows that reached the stream through the
+//! healthy pipeline (Kinesis refusing a fraction of the entries) matches (rows that reached the stream through the
 //! binlog compare byte for byte with the same rows read as the snapshot
 //! reads them); changes skipped by moving the offset forward are named.
 
 use std::time::Duration;
 
-use anyhow::Result;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use anyhow::{Result, ensure};
 use aws_sdk_kinesis::primitives::{DateTime, DateTimeFormat};
 use mysql_async::prelude::Queryable as _;
 use serde_json::{Value, json};
 use tributary_integration_tests::verify_report::{
     VerifyOutcome, assert_named, report_table, run_verify,
 };
-use tributary_integration_tests::{FAST_QUOTA, MysqlPipeline};
+use tributary_integration_tests::{FAST_QUOTA, Faults, KinesisFaults, MysqlPipeline};
 
 const STREAM: &str = "verify-mysql";
 const WAIT: Duration = Duration::from_secs(90);
@@ -28,7 +31,10 @@ CREATE TABLE pairs (a VARCHAR(10), b INT, note TEXT, PRIMARY KEY (a, b));
 
 /// Runs `tributary verify` with `args`; its exit code, stdout and logs.
 async fn verify(pipeline: &MysqlPipeline, args: &[&str]) -> Result<VerifyOutcome> {
-    run_verify(&pipeline.config.path, pipeline.dir.path(), &[], args).await
+    // verify reads kinesalite itself, not through a fault injector.
+    let endpoint = pipeline.kin.endpoint();
+    let env = [("TRIBUTARY__SINK__ENDPOINT_URL", endpoint.as_str())];
+    run_verify(&pipeline.config.path, pipeline.dir.path(), &env, args).await
 }
 
 /// Moves the stored offset to the binlog's end: the changes up to there
@@ -51,6 +57,19 @@ async fn skip_to_binlog_end(pipeline: &MysqlPipeline) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> Result<()> {
     let mut pipeline = MysqlPipeline::start(STREAM, 3, TABLES, FAST_QUOTA).await?;
+    // From here on the connector writes through a proxy that refuses a
+    // fraction of the entries and fails some calls.
+    pipeline.stop_gracefully().await?;
+    let kinesalite = SocketAddr::from((Ipv4Addr::LOCALHOST, pipeline.kin.port()));
+    let faults = KinesisFaults::start(kinesalite, Faults::rough(17)).await?;
+    let text = std::fs::read_to_string(&pipeline.config.path)?;
+    let through_proxy = text.replace(&pipeline.kin.endpoint(), &faults.endpoint());
+    ensure!(
+        through_proxy != text,
+        "the config names kinesalite's endpoint"
+    );
+    std::fs::write(&pipeline.config.path, through_proxy)?;
+    pipeline.restart().await?;
     pipeline
         .db
         .execute_each(&[
@@ -72,6 +91,8 @@ async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> 
         ])
         .await?;
     pipeline.settled(STREAM, WAIT).await?;
+    let refused = faults.counts().refused_entries.load(Ordering::Relaxed);
+    ensure!(refused > 0, "the fault injector refused no entry");
 
     let (code, stdout, logs) = verify(&pipeline, &["--json"]).await?;
     assert_eq!(code, Some(0), "{stdout}\n{logs}");
