@@ -49,6 +49,8 @@ use tributary_kinesis::{RecordVisitor, StartFrom};
 use crate::replica::{Change, Comparison, Replica, TableRows};
 use crate::settings::{ConfigError, SourceConfig, Validated};
 
+/// The `key` of an envelope of a table without a primary key.
+const NO_KEY: &str = "null";
 /// Keys shown per kind of difference.
 const SAMPLE_KEYS: usize = 10;
 /// How often progress goes to stderr during long reads.
@@ -64,8 +66,11 @@ struct TableReport {
     extra: Vec<String>,
     /// Key and the first column that differs.
     different: Vec<(String, String)>,
-    /// Source rows whose key the replay never saw (`--since` only).
+    /// Source rows whose key the replay never saw (`--since`), or every
+    /// row of a table without a primary key.
     not_compared: Option<u64>,
+    /// The table has no primary key: its rows cannot be matched by key.
+    no_key: bool,
 }
 
 impl TableReport {
@@ -90,6 +95,9 @@ impl TableReport {
         });
         if let Some(not_compared) = self.not_compared {
             document["not_compared"] = json!(not_compared);
+        }
+        if self.no_key {
+            document["no_key"] = json!(true);
         }
         document
     }
@@ -319,7 +327,8 @@ async fn scan(
 /// Compares `name` at the consistent point with its replayed `rows`:
 /// matching keys leave `rows`; returns the counts and the keys that differ.
 /// With `since`, source rows whose key the replay never saw are only
-/// counted.
+/// counted; so are the rows of a table without a primary key (`key` null:
+/// no key to match them by).
 async fn first_read(
     source: &mut impl TableSource,
     name: &str,
@@ -333,8 +342,12 @@ async fn first_read(
         ..TableReport::default()
     };
     let mut flagged = HashSet::new();
-    let mut not_compared = 0u64;
+    let (mut not_compared, mut keyless) = (0u64, 0u64);
     report.source_rows = scan(source, name, |change| {
+        if change.key == NO_KEY {
+            keyless += 1;
+            return;
+        }
         let Some(after) = change.after else { return };
         match rows.compare(&change.key, &after) {
             Comparison::Same => rows.remove(&change.key),
@@ -347,6 +360,14 @@ async fn first_read(
     .await?;
     if since {
         report.not_compared = Some(not_compared);
+    }
+    if keyless > 0 {
+        report.no_key = true;
+        report.not_compared = Some(not_compared + keyless);
+        if rows.contains_key(NO_KEY) {
+            rows.remove(NO_KEY);
+            report.stream_rows = report.stream_rows.saturating_sub(1);
+        }
     }
     // What is left in the replica and was not in the source: extra.
     flagged.extend(rows.keys().map(Box::from));
@@ -441,11 +462,12 @@ fn human(reports: &[TableReport]) -> String {
             );
         }
         if let Some(n) = r.not_compared.filter(|&n| n > 0) {
-            let _ = writeln!(
-                out,
-                "{}: {n} source rows not compared (no change since --since)",
-                r.table
-            );
+            let why = if r.no_key {
+                "the table has no primary key"
+            } else {
+                "no change since --since"
+            };
+            let _ = writeln!(out, "{}: {n} source rows not compared ({why})", r.table);
         }
         if !r.different.is_empty() {
             let sample = r

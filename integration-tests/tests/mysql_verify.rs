@@ -27,6 +27,7 @@ CREATE TABLE items (
     u BIGINT UNSIGNED, lat VARCHAR(10) CHARACTER SET latin1
 ) DEFAULT CHARSET = utf8mb4;
 CREATE TABLE pairs (a VARCHAR(10), b INT, note TEXT, PRIMARY KEY (a, b));
+CREATE TABLE logbook (msg VARCHAR(20), at INT);
 "#;
 
 /// Runs `tributary verify` with `args`; its exit code, stdout and logs.
@@ -88,6 +89,7 @@ async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> 
             "UPDATE shop.pairs SET b = b + 100 WHERE b < 5",
             "TRUNCATE TABLE shop.pairs",
             "INSERT INTO shop.pairs VALUES ('after', 1, 'x'), ('after', 2, NULL)",
+            "INSERT INTO shop.logbook VALUES ('a', 1), ('b', 2), ('b', 2)",
         ])
         .await?;
     pipeline.settled(STREAM, WAIT).await?;
@@ -103,6 +105,17 @@ async fn verify_matches_a_healthy_mysql_pipeline_and_names_skipped_changes() -> 
         assert_eq!(found["source_rows"], rows, "{found:#}");
         assert_eq!(found["stream_rows"], rows, "{found:#}");
     }
+    // A table without a primary key has no key to match rows by.
+    let logbook = report_table(&report, "shop.logbook");
+    assert_eq!(
+        (
+            &logbook["no_key"],
+            &logbook["not_compared"],
+            &logbook["match"]
+        ),
+        (&json!(true), &json!(3), &json!(true)),
+        "{logbook:#}"
+    );
 
     // Changes made while the connector is stopped, then skipped: the
     // offset is moved to the binlog's end.
