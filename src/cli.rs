@@ -65,9 +65,11 @@ pub enum Command {
         /// a terminal), for reading by eye.
         #[arg(long)]
         pretty: bool,
-        /// Check every envelope against the envelope's JSON Schema: the
-        /// failures go to stderr with their ids, and the exit code is 1
-        /// when any envelope is invalid.
+        /// Check every envelope against the envelope's JSON Schema and,
+        /// when the config names a PostgreSQL source, its `after` and
+        /// `before` against the table's schema (as `schema --table`
+        /// prints it): the failures go to stderr with their ids, and the
+        /// exit code is 1 when any envelope is invalid.
         #[arg(long)]
         validate: bool,
     },
@@ -82,25 +84,33 @@ pub enum Command {
         #[arg(long, value_name = "T")]
         table: String,
     },
-    /// Reconcile the source's tables with the stream (PostgreSQL).
+    /// Reconcile the source's tables with the stream (PostgreSQL, MySQL,
+    /// MariaDB).
     ///
     /// Replays every shard of the tables' streams from the trim horizon
-    /// with the consumer rules of docs/envelope.md and compares the result
-    /// with the tables read at one consistent point, per key: rows missing
-    /// from the stream, extra in it, or different (first differing
-    /// column). Exit 0 when they match, 1 when not, 2 for a bad
-    /// configuration. See docs/verify.md.
+    /// (or --since) with the consumer rules of docs/envelope.md and
+    /// compares the result with the tables read at one consistent point,
+    /// per key: rows missing from the stream, extra in it, or different
+    /// (first differing column). Exit 0 when they match, 1 when not, 2 for
+    /// a bad configuration. See docs/verify.md.
     Verify {
         #[command(flatten)]
         #[allow(missing_docs)]
         config: ConfigArg,
-        /// Only this table, `schema.table` (or `table` in `public`);
-        /// repeat for more. Default: every captured table.
+        /// Only this table, `schema.table` (or `table` in `public`; MySQL:
+        /// `db.table`, or `table` in the URL's database); repeat for more.
+        /// Default: every captured table.
         #[arg(long, value_name = "T")]
         table: Vec<String>,
         /// Print one JSON document instead (see docs/verify.md).
         #[arg(long)]
         json: bool,
+        /// Replay the stream from this time (RFC 3339 in UTC, e.g.
+        /// 2026-12-01T03:00:00Z; Kinesis AT_TIMESTAMP) instead of the trim
+        /// horizon. Only the keys the replay saw are compared: source rows
+        /// not changed since are counted as not compared.
+        #[arg(long, value_name = "TIME", value_parser = crate::verify::parse_since)]
+        since: Option<std::time::SystemTime>,
     },
     /// Check the source and the sink: one line per item (✓ ok, ! warning,
     /// ✗ problem, with the SQL or setting that fixes it).

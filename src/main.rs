@@ -94,7 +94,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             config,
             table,
             json,
-        } => verify::run(&load(&config)?, &table, json).await,
+            since,
+        } => {
+            let request = verify::Request {
+                tables: &table,
+                as_json: json,
+                since,
+            };
+            verify::run(&load(&config)?, request).await
+        }
         Command::Check { config, json } => Ok(check::run(&load(&config)?, json).await),
         Command::Setup {
             config,

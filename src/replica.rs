@@ -20,19 +20,88 @@ use serde_json::{Map, Value};
 /// The hash of a column a row does not hold.
 const ABSENT: u64 = 0;
 
-/// One row of the replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row {
-    /// Index of the shard that wrote it (see [`Replica::apply`]).
-    shard: u32,
-    /// The hash of each column's value, by the table's column slots
-    /// ([`ABSENT`] where the row has none; slots past the end are absent).
-    values: Box<[u64]>,
-}
+/// One row of the replica in a single allocation: the index of the shard
+/// that wrote it (see [`Replica::apply`]), the number of column slots, the
+/// hash of each column's value by the table's slots ([`ABSENT`] where the
+/// row has none; slots past the end are absent), then the key's JSON.
+/// Hashed and compared by the key alone, so a set of rows is a map from
+/// key to row at 16 bytes a slot.
+#[derive(Debug, Clone)]
+pub struct Row(Box<[u8]>);
+
+/// Bytes before the value hashes: the shard and the slot count (u32 each).
+const ROW_HEADER: usize = 8;
 
 impl Row {
+    fn new(shard: u32, values: &[u64], key: &str) -> Self {
+        let count = u32::try_from(values.len()).unwrap_or(u32::MAX);
+        let mut bytes = Vec::with_capacity(ROW_HEADER + values.len() * 8 + key.len());
+        bytes.extend_from_slice(&shard.to_le_bytes());
+        bytes.extend_from_slice(&count.to_le_bytes());
+        for value in values.iter().take(count as usize) {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        bytes.extend_from_slice(key.as_bytes());
+        Self(bytes.into_boxed_slice())
+    }
+
+    fn word(&self, at: usize) -> u32 {
+        self.0
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
+    }
+
+    fn shard(&self) -> u32 {
+        self.word(0)
+    }
+
+    fn count(&self) -> usize {
+        self.word(4) as usize
+    }
+
     fn value(&self, slot: usize) -> u64 {
-        self.values.get(slot).copied().unwrap_or(ABSENT)
+        if slot >= self.count() {
+            return ABSENT;
+        }
+        let at = ROW_HEADER + slot * 8;
+        self.0
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(ABSENT, u64::from_le_bytes)
+    }
+
+    /// The key's JSON.
+    fn key(&self) -> &[u8] {
+        self.0
+            .get(ROW_HEADER + self.count() * 8..)
+            .unwrap_or_default()
+    }
+
+    /// The key's JSON as text (it was a `str` when the row was made).
+    fn key_text(&self) -> &str {
+        std::str::from_utf8(self.key()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Row {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Row {}
+
+impl std::hash::Hash for Row {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes: `Borrow<[u8]>` looks rows up by key bytes.
+        self.key().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Row {
+    fn borrow(&self) -> &[u8] {
+        self.key()
     }
 }
 
@@ -54,7 +123,10 @@ pub enum Comparison<'a> {
 pub struct TableRows {
     /// Column name hash of each slot.
     columns: Vec<u64>,
-    rows: HashMap<Box<str>, Row>,
+    rows: HashSet<Row>,
+    /// Keys a delete or truncate removed (kept only for `verify --since`:
+    /// the replay saw them).
+    deleted: HashSet<Box<str>>,
 }
 
 impl TableRows {
@@ -85,7 +157,7 @@ impl TableRows {
 
     /// How `after` (a source row under `key`) compares with the replica.
     pub fn compare<'a>(&self, key: &str, after: &'a Map<String, Value>) -> Comparison<'a> {
-        let Some(row) = self.rows.get(key) else {
+        let Some(row) = self.rows.get(key.as_bytes()) else {
             return Comparison::Absent;
         };
         let mut seen = vec![false; self.columns.len()];
@@ -121,19 +193,25 @@ impl TableRows {
         self.rows.is_empty()
     }
 
+    /// Whether the replay saw `key`: it holds a row under it, or (when
+    /// [`Replica::keep_deleted_keys`]) removed one.
+    pub fn saw(&self, key: &str) -> bool {
+        self.rows.contains(key.as_bytes()) || self.deleted.contains(key)
+    }
+
     /// Whether a row is held under `key`.
     pub fn contains_key(&self, key: &str) -> bool {
-        self.rows.contains_key(key)
+        self.rows.contains(key.as_bytes())
     }
 
     /// Removes the row under `key`.
     pub fn remove(&mut self, key: &str) {
-        self.rows.remove(key);
+        self.rows.remove(key.as_bytes());
     }
 
     /// The keys held.
-    pub fn keys(&self) -> impl Iterator<Item = &Box<str>> {
-        self.rows.keys()
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.rows.iter().map(Row::key_text)
     }
 }
 
@@ -237,6 +315,8 @@ pub struct Replica {
     pub skipped: u64,
     /// Only these tables are kept (all when empty).
     wanted: HashSet<String>,
+    /// Whether keys removed by a delete or truncate are remembered.
+    keep_deleted: bool,
 }
 
 impl Replica {
@@ -255,8 +335,14 @@ impl Replica {
         let rows = self.tables.entry(change.table).or_default();
         // A key change: the row leaves its old key (and lends the values
         // of its unchanged columns to the new one).
+        let keep_deleted = self.keep_deleted;
         let moved = match &change.old_key {
-            Some(old) if change.op == "update" => rows.rows.remove(old.as_str()),
+            Some(old) if change.op == "update" => {
+                if keep_deleted {
+                    rows.deleted.insert(old.as_str().into());
+                }
+                rows.rows.take(old.as_bytes())
+            }
             _ => None,
         };
         match change.op.as_str() {
@@ -265,7 +351,7 @@ impl Replica {
                 let mut values = rows.values(after);
                 let unchanged: Vec<usize> = change.unchanged.iter().map(|n| rows.slot(n)).collect();
                 if !unchanged.is_empty()
-                    && let Some(previous) = moved.as_ref().or(rows.rows.get(change.key.as_str()))
+                    && let Some(previous) = moved.as_ref().or(rows.rows.get(change.key.as_bytes()))
                 {
                     for slot in unchanged {
                         if values.len() <= slot {
@@ -274,18 +360,27 @@ impl Replica {
                         values[slot] = previous.value(slot);
                     }
                 }
-                rows.rows.insert(
-                    change.key.into_boxed_str(),
-                    Row {
-                        shard,
-                        values: values.into_boxed_slice(),
-                    },
-                );
+                if keep_deleted {
+                    rows.deleted.remove(change.key.as_str());
+                }
+                rows.rows.replace(Row::new(shard, &values, &change.key));
             }
             "delete" => {
                 rows.remove(&change.key);
+                if keep_deleted {
+                    rows.deleted.insert(change.key.into_boxed_str());
+                }
             }
-            "truncate" => rows.rows.retain(|_, row| row.shard != shard),
+            "truncate" => {
+                let deleted = &mut rows.deleted;
+                rows.rows.retain(|row| {
+                    let stays = row.shard() != shard;
+                    if !stays && keep_deleted {
+                        deleted.insert(row.key_text().into());
+                    }
+                    stays
+                });
+            }
             // Ops a later envelope version may add change no row.
             _ => {}
         }
@@ -297,6 +392,13 @@ impl Replica {
             wanted,
             ..Self::default()
         }
+    }
+
+    /// Remembers the keys deletes and truncates remove (see
+    /// [`TableRows::saw`]), for a replay that does not start at the
+    /// stream's beginning.
+    pub fn keep_deleted_keys(&mut self, keep: bool) {
+        self.keep_deleted = keep;
     }
 
     fn shard_index(&mut self, shard: &str) -> u32 {
@@ -425,9 +527,55 @@ mod tests {
         replica.apply("a", truncate.to_string().as_bytes());
         replica.apply("a", &envelope("insert", 3, Some(json!({"id": 3}))));
         let rows = replica.take_table("public.t");
-        let mut keys: Vec<&str> = rows.keys().map(|k| &**k).collect();
+        let mut keys: Vec<&str> = rows.keys().collect();
         assert_eq!(rows.len(), 2);
         keys.sort_unstable();
         assert_eq!(keys, ["{\"id\":2}", "{\"id\":3}"]);
+    }
+
+    #[test]
+    fn keys_removed_by_deletes_and_truncates_are_remembered_when_asked() {
+        let truncate = json!({"op": "truncate", "source": {"schema": "public", "table": "t"}});
+        for keep in [false, true] {
+            let mut replica = Replica::default();
+            replica.keep_deleted_keys(keep);
+            replica.apply("a", &envelope("insert", 1, Some(json!({"id": 1}))));
+            replica.apply("a", &envelope("delete", 1, None));
+            replica.apply("a", &envelope("insert", 2, Some(json!({"id": 2}))));
+            replica.apply("a", truncate.to_string().as_bytes());
+            replica.apply("b", &envelope("delete", 3, None));
+            replica.apply("b", &envelope("insert", 3, Some(json!({"id": 3}))));
+            let rows = replica.take_table("public.t");
+            assert_eq!(rows.len(), 1);
+            for (key, removed) in [
+                ("{\"id\":1}", true),
+                ("{\"id\":2}", true),
+                ("{\"id\":4}", false),
+            ] {
+                assert_eq!(rows.saw(key), keep && removed, "{key}, keep {keep}");
+            }
+            assert!(
+                rows.saw("{\"id\":3}"),
+                "a key set again after its delete is held"
+            );
+            assert_eq!(rows.keys().count(), 1, "removed keys are not rows");
+        }
+    }
+
+    #[test]
+    fn a_row_holds_its_shard_values_and_key_and_is_found_by_key() {
+        let row = Row::new(7, &[1, u64::MAX, ABSENT], "{\"id\":\"é\"}");
+        assert_eq!((row.shard(), row.count()), (7, 3));
+        assert_eq!(
+            (row.value(0), row.value(1), row.value(2), row.value(3)),
+            (1, u64::MAX, ABSENT, ABSENT)
+        );
+        assert_eq!(row.key_text(), "{\"id\":\"é\"}");
+        let mut rows = HashSet::new();
+        rows.insert(row);
+        rows.replace(Row::new(8, &[2], "{\"id\":\"é\"}"));
+        assert_eq!(rows.len(), 1, "one row per key");
+        let found = rows.get("{\"id\":\"é\"}".as_bytes()).unwrap();
+        assert_eq!((found.shard(), found.value(0)), (8, 2));
     }
 }

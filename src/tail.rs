@@ -76,6 +76,11 @@ pub async fn run(
     }
     // tail writes JSON lines into a pipe; the validator checks them and the
     // printer re-indents them, each passing them on.
+    let tables = if validate {
+        table_schemas(config).await
+    } else {
+        None
+    };
     let colour = std::io::stdout().is_terminal();
     let (mut lines, reader) = tokio::io::duplex(PIPE_BYTES);
     let consumer = tokio::spawn(async move {
@@ -86,7 +91,7 @@ pub async fn run(
         }
         if !pretty {
             return Ok(Some(
-                crate::validate::pass_lines(reader, &mut stdout).await?,
+                crate::validate::pass_lines(reader, &mut stdout, tables).await?,
             ));
         }
         let (mut checked, printed) = tokio::io::duplex(PIPE_BYTES);
@@ -94,7 +99,7 @@ pub async fn run(
             tokio::spawn(
                 async move { crate::pretty::print_lines(printed, &mut stdout, colour).await },
             );
-        let summary = crate::validate::pass_lines(reader, &mut checked).await?;
+        let summary = crate::validate::pass_lines(reader, &mut checked, tables).await?;
         drop(checked);
         printer.await??;
         Ok(Some(summary))
@@ -110,5 +115,38 @@ pub async fn run(
             Ok(u8::from(summary.invalid > 0))
         }
         None => Ok(0),
+    }
+}
+
+/// The tables' schemas `--validate` checks values against: those of the
+/// configured PostgreSQL source; `None` (said on stderr) when there is no
+/// usable source configuration, or it is MySQL (no per-table schema yet).
+async fn table_schemas(config: &Path) -> Option<crate::validate::TableSchemas> {
+    let loaded = crate::settings::load::<crate::settings::Settings>(config, false)
+        .map_err(anyhow::Error::from)
+        .and_then(|settings| Ok(settings.validate()?));
+    let validated = match loaded {
+        Ok(validated) => validated,
+        Err(err) => {
+            eprintln!("note: no usable [source] in the config ({err}): column types not checked");
+            return None;
+        }
+    };
+    match &validated.source {
+        crate::settings::SourceConfig::Postgres(cfg) => {
+            match tributary_postgres::replication::connect_sql(&cfg.connection).await {
+                Ok(client) => Some(crate::validate::TableSchemas::postgres(client)),
+                Err(err) => {
+                    eprintln!(
+                        "note: cannot read the source's catalogue ({err}): column types not checked"
+                    );
+                    None
+                }
+            }
+        }
+        crate::settings::SourceConfig::Mysql(_) => {
+            eprintln!("note: column types are checked for PostgreSQL sources only");
+            None
+        }
     }
 }

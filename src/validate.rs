@@ -9,6 +9,14 @@
 //! `--pretty` printer), and each failure is reported on stderr with the
 //! envelope's `id` and the first errors. The first failures are reported in
 //! full; past that only counted.
+//!
+//! With [`TableSchemas`] (a PostgreSQL source configured), each change
+//! envelope's `after` and `before` are also checked against the JSON Schema
+//! of its table that `tributary schema --table` prints, loaded from the
+//! catalogue the first time the table is seen: a value of another type than
+//! the column's, or a column the table does not have, is a failure too.
+
+use std::collections::HashMap;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
@@ -46,6 +54,72 @@ impl Validators {
     }
 }
 
+/// The JSON Schema of each table's `after` (PostgreSQL catalogue), loaded
+/// the first time an envelope of the table is checked.
+pub struct TableSchemas {
+    client: tokio_postgres::Client,
+    /// `schema.table` → its validator (`None`: the table cannot be read,
+    /// e.g. dropped since; its envelopes get the envelope check only).
+    loaded: HashMap<String, Option<jsonschema::Validator>>,
+}
+
+impl TableSchemas {
+    /// Schemas read through `client`.
+    pub fn postgres(client: tokio_postgres::Client) -> Self {
+        Self {
+            client,
+            loaded: HashMap::new(),
+        }
+    }
+
+    /// The validator of `schema.table`, loading it at first use.
+    async fn validator(&mut self, schema: &str, table: &str) -> Option<&jsonschema::Validator> {
+        let name = format!("{schema}.{table}");
+        if !self.loaded.contains_key(&name) {
+            let loaded =
+                match tributary_postgres::table_schema::after_schema(&self.client, schema, table)
+                    .await
+                {
+                    Ok(document) => jsonschema::validator_for(&document)
+                        .map_err(|err| {
+                            eprintln!("note: the schema of {name} does not compile: {err}")
+                        })
+                        .ok(),
+                    Err(err) => {
+                        eprintln!("note: {name}: column types not checked ({err})");
+                        None
+                    }
+                };
+            self.loaded.insert(name.clone(), loaded);
+        }
+        self.loaded.get(&name).and_then(Option::as_ref)
+    }
+
+    /// The errors of `envelope`'s `after` and `before` against its table's
+    /// schema, each with its path (`/after/n`).
+    async fn errors(&mut self, envelope: &Value) -> Vec<String> {
+        let source = envelope.get("source");
+        let field = |name: &str| source.and_then(|s| s.get(name)).and_then(Value::as_str);
+        let (Some(schema), Some(table)) = (field("schema"), field("table")) else {
+            return Vec::new();
+        };
+        let Some(validator) = self.validator(schema, table).await else {
+            return Vec::new();
+        };
+        ["after", "before"]
+            .into_iter()
+            .filter_map(|side| Some((side, envelope.get(side).filter(|v| v.is_object())?)))
+            .flat_map(|(side, row)| {
+                validator
+                    .iter_errors(row)
+                    .map(move |e| format!("{} at /{side}{}", e, e.instance_path()))
+                    .collect::<Vec<_>>()
+            })
+            .take(ERRORS_PER_ENVELOPE)
+            .collect()
+    }
+}
+
 /// Failures reported in full before the rest are only counted.
 const REPORTED: usize = 20;
 /// Errors shown per failing envelope.
@@ -60,18 +134,20 @@ pub struct Summary {
     pub invalid: u64,
 }
 
-/// Validates each line of `input` and writes it, unchanged, to `out`;
-/// failures go to stderr. Returns the counts once `input` ends.
+/// Validates each line of `input` (against the tables' schemas too, with
+/// `tables`) and writes it, unchanged, to `out`; failures go to stderr.
+/// Returns the counts once `input` ends.
 pub async fn pass_lines(
     input: impl AsyncRead + Unpin,
     out: &mut (impl AsyncWrite + Unpin),
+    mut tables: Option<TableSchemas>,
 ) -> anyhow::Result<Summary> {
     let validators = Validators::new()?;
     let mut summary = Summary::default();
     let mut lines = BufReader::new(input).lines();
     while let Some(line) = lines.next_line().await? {
         summary.records += 1;
-        if let Some(problem) = check(&validators, &line) {
+        if let Some(problem) = check(&validators, tables.as_mut(), &line).await {
             summary.invalid += 1;
             if summary.invalid as usize <= REPORTED {
                 eprintln!("{problem}");
@@ -84,18 +160,32 @@ pub async fn pass_lines(
     Ok(summary)
 }
 
-/// Why `line` is not a valid envelope, naming its `id`; `None` when it is.
-fn check(validators: &Validators, line: &str) -> Option<String> {
+/// Why `line` is not a valid envelope (or, with `tables`, holds a value
+/// its table's schema refuses), naming its `id`; `None` when it is valid.
+async fn check(
+    validators: &Validators,
+    tables: Option<&mut TableSchemas>,
+    line: &str,
+) -> Option<String> {
     let envelope: Value = match serde_json::from_str(line) {
         Ok(value) => value,
         Err(err) => return Some(format!("invalid record (not JSON: {err}): {line:.120}")),
     };
-    let errors: Vec<String> = validators
+    let mut errors: Vec<String> = validators
         .for_record(&envelope)
         .iter_errors(&envelope)
         .take(ERRORS_PER_ENVELOPE)
         .map(|e| format!("{} at {}", e, e.instance_path()))
         .collect();
+    if let Some(tables) = tables
+        && errors.is_empty()
+        && !matches!(
+            envelope.get("op").and_then(Value::as_str),
+            Some("begin" | "end")
+        )
+    {
+        errors = tables.errors(&envelope).await;
+    }
     if errors.is_empty() {
         return None;
     }
@@ -134,7 +224,7 @@ mod tests {
         let broken = VALID.replace(r#""op":"insert""#, r#""op":"upsert""#);
         let input = format!("{VALID}\n{broken}\nnot json\n");
         let mut out = Vec::new();
-        let summary = pass_lines(input.as_bytes(), &mut out).await.unwrap();
+        let summary = pass_lines(input.as_bytes(), &mut out, None).await.unwrap();
         assert_eq!(
             summary,
             Summary {
@@ -148,7 +238,7 @@ mod tests {
             "lines pass unchanged"
         );
         let validators = Validators::new().unwrap();
-        let problem = check(&validators, &broken).unwrap();
+        let problem = check(&validators, None, &broken).await.unwrap();
         assert!(
             problem.contains("shop:00000000016B3748:00000003"),
             "{problem}"
@@ -157,8 +247,8 @@ mod tests {
         assert_eq!(verdict(summary), "validated 3 envelopes: 2 invalid");
     }
 
-    #[test]
-    fn markers_are_checked_against_their_own_schema() {
+    #[tokio::test]
+    async fn markers_are_checked_against_their_own_schema() {
         use tributary_envelope::transaction::{
             MarkerKind, MarkerSpec, TxCounts, TxTag, render_marker,
         };
@@ -185,7 +275,7 @@ mod tests {
                 counts,
             };
             let line = String::from_utf8(render_marker(Default::default(), spec)).unwrap();
-            assert_eq!(check(&validators, &line), None, "{line}");
+            assert_eq!(check(&validators, None, &line).await, None, "{line}");
         }
         let begin = MarkerSpec {
             kind: MarkerKind::Begin,
@@ -195,7 +285,7 @@ mod tests {
         };
         let line = String::from_utf8(render_marker(Default::default(), begin)).unwrap();
         let broken = line.replace(r#""op":"begin""#, r#""op":"end""#);
-        let problem = check(&validators, &broken).unwrap();
+        let problem = check(&validators, None, &broken).await.unwrap();
         assert!(
             problem.contains(":begin:0"),
             "an end without counts: {problem}"

@@ -3,49 +3,54 @@
 //! Beside the dataflow, at both of its ends: it reads what a consumer
 //! would hold (the stream replayed with the consumer rules, see
 //! [`crate::replica`]) and what the source holds, and names the keys
-//! where they differ.
+//! where they differ. The source side is a [`TableSource`]: PostgreSQL
+//! ([`postgres`]) or MySQL/MariaDB ([`mysql`]); the rest is shared.
 //!
 //! Order of the reads, and why rows changed meanwhile are no false alarm:
-//! 1. a REPEATABLE READ transaction on the source takes its snapshot (the
-//!    consistent point), with the session settings of the stream;
-//! 2. every shard of the tables' streams is read from the trim horizon to
-//!    its end (after the snapshot: whatever the connector had delivered by
-//!    then is in the replica);
-//! 3. each table is read in that transaction through the snapshot cursor,
-//!    every row rendered by the stream's decoder (an `op = "snapshot"`
-//!    envelope, so values compare byte for byte) and compared with the
-//!    replica by key; matching keys leave the replica at once;
-//! 4. only when keys differ, the table is read again in a fresh snapshot
-//!    and those keys are judged on that read: a row that changed after the
-//!    consistent point (the stream already holds the change, the first
-//!    read does not) matches now and is not reported. What is left is a
-//!    row the stream lost, or a change the connector has not delivered
-//!    yet (run `verify` when the connector has caught up).
+//! 1. a consistent read on the source takes its snapshot (the consistent
+//!    point);
+//! 2. every shard of the tables' streams is read from the trim horizon
+//!    (or from `--since`) to its end (after the snapshot: whatever the
+//!    connector had delivered by then is in the replica);
+//! 3. each table is read in that consistent read, every row rendered as
+//!    the source's snapshot renders it (an `op = "snapshot"` envelope, so
+//!    values compare byte for byte) and compared with the replica by key;
+//!    matching keys leave the replica at once;
+//! 4. only when keys differ, the tables are read again in a fresh
+//!    consistent read and those keys are judged on that read: a row that
+//!    changed after the consistent point (the stream already holds the
+//!    change, the first read does not) matches now and is not reported.
+//!    What is left is a row the stream lost, or a change the connector has
+//!    not delivered yet (run `verify` when the connector has caught up).
 //!
 //! Re-checking was chosen over cutting the stream at the consistent
-//! point's LSN: it needs no wait for the connector to acknowledge that
-//! LSN (an idle connector may not move its slot), and it works the same
-//! for a stream some other writer filled.
+//! point's position: it needs no wait for the connector to acknowledge
+//! that position (an idle connector may not move its slot), and it works
+//! the same for a stream some other writer filled.
+//!
+//! With `--since`, the replay starts at a time: rows whose last change is
+//! older are not in it. Only the keys the replay saw (set, deleted or
+//! truncated after that time) are compared; the source's other rows are
+//! counted as not compared.
 //!
 //! Memory: the replica keeps per key the key's JSON and a 64-bit hash per
-//! column; source rows are read a cursor chunk at a time and never kept;
-//! the keys that differ are kept until the re-check.
+//! column; source rows are read a chunk at a time and never kept; the
+//! keys that differ are kept until the re-check.
+
+mod mysql;
+mod postgres;
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context as _;
 use serde_json::{Value, json};
-use tokio_postgres::Client;
 use tributary_kinesis::{RecordVisitor, StartFrom};
-use tributary_postgres::catalog::Catalog;
-use tributary_postgres::decoder::{Decoder, Transaction};
-use tributary_postgres::replication::connect_sql;
-use tributary_postgres::{PostgresSourceConfig, snapshot};
 
 use crate::replica::{Change, Comparison, Replica, TableRows};
 use crate::settings::{ConfigError, SourceConfig, Validated};
 
+/// The `key` of an envelope of a table without a primary key.
+const NO_KEY: &str = "null";
 /// Keys shown per kind of difference.
 const SAMPLE_KEYS: usize = 10;
 /// How often progress goes to stderr during long reads.
@@ -61,6 +66,11 @@ struct TableReport {
     extra: Vec<String>,
     /// Key and the first column that differs.
     different: Vec<(String, String)>,
+    /// Source rows whose key the replay never saw (`--since`), or every
+    /// row of a table without a primary key.
+    not_compared: Option<u64>,
+    /// The table has no primary key: its rows cannot be matched by key.
+    no_key: bool,
 }
 
 impl TableReport {
@@ -69,7 +79,7 @@ impl TableReport {
     }
 
     fn json(&self) -> Value {
-        json!({
+        let mut document = json!({
             "table": self.table,
             "source_rows": self.source_rows,
             "stream_rows": self.stream_rows,
@@ -82,7 +92,14 @@ impl TableReport {
             "different_keys": self.different.iter().take(SAMPLE_KEYS)
                 .map(|(k, column)| json!({"key": key_json(k), "column": column}))
                 .collect::<Vec<_>>(),
-        })
+        });
+        if let Some(not_compared) = self.not_compared {
+            document["not_compared"] = json!(not_compared);
+        }
+        if self.no_key {
+            document["no_key"] = json!(true);
+        }
+        document
     }
 }
 
@@ -115,45 +132,92 @@ impl RecordVisitor for Replayer<'_> {
     }
 }
 
+/// A source's tables, read at consistent points.
+trait TableSource {
+    /// Opens a consistent read: every [`TableSource::scan`] until
+    /// [`TableSource::end`] sees the tables as of this moment.
+    async fn begin(&mut self) -> anyhow::Result<()>;
+
+    /// Calls `each` with every row of `name` as the source's snapshot
+    /// renders it.
+    async fn scan(&mut self, name: &str, each: &mut dyn FnMut(Change)) -> anyhow::Result<()>;
+
+    /// Ends the consistent read.
+    async fn end(&mut self) -> anyhow::Result<()>;
+}
+
+/// The captured tables of a source.
+struct Captured {
+    /// `{schema or db}.{table}` and the stream it routes to.
+    tables: Vec<(String, String)>,
+    /// The schema (PostgreSQL) or database (MySQL) of a `--table` given
+    /// without one.
+    default_scope: String,
+}
+
+/// What `verify` was asked.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// `--table` (empty: every captured table).
+    pub tables: &'a [String],
+    /// `--json`.
+    pub as_json: bool,
+    /// `--since`: the replay starts at this time instead of the trim horizon.
+    pub since: Option<SystemTime>,
+}
+
+/// Parses `--since`: an RFC 3339 time in UTC (`2026-12-01T03:00:00Z`).
+pub fn parse_since(text: &str) -> Result<SystemTime, String> {
+    let millis = tributary_envelope::time::parse_unix_millis(text)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .ok_or_else(|| {
+            format!("{text:?} is not an RFC 3339 time in UTC (e.g. 2026-12-01T03:00:00Z)")
+        })?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(millis))
+}
+
 /// Runs `verify`; exit code 0 when every table matches, 1 when not.
-pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Result<u8> {
-    let cfg = match &v.source {
-        SourceConfig::Postgres(cfg) => cfg,
-        SourceConfig::Mysql(_) => {
-            return Err(ConfigError::Invalid {
-                key: "source.kind".into(),
-                message: "verify reads PostgreSQL sources; MySQL is not available yet".into(),
-            }
-            .into());
+pub async fn run(v: &Validated, request: Request<'_>) -> anyhow::Result<u8> {
+    match &v.source {
+        SourceConfig::Postgres(cfg) => {
+            let (captured, source) = postgres::PostgresTables::connect(cfg).await?;
+            reconcile(v, captured, source, request).await
         }
-    };
-    let side = connect_sql(&cfg.connection).await?;
-    let captured: Vec<String> = tributary_postgres::setup::matching_tables(&side, &cfg.filter)
-        .await?
-        .tables
-        .into_iter()
-        .map(|(schema, table)| format!("{schema}.{table}"))
-        .collect();
-    let tables = chosen_tables(&captured, tables)?;
+        SourceConfig::Mysql(cfg) => {
+            let (captured, source) = mysql::MysqlTables::connect(cfg).await?;
+            reconcile(v, captured, source, request).await
+        }
+    }
+}
+
+/// Steps 1-4 of the module doc, then the report.
+async fn reconcile(
+    v: &Validated,
+    captured: Captured,
+    mut source: impl TableSource,
+    request: Request<'_>,
+) -> anyhow::Result<u8> {
+    let tables = chosen_tables(&captured, request.tables)?;
     let kinesis = crate::tail::checked_client_for(Some(&v.settings.sink)).await?;
 
     // 1. The consistent point.
-    let reader = connect_sql(&cfg.connection).await?;
-    snapshot::begin(&reader, None).await?;
+    source.begin().await?;
 
     // 2. The stream, after the consistent point.
-    let db = cfg.connection.get_dbname().unwrap_or_default().to_owned();
-    let mut streams: Vec<String> = tables
+    let mut streams: Vec<&str> = captured
+        .tables
         .iter()
-        .map(|name| {
-            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-            cfg.router.resolve(&cfg.name, &db, Some(schema), table)
-        })
+        .filter(|(name, _)| tables.contains(name))
+        .map(|(_, stream)| stream.as_str())
         .collect();
-    streams.sort();
+    streams.sort_unstable();
     streams.dedup();
+    let from = request
+        .since
+        .map_or(StartFrom::TrimHorizon, StartFrom::AtTimestamp);
     let mut replica = Replica::keeping(tables.iter().cloned().collect());
-    for stream in &streams {
+    replica.keep_deleted_keys(request.since.is_some());
+    for stream in streams {
         tributary_kinesis::check_stream(&kinesis, stream, "sink.stream")
             .await
             .map_err(crate::startup::StartupError)?;
@@ -164,38 +228,40 @@ pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Res
             records: 0,
             reported: Instant::now(),
         };
-        tributary_kinesis::read_stream(
-            &kinesis,
-            stream,
-            StartFrom::TrimHorizon,
-            false,
-            &mut replayer,
-        )
-        .await?;
+        tributary_kinesis::read_stream(&kinesis, stream, from, false, &mut replayer).await?;
     }
 
     // 3. Each table at the consistent point.
-    let mut scanner = Scanner::new(cfg, &db);
     let mut pending = Vec::with_capacity(tables.len());
     for name in &tables {
         let rows = replica.take_table(name);
-        pending.push(first_read(&mut scanner, &reader, name, rows).await?);
+        pending.push(first_read(&mut source, name, rows, request.since.is_some()).await?);
     }
-    reader
-        .batch_execute("COMMIT")
-        .await
-        .context("ending the consistent read")?;
+    source.end().await?;
     // 4. The keys that differ, once more on a fresh read.
     let mut reports = Vec::with_capacity(pending.len());
-    for (report, rows, flagged) in pending {
-        reports.push(recheck(&mut scanner, &side, report, &rows, flagged).await?);
+    if pending.iter().any(|(_, _, flagged)| !flagged.is_empty()) {
+        source.begin().await?;
+        for (report, rows, flagged) in pending {
+            reports.push(recheck(&mut source, report, &rows, flagged).await?);
+        }
+        source.end().await?;
+    } else {
+        reports.extend(pending.into_iter().map(|(report, _, _)| report));
     }
-    if as_json {
-        let document = json!({
+    if request.as_json {
+        let mut document = json!({
             "match": reports.iter().all(TableReport::matches),
             "stream_records": replica.envelopes + replica.skipped,
             "tables": reports.iter().map(TableReport::json).collect::<Vec<_>>(),
         });
+        if let Some(since) = request.since {
+            let millis = since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+            let text = tributary_envelope::time::format_unix_micros(millis);
+            document["since"] = json!(String::from_utf8_lossy(&text));
+        }
         println!("{document:#}");
     } else {
         print!("{}", human(&reports));
@@ -205,9 +271,14 @@ pub async fn run(v: &Validated, tables: &[String], as_json: bool) -> anyhow::Res
 
 /// The tables to verify: every captured one, or those of `--table` (each
 /// must be captured).
-fn chosen_tables(captured: &[String], wanted: &[String]) -> Result<Vec<String>, ConfigError> {
+fn chosen_tables(captured: &Captured, wanted: &[String]) -> Result<Vec<String>, ConfigError> {
+    let names: Vec<&str> = captured
+        .tables
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
     if wanted.is_empty() {
-        return Ok(captured.to_vec());
+        return Ok(names.iter().map(|&n| n.to_owned()).collect());
     }
     wanted
         .iter()
@@ -215,16 +286,16 @@ fn chosen_tables(captured: &[String], wanted: &[String]) -> Result<Vec<String>, 
             let name = if name.contains('.') {
                 name.clone()
             } else {
-                format!("public.{name}")
+                format!("{}.{name}", captured.default_scope)
             };
-            if captured.contains(&name) {
+            if names.contains(&name.as_str()) {
                 Ok(name)
             } else {
                 Err(ConfigError::Invalid {
                     key: "--table".into(),
                     message: format!(
                         "{name} is not a captured table (captured: {})",
-                        captured.join(", ")
+                        names.join(", ")
                     ),
                 })
             }
@@ -232,107 +303,81 @@ fn chosen_tables(captured: &[String], wanted: &[String]) -> Result<Vec<String>, 
         .collect()
 }
 
-/// Reads tables through the snapshot cursor, rendering every row as the
-/// stream's decoder does.
-struct Scanner {
-    decoder: Decoder,
-    catalog: Catalog,
-    captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
-}
-
-impl Scanner {
-    fn new(cfg: &PostgresSourceConfig, db: &str) -> Self {
-        Self {
-            decoder: Decoder::new(&cfg.name, db, cfg.router.clone(), cfg.filter.clone()),
-            catalog: Catalog::default(),
-            captured_at: tributary_envelope::time::now(),
-        }
-    }
-
-    /// Calls `each` with every row of `name` as the stream renders it, in
-    /// the transaction open on `client`.
-    async fn scan(
-        &mut self,
-        client: &Client,
-        name: &str,
-        mut each: impl FnMut(Change),
-    ) -> anyhow::Result<u64> {
-        let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-        let mut reader = snapshot::open_table(
-            client,
-            &mut self.catalog,
-            &mut self.decoder,
-            (schema, table),
-            None,
-            snapshot::CHUNK_ROWS,
-        )
-        .await?;
-        let mut tx = Transaction::begin(0, 0, 0);
-        let (mut rows, mut reported) = (0u64, Instant::now());
-        let mut decoded = Vec::with_capacity(snapshot::CHUNK_ROWS);
-        loop {
-            let read = reader
-                .next_chunk(
-                    client,
-                    &mut self.decoder,
-                    &mut tx,
-                    &self.captured_at,
-                    &mut decoded,
-                )
-                .await?;
-            if read == 0 {
-                break;
-            }
-            for record in decoded.drain(..) {
-                if let Some(change) = Change::parse(&record.data) {
-                    rows += 1;
-                    each(change);
-                }
-            }
-            if reported.elapsed() >= PROGRESS_EVERY {
+/// Calls `each` with every row of `name`, with progress on stderr; the
+/// row count.
+async fn scan(
+    source: &mut impl TableSource,
+    name: &str,
+    mut each: impl FnMut(Change),
+) -> anyhow::Result<u64> {
+    let (mut rows, mut reported) = (0u64, Instant::now());
+    source
+        .scan(name, &mut |change| {
+            rows += 1;
+            each(change);
+            if rows % 1024 == 0 && reported.elapsed() >= PROGRESS_EVERY {
                 reported = Instant::now();
                 eprintln!("verify: {name}: {rows} rows read");
             }
-        }
-        reader.close(client).await?;
-        Ok(rows)
-    }
+        })
+        .await?;
+    Ok(rows)
 }
 
 /// Compares `name` at the consistent point with its replayed `rows`:
 /// matching keys leave `rows`; returns the counts and the keys that differ.
+/// With `since`, source rows whose key the replay never saw are only
+/// counted; so are the rows of a table without a primary key (`key` null:
+/// no key to match them by).
 async fn first_read(
-    scanner: &mut Scanner,
-    reader: &Client,
+    source: &mut impl TableSource,
     name: &str,
     mut rows: TableRows,
+    since: bool,
 ) -> anyhow::Result<(TableReport, TableRows, HashSet<Box<str>>)> {
     let mut report = TableReport {
         table: name.to_owned(),
         stream_rows: rows.len() as u64,
+        not_compared: since.then_some(0),
         ..TableReport::default()
     };
     let mut flagged = HashSet::new();
-    report.source_rows = scanner
-        .scan(reader, name, |change| {
-            let Some(after) = change.after else { return };
-            if rows.compare(&change.key, &after) == Comparison::Same {
-                rows.remove(&change.key);
-            } else {
+    let (mut not_compared, mut keyless) = (0u64, 0u64);
+    report.source_rows = scan(source, name, |change| {
+        if change.key == NO_KEY {
+            keyless += 1;
+            return;
+        }
+        let Some(after) = change.after else { return };
+        match rows.compare(&change.key, &after) {
+            Comparison::Same => rows.remove(&change.key),
+            Comparison::Absent if since && !rows.saw(&change.key) => not_compared += 1,
+            _ => {
                 flagged.insert(change.key.into_boxed_str());
             }
-        })
-        .await?;
+        }
+    })
+    .await?;
+    if since {
+        report.not_compared = Some(not_compared);
+    }
+    if keyless > 0 {
+        report.no_key = true;
+        report.not_compared = Some(not_compared + keyless);
+        if rows.contains_key(NO_KEY) {
+            rows.remove(NO_KEY);
+            report.stream_rows = report.stream_rows.saturating_sub(1);
+        }
+    }
     // What is left in the replica and was not in the source: extra.
-    flagged.extend(rows.keys().cloned());
+    flagged.extend(rows.keys().map(Box::from));
     Ok((report, rows, flagged))
 }
 
 /// Judges the `flagged` keys on a fresh read of the table: a key whose
 /// row changed after the consistent point and matches now is fine.
 async fn recheck(
-    scanner: &mut Scanner,
-    client: &Client,
+    source: &mut impl TableSource,
     mut report: TableReport,
     rows: &TableRows,
     mut flagged: HashSet<Box<str>>,
@@ -340,29 +385,23 @@ async fn recheck(
     if flagged.is_empty() {
         return Ok(report);
     }
-    snapshot::begin(client, None).await?;
     let mut different = BTreeMap::new();
     let mut missing = Vec::new();
-    scanner
-        .scan(client, &report.table, |change| {
-            if !flagged.remove(change.key.as_str()) {
-                return;
+    scan(source, &report.table.clone(), |change| {
+        if !flagged.remove(change.key.as_str()) {
+            return;
+        }
+        let Some(after) = change.after else { return };
+        match rows.compare(&change.key, &after) {
+            Comparison::Same => {}
+            Comparison::Absent => missing.push(change.key),
+            Comparison::Differs(column) => {
+                let column = column.unwrap_or("(a column the table lacks)").to_owned();
+                different.insert(change.key, column);
             }
-            let Some(after) = change.after else { return };
-            match rows.compare(&change.key, &after) {
-                Comparison::Same => {}
-                Comparison::Absent => missing.push(change.key),
-                Comparison::Differs(column) => {
-                    let column = column.unwrap_or("(a column the table lacks)").to_owned();
-                    different.insert(change.key, column);
-                }
-            }
-        })
-        .await?;
-    client
-        .batch_execute("COMMIT")
-        .await
-        .context("ending the re-check's read")?;
+        }
+    })
+    .await?;
     // Flagged keys the table no longer holds: extra when the stream has them.
     let mut extra: Vec<String> = flagged
         .into_iter()
@@ -421,6 +460,14 @@ fn human(reports: &[TableReport]) -> String {
                 r.table,
                 keys(sample)
             );
+        }
+        if let Some(n) = r.not_compared.filter(|&n| n > 0) {
+            let why = if r.no_key {
+                "the table has no primary key"
+            } else {
+                "no change since --since"
+            };
+            let _ = writeln!(out, "{}: {n} source rows not compared ({why})", r.table);
         }
         if !r.different.is_empty() {
             let sample = r

@@ -39,6 +39,8 @@
 //!   and its `--ssl-*` flags).
 //! - `snapshot_resume.rs`: watching a snapshot's stored progress and what
 //!   a resumed run logs.
+//! - `verify_report.rs`: running `tributary verify` and reading its
+//!   `--json` report.
 //! - `writer.rs`: [`Writer`], a task that keeps changing a database.
 
 mod config;
@@ -55,6 +57,7 @@ mod process;
 mod proxy;
 pub mod snapshot_resume;
 mod tls;
+pub mod verify_report;
 mod writer;
 
 use std::path::{Path, PathBuf};

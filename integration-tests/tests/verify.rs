@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
-use tributary_integration_tests::{Faults, Pipeline, Servers, TributaryProcess};
+use tributary_integration_tests::verify_report::{
+    VerifyOutcome, assert_named, report_table, run_verify,
+};
+use tributary_integration_tests::{Faults, Pipeline, Servers};
 
 const STREAM: &str = "verify-cdc";
 const WAIT: Duration = Duration::from_secs(90);
@@ -18,15 +21,11 @@ CREATE TABLE pairs (a text, b int, note text, PRIMARY KEY (a, b));
 ";
 
 /// Runs `tributary verify` with `args`; its exit code, stdout and logs.
-async fn verify(pipeline: &Pipeline, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let mut full = vec!["verify", "-c", pipeline.config.path.to_str().unwrap()];
-    full.extend_from_slice(args);
+async fn verify(pipeline: &Pipeline, args: &[&str]) -> Result<VerifyOutcome> {
     // verify reads kinesalite itself, not through the fault injector.
     let endpoint = pipeline.kin.endpoint();
     let env = [("TRIBUTARY__SINK__ENDPOINT_URL", endpoint.as_str())];
-    let mut cmd = TributaryProcess::spawn(&full, &env, pipeline.dir.path())?;
-    let status = cmd.wait_exit(WAIT).await?;
-    Ok((status.code(), cmd.stdout(), cmd.logs()))
+    run_verify(&pipeline.config.path, pipeline.dir.path(), &env, args).await
 }
 
 /// Waits until the connector has acknowledged everything written so far.
@@ -75,7 +74,7 @@ async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()
     let tables = report["tables"].as_array().unwrap();
     assert_eq!(tables.len(), 2, "{report:#}");
     for (table, rows) in [("public.items", 180), ("public.pairs", 2)] {
-        let found = tables.iter().find(|t| t["table"] == table).unwrap();
+        let found = report_table(&report, table);
         assert_eq!(found["source_rows"], rows, "{found:#}");
         assert_eq!(found["stream_rows"], rows, "{found:#}");
         assert_eq!(found["match"], true, "{found:#}");
@@ -97,18 +96,12 @@ async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()
     assert_eq!(code, Some(1), "{logs}");
     let report: Value = serde_json::from_str(&stdout)?;
     assert_eq!(report["match"], false, "{report:#}");
-    let items = report["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == "public.items")
-        .unwrap();
-    assert_eq!(items["missing_keys"], json!([{"id": 5000}]), "{items:#}");
-    assert_eq!(items["extra_keys"], json!([{"id": 5}]), "{items:#}");
-    assert_eq!(
-        items["different_keys"],
-        json!([{"key": {"id": 4}, "column": "n"}]),
-        "{items:#}"
+    let items = report_table(&report, "public.items");
+    assert_named(
+        items,
+        &json!([{"id": 5000}]),
+        &json!([{"id": 5}]),
+        &json!([{"key": {"id": 4}, "column": "n"}]),
     );
     assert_eq!(
         (&items["source_rows"], &items["stream_rows"]),
@@ -146,22 +139,17 @@ async fn verify_matches_a_healthy_pipeline_and_names_lost_changes() -> Result<()
     let (code, stdout, logs) = verify(&pipeline, &["--json"]).await?;
     assert_eq!(code, Some(1), "{logs}");
     let report: Value = serde_json::from_str(&stdout)?;
-    let by_table = |name: &str| {
-        report["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["table"] == name)
-            .unwrap()
-            .clone()
-    };
-    let items = by_table("public.items");
+    let items = report_table(&report, "public.items");
     assert_eq!(
         (&items["missing"], &items["different"], &items["extra_keys"]),
         (&json!(0), &json!(0), &json!([{"id": 5}])),
         "{items:#}"
     );
-    assert_eq!(by_table("public.pairs")["match"], true, "{report:#}");
+    assert_eq!(
+        report_table(&report, "public.pairs")["match"],
+        true,
+        "{report:#}"
+    );
     pipeline.stop_gracefully().await?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::get_records::{GetRecordsError, GetRecordsOutput};
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 use tokio::time::Instant;
@@ -49,6 +50,9 @@ pub enum StartFrom {
     TrimHorizon,
     /// Only records written after the tail started.
     Latest,
+    /// The first record each shard received at or after this time
+    /// (`AT_TIMESTAMP`); closed shards are read too, parents first.
+    AtTimestamp(std::time::SystemTime),
 }
 
 #[derive(Debug)]
@@ -70,6 +74,8 @@ struct Cursor {
     state: State,
     /// Where the shard is read from when there is no last record yet.
     origin: ShardIteratorType,
+    /// The time of an `AT_TIMESTAMP` origin.
+    timestamp: Option<DateTime>,
     last_sequence: Option<String>,
     next_poll: Instant,
     caught_up: bool,
@@ -90,6 +96,7 @@ impl Cursor {
             parents,
             state,
             origin,
+            timestamp: None,
             last_sequence: None,
             limit: FIRST_LIMIT,
             next_poll: Instant::now(),
@@ -180,6 +187,14 @@ pub async fn read_stream(
         StartFrom::TrimHorizon => shards
             .iter()
             .map(|s| Cursor::new(s, State::Waiting, ShardIteratorType::TrimHorizon))
+            .collect(),
+        StartFrom::AtTimestamp(time) => shards
+            .iter()
+            .map(|s| {
+                let mut cursor = Cursor::new(s, State::Waiting, ShardIteratorType::AtTimestamp);
+                cursor.timestamp = Some(DateTime::from(time));
+                cursor
+            })
             .collect(),
         StartFrom::Latest => shards
             .iter()
@@ -295,7 +310,7 @@ fn release_children(cursors: &mut [Cursor]) {
                 .any(|c| &c.shard_id == parent && !matches!(c.state, State::Finished))
         });
         if !blocked {
-            cursors[i].state = State::Start(ShardIteratorType::TrimHorizon);
+            cursors[i].state = State::Start(cursors[i].origin.clone());
         }
     }
 }
@@ -354,7 +369,9 @@ async fn shard_iterator(
         Some(sequence) => request
             .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
             .starting_sequence_number(sequence),
-        None => request.shard_iterator_type(kind.clone()),
+        None => request
+            .shard_iterator_type(kind.clone())
+            .set_timestamp(cursor.timestamp),
     };
     match request.send().await {
         Ok(output) => {

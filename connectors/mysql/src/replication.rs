@@ -986,28 +986,7 @@ impl SnapshotCopy {
             .exec_iter(sql, params)
             .await
             .map_err(MysqlError::connection(format!("reading {name}")))?;
-        let names: Vec<String> = result
-            .columns_ref()
-            .iter()
-            .map(|c| c.name_str().into_owned())
-            .collect();
-        if names != expected {
-            // A DDL between the catalog read and the SELECT: read again.
-            return Err(MysqlError::Connection {
-                context: format!(
-                    "{name} changed during the snapshot: columns {names:?}, catalog {expected:?}"
-                ),
-                source: mysql_async::Error::Other("table changed".into()),
-            });
-        }
-        let charsets: Vec<u16> = result
-            .columns_ref()
-            .iter()
-            .map(|c| match c.character_set() {
-                crate::types::BINARY_CHARSET => crate::types::BINARY_CHARSET,
-                _ => crate::types::UTF8MB4_CHARSET,
-            })
-            .collect();
+        let charsets = snapshot::result_charsets(result.columns_ref(), name, expected)?;
         let (mut rows, mut last) = (0usize, None);
         let read_error = |e| MysqlError::connection(format!("reading {name}"))(e);
         while let Some(row) = result.next().await.map_err(read_error)? {
@@ -1021,11 +1000,7 @@ impl SnapshotCopy {
                 self.tx.ordinal = 0;
             }
             if !key.is_empty() {
-                last = Some(
-                    key.iter()
-                        .map(|&i| row.as_ref(i).cloned().unwrap_or(mysql_async::Value::NULL))
-                        .collect(),
-                );
+                last = Some(snapshot::row_key(&row, key));
             }
             let (tx, at) = (&mut self.tx, &self.captured_at);
             self.decoder

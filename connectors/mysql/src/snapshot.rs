@@ -40,8 +40,12 @@ use mysql_async::prelude::Queryable as _;
 use tracing::info;
 use tributary_envelope::snapshot_progress::SnapshotProgress;
 
+use tributary_envelope::Record;
+
+use crate::decoder::{Decoder, Transaction};
 use crate::error::MysqlError;
 use crate::offsets::Offset;
+use crate::schema::TableSchema;
 use crate::setup;
 
 /// A consistent read view and the binlog position it matches, not yet read.
@@ -312,6 +316,94 @@ pub async fn estimated_rows(reader: &mut Conn, db: &str, table: &str) -> Result<
         .await
         .map_err(MysqlError::connection("reading the table's estimated rows"))?;
     Ok(rows.flatten().unwrap_or(0))
+}
+
+/// Checks that a snapshot result has the columns the catalog named
+/// (`expected`: a DDL between the catalog read and the SELECT fails the
+/// read, to be taken again) and returns the character set each column
+/// comes in, as the decoder expects it: binary columns as binary, every
+/// other one as utf8mb4 (the reader's `SET NAMES`).
+pub fn result_charsets(
+    columns: &[mysql_async::Column],
+    name: &str,
+    expected: &[String],
+) -> Result<Vec<u16>, MysqlError> {
+    let names: Vec<String> = columns.iter().map(|c| c.name_str().into_owned()).collect();
+    if names != expected {
+        return Err(MysqlError::Connection {
+            context: format!(
+                "{name} changed during the snapshot: columns {names:?}, catalog {expected:?}"
+            ),
+            source: mysql_async::Error::Other("table changed".into()),
+        });
+    }
+    Ok(columns
+        .iter()
+        .map(|c| match c.character_set() {
+            crate::types::BINARY_CHARSET => crate::types::BINARY_CHARSET,
+            _ => crate::types::UTF8MB4_CHARSET,
+        })
+        .collect())
+}
+
+/// The key columns' values of a snapshot row (`key`: their indexes).
+pub fn row_key(row: &mysql_async::Row, key: &[usize]) -> Vec<Value> {
+    key.iter()
+        .map(|&i| row.as_ref(i).cloned().unwrap_or(Value::NULL))
+        .collect()
+}
+
+/// Reads every row of `db.table` in the consistent snapshot open on
+/// `reader` (see [`begin`]), by primary key in chunks of `chunk_rows` (a
+/// table without a key in one `SELECT *`), each rendered by `decoder` as
+/// the `op = "snapshot"` record the snapshot sends (the table mapped as
+/// `id`) and handed to `each`. For readers that keep nothing and send
+/// nothing (`tributary verify`); the snapshot itself goes through the
+/// emitter with its byte budget and chunk ledger.
+pub async fn read_table(
+    reader: &mut Conn,
+    decoder: &mut Decoder,
+    id: u64,
+    (db, table): (&str, &str),
+    chunk_rows: usize,
+    mut each: impl FnMut(Record),
+) -> Result<(), MysqlError> {
+    let name = format!("{db}.{table}");
+    let facts = crate::schema::read_table_facts(reader, db, table).await?;
+    let schema = TableSchema::from_facts(db, table, &facts);
+    let expected: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+    let key = schema.key.clone();
+    let key_names: Vec<&str> = key.iter().map(|&i| expected[i].as_str()).collect();
+    decoder.table_map(id, schema);
+    let mut tx = Transaction::begin("", 0, 0, None, 0);
+    let captured_at = tributary_envelope::time::now();
+    let mut decoded = Vec::with_capacity(1);
+    let mut after: Option<Vec<Value>> = None;
+    loop {
+        let (sql, params) = select_chunk(db, table, &key_names, after.as_deref(), chunk_rows);
+        let read_error = || MysqlError::connection(format!("reading {name}"));
+        let mut result = reader.exec_iter(sql, params).await.map_err(read_error())?;
+        let charsets = result_charsets(result.columns_ref(), &name, &expected)?;
+        let mut rows = 0usize;
+        while let Some(row) = result.next().await.map_err(read_error())? {
+            if !key.is_empty() {
+                after = Some(row_key(&row, &key));
+            }
+            decoder.snapshot_row(
+                id,
+                row.unwrap(),
+                &charsets,
+                &mut tx,
+                &captured_at,
+                &mut decoded,
+            );
+            decoded.drain(..).for_each(&mut each);
+            rows += 1;
+        }
+        if key.is_empty() || rows < chunk_rows {
+            return Ok(());
+        }
+    }
 }
 
 /// A backquoted identifier.
