@@ -66,7 +66,7 @@ pub enum Command {
         #[arg(long)]
         pretty: bool,
         /// Check every envelope against the envelope's JSON Schema and,
-        /// when the config names a PostgreSQL source, its `after` and
+        /// when the config names a source, its `after` and
         /// `before` against the table's schema (as `schema --table`
         /// prints it): the failures go to stderr with their ids, and the
         /// exit code is 1 when any envelope is invalid.
@@ -74,13 +74,14 @@ pub enum Command {
         validate: bool,
     },
     /// Print the JSON Schema of one table's `after` object, from the
-    /// source's catalogue (PostgreSQL): each column's JSON type as the
-    /// envelope renders it, null allowed unless NOT NULL.
+    /// source's catalogue (PostgreSQL or MySQL/MariaDB): each column's
+    /// JSON type as the envelope renders it, null allowed unless NOT NULL.
     Schema {
         #[command(flatten)]
         #[allow(missing_docs)]
         config: ConfigArg,
-        /// The table, `schema.table` (or `table` in `public`).
+        /// The table, `schema.table` (or `table` in `public`; MySQL:
+        /// `db.table`, or `table` in the URL's database).
         #[arg(long, value_name = "T")]
         table: String,
     },

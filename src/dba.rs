@@ -90,19 +90,29 @@ async fn setup_mysql(
     Ok(0)
 }
 
-/// `schema --table T`: the JSON Schema of the table's `after` (PostgreSQL),
-/// printed on stdout. `T` is `schema.table`, or `table` in `public`.
+/// `schema --table T`: the JSON Schema of the table's `after`, printed on
+/// stdout. `T` is `schema.table`, or `table` in `public` (PostgreSQL) or
+/// in the URL's database (MySQL).
 pub async fn table_schema(v: &Validated, table: &str) -> anyhow::Result<u8> {
     let config = match &v.source {
         SourceConfig::Postgres(config) => config,
-        SourceConfig::Mysql(_) => {
-            return Err(ConfigError::Invalid {
-                key: "source.kind".into(),
-                message: "schema --table reads the PostgreSQL catalogue; MySQL is not available \
-                          yet"
-                .into(),
-            }
-            .into());
+        SourceConfig::Mysql(config) => {
+            let (db, name) = match table.split_once('.') {
+                Some((db, name)) => (db.to_owned(), name),
+                None => (
+                    config.opts.opts.db_name().unwrap_or_default().to_owned(),
+                    table,
+                ),
+            };
+            let mut conn = config.opts.connect().await?;
+            let Some(document) =
+                tributary_mysql::table_schema::after_schema(&mut conn, &db, name).await?
+            else {
+                eprintln!("error: --table {db}.{name}: no such table in the source database");
+                return Ok(2);
+            };
+            println!("{}", serde_json::to_string_pretty(&document)?);
+            return Ok(0);
         }
     };
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));

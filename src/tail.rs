@@ -119,8 +119,8 @@ pub async fn run(
 }
 
 /// The tables' schemas `--validate` checks values against: those of the
-/// configured PostgreSQL source; `None` (said on stderr) when there is no
-/// usable source configuration, or it is MySQL (no per-table schema yet).
+/// configured source; `None` (said on stderr) when there is no usable
+/// source configuration or its catalogue cannot be read.
 async fn table_schemas(config: &Path) -> Option<crate::validate::TableSchemas> {
     let loaded = crate::settings::load::<crate::settings::Settings>(config, false)
         .map_err(anyhow::Error::from)
@@ -144,9 +144,14 @@ async fn table_schemas(config: &Path) -> Option<crate::validate::TableSchemas> {
                 }
             }
         }
-        crate::settings::SourceConfig::Mysql(_) => {
-            eprintln!("note: column types are checked for PostgreSQL sources only");
-            None
-        }
+        crate::settings::SourceConfig::Mysql(cfg) => match cfg.opts.connect().await {
+            Ok(conn) => Some(crate::validate::TableSchemas::mysql(conn)),
+            Err(err) => {
+                eprintln!(
+                    "note: cannot read the source's catalogue ({err}): column types not checked"
+                );
+                None
+            }
+        },
     }
 }

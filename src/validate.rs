@@ -10,7 +10,7 @@
 //! envelope's `id` and the first errors. The first failures are reported in
 //! full; past that only counted.
 //!
-//! With [`TableSchemas`] (a PostgreSQL source configured), each change
+//! With [`TableSchemas`] (a source configured), each change
 //! envelope's `after` and `before` are also checked against the JSON Schema
 //! of its table that `tributary schema --table` prints, loaded from the
 //! catalogue the first time the table is seen: a value of another type than
@@ -54,21 +54,49 @@ impl Validators {
     }
 }
 
-/// The JSON Schema of each table's `after` (PostgreSQL catalogue), loaded
+/// Where table schemas come from.
+enum Catalogue {
+    Postgres(tokio_postgres::Client),
+    Mysql(mysql_async::Conn),
+}
+
+/// The JSON Schema of each table's `after` (the source's catalogue), loaded
 /// the first time an envelope of the table is checked.
 pub struct TableSchemas {
-    client: tokio_postgres::Client,
+    catalogue: Catalogue,
     /// `schema.table` → its validator (`None`: the table cannot be read,
     /// e.g. dropped since; its envelopes get the envelope check only).
     loaded: HashMap<String, Option<jsonschema::Validator>>,
 }
 
 impl TableSchemas {
-    /// Schemas read through `client`.
+    /// Schemas read through a PostgreSQL `client`.
     pub fn postgres(client: tokio_postgres::Client) -> Self {
         Self {
-            client,
+            catalogue: Catalogue::Postgres(client),
             loaded: HashMap::new(),
+        }
+    }
+
+    /// Schemas read through a MySQL/MariaDB connection.
+    pub fn mysql(conn: mysql_async::Conn) -> Self {
+        Self {
+            catalogue: Catalogue::Mysql(conn),
+            loaded: HashMap::new(),
+        }
+    }
+
+    /// The schema document of `schema.table` from the catalogue.
+    async fn read(&mut self, schema: &str, table: &str) -> anyhow::Result<Value> {
+        match &mut self.catalogue {
+            Catalogue::Postgres(client) => {
+                Ok(tributary_postgres::table_schema::after_schema(client, schema, table).await?)
+            }
+            Catalogue::Mysql(conn) => {
+                tributary_mysql::table_schema::after_schema(conn, schema, table)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no such table"))
+            }
         }
     }
 
@@ -76,20 +104,15 @@ impl TableSchemas {
     async fn validator(&mut self, schema: &str, table: &str) -> Option<&jsonschema::Validator> {
         let name = format!("{schema}.{table}");
         if !self.loaded.contains_key(&name) {
-            let loaded =
-                match tributary_postgres::table_schema::after_schema(&self.client, schema, table)
-                    .await
-                {
-                    Ok(document) => jsonschema::validator_for(&document)
-                        .map_err(|err| {
-                            eprintln!("note: the schema of {name} does not compile: {err}")
-                        })
-                        .ok(),
-                    Err(err) => {
-                        eprintln!("note: {name}: column types not checked ({err})");
-                        None
-                    }
-                };
+            let loaded = match self.read(schema, table).await {
+                Ok(document) => jsonschema::validator_for(&document)
+                    .map_err(|err| eprintln!("note: the schema of {name} does not compile: {err}"))
+                    .ok(),
+                Err(err) => {
+                    eprintln!("note: {name}: column types not checked ({err})");
+                    None
+                }
+            };
             self.loaded.insert(name.clone(), loaded);
         }
         self.loaded.get(&name).and_then(Option::as_ref)
@@ -100,7 +123,8 @@ impl TableSchemas {
     async fn errors(&mut self, envelope: &Value) -> Vec<String> {
         let source = envelope.get("source");
         let field = |name: &str| source.and_then(|s| s.get(name)).and_then(Value::as_str);
-        let (Some(schema), Some(table)) = (field("schema"), field("table")) else {
+        // A MySQL envelope names its database in `db` (`schema` is null).
+        let (Some(schema), Some(table)) = (field("schema").or(field("db")), field("table")) else {
             return Vec::new();
         };
         let Some(validator) = self.validator(schema, table).await else {

@@ -31,6 +31,7 @@ pub mod schema;
 pub mod setup;
 pub mod snapshot;
 mod source;
+pub mod table_schema;
 pub mod tls;
 pub mod types;
 

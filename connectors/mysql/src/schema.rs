@@ -284,16 +284,7 @@ async fn read_facts(
         )
         .await
         .map_err(MysqlError::connection("reading the primary key"))?;
-    // MariaDB keeps JSON as LONGTEXT with a json_valid check; MySQL 8's JSON
-    // arrives as its own binlog type and needs no lookup.
-    let checks: Vec<String> = conn
-        .exec(
-            "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS \
-             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
-            (db, table),
-        )
-        .await
-        .unwrap_or_default();
+    let json_columns = json_text_columns(conn, db, table).await;
     let columns: Vec<ColumnFact> = rows
         .iter()
         .map(|(name, column_type, data_type, precision)| ColumnFact {
@@ -308,7 +299,6 @@ async fn read_facts(
         .iter()
         .filter_map(|k| columns.iter().position(|c| &c.name == k))
         .collect();
-    let json_columns = checks.iter().filter_map(|c| json_valid_column(c)).collect();
     Ok(TableFacts {
         columns,
         key,
@@ -381,6 +371,21 @@ fn binlog_type(data_type: &str) -> ColumnType {
         | "multipolygon" | "geometrycollection" => MYSQL_TYPE_GEOMETRY,
         _ => MYSQL_TYPE_VARCHAR,
     }
+}
+
+/// The columns MariaDB keeps as LONGTEXT with a `json_valid` check (its
+/// JSON type); MySQL 8's JSON arrives as its own binlog type and needs no
+/// lookup. Empty when the server has no check constraints to list.
+pub async fn json_text_columns(conn: &mut mysql_async::Conn, db: &str, table: &str) -> Vec<String> {
+    let checks: Vec<String> = conn
+        .exec(
+            "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
+            (db, table),
+        )
+        .await
+        .unwrap_or_default();
+    checks.iter().filter_map(|c| json_valid_column(c)).collect()
 }
 
 /// `json_valid(`doc`)` → `doc`.
