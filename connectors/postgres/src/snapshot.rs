@@ -337,6 +337,8 @@ struct KeyColumn {
 #[derive(Clone, Debug)]
 pub struct TableShape {
     relation: u32,
+    /// `"schema"."table"`.
+    from: String,
     select: String,
     key: Vec<KeyColumn>,
 }
@@ -385,11 +387,12 @@ impl TableShape {
     }
 
     /// Splits the table into at most `parts` ranges of its key's first
-    /// column, as the snapshot `reader` sees it: evenly between its
-    /// lowest and highest value for an integer column, else at the
-    /// quantiles of the column's statistics (`pg_stats.histogram_bounds`,
-    /// present once the table was analysed). One unbounded range when
-    /// the table has no key, `parts` is 1, or neither gives bounds. The
+    /// column, as the snapshot `reader` sees it: at the quantiles of the
+    /// column's statistics (`pg_stats.histogram_bounds`, present once the
+    /// table was analysed: ranges of about equal rows, whatever the type);
+    /// without them, for an integer column, evenly between its lowest and
+    /// highest value. One unbounded range when the table has no key,
+    /// `parts` is 1, or neither gives bounds. The
     /// first range has no lower bound and the last no upper one.
     pub async fn split(
         &self,
@@ -403,36 +406,36 @@ impl TableShape {
             return Ok(vec![KeyRange::default()]);
         }
         let context = || PostgresError::query("reading the bounds of a table's key");
-        let bounds = if matches!(first.sql_type.as_str(), "smallint" | "integer" | "bigint") {
+        let rows = reader
+            .query(
+                "SELECT unnest(s.histogram_bounds::text::text[]) FROM pg_stats s \
+                 JOIN pg_class c ON c.relname = s.tablename \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname \
+                 WHERE c.oid = $1 AND s.attname = $2 AND NOT s.inherited",
+                &[&self.relation, &first.name],
+            )
+            .await
+            .map_err(context())?;
+        let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut bounds = quantile_bounds(&values, parts);
+        if bounds.is_empty() && matches!(first.sql_type.as_str(), "smallint" | "integer" | "bigint")
+        {
             let row = reader
                 .query_one(
                     &format!(
                         "SELECT min({0})::bigint, max({0})::bigint FROM {1}",
-                        first.quoted,
-                        self.select.trim_start_matches("SELECT * FROM ")
+                        first.quoted, self.from
                     ),
                     &[],
                 )
                 .await
                 .map_err(context())?;
-            match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
-                (Some(low), Some(high)) => even_bounds(low, high, parts),
-                _ => Vec::new(),
+            if let (Some(low), Some(high)) =
+                (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+            {
+                bounds = even_bounds(low, high, parts);
             }
-        } else {
-            let rows = reader
-                .query(
-                    "SELECT unnest(s.histogram_bounds::text::text[]) FROM pg_stats s \
-                     JOIN pg_class c ON c.relname = s.tablename \
-                     JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname \
-                     WHERE c.oid = $1 AND s.attname = $2 AND NOT s.inherited",
-                    &[&self.relation, &first.name],
-                )
-                .await
-                .map_err(context())?;
-            let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            quantile_bounds(&values, parts)
-        };
+        }
         Ok(ranges_between(bounds))
     }
 }
@@ -728,13 +731,11 @@ pub async fn table_shape(
     let facts = catalog.describe(reader, &rel).await?;
     let key = primary_key(reader, &rel).await?;
     decoder.relation(&rel, facts);
+    let from = format!("{}.{}", quote_ident(schema), quote_ident(table));
     Ok(TableShape {
         relation: rel.id,
-        select: format!(
-            "SELECT * FROM {}.{}",
-            quote_ident(schema),
-            quote_ident(table)
-        ),
+        select: format!("SELECT * FROM {from}"),
+        from,
         key,
     })
 }
