@@ -458,6 +458,14 @@ impl PostgresSource {
             copy.take(delivery?, &plan.relations, &mut self.decoder, st)
                 .await?;
         }
+        // A table created before the stream moved is copied at
+        // `{consistent point - 1}:...` too: after this copy's first range.
+        let first_major = consistent_point.saturating_sub(1);
+        st.last_snapshot = copy
+            .ranges
+            .iter()
+            .find(|(_, tx, _)| tx.commit_lsn == first_major)
+            .map(|(_, tx, _)| (first_major, tx.ordinal));
         st.emitter.commit(consistent_point).await?;
         // Streaming may start only once Kinesis holds every snapshot row:
         // the marker says the snapshot is unfinished until then.
