@@ -262,6 +262,14 @@ impl ChunkLedger {
 
 static BAR: AtomicBool = AtomicBool::new(false);
 
+/// The bars of the tables being copied, drawn together on stderr.
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    })
+}
+
 /// Draw a progress bar on stderr while a snapshot copies a table (the
 /// binary turns it on when stderr is a terminal and logs are not JSON).
 pub fn enable_progress_bar(on: bool) {
@@ -300,10 +308,12 @@ impl SnapshotMetrics {
             None => info!(table, estimated_rows = estimated, "snapshot: copying table"),
         }
         let bar = BAR.load(Ordering::Relaxed).then(|| {
-            let bar = indicatif::ProgressBar::with_draw_target(
-                (estimated > 0).then_some(estimated),
-                indicatif::ProgressDrawTarget::stderr(),
-            );
+            // One set of bars on stderr: tables copied at once each get a
+            // line of their own.
+            let bar = bars().add(indicatif::ProgressBar::new(estimated));
+            if estimated == 0 {
+                bar.unset_length();
+            }
             let style = indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] {pos}/{len} rows, {per_sec}, eta {eta}",
             )
@@ -361,7 +371,7 @@ impl TableWatch {
                       rows_per_sec = per_sec as u64, eta_secs, "snapshot: copying");
             };
             match &self.bar {
-                Some(bar) => bar.suspend(line),
+                Some(_) => bars().suspend(line),
                 None => line(),
             }
         }
@@ -382,6 +392,7 @@ impl TableWatch {
     pub fn finish(self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            bars().remove(bar);
         }
         info!(table = %self.table, rows = self.rows, rows_per_sec = self.per_sec() as u64,
               secs = self.began.elapsed().as_secs_f64(), "snapshot: table copied");
