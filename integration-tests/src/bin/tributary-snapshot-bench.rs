@@ -47,6 +47,9 @@ struct Run {
     wall_secs: f64,
     cpu_secs: f64,
     peak_rss_kib: u64,
+    /// The machine's 1-minute load average when the run ended (other
+    /// work shares these cores).
+    load: f64,
 }
 
 impl Run {
@@ -225,6 +228,11 @@ fn timed(cmd: &Command, stderr: Stdio, work: &Path, reader: &str, rows: u64) -> 
         wall_secs: wall.parse()?,
         cpu_secs: user.parse::<f64>()? + system.parse::<f64>()?,
         peak_rss_kib: rss.parse()?,
+        load: std::fs::read_to_string("/proc/loadavg")?
+            .split_whitespace()
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0.0),
     };
     eprintln!("{run:?}");
     Ok(run)
@@ -284,9 +292,9 @@ fn report(server: &str, rows: u64, runs: &[Run]) {
         .map_or(0.0, |r| median(r, Run::rows_per_sec));
     println!("\n{server}: {rows} rows, 6 columns; medians");
     println!(
-        "| reader | wall s | rows/s | x native | CPU s | rows/s per CPU-s | peak RSS MiB | runs rows/s |"
+        "| reader | wall s | rows/s | x native | CPU s | rows/s per CPU-s | peak RSS MiB | load avg | runs rows/s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for reader in readers {
         let all: Vec<String> = runs
             .iter()
@@ -295,12 +303,13 @@ fn report(server: &str, rows: u64, runs: &[Run]) {
             .collect();
         let per_sec = median(reader, Run::rows_per_sec);
         println!(
-            "| {reader} | {:.2} | {per_sec:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} |",
+            "| {reader} | {:.2} | {per_sec:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} | {} |",
             median(reader, |r| r.wall_secs),
             per_sec / native.max(1.0),
             median(reader, |r| r.cpu_secs),
             median(reader, Run::rows_per_cpu_sec),
             median(reader, |r| r.peak_rss_kib as f64) / 1024.0,
+            median(reader, |r| r.load),
             all.join(", ")
         );
     }
