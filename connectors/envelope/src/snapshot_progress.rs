@@ -17,7 +17,12 @@
 //! Snapshot rows take positions `{major}:{ordinal}` below the stream's
 //! start; the progress keeps the position of the last row of the last done
 //! chunk, so a resumed snapshot numbers the rows it re-reads from the same
-//! ordinal the first run gave them.
+//! ordinal the first run gave them. A snapshot read in key ranges by
+//! parallel readers (Postgres) stores its plan, [`RangeProgress`] per
+//! range: each range has its own `major` and counts its own ordinals, and
+//! its chunks are recorded with [`ChunkLedger::sent_range`]; chunks of all
+//! ranges still reach the ledger in the order they were handed over, so
+//! the rule above holds unchanged.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};

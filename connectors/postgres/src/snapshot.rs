@@ -2,26 +2,34 @@
 //! was created, read at exactly the slot's consistent point.
 //!
 //! First stage of the dataflow, before streaming. The slot is created on a
-//! replication connection that exports a snapshot ([`prepare`]); a reader
-//! connection imports it (`SET TRANSACTION SNAPSHOT`, REPEATABLE READ, read
-//! only: no lock beyond what a plain read takes) and the exporting
-//! connection is closed. Each captured table is read in primary-key
-//! chunks ([`TableReader`]: `WHERE (key) > (last) ORDER BY key LIMIT n`;
-//! a table without a key through a cursor, in one pass); every row becomes
-//! a pgoutput Insert message rendered by the same decoder as the stream,
-//! as an `op = "snapshot"` envelope, so snapshot and stream JSON are the
-//! same for every type. Snapshot rows take positions
-//! `{consistent point - 1}:{ordinal}`: they sort before every change the
-//! stream sends (those commit after the consistent point).
+//! replication connection that exports a snapshot ([`prepare`]);
+//! `source.snapshot_parallelism` reader connections import it (`SET
+//! TRANSACTION SNAPSHOT`, REPEATABLE READ, read only: no lock beyond what a
+//! plain read takes; see `snapshot_readers`) and only then is the
+//! exporting connection closed. Each captured table ([`TableShape`]) is
+//! one unit of work, or, when large, several key ranges of its key's first
+//! column ([`TableShape::split`]), each read in primary-key chunks
+//! ([`TableReader`]: `WHERE (key) > (last) AND first >= from AND first <
+//! to ORDER BY key LIMIT n`; a table without a key through a cursor, in
+//! one pass); every row becomes a pgoutput Insert message rendered by the
+//! same decoder as the stream ([`render_row`]), as an `op = "snapshot"`
+//! envelope, so snapshot and stream JSON are the same for every type.
+//! Every range has its own `major` below the consistent point (the first
+//! `consistent point - 1`, the next one less, ...) and its rows take
+//! positions `{major}:{ordinal}`, ordinals counted within the range: they
+//! sort before every change the stream sends (those commit after the
+//! consistent point), and a chunk read again after a restart gets the
+//! positions the first run gave it, whatever order ranges were read in.
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
 //! written before the slot is created, then holds the snapshot's progress
-//! (the consistent point, each table's last acknowledged key: see
-//! `tributary_envelope::snapshot_progress`), and is removed only after
-//! Kinesis acknowledged every snapshot row. A start that finds it with
+//! (the consistent point, the planned ranges and each one's last
+//! acknowledged key: see `tributary_envelope::snapshot_progress`), and is
+//! removed only after Kinesis acknowledged every snapshot row. A start that finds it with
 //! progress, and the slot still at that consistent point, resumes: the
-//! exported snapshot is gone, so the rest is read in a new REPEATABLE READ
-//! transaction (later than the consistent point) and the stream then starts
+//! exported snapshot is gone, so the rest of the stored plan is read in a
+//! new REPEATABLE READ transaction (later than the consistent point,
+//! exported by the first reader to the others) and the stream then starts
 //! at the consistent point; the stream's changes after it bring every key
 //! read later to its latest state. A marker without progress (a crash
 //! before the slot existed) drops the slot and takes the snapshot again.
