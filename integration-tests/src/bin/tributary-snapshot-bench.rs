@@ -30,6 +30,10 @@ struct Args {
     /// `source.snapshot_parallelism` values to run Tributary with.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
     parallelism: Vec<usize>,
+    /// `source.snapshot_chunk_rows` of Tributary's runs (default: the
+    /// config's default, 10,000).
+    #[arg(long)]
+    chunk_rows: Option<usize>,
     /// Skip MariaDB (PostgreSQL only).
     #[arg(long)]
     no_mysql: bool,
@@ -69,6 +73,10 @@ async fn main() -> Result<()> {
         Some(bin) => bin.clone(),
         None => tributary_integration_tests::tributary_bin()?,
     };
+    let chunk_rows = args
+        .chunk_rows
+        .map(|rows| format!("snapshot_chunk_rows = {rows}\n"))
+        .unwrap_or_default();
     let work = tempfile::tempdir()?;
     let pg = Postgres::start().await?;
     load_postgres(&pg, args.rows).await?;
@@ -80,7 +88,7 @@ async fn main() -> Result<()> {
                 work.path(),
                 &format!("pg-{round}-{parallelism}"),
                 ("postgres", &pg.url(DEFAULT_DATABASE), "public.bench"),
-                &format!("snapshot_parallelism = {parallelism}\n"),
+                &format!("snapshot_parallelism = {parallelism}\n{chunk_rows}"),
             )?;
             let name = format!("tributary postgres, {parallelism} reader(s)");
             runs.push(tributary_copy(&bin, &config, &name, args.rows)?);
@@ -98,7 +106,7 @@ async fn main() -> Result<()> {
                 work.path(),
                 &format!("mariadb-{round}"),
                 ("mysql", &db.url(), "shop.bench"),
-                &format!("[source.mysql]\nserver_id = {}\n", 5500 + round),
+                &format!("{chunk_rows}[source.mysql]\nserver_id = {}\n", 5500 + round),
             )?;
             let name = "tributary mariadb, 1 reader".to_owned();
             runs.push(tributary_copy(&bin, &config, &name, args.rows)?);
