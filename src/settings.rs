@@ -119,6 +119,12 @@ pub struct SourceSettings {
     /// most the chunks not yet acknowledged, and memory holds one chunk.
     #[serde(default = "default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: usize,
+    /// Reader connections of a snapshot (Postgres): tables, and key
+    /// ranges of large tables, are read by this many connections at once,
+    /// all on the one consistent snapshot. Memory holds about two chunks
+    /// per reader.
+    #[serde(default = "default_snapshot_parallelism")]
+    pub snapshot_parallelism: usize,
     /// `[source.postgres]` (parsed and validated by the Postgres crate).
     #[serde(default)]
     pub postgres: PostgresSettings,
@@ -130,6 +136,16 @@ pub struct SourceSettings {
 fn default_snapshot_chunk_rows() -> usize {
     DEFAULT_SNAPSHOT_CHUNK_ROWS
 }
+
+fn default_snapshot_parallelism() -> usize {
+    DEFAULT_SNAPSHOT_PARALLELISM
+}
+
+/// `source.snapshot_parallelism` when not set.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
+
+/// The largest `source.snapshot_parallelism` (each reader is a connection).
+pub const MAX_SNAPSHOT_PARALLELISM: usize = 64;
 
 /// `source.snapshot_chunk_rows` when not set.
 pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
@@ -592,6 +608,14 @@ impl Settings {
                 ),
             ));
         }
+        if !(1..=MAX_SNAPSHOT_PARALLELISM).contains(&source.snapshot_parallelism) {
+            return Err(invalid(
+                "source.snapshot_parallelism",
+                format!(
+                    "must be between 1 and {MAX_SNAPSHOT_PARALLELISM} (snapshot reader connections; default {DEFAULT_SNAPSHOT_PARALLELISM})"
+                ),
+            ));
+        }
         if self.http.stall_timeout_secs == 0 {
             return Err(invalid(
                 "http.stall_timeout_secs",
@@ -627,6 +651,7 @@ impl Settings {
             snapshot: source.snapshot == SnapshotMode::Initial,
             snapshot_only: source.snapshot == SnapshotMode::Only,
             snapshot_chunk_rows: source.snapshot_chunk_rows,
+            snapshot_parallelism: source.snapshot_parallelism,
         };
         let source = match source.kind {
             SourceKind::Postgres => {
@@ -716,6 +741,10 @@ region = "us-east-1"
             (
                 BASE.replace("tables = [", "snapshot_chunk_rows = 0\ntables = ["),
                 "source.snapshot_chunk_rows",
+            ),
+            (
+                BASE.replace("tables = [", "snapshot_parallelism = 0\ntables = ["),
+                "source.snapshot_parallelism",
             ),
         ];
         for (toml, key) in cases {

@@ -24,8 +24,7 @@ pub async fn wait_for_acknowledged_chunk(
             Ok(bytes) => {
                 seen_marker = true;
                 if let Ok(progress) = serde_json::from_slice::<Value>(&bytes)
-                    && progress["tables"][table]["after"].is_array()
-                    && progress["ordinal"].as_u64() >= Some(min_rows)
+                    && acknowledged_rows(&progress, table) >= Some(min_rows)
                 {
                     return Ok(progress);
                 }
@@ -44,6 +43,26 @@ pub async fn wait_for_acknowledged_chunk(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The rows of `table` the stored `progress` records as acknowledged,
+/// when one of its chunks is: for a snapshot read table by table, the
+/// ordinal of the snapshot when `table` has a stored key; for one read in
+/// key ranges, the sum of its ranges' ordinals when one of them has a
+/// stored key.
+pub fn acknowledged_rows(progress: &Value, table: &str) -> Option<u64> {
+    if progress["tables"][table]["after"].is_array() {
+        return progress["ordinal"].as_u64();
+    }
+    let ranges: Vec<&Value> = progress["ranges"]
+        .as_array()?
+        .iter()
+        .filter(|r| r["table"] == table)
+        .collect();
+    ranges
+        .iter()
+        .any(|r| r["state"]["after"].is_array())
+        .then(|| ranges.iter().filter_map(|r| r["ordinal"].as_u64()).sum())
 }
 
 /// The `rows` of the `snapshot complete` line in JSON `logs`: the rows

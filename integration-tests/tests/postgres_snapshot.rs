@@ -107,16 +107,23 @@ async fn existing_rows_arrive_as_snapshots_then_the_stream_follows() -> Result<(
     Ok(())
 }
 
-/// 30,000 keyed rows (and a table without a key) copied in 500-row
-/// chunks: a few seconds of snapshot to kill in the middle.
+/// 30,000 keyed rows, 4,000 rows keyed by text and a table without a key,
+/// copied in 500-row chunks by the default 4 readers: `items` is split
+/// into ranges of its integer key, `codes` at the quantiles of its key's
+/// statistics; a few seconds of snapshot to write during or to kill in
+/// the middle.
 const LARGE: &str = "
 CREATE TABLE items (id int PRIMARY KEY, name text, price int);
 INSERT INTO items SELECT g, 'item ' || g, g * 3 FROM generate_series(1, 30000) g;
+CREATE TABLE codes (code text PRIMARY KEY, n int);
+INSERT INTO codes SELECT md5(g::text), g FROM generate_series(1, 4000) g;
 CREATE TABLE notes (body text);
 INSERT INTO notes SELECT 'note ' || g FROM generate_series(1, 10) g;
-ANALYZE items;
+ANALYZE items; ANALYZE codes;
 ";
-const LARGE_ROWS: u64 = 30_010;
+const LARGE_ROWS: u64 = 34_010;
+const LARGE_CONFIG: &str = "[source]\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500\n\
+     [sink]\nmax_in_flight_bytes = 1048576\n";
 
 /// Inserts, updates and deletes rows of `items` until `done`; returns the
 /// rounds it ran.
@@ -132,10 +139,14 @@ fn spawn_writer(
                 .batch_execute(&format!(
                     "UPDATE items SET price = price + 1, name = 'w{n}' WHERE id = {}; \
                      DELETE FROM items WHERE id = {}; \
-                     INSERT INTO items VALUES ({}, 'new {n}', {n})",
+                     INSERT INTO items VALUES ({}, 'new {n}', {n}); \
+                     UPDATE codes SET n = -n WHERE code = md5('{}'); \
+                     DELETE FROM codes WHERE code = md5('{}')",
                     (n * 37) % 30_000 + 1,
                     (n * 53) % 30_000 + 1,
-                    100_000 + n
+                    100_000 + n,
+                    (n * 7) % 4_000 + 1,
+                    (n * 11) % 4_000 + 1,
                 ))
                 .await?;
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -152,10 +163,7 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     use tributary_integration_tests::snapshot_resume;
     let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
         .await?
-        .start_tributary_without_waiting(
-            "[source]\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500\n\
-             [sink]\nmax_in_flight_bytes = 1048576\n",
-        )
+        .start_tributary_without_waiting(LARGE_CONFIG)
         .await?;
     let done = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(pipeline.pg.client(DEFAULT_DATABASE).await?, done.clone());
@@ -172,6 +180,10 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     .await
     .with_context(|| pipeline.tributary.logs())?;
     pipeline.tributary.kill9().await?;
+    ensure!(
+        ranges_of(&progress, "public.items") == 4,
+        "items is read in 4 key ranges: {progress}"
+    );
     let before_kill = pipeline.kin.read_all(STREAM).await?.len();
     eprintln!("killed with {before_kill} snapshot rows out; stored progress {progress}");
 
@@ -189,8 +201,112 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     let records = settled(&pipeline).await.context("after the restart")?;
     eprintln!("{rounds} write rounds; {} records in all", records.len());
     assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    assert_replica_matches(&pipeline, &records, "public.codes", &["code"]).await?;
     assert!(!marker.exists(), "the marker is removed once complete");
     pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
+/// The key ranges the stored snapshot `progress` planned for `table`.
+fn ranges_of(progress: &Value, table: &str) -> usize {
+    progress["ranges"].as_array().map_or(0, |ranges| {
+        ranges.iter().filter(|r| r["table"] == table).count()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_readers_copy_tables_and_key_ranges_at_one_point_while_a_writer_runs() -> Result<()>
+{
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let servers = tributary_integration_tests::Servers::start(STREAM, 2, LARGE).await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(servers.pg.client(DEFAULT_DATABASE).await?, done.clone());
+    let pipeline = servers
+        .start_tributary_without_waiting(LARGE_CONFIG)
+        .await?;
+    let marker = pipeline
+        .config
+        .state_dir
+        .join("postgres-snapshot-tributary_shop.pending");
+    let logs_say = |text: &str| pipeline.tributary.logs().contains(text);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !logs_say("snapshot complete") {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot complete:\n{}",
+            pipeline.tributary.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let rounds = writer.await??;
+    ensure!(
+        rounds > 10,
+        "the writer ran during the snapshot ({rounds} rounds)"
+    );
+    ensure!(
+        pipeline.tributary.logs().contains("\"readers\":4"),
+        "four readers:\n{}",
+        pipeline.tributary.logs()
+    );
+    assert!(!marker.exists(), "the marker is removed once complete");
+    let records = settled(&pipeline).await?;
+    let envelopes: Vec<Value> = records.iter().map(|r| r.json()).collect::<Result<_>>()?;
+    let snapshots: Vec<&Value> = envelopes.iter().filter(|e| e["op"] == "snapshot").collect();
+    // The writer ran before the consistent point too: the tables held
+    // about LARGE_ROWS rows then, each copied once.
+    let rows: BTreeSet<(String, String)> = snapshots
+        .iter()
+        .map(|e| (e["source"]["table"].to_string(), e["after"].to_string()))
+        .collect();
+    assert_eq!(rows.len(), snapshots.len(), "every row is copied once");
+    ensure!(
+        snapshots.len().abs_diff(LARGE_ROWS as usize) < 1_000,
+        "{} snapshot envelopes for about {LARGE_ROWS} rows",
+        snapshots.len()
+    );
+    let ids: BTreeSet<&str> = snapshots.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(ids.len(), snapshots.len(), "snapshot ids are distinct");
+    // Each range has its own position space: its own major.
+    let mut majors: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for e in &snapshots {
+        let position = e["source"]["position"].as_str().context("position")?;
+        let table = e["source"]["table"].as_str().context("table")?;
+        majors.entry(table).or_default().insert(&position[..16]);
+    }
+    assert_eq!(majors["items"].len(), 4, "items read in 4 ranges");
+    assert!(
+        majors["codes"].len() >= 2,
+        "codes split at its statistics: {majors:?}"
+    );
+    assert_eq!(
+        majors["notes"].len(),
+        1,
+        "a table without a key is one pass"
+    );
+    let latest_snapshot = snapshots
+        .iter()
+        .filter_map(|e| e["source"]["position"].as_str())
+        .max()
+        .context("snapshot rows")?;
+    let earliest_change = envelopes
+        .iter()
+        .filter(|e| e["op"] != "snapshot")
+        .filter_map(|e| e["source"]["position"].as_str())
+        .min()
+        .context("the writer's changes")?;
+    assert!(
+        latest_snapshot < earliest_change,
+        "snapshot rows sort before every change: {latest_snapshot} vs {earliest_change}"
+    );
+    eprintln!(
+        "{rounds} write rounds during the snapshot; {} records",
+        records.len()
+    );
+    assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    assert_replica_matches(&pipeline, &records, "public.codes", &["code"]).await?;
     Ok(())
 }
 

@@ -17,7 +17,12 @@
 //! Snapshot rows take positions `{major}:{ordinal}` below the stream's
 //! start; the progress keeps the position of the last row of the last done
 //! chunk, so a resumed snapshot numbers the rows it re-reads from the same
-//! ordinal the first run gave them.
+//! ordinal the first run gave them. A snapshot read in key ranges by
+//! parallel readers (Postgres) stores its plan, [`RangeProgress`] per
+//! range: each range has its own `major` and counts its own ordinals, and
+//! its chunks are recorded with [`ChunkLedger::sent_range`]; chunks of all
+//! ranges still reach the ledger in the order they were handed over, so
+//! the rule above holds unchanged.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -66,6 +71,37 @@ pub struct SnapshotProgress {
     /// Per captured table (`schema.table`, MySQL `db.table`): its progress.
     /// A table not listed is read from its first row.
     pub tables: BTreeMap<String, TableProgress>,
+    /// A snapshot read in key ranges (Postgres): the ranges as planned
+    /// when it began, fixed for its whole life, each with its own
+    /// progress and position space. Empty for a snapshot read table by
+    /// table (MySQL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<RangeProgress>,
+}
+
+/// One key range of a table read by a parallel snapshot, and how far it got.
+///
+/// Every range has its own `major`, so its rows take positions
+/// `{major}:{ordinal}` with ordinals counted from 0 within the range:
+/// whichever reader reads it, and in whatever order the ranges finish, a
+/// chunk read again after a restart starts at the ordinal the first run
+/// gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeProgress {
+    /// The table (`schema.table`).
+    pub table: String,
+    /// The lowest value of the key's first column in the range (inclusive,
+    /// as text); `None`: unbounded.
+    pub from: Option<String>,
+    /// The value of the key's first column where the next range starts
+    /// (exclusive, as text); `None`: unbounded.
+    pub to: Option<String>,
+    /// The `major` of the range's row positions.
+    pub major: u64,
+    /// The ordinal the range's next row takes (rows delivered so far).
+    pub ordinal: u32,
+    /// How far the range got; `None`: not started.
+    pub state: Option<TableProgress>,
 }
 
 /// How far one table's copy got.
@@ -125,10 +161,18 @@ impl SnapshotProgress {
 #[derive(Debug)]
 struct ChunkEnd {
     end_seq: u64,
-    table: String,
     state: TableProgress,
-    major: u64,
     ordinal: u32,
+    of: ChunkOf,
+}
+
+/// What a chunk belongs to.
+#[derive(Debug)]
+enum ChunkOf {
+    /// A table read whole, with the snapshot's one position space.
+    Table { table: String, major: u64 },
+    /// The range at this index of [`SnapshotProgress::ranges`].
+    Range(usize),
 }
 
 /// Chunks handed to the sink, in order, and the progress file that
@@ -168,10 +212,24 @@ impl ChunkLedger {
     ) {
         self.pending.push_back(ChunkEnd {
             end_seq,
-            table: table.to_owned(),
             state,
-            major,
             ordinal,
+            of: ChunkOf::Table {
+                table: table.to_owned(),
+                major,
+            },
+        });
+    }
+
+    /// A chunk of the range at `index` of the stored progress's `ranges`
+    /// was handed over: its records are below `end_seq`; once done, the
+    /// range is in `state` and its next row takes ordinal `ordinal`.
+    pub fn sent_range(&mut self, end_seq: u64, index: usize, state: TableProgress, ordinal: u32) {
+        self.pending.push_back(ChunkEnd {
+            end_seq,
+            state,
+            ordinal,
+            of: ChunkOf::Range(index),
         });
     }
 
@@ -185,9 +243,19 @@ impl ChunkLedger {
                 break;
             }
             let chunk = self.pending.pop_front().expect("front exists");
-            self.stored.tables.insert(chunk.table, chunk.state);
-            self.stored.major = chunk.major;
-            self.stored.ordinal = chunk.ordinal;
+            match chunk.of {
+                ChunkOf::Table { table, major } => {
+                    self.stored.tables.insert(table, chunk.state);
+                    self.stored.major = major;
+                    self.stored.ordinal = chunk.ordinal;
+                }
+                ChunkOf::Range(index) => {
+                    if let Some(range) = self.stored.ranges.get_mut(index) {
+                        range.state = Some(chunk.state);
+                        range.ordinal = chunk.ordinal;
+                    }
+                }
+            }
             changed = true;
         }
         if changed {
@@ -198,6 +266,14 @@ impl ChunkLedger {
 }
 
 static BAR: AtomicBool = AtomicBool::new(false);
+
+/// The bars of the tables being copied, drawn together on stderr.
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    })
+}
 
 /// Draw a progress bar on stderr while a snapshot copies a table (the
 /// binary turns it on when stderr is a terminal and logs are not JSON).
@@ -237,10 +313,12 @@ impl SnapshotMetrics {
             None => info!(table, estimated_rows = estimated, "snapshot: copying table"),
         }
         let bar = BAR.load(Ordering::Relaxed).then(|| {
-            let bar = indicatif::ProgressBar::with_draw_target(
-                (estimated > 0).then_some(estimated),
-                indicatif::ProgressDrawTarget::stderr(),
-            );
+            // One set of bars on stderr: tables copied at once each get a
+            // line of their own.
+            let bar = bars().add(indicatif::ProgressBar::new(estimated));
+            if estimated == 0 {
+                bar.unset_length();
+            }
             let style = indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] {pos}/{len} rows, {per_sec}, eta {eta}",
             )
@@ -298,7 +376,7 @@ impl TableWatch {
                       rows_per_sec = per_sec as u64, eta_secs, "snapshot: copying");
             };
             match &self.bar {
-                Some(bar) => bar.suspend(line),
+                Some(_) => bars().suspend(line),
                 None => line(),
             }
         }
@@ -319,6 +397,7 @@ impl TableWatch {
     pub fn finish(self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            bars().remove(bar);
         }
         info!(table = %self.table, rows = self.rows, rows_per_sec = self.per_sec() as u64,
               secs = self.began.elapsed().as_secs_f64(), "snapshot: table copied");
@@ -368,6 +447,52 @@ mod tests {
             Some(None),
             "an old marker is not resumable"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ranges_record_their_own_progress_in_the_order_chunks_were_sent() {
+        let dir = std::env::temp_dir().join(format!("tributary-ranges-{}", std::process::id()));
+        let path = dir.join("snap.pending");
+        let range = |from: Option<&str>, to: Option<&str>, major| RangeProgress {
+            table: "public.t".into(),
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+            major,
+            ordinal: 0,
+            state: None,
+        };
+        let mut first = SnapshotProgress::new("0/16B3748", 41);
+        first.ranges = vec![range(None, Some("500"), 41), range(Some("500"), None, 40)];
+        first.save(&path).unwrap();
+        let mut ledger = ChunkLedger::new(&path, first);
+        let tracker = AckTracker::new(0);
+        tracker.issued(6);
+        // Chunks of the two ranges interleave as their readers deliver.
+        ledger.sent_range(2, 1, TableProgress::After(vec!["501".into()]), 2);
+        ledger.sent_range(4, 0, TableProgress::After(vec!["2".into()]), 2);
+        ledger.sent_range(6, 1, TableProgress::Done, 4);
+        tracker.complete([0, 1, 3, 4, 5]);
+        assert!(ledger.persist_done(&tracker).unwrap());
+        let stored = SnapshotProgress::load(&path).unwrap().unwrap().unwrap();
+        assert_eq!(
+            stored.ranges[1].state,
+            Some(TableProgress::After(vec!["501".into()]))
+        );
+        assert_eq!(stored.ranges[1].ordinal, 2);
+        assert_eq!(stored.ranges[0].state, None, "row 2 is in flight");
+        tracker.complete([2]);
+        assert!(ledger.persist_done(&tracker).unwrap());
+        let stored = SnapshotProgress::load(&path).unwrap().unwrap().unwrap();
+        assert_eq!(
+            (stored.ranges[0].state.clone(), stored.ranges[0].ordinal),
+            (Some(TableProgress::After(vec!["2".into()])), 2)
+        );
+        assert_eq!(
+            (stored.ranges[1].state.clone(), stored.ranges[1].ordinal),
+            (Some(TableProgress::Done), 4)
+        );
+        assert_eq!(stored.ranges[1].major, 40, "the plan is kept as it was");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -170,6 +170,9 @@ pub struct SourceCommon {
     /// `source.snapshot_chunk_rows`: rows a snapshot reads per keyset
     /// chunk (the unit of resumption after a crash).
     pub snapshot_chunk_rows: usize,
+    /// `source.snapshot_parallelism`: reader connections of a snapshot
+    /// (tables, and key ranges of large tables, read at once).
+    pub snapshot_parallelism: usize,
 }
 
 /// A setting a source cannot use; names the key and the fix.

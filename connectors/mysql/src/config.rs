@@ -161,6 +161,7 @@ mod tests {
             snapshot: false,
             snapshot_only: false,
             snapshot_chunk_rows: 10_000,
+            snapshot_parallelism: 4,
         }
     }
 

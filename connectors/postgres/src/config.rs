@@ -30,6 +30,8 @@ pub struct PostgresSourceConfig {
     pub snapshot_only: bool,
     /// `source.snapshot_chunk_rows`: rows per keyset chunk of the snapshot.
     pub snapshot_chunk_rows: usize,
+    /// `source.snapshot_parallelism`: reader connections of the snapshot.
+    pub snapshot_parallelism: usize,
     /// `[state] dir`: where an unfinished snapshot is marked.
     pub state_dir: std::path::PathBuf,
     /// `source.postgres.read_timeout_secs`: how long the replication
@@ -98,6 +100,7 @@ impl PostgresSettings {
             snapshot: common.snapshot,
             snapshot_only: common.snapshot_only,
             snapshot_chunk_rows: common.snapshot_chunk_rows,
+            snapshot_parallelism: common.snapshot_parallelism,
             state_dir: common.state_dir.clone(),
             read_timeout: self.read_timeout_secs.map(std::time::Duration::from_secs),
             heartbeat: self

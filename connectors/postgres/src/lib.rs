@@ -7,7 +7,9 @@
 //!
 //! Files: `config` (settings, URL parsing), `setup` (publication, slot,
 //! `wal_level` check), `replication` (the streaming loop and
-//! acknowledgements), `source` (the envelope's `Source` contract), `wire` (the replication connection: startup,
+//! acknowledgements), `snapshot` (the initial copy: slot with an exported
+//! snapshot, key ranges, chunks), `snapshot_readers` (its parallel reader
+//! connections), `source` (the envelope's `Source` contract), `wire` (the replication connection: startup,
 //! authentication, CopyBoth framing, status updates), `tls` (the rustls client of both connections), `lsn`, `pgoutput` (message parser), `decoder` (relation cache,
 //! rows to envelopes), `types` (text values to JSON), `catalog` (primary keys
 //! and non-built-in types), `error`; beside the dataflow, for the DBA commands:
@@ -33,6 +35,7 @@ pub mod replication;
 pub mod setup;
 pub mod slots;
 pub mod snapshot;
+pub mod snapshot_readers;
 mod sockopt;
 mod source;
 pub mod table_schema;

@@ -11,6 +11,7 @@
 //! sink never gives back (Kinesis down) drops the open transaction when the
 //! timeout is spent, so it stays unacknowledged and a restart sends it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tracing::{debug, info, warn};
 pub use tributary_envelope::Stopped;
 use tributary_envelope::error_text::one_line;
 use tributary_envelope::snapshot_progress::{
-    ChunkLedger, SnapshotMetrics, SnapshotProgress, TableProgress,
+    ChunkLedger, RangeProgress, SnapshotMetrics, SnapshotProgress, TableProgress, TableWatch,
 };
 use tributary_envelope::{AckTracker, Budget, Emitter, Record, WhileWaiting};
 
@@ -33,6 +34,7 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::setup::{self, SetupReport};
 use crate::snapshot::{self, PendingSnapshot};
+use crate::snapshot_readers;
 use crate::tls::{MakeRustlsConnect, TlsParams};
 use crate::wire::{ReplicationConnection, StreamMessage, WireError};
 use tributary_envelope::CapturedTables;
@@ -391,17 +393,21 @@ impl PostgresSource {
     }
 
     /// Copies every captured table at the slot's consistent point (see
-    /// `snapshot`), or what an interrupted copy left, recording each chunk
-    /// Kinesis acknowledged in the marker; waits until Kinesis has every
-    /// row, then removes the marker. False when a shutdown interrupted it.
+    /// `snapshot`), or what an interrupted copy left, with
+    /// `source.snapshot_parallelism` readers on one snapshot (see
+    /// `snapshot_readers`), recording each chunk Kinesis acknowledged in
+    /// the marker; waits until Kinesis has every row, then removes the
+    /// marker. False when a shutdown interrupted it.
     async fn copy_snapshot(
         &mut self,
         pending: PendingSnapshot,
         st: &mut RunState,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<bool, PostgresError> {
-        let reader = connect_sql(&self.cfg.connection).await?;
-        let taken_at = snapshot::begin(&reader, pending.name.as_deref()).await?;
+        let parallelism = self.cfg.snapshot_parallelism.max(1);
+        let (readers, taken_at) =
+            snapshot_readers::open(&self.cfg.connection, pending.name.as_deref(), parallelism)
+                .await?;
         let PendingSnapshot {
             export,
             consistent_point,
@@ -415,61 +421,53 @@ impl PostgresSource {
             Some(_) => consistent_point,
             None => taken_at.unwrap_or(consistent_point),
         };
-        // Imported: the exporting connection is no longer needed.
+        // Every reader imported the snapshot: the exporting connection is
+        // no longer needed.
         drop(export);
-        let progress = resume.unwrap_or_else(|| {
+        let mut progress = resume.unwrap_or_else(|| {
             SnapshotProgress::new(
                 Lsn(consistent_point).to_string(),
                 consistent_point.saturating_sub(1),
             )
         });
-        let mut tx = snapshot_transaction(progress.major);
-        tx.ordinal = progress.ordinal;
-        st.captured_at = tributary_envelope::time::now();
         let tables = self.report.tables.clone();
-        info!(tables = tables.len(), consistent_point = %Lsn(consistent_point), "snapshot: copying the captured tables");
+        info!(tables = tables.len(), readers = readers.len(), consistent_point = %Lsn(consistent_point),
+              "snapshot: copying the captured tables");
+        let plan = self
+            .plan_ranges(&readers[0], &tables, &mut progress, parallelism)
+            .await?;
+        if let Some(marker) = &marker {
+            progress.save(marker).map_err(|e| {
+                PostgresError::Setup(format!("cannot write {}: {e}", marker.display()))
+            })?;
+        }
+        st.captured_at = tributary_envelope::time::now();
         let began = tokio::time::Instant::now();
-        let mut copy = SnapshotCopy {
-            metrics: SnapshotMetrics::new(&self.cfg.name),
-            ledger: marker
-                .as_ref()
-                .map(|m| ChunkLedger::new(m, progress.clone())),
-            decoded: Vec::with_capacity(2),
-            tx,
-            total: 0,
-        };
-        for name in &tables {
-            let Some((schema, table)) = name.split_once('.') else {
-                continue;
-            };
-            let after = match progress.tables.get(name) {
-                Some(TableProgress::Done) => {
-                    info!(table = %name, "snapshot: table already delivered before the restart");
-                    copy.metrics.table_done();
-                    continue;
-                }
-                Some(TableProgress::After(key)) => Some(key.clone()),
-                None => None,
-            };
-            if !self
-                .copy_table(
-                    &reader,
-                    (schema, table),
-                    after,
-                    &mut copy,
-                    st,
-                    shutdown,
-                    &mut (),
-                )
-                .await?
-            {
+        let mut copy = ParallelCopy::new(&self.cfg.name, &progress, plan.estimated);
+        copy.ledger = marker
+            .as_ref()
+            .map(|m| ChunkLedger::new(m, progress.clone()));
+        let (mut deliveries, _readers) = snapshot_readers::spawn(readers, plan.units);
+        while let Some(delivery) = deliveries.recv().await {
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(
+                    rows = copy.total,
+                    "snapshot interrupted: it resumes after the last acknowledged chunks at the next run"
+                );
                 return Ok(false);
             }
+            copy.take(delivery?, &plan.relations, &mut self.decoder, st)
+                .await?;
         }
-        reader
-            .batch_execute("COMMIT")
-            .await
-            .map_err(PostgresError::query("ending the snapshot transaction"))?;
+        // A table created before the stream moved is copied at
+        // `{consistent point - 1}:...` too, now or at a later start (the
+        // captured-tables record keeps it): after this copy's first range.
+        let first_major = consistent_point.saturating_sub(1);
+        self.captured.snapshot_end = copy
+            .ranges
+            .iter()
+            .find(|(_, tx, _)| tx.commit_lsn == first_major)
+            .map(|(_, tx, _)| (first_major, tx.ordinal));
         st.emitter.commit(consistent_point).await?;
         // Streaming may start only once Kinesis holds every snapshot row:
         // the marker says the snapshot is unfinished until then.
@@ -480,7 +478,6 @@ impl PostgresSource {
             copy.persist_with(st.emitter.tracker())?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.captured.snapshot_end = Some((copy.tx.commit_lsn, copy.tx.ordinal));
         if !self.cfg.snapshot_only {
             self.save_captured(CapturedTables::new(self.report.matching.clone()))?;
         }
@@ -493,6 +490,117 @@ impl PostgresSource {
             "snapshot complete; streaming from its consistent point"
         );
         Ok(true)
+    }
+
+    /// Plans the copy of `tables`: each table's key ranges (kept from an
+    /// interrupted copy's `progress`, else split now: a keyed table of at
+    /// least two chunks into up to `parallelism` ranges, see
+    /// [`snapshot::TableShape::split`]), added to `progress.ranges` with
+    /// their own `major`, and the units left to read, largest tables
+    /// first. Teaches the decoder every table.
+    async fn plan_ranges(
+        &mut self,
+        reader: &Client,
+        tables: &[String],
+        progress: &mut SnapshotProgress,
+        parallelism: usize,
+    ) -> Result<SnapshotPlan, PostgresError> {
+        let chunk_rows = self.cfg.snapshot_chunk_rows.max(1);
+        let mut shapes = Vec::with_capacity(tables.len());
+        for name in tables {
+            let Some((schema, table)) = name.split_once('.') else {
+                continue;
+            };
+            let shape = snapshot::table_shape(
+                reader,
+                &mut self.catalog,
+                &mut self.decoder,
+                (schema, table),
+            )
+            .await?;
+            let estimated = snapshot::estimated_rows(reader, shape.relation()).await?;
+            shapes.push((name.clone(), shape, estimated));
+        }
+        shapes.sort_by_key(|(_, _, estimated)| std::cmp::Reverse(*estimated));
+        // A copy interrupted before this version stored one position
+        // space: new ranges take majors below it.
+        let legacy = progress.ranges.is_empty() && progress.ordinal > 0;
+        let mut next_major = match progress.ranges.iter().map(|r| r.major).min() {
+            Some(lowest) => lowest.saturating_sub(1),
+            None if legacy => progress.major.saturating_sub(1),
+            None => progress.major,
+        };
+        for (name, shape, estimated) in &shapes {
+            if progress.ranges.iter().any(|r| &r.table == name) {
+                continue;
+            }
+            let ranges = match progress.tables.get(name) {
+                Some(TableProgress::Done) => continue,
+                Some(after @ TableProgress::After(_)) => vec![RangeProgress {
+                    table: name.clone(),
+                    from: None,
+                    to: None,
+                    major: progress.major,
+                    ordinal: progress.ordinal,
+                    state: Some(after.clone()),
+                }],
+                None => {
+                    let chunks = usize::try_from(estimated.div_ceil(chunk_rows as u64))
+                        .unwrap_or(usize::MAX);
+                    let parts = if chunks >= 2 {
+                        parallelism.min(chunks)
+                    } else {
+                        1
+                    };
+                    let mut planned = Vec::new();
+                    for range in shape.split(reader, parts).await? {
+                        planned.push(RangeProgress {
+                            table: name.clone(),
+                            from: range.from,
+                            to: range.to,
+                            major: next_major,
+                            ordinal: 0,
+                            state: None,
+                        });
+                        next_major = next_major.saturating_sub(1);
+                    }
+                    planned
+                }
+            };
+            progress.ranges.extend(ranges);
+        }
+        let mut plan = SnapshotPlan::default();
+        for (name, shape, estimated) in &shapes {
+            plan.estimated.insert(name.clone(), *estimated);
+            for (index, range) in progress.ranges.iter().enumerate() {
+                if &range.table != name || range.state == Some(TableProgress::Done) {
+                    continue;
+                }
+                let after = match &range.state {
+                    Some(TableProgress::After(key)) => Some(key.clone()),
+                    _ => None,
+                };
+                let key_range = snapshot::KeyRange {
+                    from: range.from.clone(),
+                    to: range.to.clone(),
+                };
+                plan.units.push(snapshot_readers::Unit {
+                    index,
+                    reader: shape.reader(key_range, after, chunk_rows),
+                });
+            }
+        }
+        plan.relations = progress
+            .ranges
+            .iter()
+            .map(|r| {
+                shapes
+                    .iter()
+                    .find(|(name, _, _)| name == &r.table)
+                    .map(|(_, shape, _)| shape.relation())
+            })
+            .collect();
+        Ok(plan)
     }
 
     /// Copies one table chunk by chunk; false when a shutdown interrupted
@@ -543,7 +651,8 @@ impl PostgresSource {
             for row in &rows {
                 let at = &st.captured_at;
                 let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
-                table_reader.render(row, decoder, tx, at, &mut copy.decoded)?;
+                let relation = table_reader.relation();
+                snapshot::render_row(relation, row, decoder, tx, at, &mut copy.decoded)?;
                 for record in copy.decoded.drain(..) {
                     st.emitter.push_waiting(record, keep).await?;
                 }
@@ -1251,6 +1360,162 @@ impl Feedback {
     }
 }
 
+/// What a parallel copy reads: the units left, each range's relation
+/// (by its index in the plan; `None` for a table no longer captured) and
+/// each table's estimated rows.
+#[derive(Default)]
+struct SnapshotPlan {
+    units: Vec<snapshot_readers::Unit>,
+    relations: Vec<Option<u32>>,
+    estimated: HashMap<String, u64>,
+}
+
+/// The renderer of a parallel copy: turns the readers' chunks into
+/// records, in the order they arrive, each range at its own positions.
+struct ParallelCopy {
+    metrics: SnapshotMetrics,
+    /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
+    ledger: Option<ChunkLedger>,
+    decoded: Vec<Record>,
+    /// Per range of the plan: its table, the position of its next row
+    /// (`{range major}:{ordinal}`), and its resume key if it had one.
+    ranges: Vec<(String, Transaction, Option<Vec<String>>)>,
+    /// Per table: its ranges not yet read to their end.
+    open: HashMap<String, usize>,
+    /// Per table being read: its watch (rows, log lines, bar).
+    watches: HashMap<String, TableWatch>,
+    estimated: HashMap<String, u64>,
+    total: usize,
+}
+
+impl ParallelCopy {
+    fn new(source: &str, progress: &SnapshotProgress, estimated: HashMap<String, u64>) -> Self {
+        let mut metrics = SnapshotMetrics::new(source);
+        let mut open: HashMap<String, usize> = HashMap::new();
+        for range in &progress.ranges {
+            let left = usize::from(range.state != Some(TableProgress::Done));
+            *open.entry(range.table.clone()).or_default() += left;
+        }
+        let mut done: Vec<&String> = estimated
+            .keys()
+            .filter(|t| open.get(*t).is_none_or(|left| *left == 0))
+            .collect();
+        done.sort();
+        for table in done {
+            info!(table = %table, "snapshot: table already delivered before the restart");
+            metrics.table_done();
+        }
+        let ranges = progress
+            .ranges
+            .iter()
+            .map(|r| {
+                let mut tx = snapshot_transaction(r.major);
+                tx.ordinal = r.ordinal;
+                let after = match &r.state {
+                    Some(TableProgress::After(key)) => Some(key.clone()),
+                    _ => None,
+                };
+                (r.table.clone(), tx, after)
+            })
+            .collect();
+        Self {
+            metrics,
+            ledger: None,
+            decoded: Vec::with_capacity(2),
+            ranges,
+            open,
+            watches: HashMap::new(),
+            estimated,
+            total: 0,
+        }
+    }
+
+    /// Renders and hands over one delivery of a reader, and records its
+    /// chunk in the ledger.
+    async fn take(
+        &mut self,
+        delivery: snapshot_readers::Delivery,
+        relations: &[Option<u32>],
+        decoder: &mut Decoder,
+        st: &mut RunState,
+    ) -> Result<(), PostgresError> {
+        use snapshot_readers::Delivery;
+        let index = match &delivery {
+            Delivery::Rows { index, .. } | Delivery::Done { index } => *index,
+        };
+        let (table, tx, after) = self
+            .ranges
+            .get_mut(index)
+            .expect("readers only read ranges of the plan");
+        let watch = self.watches.entry(table.clone()).or_insert_with(|| {
+            let estimated = self.estimated.get(table.as_str()).copied().unwrap_or(0);
+            self.metrics.start_table(table, estimated, after.as_deref())
+        });
+        match delivery {
+            Delivery::Rows { rows, last_key, .. } => {
+                let relation = relations
+                    .get(index)
+                    .copied()
+                    .flatten()
+                    .expect("readers only read ranges of captured tables");
+                for row in &rows {
+                    snapshot::render_row(
+                        relation,
+                        row,
+                        decoder,
+                        tx,
+                        &st.captured_at,
+                        &mut self.decoded,
+                    )?;
+                    for record in self.decoded.drain(..) {
+                        st.emitter.push(record).await?;
+                    }
+                }
+                watch.add(rows.len() as u64);
+                self.total += rows.len();
+                if let (Some(ledger), Some(key)) = (&mut self.ledger, last_key) {
+                    let end = st.emitter.next_seq();
+                    ledger.sent_range(end, index, TableProgress::After(key), tx.ordinal);
+                }
+            }
+            Delivery::Done { .. } => {
+                if let Some(ledger) = &mut self.ledger {
+                    let end = st.emitter.next_seq();
+                    ledger.sent_range(end, index, TableProgress::Done, tx.ordinal);
+                }
+                let left = self.open.entry(table.clone()).or_default();
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    if let Some(watch) = self.watches.remove(table.as_str()) {
+                        watch.finish();
+                    }
+                    self.metrics.table_done();
+                }
+            }
+        }
+        self.persist_with(st.emitter.tracker())
+    }
+
+    /// Stores the progress of every chunk Kinesis acknowledged.
+    fn persist_with(&mut self, tracker: &AckTracker) -> Result<(), PostgresError> {
+        persist_done(self.ledger.as_mut(), tracker)
+    }
+}
+
+/// Stores in `ledger` (if any) the progress of every chunk Kinesis
+/// acknowledged.
+fn persist_done(
+    ledger: Option<&mut ChunkLedger>,
+    tracker: &AckTracker,
+) -> Result<(), PostgresError> {
+    if let Some(ledger) = ledger {
+        ledger.persist_done(tracker).map_err(|e| {
+            PostgresError::Setup(format!("cannot write the snapshot progress: {e}"))
+        })?;
+    }
+    Ok(())
+}
+
 /// A snapshot copy's state shared by its tables.
 struct SnapshotCopy {
     metrics: SnapshotMetrics,
@@ -1274,12 +1539,7 @@ impl SnapshotCopy {
 
     /// Stores the progress of every chunk Kinesis acknowledged.
     fn persist_with(&mut self, tracker: &AckTracker) -> Result<(), PostgresError> {
-        if let Some(ledger) = &mut self.ledger {
-            ledger.persist_done(tracker).map_err(|e| {
-                PostgresError::Setup(format!("cannot write the snapshot progress: {e}"))
-            })?;
-        }
-        Ok(())
+        persist_done(self.ledger.as_mut(), tracker)
     }
 }
 

@@ -2,26 +2,34 @@
 //! was created, read at exactly the slot's consistent point.
 //!
 //! First stage of the dataflow, before streaming. The slot is created on a
-//! replication connection that exports a snapshot ([`prepare`]); a reader
-//! connection imports it (`SET TRANSACTION SNAPSHOT`, REPEATABLE READ, read
-//! only: no lock beyond what a plain read takes) and the exporting
-//! connection is closed. Each captured table is read in primary-key
-//! chunks ([`TableReader`]: `WHERE (key) > (last) ORDER BY key LIMIT n`;
-//! a table without a key through a cursor, in one pass); every row becomes
-//! a pgoutput Insert message rendered by the same decoder as the stream,
-//! as an `op = "snapshot"` envelope, so snapshot and stream JSON are the
-//! same for every type. Snapshot rows take positions
-//! `{consistent point - 1}:{ordinal}`: they sort before every change the
-//! stream sends (those commit after the consistent point).
+//! replication connection that exports a snapshot ([`prepare`]);
+//! `source.snapshot_parallelism` reader connections import it (`SET
+//! TRANSACTION SNAPSHOT`, REPEATABLE READ, read only: no lock beyond what a
+//! plain read takes; see `snapshot_readers`) and only then is the
+//! exporting connection closed. Each captured table ([`TableShape`]) is
+//! one unit of work, or, when large, several key ranges of its key's first
+//! column ([`TableShape::split`]), each read in primary-key chunks
+//! ([`TableReader`]: `WHERE (key) > (last) AND first >= from AND first <
+//! to ORDER BY key LIMIT n`; a table without a key through a cursor, in
+//! one pass); every row becomes a pgoutput Insert message rendered by the
+//! same decoder as the stream ([`render_row`]), as an `op = "snapshot"`
+//! envelope, so snapshot and stream JSON are the same for every type.
+//! Every range has its own `major` below the consistent point (the first
+//! `consistent point - 1`, the next one less, ...) and its rows take
+//! positions `{major}:{ordinal}`, ordinals counted within the range: they
+//! sort before every change the stream sends (those commit after the
+//! consistent point), and a chunk read again after a restart gets the
+//! positions the first run gave it, whatever order ranges were read in.
 //!
 //! A marker file in `[state] dir` says a snapshot is under way. It is
 //! written before the slot is created, then holds the snapshot's progress
-//! (the consistent point, each table's last acknowledged key: see
-//! `tributary_envelope::snapshot_progress`), and is removed only after
-//! Kinesis acknowledged every snapshot row. A start that finds it with
+//! (the consistent point, the planned ranges and each one's last
+//! acknowledged key: see `tributary_envelope::snapshot_progress`), and is
+//! removed only after Kinesis acknowledged every snapshot row. A start that finds it with
 //! progress, and the slot still at that consistent point, resumes: the
-//! exported snapshot is gone, so the rest is read in a new REPEATABLE READ
-//! transaction (later than the consistent point) and the stream then starts
+//! exported snapshot is gone, so the rest of the stored plan is read in a
+//! new REPEATABLE READ transaction (later than the consistent point,
+//! exported by the first reader to the others) and the stream then starts
 //! at the consistent point; the stream's changes after it bring every key
 //! read later to its latest state. A marker without progress (a crash
 //! before the slot existed) drops the slot and takes the snapshot again.
@@ -324,21 +332,171 @@ pub async fn relation(
 struct KeyColumn {
     /// Its index among the table's columns (as `SELECT *` returns them).
     index: usize,
+    /// Its name.
+    name: String,
     /// Its name, quoted.
     quoted: String,
     /// Its type as SQL (`format_type`), for the literal of the last key.
     sql_type: String,
 }
 
-/// Reads one table in chunks: by primary key (`WHERE (key) > (last) ORDER
-/// BY key LIMIT n`), so a chunk can be resumed after its last key; or, for
-/// a table without one, through a cursor in a single pass (it cannot be
-/// resumed: an interrupted copy reads it again from its first row).
+/// What reading a table needs to know of it: its relation id, its
+/// `SELECT`, its primary key. Shared by the readers of its key ranges.
+#[derive(Clone, Debug)]
+pub struct TableShape {
+    relation: u32,
+    /// `"schema"."table"`.
+    from: String,
+    select: String,
+    key: Vec<KeyColumn>,
+}
+
+/// A range of a table's key: the values of the key's first column from
+/// `from` (inclusive) to `to` (exclusive), as text; `None` is unbounded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The lowest value in the range.
+    pub from: Option<String>,
+    /// The first value after the range.
+    pub to: Option<String>,
+}
+
+impl TableShape {
+    /// The table's relation id.
+    pub fn relation(&self) -> u32 {
+        self.relation
+    }
+
+    /// True when the table has a primary key (it can be read in ranges
+    /// and resumed).
+    pub fn keyed(&self) -> bool {
+        !self.key.is_empty()
+    }
+
+    /// A reader of `range` (the whole table for a table without a key),
+    /// from after the key `after`, `chunk_rows` rows a chunk. Call
+    /// [`TableReader::start`] on the connection that reads it.
+    pub fn reader(
+        &self,
+        range: KeyRange,
+        after: Option<Vec<String>>,
+        chunk_rows: usize,
+    ) -> TableReader {
+        let keyed = self.keyed();
+        TableReader {
+            relation: self.relation,
+            select: self.select.clone(),
+            key: self.key.clone(),
+            range: if keyed { range } else { KeyRange::default() },
+            after: if keyed { after } else { None },
+            chunk_rows: chunk_rows.max(1),
+            cursor_open: false,
+        }
+    }
+
+    /// Splits the table into at most `parts` ranges of its key's first
+    /// column, as the snapshot `reader` sees it: at the quantiles of the
+    /// column's statistics (`pg_stats.histogram_bounds`, present once the
+    /// table was analysed: ranges of about equal rows, whatever the type);
+    /// without them, for an integer column, evenly between its lowest and
+    /// highest value. One unbounded range when the table has no key,
+    /// `parts` is 1, or neither gives bounds. The
+    /// first range has no lower bound and the last no upper one.
+    pub async fn split(
+        &self,
+        reader: &Client,
+        parts: usize,
+    ) -> Result<Vec<KeyRange>, PostgresError> {
+        let Some(first) = self.key.first() else {
+            return Ok(vec![KeyRange::default()]);
+        };
+        if parts < 2 {
+            return Ok(vec![KeyRange::default()]);
+        }
+        let context = || PostgresError::query("reading the bounds of a table's key");
+        let rows = reader
+            .query(
+                "SELECT unnest(s.histogram_bounds::text::text[]) FROM pg_stats s \
+                 JOIN pg_class c ON c.relname = s.tablename \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname \
+                 WHERE c.oid = $1 AND s.attname = $2 AND NOT s.inherited",
+                &[&self.relation, &first.name],
+            )
+            .await
+            .map_err(context())?;
+        let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut bounds = quantile_bounds(&values, parts);
+        if bounds.is_empty() && matches!(first.sql_type.as_str(), "smallint" | "integer" | "bigint")
+        {
+            let row = reader
+                .query_one(
+                    &format!(
+                        "SELECT min({0})::bigint, max({0})::bigint FROM {1}",
+                        first.quoted, self.from
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(context())?;
+            if let (Some(low), Some(high)) =
+                (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+            {
+                bounds = even_bounds(low, high, parts);
+            }
+        }
+        Ok(ranges_between(bounds))
+    }
+}
+
+/// `parts - 1` distinct cut points that split `low..=high` evenly.
+fn even_bounds(low: i64, high: i64, parts: usize) -> Vec<String> {
+    let span = i128::from(high) - i128::from(low) + 1;
+    let parts = i128::try_from(parts).unwrap_or(1).min(span);
+    let mut cuts: Vec<String> = (1..parts)
+        .map(|i| (i128::from(low) + span * i / parts).to_string())
+        .collect();
+    cuts.dedup();
+    cuts
+}
+
+/// `parts - 1` cut points taken evenly from sorted statistics `values`.
+fn quantile_bounds(values: &[String], parts: usize) -> Vec<String> {
+    if values.len() < 3 {
+        return Vec::new();
+    }
+    let mut cuts: Vec<String> = (1..parts)
+        .filter_map(|i| values.get(i * (values.len() - 1) / parts).cloned())
+        .collect();
+    cuts.dedup();
+    cuts
+}
+
+/// The ranges between sorted cut points: `(-inf, c1), [c1, c2), ..., [cn, inf)`.
+fn ranges_between(cuts: Vec<String>) -> Vec<KeyRange> {
+    let mut ranges = Vec::with_capacity(cuts.len() + 1);
+    let mut from = None;
+    for cut in cuts {
+        ranges.push(KeyRange {
+            from: from.take(),
+            to: Some(cut.clone()),
+        });
+        from = Some(cut);
+    }
+    ranges.push(KeyRange { from, to: None });
+    ranges
+}
+
+/// Reads one table, or one key range of it, in chunks: by primary key
+/// (`WHERE (key) > (last) ORDER BY key LIMIT n`), so a chunk can be
+/// resumed after its last key; or, for a table without one, through a
+/// cursor in a single pass (it cannot be resumed: an interrupted copy
+/// reads it again from its first row).
 #[derive(Debug)]
 pub struct TableReader {
     relation: u32,
     select: String,
     key: Vec<KeyColumn>,
+    range: KeyRange,
     after: Option<Vec<String>>,
     chunk_rows: usize,
     cursor_open: bool,
@@ -360,23 +518,58 @@ impl TableReader {
         self.after.as_deref()
     }
 
+    /// Opens the read on `reader` (the cursor of a table without a key).
+    pub async fn start(&mut self, reader: &Client) -> Result<(), PostgresError> {
+        if self.key.is_empty() && !self.cursor_open {
+            reader
+                .batch_execute(&format!(
+                    "DECLARE tributary_snapshot NO SCROLL CURSOR FOR {}",
+                    self.select
+                ))
+                .await
+                .map_err(PostgresError::query(format!("reading {}", self.select)))?;
+            self.cursor_open = true;
+        }
+        Ok(())
+    }
+
     fn chunk_sql(&self) -> String {
         if self.key.is_empty() {
             return format!("FETCH {} FROM tributary_snapshot", self.chunk_rows);
         }
         let names: Vec<&str> = self.key.iter().map(|k| k.quoted.as_str()).collect();
         let names = names.join(", ");
-        let filter = match &self.after {
-            Some(values) => {
-                let literals: Vec<String> = self
-                    .key
-                    .iter()
-                    .zip(values)
-                    .map(|(k, v)| format!("{}::{}", quote_literal(v), k.sql_type))
-                    .collect();
-                format!(" WHERE ({names}) > ({})", literals.join(", "))
-            }
-            None => String::new(),
+        let mut filters = Vec::with_capacity(3);
+        if let Some(values) = &self.after {
+            let literals: Vec<String> = self
+                .key
+                .iter()
+                .zip(values)
+                .map(|(k, v)| format!("{}::{}", quote_literal(v), k.sql_type))
+                .collect();
+            filters.push(format!("({names}) > ({})", literals.join(", ")));
+        }
+        let first = &self.key[0];
+        if let Some(from) = &self.range.from {
+            filters.push(format!(
+                "{} >= {}::{}",
+                first.quoted,
+                quote_literal(from),
+                first.sql_type
+            ));
+        }
+        if let Some(to) = &self.range.to {
+            filters.push(format!(
+                "{} < {}::{}",
+                first.quoted,
+                quote_literal(to),
+                first.sql_type
+            ));
+        }
+        let filter = if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", filters.join(" AND "))
         };
         format!(
             "{}{filter} ORDER BY {names} LIMIT {}",
@@ -414,22 +607,6 @@ impl TableReader {
         Ok(rows)
     }
 
-    /// Renders one fetched row, as the stream's decoder does, into `out`
-    /// as an `op = "snapshot"` record.
-    pub fn render(
-        &self,
-        row: &tokio_postgres::SimpleQueryRow,
-        decoder: &mut crate::decoder::Decoder,
-        tx: &mut crate::decoder::Transaction,
-        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
-        out: &mut Vec<tributary_envelope::Record>,
-    ) -> Result<(), PostgresError> {
-        let bytes = insert_message(self.relation, row);
-        let msg = crate::pgoutput::parse(&bytes)?;
-        decoder.snapshot_row(&msg, tx, captured_at, out)?;
-        Ok(())
-    }
-
     /// Reads the next chunk and renders every row into `out`; returns the
     /// rows read (0 at the end of the table).
     pub async fn next_chunk(
@@ -442,7 +619,7 @@ impl TableReader {
     ) -> Result<usize, PostgresError> {
         let rows = self.fetch(reader).await?;
         for row in &rows {
-            self.render(row, decoder, tx, captured_at, out)?;
+            render_row(self.relation, row, decoder, tx, captured_at, out)?;
         }
         Ok(rows.len())
     }
@@ -457,6 +634,22 @@ impl TableReader {
         }
         Ok(())
     }
+}
+
+/// Renders one row of the table `relation`, as the stream's decoder does,
+/// into `out` as an `op = "snapshot"` record at `tx`'s next position.
+pub fn render_row(
+    relation: u32,
+    row: &tokio_postgres::SimpleQueryRow,
+    decoder: &mut crate::decoder::Decoder,
+    tx: &mut crate::decoder::Transaction,
+    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+    out: &mut Vec<tributary_envelope::Record>,
+) -> Result<(), PostgresError> {
+    let bytes = insert_message(relation, row);
+    let msg = crate::pgoutput::parse(&bytes)?;
+    decoder.snapshot_row(&msg, tx, captured_at, out)?;
+    Ok(())
 }
 
 /// A text value as an SQL string literal (`standard_conforming_strings`
@@ -513,6 +706,7 @@ async fn primary_key(reader: &Client, rel: &Relation) -> Result<Vec<KeyColumn>, 
         key.push(KeyColumn {
             index,
             quoted: quote_ident(&name),
+            name,
             sql_type: row.get(1),
         });
     }
@@ -534,7 +728,28 @@ pub async fn estimated_rows(reader: &Client, relation: u32) -> Result<u64, Postg
 }
 
 /// Makes `decoder` know `schema.table` as the stream would (its shape, key
-/// and column kinds) and opens its reader: by primary key from after
+/// and column kinds) and returns what its readers need.
+pub async fn table_shape(
+    reader: &Client,
+    catalog: &mut crate::catalog::Catalog,
+    decoder: &mut crate::decoder::Decoder,
+    (schema, table): (&str, &str),
+) -> Result<TableShape, PostgresError> {
+    let rel = relation(reader, schema, table).await?;
+    let facts = catalog.describe(reader, &rel).await?;
+    let key = primary_key(reader, &rel).await?;
+    decoder.relation(&rel, facts);
+    let from = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    Ok(TableShape {
+        relation: rel.id,
+        select: format!("SELECT * FROM {from}"),
+        from,
+        key,
+    })
+}
+
+/// Makes `decoder` know `schema.table` (see [`table_shape`]) and opens
+/// its reader on `reader`: the whole table, by primary key from after
 /// `after` (or from its first row), `chunk_rows` rows a chunk.
 pub async fn open_table(
     reader: &Client,
@@ -544,33 +759,10 @@ pub async fn open_table(
     after: Option<Vec<String>>,
     chunk_rows: usize,
 ) -> Result<TableReader, PostgresError> {
-    let (schema, table) = table;
-    let rel = relation(reader, schema, table).await?;
-    let facts = catalog.describe(reader, &rel).await?;
-    let key = primary_key(reader, &rel).await?;
-    decoder.relation(&rel, facts);
-    let select = format!(
-        "SELECT * FROM {}.{}",
-        quote_ident(schema),
-        quote_ident(table)
-    );
-    let cursor_open = key.is_empty();
-    if cursor_open {
-        reader
-            .batch_execute(&format!(
-                "DECLARE tributary_snapshot NO SCROLL CURSOR FOR {select}"
-            ))
-            .await
-            .map_err(PostgresError::query(format!("reading {schema}.{table}")))?;
-    }
-    Ok(TableReader {
-        relation: rel.id,
-        select,
-        after: if key.is_empty() { None } else { after },
-        key,
-        chunk_rows: chunk_rows.max(1),
-        cursor_open,
-    })
+    let shape = table_shape(reader, catalog, decoder, table).await?;
+    let mut table_reader = shape.reader(KeyRange::default(), after, chunk_rows);
+    table_reader.start(reader).await?;
+    Ok(table_reader)
 }
 
 #[cfg(test)]
@@ -585,15 +777,18 @@ mod tests {
             key: vec![
                 KeyColumn {
                     index: 0,
+                    name: "a".into(),
                     quoted: "\"a\"".into(),
                     sql_type: "integer".into(),
                 },
                 KeyColumn {
                     index: 2,
+                    name: "b".into(),
                     quoted: "\"b\"".into(),
                     sql_type: "text".into(),
                 },
             ],
+            range: KeyRange::default(),
             after: None,
             chunk_rows: 500,
             cursor_open: false,
@@ -608,7 +803,47 @@ mod tests {
             "SELECT * FROM \"public\".\"t\" WHERE (\"a\", \"b\") > ('7'::integer, 'it''s'::text) \
              ORDER BY \"a\", \"b\" LIMIT 500"
         );
+        reader.range = KeyRange {
+            from: Some("100".into()),
+            to: Some("200".into()),
+        };
+        assert_eq!(
+            reader.chunk_sql(),
+            "SELECT * FROM \"public\".\"t\" WHERE (\"a\", \"b\") > ('7'::integer, 'it''s'::text) \
+             AND \"a\" >= '100'::integer AND \"a\" < '200'::integer ORDER BY \"a\", \"b\" LIMIT 500"
+        );
         reader.key.clear();
         assert_eq!(reader.chunk_sql(), "FETCH 500 FROM tributary_snapshot");
+    }
+
+    #[test]
+    fn ranges_cover_the_whole_key_without_overlap() {
+        let cuts = even_bounds(1, 100, 4);
+        assert_eq!(cuts, ["26", "51", "76"]);
+        let ranges = ranges_between(cuts);
+        assert_eq!(ranges.len(), 4);
+        assert_eq!(ranges[0].from, None);
+        assert_eq!(ranges[3].to, None);
+        for pair in ranges.windows(2) {
+            assert_eq!(
+                pair[0].to, pair[1].from,
+                "each range starts where the last ended"
+            );
+        }
+        assert_eq!(
+            even_bounds(5, 6, 4),
+            ["6"],
+            "no empty ranges in a short span"
+        );
+        assert_eq!(even_bounds(7, 7, 4), Vec::<String>::new());
+        assert_eq!(
+            even_bounds(i64::MIN, i64::MAX, 2),
+            ["0"],
+            "the whole bigint span does not overflow"
+        );
+        let stats: Vec<String> = ["a", "c", "e", "g", "i"].map(String::from).to_vec();
+        assert_eq!(quantile_bounds(&stats, 2), ["e"]);
+        assert_eq!(quantile_bounds(&stats[..2], 4), Vec::<String>::new());
+        assert_eq!(ranges_between(Vec::new()), vec![KeyRange::default()]);
     }
 }
