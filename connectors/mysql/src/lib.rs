@@ -24,6 +24,7 @@ pub mod check;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod gtid;
 pub mod offsets;
 pub mod provision;
 pub mod replication;
