@@ -20,6 +20,8 @@ use std::sync::Arc;
 use mysql_async::binlog::events::{RowsEventData, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::value::BinlogValue;
+use mysql_common::io::ParseBuf;
+use mysql_common::proto::MyDeserialize as _;
 use tributary_envelope::encoder::column_label;
 use tributary_envelope::time::TIMESTAMP_LEN;
 use tributary_envelope::{
@@ -191,6 +193,27 @@ impl Decoder {
         let after_cols: Option<Vec<bool>> = event
             .columns_after_image()
             .map(|bits| bits.iter().map(|b| *b).collect());
+        let partial = matches!(event, RowsEventData::PartialUpdateRowsEvent(_));
+        let columns = usize::try_from(event.num_columns()).unwrap_or(usize::MAX);
+        if !partial && table.schema.wire.len() == columns {
+            let mut data = ParseBuf(event.rows_data());
+            let error = |source| RowsError {
+                table: table.meta.qualified_name().to_owned(),
+                source,
+            };
+            while !data.is_empty() {
+                self.buf.clear();
+                let (buf, spans) = (&mut self.buf, &mut self.before);
+                let before = decode_image(&table, before_cols.as_deref(), &mut data, buf, spans)
+                    .map_err(error)?;
+                let (buf, spans) = (&mut self.buf, &mut self.after);
+                let after = decode_image(&table, after_cols.as_deref(), &mut data, buf, spans)
+                    .map_err(error)?;
+                self.emit_row(&table, before, after, tx, captured_at, out);
+            }
+            return Ok(());
+        }
+        // MySQL's partial JSON updates: the library's row reader.
         for row in event.rows(tme) {
             let (before, after) = row.map_err(|source| RowsError {
                 table: table.meta.qualified_name().to_owned(),
@@ -211,18 +234,39 @@ impl Decoder {
                 &mut self.buf,
                 &mut self.after,
             );
-            match (before.is_some(), after.is_some()) {
-                (false, true) => self.emit(&table, Op::Insert, false, true, tx, captured_at, out),
-                (true, false) => self.emit(&table, Op::Delete, true, false, tx, captured_at, out),
-                (true, true) if self.key_changed(&table) => {
-                    self.emit(&table, Op::Delete, true, false, tx, captured_at, out);
-                    self.emit(&table, Op::Insert, false, true, tx, captured_at, out);
-                }
-                (true, true) => self.emit(&table, Op::Update, true, true, tx, captured_at, out),
-                (false, false) => {}
-            }
+            self.emit_row(
+                &table,
+                before.is_some(),
+                after.is_some(),
+                tx,
+                captured_at,
+                out,
+            );
         }
         Ok(())
+    }
+
+    /// Emits the row whose images were rendered: insert, delete, update,
+    /// or a key change as a delete and an insert.
+    fn emit_row(
+        &self,
+        table: &Table,
+        before: bool,
+        after: bool,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) {
+        match (before, after) {
+            (false, true) => self.emit(table, Op::Insert, false, true, tx, captured_at, out),
+            (true, false) => self.emit(table, Op::Delete, true, false, tx, captured_at, out),
+            (true, true) if self.key_changed(table) => {
+                self.emit(table, Op::Delete, true, false, tx, captured_at, out);
+                self.emit(table, Op::Insert, false, true, tx, captured_at, out);
+            }
+            (true, true) => self.emit(table, Op::Update, true, true, tx, captured_at, out),
+            (false, false) => {}
+        }
     }
 
     /// Renders one row a snapshot read (the result set's values, in
@@ -375,11 +419,62 @@ fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
     a.db == b.db
         && a.table == b.table
         && a.key == b.key
+        && a.wire == b.wire
         && a.columns.len() == b.columns.len()
         && a.columns
             .iter()
             .zip(&b.columns)
             .all(|(x, y)| x.name == y.name && x.kind == y.kind)
+}
+
+/// Reads one row image from the rows event's bytes and renders its
+/// columns into `buf`, recording each column's span (None: not in the
+/// image); false when the event has no such image (`present` is None). The layout is the binlog's: a null bitmap over the image's
+/// columns, then each non-null value as the table map's type and metadata
+/// say, decoded by the library's binlog value reader without building a
+/// row (no per-row allocation).
+fn decode_image<'a>(
+    table: &'a Table,
+    present: Option<&[bool]>,
+    data: &mut ParseBuf<'a>,
+    buf: &mut Vec<u8>,
+    spans: &mut Vec<Option<(usize, usize)>>,
+) -> std::io::Result<bool> {
+    spans.clear();
+    spans.resize(table.schema.columns.len(), None);
+    let Some(present) = present else {
+        return Ok(false);
+    };
+    let in_image = present.iter().filter(|p| **p).count();
+    let nulls = data
+        .checked_eat(in_image.div_ceil(8))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "null bitmap"))?;
+    let mut image_index = 0usize;
+    for (i, (column, wire)) in table
+        .schema
+        .columns
+        .iter()
+        .zip(&table.schema.wire)
+        .enumerate()
+    {
+        if !present.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        let is_null = nulls
+            .get(image_index / 8)
+            .is_none_or(|byte| byte >> (image_index % 8) & 1 == 1);
+        image_index += 1;
+        let start = buf.len();
+        if is_null {
+            buf.extend_from_slice(b"null");
+        } else {
+            let ctx = (wire.column_type, &wire.meta[..], wire.unsigned, false);
+            let value: BinlogValue<'a> = BinlogValue::deserialize(ctx, data)?;
+            types::render(&column.kind, wire.charset, &value, buf);
+        }
+        spans[i] = Some((start, buf.len()));
+    }
+    Ok(true)
 }
 
 /// Renders the present columns of `row` into `buf`, recording each
