@@ -69,7 +69,7 @@ pub use config::{
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};
-pub use mysql_pipeline::MysqlPipeline;
+pub use mysql_pipeline::{MYSQL_STREAMING_LOG, MysqlPipeline};
 pub use net::{free_port, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
 pub use postgres::{

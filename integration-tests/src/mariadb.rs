@@ -55,10 +55,83 @@ impl Mariadb {
     /// Starts a server with `--log-bin` and the given binlog flags instead
     /// of [`ROW_BINLOG_FLAGS`] (e.g. `--binlog-format=STATEMENT`).
     pub async fn start_with(flags: &[&str]) -> Result<Self> {
+        Self::start_as(flags, MARIADB_SERVER_ID, true).await
+    }
+
+    /// Starts a second server (`server_id`) that replicates `primary` by
+    /// GTID from its first transaction, writing what it applies to its own
+    /// binlog (`--log-slave-updates`): the database and the connector's
+    /// user arrive through replication. Returns once it has caught up.
+    pub async fn start_replica_of(primary: &Mariadb, server_id: u32) -> Result<Self> {
+        let mut flags = ROW_BINLOG_FLAGS.to_vec();
+        flags.push("--log-slave-updates");
+        let replica = Self::start_as(&flags, server_id, false).await?;
+        let mut root = replica.root().await?;
+        root.query_drop(format!(
+            "CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, \
+             MASTER_USER = '{MYSQL_USER}', MASTER_PASSWORD = '{MYSQL_PASSWORD}', \
+             MASTER_USE_GTID = slave_pos; START SLAVE",
+            primary.port
+        ))
+        .await
+        .context("starting replication on the replica")?;
+        root.disconnect().await?;
+        replica.wait_caught_up(primary).await?;
+        Ok(replica)
+    }
+
+    /// Waits until this replica applied every transaction `primary` has
+    /// written to its binlog.
+    pub async fn wait_caught_up(&self, primary: &Mariadb) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let want: String = primary
+                .root()
+                .await?
+                .query_first("SELECT @@GLOBAL.gtid_binlog_pos")
+                .await?
+                .unwrap_or_default();
+            let mut root = self.root().await?;
+            let have: String = root
+                .query_first("SELECT @@GLOBAL.gtid_slave_pos")
+                .await?
+                .unwrap_or_default();
+            if have == want {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let status: Option<mysql_async::Row> =
+                    root.query_first("SHOW SLAVE STATUS").await?;
+                let error = status
+                    .map(|row| {
+                        let io: Option<String> = row.get("Last_IO_Error");
+                        let sql: Option<String> = row.get("Last_SQL_Error");
+                        format!("io: {io:?}, sql: {sql:?}")
+                    })
+                    .unwrap_or_default();
+                bail!(
+                    "the replica is at {have:?}, the primary at {want:?} after 60 s ({error})\n{}",
+                    self.log_excerpt()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Makes this replica a primary (failover): replication stops and is
+    /// forgotten; its own writes from now on carry its `server_id`.
+    pub async fn promote(&self) -> Result<()> {
+        let mut root = self.root().await?;
+        root.query_drop("STOP SLAVE; RESET SLAVE ALL").await?;
+        root.disconnect().await?;
+        Ok(())
+    }
+
+    async fn start_as(flags: &[&str], server_id: u32, bootstrap: bool) -> Result<Self> {
         let mut last_error = None;
         for _ in 0..3 {
             let port = free_port()?;
-            match Self::start_on(port, flags).await {
+            match Self::start_on(port, flags, server_id, bootstrap).await {
                 Ok(server) => return Ok(server),
                 Err(err) if format!("{err:#}").contains("already in use") => last_error = Some(err),
                 Err(err) => return Err(err),
@@ -67,7 +140,7 @@ impl Mariadb {
         Err(last_error.expect("at least one attempt was made"))
     }
 
-    async fn start_on(port: u16, flags: &[&str]) -> Result<Self> {
+    async fn start_on(port: u16, flags: &[&str], server_id: u32, bootstrap: bool) -> Result<Self> {
         if !port_is_free(port) {
             bail!("cannot start mariadb: port {port} on 127.0.0.1 is already in use");
         }
@@ -102,7 +175,7 @@ impl Mariadb {
             .arg(format!("--log-error={}", p("err.log")))
             .arg(format!("--log-bin={}", p("binlog")))
             .arg(format!("--tmpdir={}", p("tmp")))
-            .arg(format!("--server-id={MARIADB_SERVER_ID}"))
+            .arg(format!("--server-id={server_id}"))
             .args(["--innodb-buffer-pool-size=32M", "--skip-name-resolve"])
             .args(flags)
             .stdin(Stdio::null())
@@ -118,9 +191,11 @@ impl Mariadb {
             child: Some(child),
         };
         db.wait_ready().await?;
-        db.create_user_and_database()
-            .await
-            .with_context(|| db.log_excerpt())?;
+        if bootstrap {
+            db.create_user_and_database()
+                .await
+                .with_context(|| db.log_excerpt())?;
+        }
         Ok(db)
     }
 

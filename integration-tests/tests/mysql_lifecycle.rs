@@ -1,7 +1,8 @@
 //! The MySQL source's life cycle on a real MariaDB: SIGTERM flushes, writes
 //! the offset and exits 0, and a restart sends nothing twice; a server
 //! without a row binlog is refused with exit 2 naming the setting; a stored
-//! offset in a purged binlog stops with a clear error.
+//! offset in a purged binlog stops with a clear error, unless the server
+//! still holds its GTID state (then the stream resumes by GTID).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -99,8 +100,8 @@ async fn statement_binlog_is_refused_with_exit_2_naming_the_setting() -> anyhow:
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offset_in_a_purged_binlog_stops_with_a_clear_error() -> anyhow::Result<()> {
+/// A pipeline that delivered row 1 of `items` and stopped gracefully.
+async fn one_row_delivered_then_stopped() -> anyhow::Result<MysqlPipeline> {
     let mut pipeline =
         MysqlPipeline::start(STREAM, 1, "CREATE TABLE items (id INT PRIMARY KEY)", "").await?;
     pipeline.db.execute("INSERT INTO items VALUES (1)").await?;
@@ -108,8 +109,17 @@ async fn an_offset_in_a_purged_binlog_stops_with_a_clear_error() -> anyhow::Resu
         .wait_for_records(STREAM, 1, Duration::from_secs(60))
         .await?;
     pipeline.stop_gracefully().await?;
-    pipeline.db.rotate_and_purge().await?;
+    Ok(pipeline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_in_a_purged_binlog_stops_with_a_clear_error() -> anyhow::Result<()> {
+    let pipeline = one_row_delivered_then_stopped().await?;
+    // The next transaction is purged too: neither the stored file nor the
+    // stored GTID is on the server any more.
     pipeline.db.execute("INSERT INTO items VALUES (2)").await?;
+    pipeline.db.rotate_and_purge().await?;
+    pipeline.db.execute("INSERT INTO items VALUES (3)").await?;
 
     let mut tributary = TributaryProcess::run(&pipeline.config.path, &[])?;
     let status = match tributary.wait_exit(Duration::from_secs(30)).await {
@@ -131,6 +141,39 @@ async fn an_offset_in_a_purged_binlog_stops_with_a_clear_error() -> anyhow::Resu
         1,
         "nothing skipped ahead"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_file_whose_gtid_remains_resumes_by_gtid() -> anyhow::Result<()> {
+    let mut pipeline = one_row_delivered_then_stopped().await?;
+    // The stored file is gone, but the next binlog starts exactly at the
+    // stored GTID state.
+    pipeline.db.rotate_and_purge().await?;
+    pipeline.db.execute("INSERT INTO items VALUES (2)").await?;
+    pipeline.restart().await?;
+    pipeline.db.execute("INSERT INTO items VALUES (3)").await?;
+    let records = pipeline
+        .wait_for_records(STREAM, 3, Duration::from_secs(60))
+        .await?;
+    let keys: Vec<i64> = records
+        .iter()
+        .map(|r| r.json().map(|e| e["key"]["id"].as_i64().unwrap_or(-1)))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(keys, [1, 2, 3], "nothing lost, nothing twice");
+    pipeline.stop_gracefully().await?;
+    let offset = pipeline.stored_offset().unwrap_or_default();
+    assert!(offset.contains("file=binlog.000002\n"), "{offset}");
+
+    // With resume = "position" the same situation is the purged-binlog stop.
+    pipeline.db.rotate_and_purge().await?;
+    let mut tributary = TributaryProcess::run(
+        &pipeline.config.path,
+        &[("TRIBUTARY__SOURCE__MYSQL__RESUME", "position")],
+    )?;
+    tributary
+        .expect_failure(1, "binlog purged", Duration::from_secs(30))
+        .await?;
     Ok(())
 }
 

@@ -59,7 +59,7 @@ pub async fn check(config: &MysqlSourceConfig) -> Vec<CheckItem> {
         format!("connected to {server} ({}) as {user}", settings.version),
     )];
     items.extend(binlog_items(&settings));
-    items.push(server_id_item(&mut conn, &settings, config.server_id).await);
+    items.push(server_id_item(&mut conn, &settings, config.server_id, &config.name).await);
     items.push(gtid_item(&mut conn).await);
     items.push(privileges_item(&mut conn, &user, is_mariadb(&settings)).await);
     items.push(offset_item(&mut conn, config).await);
@@ -122,7 +122,12 @@ fn binlog_items(settings: &ServerSettings) -> Vec<CheckItem> {
     items
 }
 
-async fn server_id_item(conn: &mut Conn, settings: &ServerSettings, ours: u32) -> CheckItem {
+async fn server_id_item(
+    conn: &mut Conn,
+    settings: &ServerSettings,
+    ours: u32,
+    name: &str,
+) -> CheckItem {
     if settings.server_id == ours {
         return CheckItem::fail(
             COMPONENT,
@@ -131,15 +136,12 @@ async fn server_id_item(conn: &mut Conn, settings: &ServerSettings, ours: u32) -
             "set source.mysql.server_id to an id no server or replica of this topology uses",
         );
     }
-    let hosts: Vec<mysql_async::Row> = conn.query("SHOW SLAVE HOSTS").await.unwrap_or_default();
-    if hosts.iter().any(|row| row.get::<u32, _>(0) == Some(ours)) {
-        return CheckItem::warn(
+    let own_host = crate::setup::registration_host(name);
+    if let Err(err) = crate::setup::check_server_id_unique(conn, ours, &own_host).await {
+        return CheckItem::fail(
             COMPONENT,
             "server_id",
-            format!(
-                "a replica with server_id {ours} is registered: another connector or replica \
-                 (or this one, running) uses it, and two with one id disconnect each other"
-            ),
+            err.to_string(),
             "give every connector and replica its own source.mysql.server_id",
         );
     }

@@ -22,6 +22,24 @@ pub struct MysqlSettings {
     /// nothing at all from the server, the connection is taken for dead
     /// and reopened.
     pub heartbeat_interval_secs: Option<u64>,
+    /// How a restart finds its place in the binlog: `"auto"` (default:
+    /// the stored binlog file and offset while the server is the one that
+    /// wrote them, the stored GTID state on another server or when the
+    /// file is gone), `"gtid"` (always the GTID state) or `"position"`
+    /// (always the file and offset; never follows a failover).
+    pub resume: Option<String>,
+}
+
+/// `source.mysql.resume`: how a session asks for the binlog stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResumeMode {
+    /// File and offset on the server that wrote them, else GTID.
+    #[default]
+    Auto,
+    /// Always by the stored GTID state.
+    Gtid,
+    /// Always by file and offset.
+    Position,
 }
 
 /// `source.mysql.heartbeat_interval_secs` when absent.
@@ -59,6 +77,8 @@ pub struct MysqlSourceConfig {
     pub heartbeat: std::time::Duration,
     /// `source.snapshot_chunk_rows`: rows per keyset chunk of the snapshot.
     pub snapshot_chunk_rows: usize,
+    /// `source.mysql.resume`.
+    pub resume: ResumeMode,
 }
 
 impl MysqlSettings {
@@ -95,6 +115,17 @@ impl MysqlSettings {
                 ));
             }
         };
+        let resume = match self.resume.as_deref() {
+            None | Some("auto") => ResumeMode::Auto,
+            Some("gtid") => ResumeMode::Gtid,
+            Some("position") => ResumeMode::Position,
+            Some(other) => {
+                return Err(SettingError::new(
+                    "source.mysql.resume",
+                    format!("`{other}` is not one of \"auto\", \"gtid\", \"position\""),
+                ));
+            }
+        };
         let opts = parse_url(&common.url, common.password.as_deref())?;
         Ok(MysqlSourceConfig {
             name: common.name.clone(),
@@ -111,6 +142,7 @@ impl MysqlSettings {
             snapshot_only: common.snapshot_only,
             heartbeat,
             snapshot_chunk_rows: common.snapshot_chunk_rows,
+            resume,
         })
     }
 }
@@ -170,12 +202,14 @@ mod tests {
         let ok = MysqlSettings {
             server_id: Some(5401),
             heartbeat_interval_secs: None,
+            resume: Some("gtid".into()),
         };
         let config = ok
             .validate(&common("mysql://cdc:s3cret@127.0.0.1:3307/shop"))
             .unwrap();
         assert_eq!(config.server_id, 5401);
         assert_eq!(config.heartbeat, DEFAULT_HEARTBEAT);
+        assert_eq!(config.resume, ResumeMode::Gtid);
         assert_eq!(config.opts.tcp_port(), 3307);
         assert_eq!(config.opts.pass(), Some("s3cret"));
         assert_eq!(
@@ -187,6 +221,7 @@ mod tests {
                 MysqlSettings {
                     server_id: None,
                     heartbeat_interval_secs: None,
+                    resume: None,
                 },
                 "mysql://cdc@h",
                 "source.mysql.server_id",
@@ -195,6 +230,7 @@ mod tests {
                 MysqlSettings {
                     server_id: Some(0),
                     heartbeat_interval_secs: None,
+                    resume: None,
                 },
                 "mysql://cdc@h",
                 "source.mysql.server_id",
@@ -203,9 +239,19 @@ mod tests {
                 MysqlSettings {
                     server_id: Some(1),
                     heartbeat_interval_secs: Some(0),
+                    resume: None,
                 },
                 "mysql://cdc@h",
                 "source.mysql.heartbeat_interval_secs",
+            ),
+            (
+                MysqlSettings {
+                    server_id: Some(1),
+                    heartbeat_interval_secs: None,
+                    resume: Some("binlog".into()),
+                },
+                "mysql://cdc@h",
+                "source.mysql.resume",
             ),
             (ok.clone_id(), "postgres://cdc:s3cret@h/db", "source.url"),
             (ok.clone_id(), "mysql://h:3306", "source.url"),
@@ -221,6 +267,7 @@ mod tests {
             Self {
                 server_id: self.server_id,
                 heartbeat_interval_secs: self.heartbeat_interval_secs,
+                resume: self.resume.clone(),
             }
         }
     }

@@ -11,7 +11,8 @@
 //! binlog position, the marker), `replication` (the snapshot copy, the
 //! streaming loop and offsets), `source`
 //! (the envelope's `Source` contract), `offsets` (positions, watermark, the
-//! offset file), `schema` (TABLE_MAP metadata and the `information_schema`
+//! offset file), `gtid` (the GTID state kept with the offset and sent to
+//! resume by GTID), `schema` (TABLE_MAP metadata and the `information_schema`
 //! fallback, the counterpart of Postgres' `catalog`), `decoder` (rows
 //! events to envelopes), `types` (binlog values to JSON), `error`; beside the dataflow, `check`
 //! (`tributary check` items), `provision` (`tributary setup` statements).
@@ -24,6 +25,7 @@ pub mod check;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod gtid;
 pub mod offsets;
 pub mod provision;
 pub mod replication;

@@ -12,7 +12,7 @@
 //! after the last transaction it read (records in flight stay in flight);
 //! after a restart, after the stored offset.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
@@ -30,9 +30,10 @@ use tributary_envelope::{
 use crate::config::MysqlSourceConfig;
 use crate::decoder::{Decoder, Transaction, truncated_table};
 use crate::error::MysqlError;
+use crate::gtid::GtidState;
 use crate::offsets::{FileOffsetStore, Offset, file_index, watermark};
 use crate::schema::{Catalog, TableSchema};
-use crate::setup;
+use crate::setup::{self, StartBy};
 use crate::snapshot::{self, PendingSnapshot};
 use tributary_envelope::snapshot_progress::{
     ChunkLedger, SnapshotMetrics, SnapshotProgress, TableProgress,
@@ -102,7 +103,12 @@ impl MysqlSource {
             .map_err(MysqlError::connection(format!("connecting to {server}")))?;
         let settings = setup::server_settings(&mut side).await?;
         setup::check(&settings, cfg.server_id)?;
-        setup::warn_on_shared_server_id(&mut side, cfg.server_id).await;
+        setup::check_server_id_unique(
+            &mut side,
+            cfg.server_id,
+            &setup::registration_host(&cfg.name),
+        )
+        .await?;
         let mut store = FileOffsetStore::new(&cfg.offset_file);
         let offset_error = |source| MysqlError::Offset {
             path: cfg.offset_file.display().to_string(),
@@ -151,8 +157,16 @@ impl MysqlSource {
                         "unreadable offset file (expected file=, pos= and gtid= lines)",
                     ))
                 })?;
-                setup::check_offset(&mut side, &offset, &cfg.offset_file.display().to_string())
-                    .await?;
+                let present = setup::binlog_present(&mut side, &offset.file).await?;
+                let plan = setup::start_by(
+                    cfg.resume,
+                    &offset,
+                    settings.server_id,
+                    present,
+                    &cfg.offset_file.display().to_string(),
+                )?;
+                info!(file = %offset.file, pos = offset.pos, gtid = offset.gtid.as_deref().unwrap_or(""),
+                      resume_by = ?plan, "resuming at the stored offset");
                 (offset, false)
             }
             // The offset is written only once the snapshot is acknowledged.
@@ -357,7 +371,8 @@ impl MysqlSource {
                 self.cfg.filter.clone(),
             ),
             catalog: Catalog::default(),
-            gtids: parse_gtids(self.start.gtid.as_deref()),
+            gtids: GtidState::parse(self.start.gtid.as_deref()),
+            server_id: self.start.server_id,
             read_to: self.start.clone(),
             saved: self.start.clone(),
             saved_at: Instant::now(),
@@ -496,7 +511,7 @@ impl MysqlSource {
                 self.cfg.router.clone(),
                 self.cfg.filter.clone(),
             ),
-            tx: Transaction::begin(&at.file, file_index(&at.file).unwrap_or(0), at.pos, None, 0),
+            tx: Transaction::begin(&at.file, at.file_index().unwrap_or(0), at.pos, None, 0),
             captured_at: tributary_envelope::time::now(),
             decoded: Vec::with_capacity(1),
             metrics: SnapshotMetrics::new(&self.cfg.name),
@@ -566,7 +581,14 @@ impl MysqlSource {
         Ok(Some(total))
     }
 
-    async fn open_stream(&self, from: &Offset) -> Result<BinlogStream, MysqlError> {
+    /// Opens the binlog stream after `from`: by file and offset, or by GTID
+    /// (see [`setup::start_by`]); returns how it was asked for and the
+    /// server's `@@server_id`.
+    async fn open_stream(
+        &self,
+        from: &Offset,
+        gtids: &GtidState,
+    ) -> Result<(BinlogStream, StartBy, u32), MysqlError> {
         let mut conn = self
             .cfg
             .opts
@@ -587,16 +609,56 @@ impl MysqlSource {
         bounded(silence, "preparing the binlog session", prepare)
             .await?
             .map_err(MysqlError::connection("preparing the binlog session"))?;
-        let request = BinlogStreamRequest::new(self.cfg.server_id)
-            .with_filename(from.file.as_bytes())
-            .with_pos(u64::from(from.pos));
-        bounded(
+        let plan = bounded(silence, "choosing where to resume", async {
+            let server_id: u32 = conn
+                .query_first("SELECT @@GLOBAL.server_id")
+                .await
+                .map_err(MysqlError::connection("reading the server's server_id"))?
+                .unwrap_or_default();
+            let present = setup::binlog_present(&mut conn, &from.file).await?;
+            let offset_file = self.cfg.offset_file.display().to_string();
+            setup::start_by(self.cfg.resume, from, server_id, present, &offset_file)
+                .map(|plan| (plan, server_id))
+        })
+        .await??;
+        let (plan, server_id) = plan;
+        let host = setup::registration_host(&self.cfg.name);
+        let sids = gtids.sids();
+        let mut request =
+            BinlogStreamRequest::new(self.cfg.server_id).with_hostname(host.as_bytes());
+        request = match plan {
+            StartBy::Position => request
+                .with_filename(from.file.as_bytes())
+                .with_pos(u64::from(from.pos)),
+            // MySQL: COM_BINLOG_DUMP_GTID with the executed set.
+            StartBy::Gtid { .. } if gtids.is_mysql() => request
+                .with_gtid()
+                .with_gtid_set(sids.iter().cloned())
+                .with_filename(b"")
+                .with_pos(4),
+            // MariaDB: the position per domain, then an empty file name. In
+            // strict mode the server refuses a state its binlog does not
+            // hold instead of guessing.
+            StartBy::Gtid { .. } => {
+                let state = gtids.connect_state().replace('\'', "");
+                let connect = conn.query_drop(format!(
+                    "SET @slave_connect_state = '{state}', @slave_gtid_strict_mode = 1, \
+                     @slave_gtid_ignore_duplicates = 0"
+                ));
+                bounded(silence, "sending the GTID state", connect)
+                    .await?
+                    .map_err(MysqlError::connection("sending the GTID state"))?;
+                request.with_filename(b"").with_pos(4)
+            }
+        };
+        let stream = bounded(
             silence,
             "requesting the binlog stream",
             conn.get_binlog_stream(request),
         )
         .await?
-        .map_err(MysqlError::connection("requesting the binlog stream"))
+        .map_err(MysqlError::connection("requesting the binlog stream"))?;
+        Ok((stream, plan, server_id))
     }
 
     /// How long the binlog stream may stay silent: twice the heartbeat
@@ -612,13 +674,27 @@ impl MysqlSource {
         drain_timeout: Duration,
     ) -> Result<Stopped, MysqlError> {
         let from = st.read_to.clone();
-        let mut stream = self.open_stream(&from).await?;
+        let (mut stream, plan, server_id) = self.open_stream(&from, &st.gtids).await?;
         st.connected.send_replace(true);
+        st.server_id = Some(server_id);
+        let by_gtid = matches!(plan, StartBy::Gtid { .. });
         info!(server = %describe(&self.cfg), file = %from.file, pos = from.pos,
+              gtid = %if by_gtid { st.gtids.render().unwrap_or_default() } else { String::new() },
               server_id = self.cfg.server_id, "streaming changes from mysql");
         let mut reader = Reader {
-            file: from.file.clone(),
-            file_index: file_index(&from.file).unwrap_or(0),
+            // By GTID the server names its file in its first (artificial)
+            // rotate event.
+            file: if by_gtid {
+                String::new()
+            } else {
+                from.file.clone()
+            },
+            file_index: from.file_index().unwrap_or(0),
+            base: from.index_base,
+            new_history: match plan {
+                StartBy::Gtid { new_history: true } => from.file_index(),
+                _ => None,
+            },
             tx: None,
             in_begin: false,
             tx_gtid: None,
@@ -734,7 +810,7 @@ impl MysqlSource {
             };
             let gtid = format!("{domain}-{}-{seq}", header.server_id());
             r.begin(start, Some(&gtid), header.timestamp());
-            r.tx_gtid = Some((domain, gtid));
+            r.tx_gtid = Some(TxGtid::Mariadb(domain, gtid));
             r.in_begin = flags & MARIADB_FL_STANDALONE == 0;
             return Ok(());
         }
@@ -754,13 +830,23 @@ impl MysqlSource {
                             ),
                         ))
                     })?;
+                if artificial && let Some(stored) = r.new_history.take() {
+                    // Another binlog history: its first file sorts just
+                    // after the stored offset's, so positions keep growing.
+                    let needed = stored.saturating_add(1).saturating_sub(index);
+                    if needed > r.base {
+                        r.base = needed;
+                    }
+                    info!(file = %name, index_base = r.base,
+                          "resumed by GTID on another binlog history: positions continue after the stored offset");
+                }
                 r.file = name;
-                r.file_index = index;
+                r.file_index = index.saturating_add(r.base);
             }
             EventData::GtidEvent(gtid) => {
-                let gtid = format!("{}:{}", uuid_text(&gtid.sid()), gtid.gno());
-                r.begin(start, Some(&gtid), header.timestamp());
-                r.tx_gtid = Some((0, gtid));
+                let (uuid, gno) = (uuid_text(&gtid.sid()), gtid.gno());
+                r.begin(start, Some(&format!("{uuid}:{gno}")), header.timestamp());
+                r.tx_gtid = Some(TxGtid::Mysql(uuid, gno));
                 r.in_begin = false;
             }
             EventData::AnonymousGtidEvent(_) => {
@@ -855,15 +941,19 @@ impl MysqlSource {
     async fn commit(&mut self, r: &mut Reader, st: &mut State, end: u32) -> Result<(), MysqlError> {
         r.tx = None;
         r.in_begin = false;
-        if let Some((domain, gtid)) = r.tx_gtid.take() {
-            st.gtids.insert(domain, gtid);
+        match r.tx_gtid.take() {
+            Some(TxGtid::Mariadb(domain, gtid)) => st.gtids.commit_mariadb(domain, gtid),
+            Some(TxGtid::Mysql(uuid, gno)) => st.gtids.commit_mysql(&uuid, gno),
+            None => {}
         }
         let mark = watermark(r.file_index, end);
         st.emitter.commit(mark).await?;
         let offset = Offset {
             file: r.file.clone(),
             pos: end,
-            gtid: render_gtids(&st.gtids),
+            gtid: st.gtids.render(),
+            server_id: st.server_id,
+            index_base: r.base,
         };
         st.pending.push_back((mark, offset.clone()));
         st.read_to = offset;
@@ -1057,12 +1147,18 @@ async fn resumable(
 /// Where the reader is inside the binlog.
 struct Reader {
     file: String,
+    /// The index of `file` with `base` added.
     file_index: u32,
+    /// Added to the server's file indexes (see `offsets`).
+    base: u32,
+    /// Resumed by GTID on another binlog history: the stored offset's
+    /// file index, which the first file read must sort after.
+    new_history: Option<u32>,
     tx: Option<Transaction>,
     /// Inside BEGIN ... COMMIT (a statement does not end the transaction).
     in_begin: bool,
-    /// The GTID of the open transaction (domain, text).
-    tx_gtid: Option<(u32, String)>,
+    /// The GTID of the open transaction.
+    tx_gtid: Option<TxGtid>,
     captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
     decoded: Vec<tributary_envelope::Record>,
 }
@@ -1081,13 +1177,23 @@ impl Reader {
     }
 }
 
+/// The GTID of a transaction being read, added to the state at its commit.
+enum TxGtid {
+    /// MariaDB: domain and `D-S-N`.
+    Mariadb(u32, String),
+    /// MySQL: source UUID and number.
+    Mysql(String, u64),
+}
+
 /// What survives reconnects.
 struct State {
     emitter: Emitter,
     decoder: Decoder,
     catalog: Catalog,
-    /// GTID state per domain (MariaDB) as `D-S-N`.
-    gtids: BTreeMap<u32, String>,
+    /// The GTID state after the last transaction read.
+    gtids: GtidState,
+    /// `@@server_id` of the server streamed from (None until known).
+    server_id: Option<u32>,
     /// The end of the last transaction read.
     read_to: Offset,
     /// The offset last written to the store.
@@ -1142,14 +1248,18 @@ fn may_hold_json(schema: &TableSchema) -> bool {
 
 /// The file name of a rotate event. The server's first, artificial rotate
 /// (`log_pos` 0) arrives before the stream's checksum setting is known, so
-/// its name may carry the 4 checksum bytes: it names the file we asked for
-/// (`requested`), with or without them. Later rotates are clean.
+/// its name may carry the 4 checksum bytes: when it names the file we asked
+/// for (`requested`), with or without them, that name; otherwise (a stream
+/// requested by GTID, or another file) the name without the last 4 bytes
+/// when those leave a name ending in a 6-digit index (servers write at
+/// least 6 digits), else the raw name. Later rotates are clean.
 fn rotated_file(raw: &[u8], artificial: bool, requested: &str) -> Option<(String, u32)> {
     let name = if artificial {
         match raw.strip_prefix(requested.as_bytes()) {
-            Some(rest) if rest.is_empty() || rest.len() == 4 => requested.as_bytes(),
-            _ if raw.len() > 4 => &raw[..raw.len() - 4],
-            _ => raw,
+            Some(rest) if !requested.is_empty() && (rest.is_empty() || rest.len() == 4) => {
+                requested.as_bytes()
+            }
+            _ => without_checksum(raw),
         }
     } else {
         raw
@@ -1158,19 +1268,17 @@ fn rotated_file(raw: &[u8], artificial: bool, requested: &str) -> Option<(String
     file_index(name).map(|index| (name.to_owned(), index))
 }
 
-fn parse_gtids(text: Option<&str>) -> BTreeMap<u32, String> {
-    text.unwrap_or_default()
-        .split(',')
-        .filter_map(|gtid| {
-            let gtid = gtid.trim();
-            let domain = gtid.split('-').next()?.parse().ok()?;
-            Some((domain, gtid.to_owned()))
-        })
-        .collect()
-}
-
-fn render_gtids(gtids: &BTreeMap<u32, String>) -> Option<String> {
-    (!gtids.is_empty()).then(|| gtids.values().cloned().collect::<Vec<_>>().join(","))
+fn without_checksum(raw: &[u8]) -> &[u8] {
+    let Some(stripped) = raw.len().checked_sub(4).and_then(|n| raw.get(..n)) else {
+        return raw;
+    };
+    let digits = stripped
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let dotted = stripped.len() > digits && stripped[stripped.len() - digits - 1] == b'.';
+    if digits >= 6 && dotted { stripped } else { raw }
 }
 
 fn uuid_text(sid: &[u8; 16]) -> String {
@@ -1209,14 +1317,24 @@ mod tests {
             Some(("binlog.000002".into(), 2))
         );
         assert_eq!(rotated_file(b"binlog", false, ""), None);
+        // Requested by GTID: no name to compare with.
+        assert_eq!(
+            rotated_file(b"binlog.000007\xf1\x39\x27\x07", true, ""),
+            Some(("binlog.000007".into(), 7))
+        );
+        assert_eq!(
+            rotated_file(b"binlog.000007", true, ""),
+            Some(("binlog.000007".into(), 7))
+        );
+        assert_eq!(
+            rotated_file(b"binlog.0000071234", true, ""),
+            Some(("binlog.000007".into(), 7)),
+            "checksum bytes that happen to be digits"
+        );
     }
 
     #[test]
-    fn gtid_state_round_trips() {
-        let state = parse_gtids(Some("0-1-17,2-5-9"));
-        assert_eq!(state.len(), 2);
-        assert_eq!(render_gtids(&state).as_deref(), Some("0-1-17,2-5-9"));
-        assert_eq!(render_gtids(&parse_gtids(None)), None);
+    fn uuids_render_as_text() {
         assert_eq!(
             uuid_text(&[
                 0x3e, 0x11, 0xfa, 0x47, 0x71, 0xca, 0x11, 0xe1, 0x9e, 0x33, 0xc8, 0x0a, 0xa9, 0x42,

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use mysql_async::binlog::events::{OptionalMetadataField, TableMapEvent};
+use mysql_async::binlog::events::{OptionalMetaExtractor, OptionalMetadataField, TableMapEvent};
 use mysql_async::consts::ColumnType;
 use mysql_async::prelude::Queryable as _;
 use tracing::warn;
@@ -30,6 +30,22 @@ pub struct Column {
     pub kind: ColumnKind,
 }
 
+/// How one column's values are laid out in a rows event: what the
+/// binlog value decoder needs, read once per TABLE_MAP instead of once per
+/// row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireColumn {
+    /// The real type (ENUM/SET resolved from STRING's metadata).
+    pub column_type: ColumnType,
+    /// The type's metadata bytes from the TABLE_MAP.
+    pub meta: Box<[u8]>,
+    /// UNSIGNED (from the signedness metadata).
+    pub unsigned: bool,
+    /// Character set of a character, ENUM or SET column (0: unknown or
+    /// not a character column).
+    pub charset: u16,
+}
+
 /// A table's shape from one TABLE_MAP event.
 #[derive(Clone, Debug)]
 pub struct TableSchema {
@@ -43,6 +59,9 @@ pub struct TableSchema {
     pub key: Vec<usize>,
     /// True when names and key came from the event (FULL metadata).
     pub names_from_event: bool,
+    /// The rows event layout, one per column (empty for a shape read
+    /// from the catalog).
+    pub wire: Vec<WireColumn>,
 }
 
 /// What a TABLE_MAP event could not be read as.
@@ -157,12 +176,14 @@ impl TableSchema {
                 _ => {}
             }
         }
+        let wire = wire_columns(tme, &columns).map_err(|e| err(e.to_string()))?;
         return Ok(Self {
             db,
             table,
             columns,
             key,
             names_from_event,
+            wire,
         });
 
         fn index_of(index: u64, count: usize) -> Result<usize, SchemaError> {
@@ -330,8 +351,37 @@ impl TableSchema {
             columns,
             key: facts.key.clone(),
             names_from_event: true,
+            wire: Vec::new(),
         }
     }
+}
+
+/// Each column's rows event layout, with the character sets assigned as
+/// the binlog row reader of `mysql_common` assigns them (one entry of the
+/// charset metadata per character column, one of the ENUM/SET charset
+/// metadata per ENUM or SET column, in column order).
+fn wire_columns(tme: &TableMapEvent<'_>, columns: &[Column]) -> std::io::Result<Vec<WireColumn>> {
+    let extractor = OptionalMetaExtractor::new(tme.iter_optional_meta())?;
+    let mut charsets = extractor.iter_charset();
+    let mut enum_charsets = extractor.iter_enum_and_set_charset();
+    let mut wire = Vec::with_capacity(columns.len());
+    for (i, column) in columns.iter().enumerate() {
+        let column_type = column.kind.column_type;
+        let charset = if column_type.is_character_type() {
+            charsets.next().transpose()?.unwrap_or_default()
+        } else if column_type.is_enum_or_set_type() {
+            enum_charsets.next().transpose()?.unwrap_or_default()
+        } else {
+            0
+        };
+        wire.push(WireColumn {
+            column_type,
+            meta: tme.get_column_metadata(i).unwrap_or(&[]).into(),
+            unsigned: column.kind.unsigned,
+            charset,
+        });
+    }
+    Ok(wire)
 }
 
 /// Reads what the catalog says about `db.table` (uncached).

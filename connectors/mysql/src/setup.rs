@@ -10,9 +10,11 @@
 
 use mysql_async::Conn;
 use mysql_async::prelude::Queryable as _;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::config::ResumeMode;
 use crate::error::MysqlError;
+use crate::gtid::GtidState;
 use crate::offsets::Offset;
 
 /// Server variables the source depends on.
@@ -110,21 +112,64 @@ pub fn check(settings: &ServerSettings, server_id: u32) -> Result<(), MysqlError
     Ok(())
 }
 
-/// Warns when another replica registered with our `server_id` (the server
-/// disconnects one of two replicas with the same id).
-pub async fn warn_on_shared_server_id(conn: &mut Conn, server_id: u32) {
-    let hosts: Result<Vec<mysql_async::Row>, _> = conn.query("SHOW SLAVE HOSTS").await;
-    if let Ok(hosts) = hosts
-        && hosts
-            .iter()
-            .any(|row| row.get::<u32, _>(0) == Some(server_id))
-    {
-        warn!(
-            server_id,
-            "a replica with this server_id is registered (a previous run, or another \
-             replica: two replicas with one id disconnect each other)"
-        );
+/// The host name this connector reports when it registers as a replica
+/// (`SHOW SLAVE HOSTS` shows it): `tributary:{source.name}`, at most 60
+/// bytes.
+pub fn registration_host(name: &str) -> String {
+    let mut host = format!("tributary:{name}");
+    while host.len() > 60 {
+        host.pop();
     }
+    host
+}
+
+/// Refuses a `server_id` that another replica of the server registered
+/// with (two replicas with one id disconnect each other, each resuming
+/// where the other left off). A registration under our own
+/// [`registration_host`] is a previous run of this connector whose
+/// connection the server has not noticed closing yet: it is dropped when we
+/// register. Servers that do not list their replicas to this user
+/// (MariaDB 10.5.2+ wants `REPLICATION MASTER ADMIN` for `SHOW SLAVE
+/// HOSTS`) cannot tell: that is logged, and start-up goes on.
+pub async fn check_server_id_unique(
+    conn: &mut Conn,
+    server_id: u32,
+    own_host: &str,
+) -> Result<(), MysqlError> {
+    let hosts: Vec<mysql_async::Row> = match conn.query("SHOW SLAVE HOSTS").await {
+        Ok(hosts) => hosts,
+        Err(err) => {
+            info!(error = %err, "cannot list the server's replicas (SHOW SLAVE HOSTS needs \
+                  REPLICATION MASTER ADMIN on MariaDB, REPLICATION SLAVE on MySQL): \
+                  source.mysql.server_id is not checked for uniqueness");
+            return Ok(());
+        }
+    };
+    for row in hosts {
+        if row.get::<u32, _>(0) != Some(server_id) {
+            continue;
+        }
+        let host: String = row.get(1).unwrap_or_default();
+        let port: u32 = row.get(2).unwrap_or_default();
+        if host == own_host {
+            warn!(
+                server_id,
+                "a previous run of this connector is still registered with the \
+                  server; registering again replaces it"
+            );
+            continue;
+        }
+        return Err(MysqlError::Misconfigured {
+            setting: "source.mysql.server_id".into(),
+            message: format!(
+                "{server_id} is in use by another replica of the server (SHOW SLAVE HOSTS: \
+                 host `{host}`, port {port}); two replicas with one id disconnect each other. \
+                 Set source.mysql.server_id to an id no replica uses (SHOW SLAVE HOSTS lists \
+                 them)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The server's current binlog end: where a fresh start begins.
@@ -143,17 +188,47 @@ pub async fn current_position(conn: &mut Conn) -> Result<Offset, MysqlError> {
     })?;
     let file: String = row.get(0).unwrap_or_default();
     let pos: u64 = row.get(1).unwrap_or(4);
-    let gtid: Option<String> = conn
-        .query_first("SELECT @@GLOBAL.gtid_binlog_pos")
+    let gtid = gtid_position(conn).await;
+    let server_id: Option<u32> = conn
+        .query_first("SELECT @@GLOBAL.server_id")
         .await
         .ok()
-        .flatten()
-        .filter(|g: &String| !g.is_empty());
+        .flatten();
     Ok(Offset {
         file,
         pos: u32::try_from(pos).unwrap_or(u32::MAX),
         gtid,
+        server_id,
+        index_base: 0,
     })
+}
+
+/// The server's GTID state: MariaDB's `@@gtid_binlog_pos`, else MySQL's
+/// `@@gtid_executed` (when `gtid_mode` is on); None without GTIDs.
+async fn gtid_position(conn: &mut Conn) -> Option<String> {
+    for query in [
+        "SELECT @@GLOBAL.gtid_binlog_pos",
+        "SELECT IF(@@GLOBAL.gtid_mode = 'ON', @@GLOBAL.gtid_executed, '')",
+    ] {
+        if let Ok(Some(gtid)) = conn.query_first::<String, _>(query).await {
+            let gtid = gtid.replace('\n', "");
+            return (!gtid.is_empty()).then_some(gtid);
+        }
+    }
+    None
+}
+
+/// True when the server still has the binlog `file`.
+pub async fn binlog_present(conn: &mut Conn, file: &str) -> Result<bool, MysqlError> {
+    let logs: Vec<mysql_async::Row> =
+        conn.query("SHOW BINARY LOGS")
+            .await
+            .map_err(MysqlError::connection(
+                "listing the binlogs (SHOW BINARY LOGS)",
+            ))?;
+    Ok(logs
+        .iter()
+        .any(|row| row.get::<String, _>(0).as_deref() == Some(file)))
 }
 
 /// Refuses an offset whose binlog file the server has purged.
@@ -162,16 +237,7 @@ pub async fn check_offset(
     offset: &Offset,
     offset_file: &str,
 ) -> Result<(), MysqlError> {
-    let logs: Vec<mysql_async::Row> =
-        conn.query("SHOW BINARY LOGS")
-            .await
-            .map_err(MysqlError::connection(
-                "listing the binlogs (SHOW BINARY LOGS)",
-            ))?;
-    let present = logs
-        .iter()
-        .any(|row| row.get::<String, _>(0).as_deref() == Some(offset.file.as_str()));
-    if present {
+    if binlog_present(conn, &offset.file).await? {
         Ok(())
     } else {
         Err(MysqlError::Purged {
@@ -179,6 +245,78 @@ pub async fn check_offset(
             pos: offset.pos,
             offset_file: offset_file.to_owned(),
         })
+    }
+}
+
+/// How a binlog session asks for its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartBy {
+    /// `COM_BINLOG_DUMP` at the stored file and offset.
+    Position,
+    /// By the stored GTID state (MariaDB `@slave_connect_state`, MySQL
+    /// `COM_BINLOG_DUMP_GTID`); `new_history` when the server's binlog is
+    /// not the one the offset was read from (another server, or its files
+    /// are gone): positions then move past the stored file (see
+    /// `offsets`).
+    Gtid {
+        /// The server's binlog files are not the stored offset's.
+        new_history: bool,
+    },
+}
+
+/// Decides how to resume at `from` on the server with `@@server_id`
+/// `server_id`, where `file_present` says whether it still has `from.file`
+/// (the rule of `source.mysql.resume`, see `docs/mysql.md`).
+pub fn start_by(
+    mode: ResumeMode,
+    from: &Offset,
+    server_id: u32,
+    file_present: bool,
+    offset_file: &str,
+) -> Result<StartBy, MysqlError> {
+    let same_server = from.server_id.is_none_or(|id| id == server_id);
+    let same_history = same_server && file_present;
+    let has_gtid = !GtidState::parse(from.gtid.as_deref()).is_empty();
+    let purged = || MysqlError::Purged {
+        file: from.file.clone(),
+        pos: from.pos,
+        offset_file: offset_file.to_owned(),
+    };
+    match mode {
+        ResumeMode::Position if !file_present => Err(purged()),
+        ResumeMode::Position if !same_server => Err(MysqlError::Misconfigured {
+            setting: "source.mysql.resume".into(),
+            message: format!(
+                "is \"position\", but the stored offset {}:{} was read from server_id {} and \
+                 this server is {server_id}: its binlog files are not the same. Set \
+                 source.mysql.resume = \"auto\" to resume by GTID",
+                from.file,
+                from.pos,
+                from.server_id.unwrap_or_default()
+            ),
+        }),
+        ResumeMode::Position => Ok(StartBy::Position),
+        ResumeMode::Gtid if has_gtid => Ok(StartBy::Gtid {
+            new_history: !same_history,
+        }),
+        ResumeMode::Gtid => Err(MysqlError::Misconfigured {
+            setting: "source.mysql.resume".into(),
+            message: format!(
+                "is \"gtid\", but the stored offset ({offset_file}) holds no GTID state (the \
+                 server writes no GTIDs, or MySQL's gtid_mode is OFF): set it to \"auto\" or \
+                 \"position\""
+            ),
+        }),
+        ResumeMode::Auto if same_history => Ok(StartBy::Position),
+        ResumeMode::Auto if has_gtid => Ok(StartBy::Gtid { new_history: true }),
+        ResumeMode::Auto if !file_present => Err(purged()),
+        ResumeMode::Auto => {
+            warn!(stored_server_id = from.server_id.unwrap_or_default(), server_id,
+                  file = %from.file,
+                  "the stored offset was read from another server and holds no GTID state: \
+                   resuming at its binlog file and offset on this one");
+            Ok(StartBy::Position)
+        }
     }
 }
 
@@ -233,5 +371,55 @@ mod tests {
             assert_eq!(err.misconfigured(), Some(setting), "{err}");
             assert!(err.to_string().starts_with(setting), "{err}");
         }
+    }
+
+    #[test]
+    fn resume_rule_follows_the_server_and_the_mode() {
+        let offset = |server_id, gtid: Option<&str>| Offset {
+            file: "binlog.000003".into(),
+            pos: 400,
+            gtid: gtid.map(str::to_owned),
+            server_id,
+            index_base: 0,
+        };
+        let with_gtid = offset(Some(1), Some("0-1-40"));
+        let plan = |mode, from: &Offset, server, present| {
+            start_by(mode, from, server, present, "shop.mysql-offset")
+        };
+        use ResumeMode::{Auto, Gtid, Position};
+        let by_gtid = |new_history| Some(StartBy::Gtid { new_history });
+        // The server that wrote the offset, file present.
+        assert_eq!(
+            plan(Auto, &with_gtid, 1, true).ok(),
+            Some(StartBy::Position)
+        );
+        assert_eq!(plan(Gtid, &with_gtid, 1, true).ok(), by_gtid(false));
+        assert_eq!(
+            plan(Position, &with_gtid, 1, true).ok(),
+            Some(StartBy::Position)
+        );
+        // A promoted replica (another server_id), or the files gone.
+        assert_eq!(plan(Auto, &with_gtid, 2, true).ok(), by_gtid(true));
+        assert_eq!(plan(Auto, &with_gtid, 1, false).ok(), by_gtid(true));
+        assert_eq!(plan(Gtid, &with_gtid, 2, true).ok(), by_gtid(true));
+        let err = plan(Position, &with_gtid, 2, true).unwrap_err();
+        assert_eq!(err.misconfigured(), Some("source.mysql.resume"), "{err}");
+        assert!(matches!(
+            plan(Position, &with_gtid, 1, false),
+            Err(MysqlError::Purged { .. })
+        ));
+        // No GTID state: the file is the only way back.
+        let without = offset(Some(1), None);
+        assert!(matches!(
+            plan(Auto, &without, 1, false),
+            Err(MysqlError::Purged { .. })
+        ));
+        let err = plan(Gtid, &without, 1, true).unwrap_err();
+        assert_eq!(err.misconfigured(), Some("source.mysql.resume"), "{err}");
+        // Offsets written before server_id was kept: the same server.
+        assert_eq!(
+            plan(Auto, &offset(None, Some("0-1-40")), 7, true).ok(),
+            Some(StartBy::Position)
+        );
     }
 }
