@@ -11,7 +11,8 @@
 //! failure of the real service looks. A fraction of whole PutRecords calls
 //! can be answered HTTP 500 without being forwarded. Draws come from a
 //! seeded generator: a failing run can be replayed with its seed. Other
-//! operations pass through untouched.
+//! operations pass through untouched. It also counts the most PutRecords
+//! calls it had in flight at once (a writer's pipelining, seen from outside).
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -52,6 +53,29 @@ pub struct FaultCounts {
     pub forwarded_entries: AtomicU64,
     /// Whole calls failed.
     pub failed_calls: AtomicU64,
+    /// PutRecords calls being handled now.
+    pub put_records_in_flight: AtomicU64,
+    /// The most PutRecords calls handled at once so far.
+    pub max_put_records_in_flight: AtomicU64,
+}
+
+/// Counts one PutRecords call in flight while alive.
+struct InFlight<'c>(&'c FaultCounts);
+
+impl<'c> InFlight<'c> {
+    fn new(counts: &'c FaultCounts) -> Self {
+        let now = counts.put_records_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counts
+            .max_put_records_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(counts)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.put_records_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The proxy; dropping it stops it.
@@ -174,6 +198,7 @@ impl State {
                 .forward(Request::from_parts(parts, Full::new(body)))
                 .await;
         }
+        let _in_flight = InFlight::new(&self.counts);
         if self.draw(self.faults.failed_calls) {
             self.counts.failed_calls.fetch_add(1, Ordering::Relaxed);
             return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, String::new()));

@@ -42,6 +42,7 @@
 
 mod config;
 pub mod consumer;
+mod key_order;
 mod kinesalite;
 mod kinesis_faults;
 mod mariadb;
@@ -61,6 +62,7 @@ pub use config::{
     MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, set_tables, write_config,
     write_mysql_config,
 };
+pub use key_order::{ITEMS_TABLE, check_last_occurrences, versions_per_key};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};

@@ -9,13 +9,15 @@
 //! The drain time is printed for the record (not asserted: speed figures
 //! belong in a benchmark).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tributary_integration_tests::{DEFAULT_DATABASE, FaultProxy, Faults, KinesisFaults, Servers};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, FaultProxy, Faults, ITEMS_TABLE, KinesisFaults, Servers,
+    check_last_occurrences, versions_per_key,
+};
 
 const STREAM: &str = "chaos-cdc";
 const KEYS: i32 = 1_000;
@@ -25,12 +27,7 @@ const OUTAGE: Duration = Duration::from_secs(8);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_failures_and_an_outage_lose_nothing_and_keep_per_key_order() -> Result<()> {
-    let servers = Servers::start(
-        STREAM,
-        4,
-        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL)",
-    )
-    .await?;
+    let servers = Servers::start(STREAM, 4, ITEMS_TABLE).await?;
     let faults = KinesisFaults::start(
         SocketAddr::from(([127, 0, 0, 1], servers.kin.port())),
         Faults {
@@ -77,31 +74,8 @@ async fn throttling_failures_and_an_outage_lose_nothing_and_keep_per_key_order()
     let drained = started.elapsed();
 
     let records = pipeline.kin.read_all(STREAM).await?;
-    // Per key, the changes in stream order (each key lives in one shard,
-    // read in sequence order); a change may appear twice (a retry).
-    let mut per_key: HashMap<i64, Vec<i64>> = HashMap::new();
-    for record in &records {
-        let envelope = record.json()?;
-        let after = &envelope["after"];
-        per_key
-            .entry(after["id"].as_i64().context("a key")?)
-            .or_default()
-            .push(after["v"].as_i64().context("a version")?);
-    }
-    assert_eq!(per_key.len(), KEYS as usize);
-    let expected: Vec<i64> = (0..i64::from(ROUNDS)).collect();
-    let mut duplicates = 0;
-    for (key, seen) in &per_key {
-        // The last occurrence of each version, in stream order.
-        let last: Vec<i64> = seen
-            .iter()
-            .enumerate()
-            .filter(|(i, v)| !seen[i + 1..].contains(v))
-            .map(|(_, v)| *v)
-            .collect();
-        assert_eq!(last, expected, "key {key}: landed {seen:?}");
-        duplicates += seen.len() - last.len();
-    }
+    let per_key = versions_per_key(&records)?;
+    let duplicates = check_last_occurrences(&per_key, KEYS as usize, i64::from(ROUNDS))?;
     let counts = faults.counts();
     eprintln!(
         "{} changes drained in {drained:?} (with a {OUTAGE:?} outage); {} records in the stream \
