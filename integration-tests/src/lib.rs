@@ -67,7 +67,7 @@ pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};
 pub use mysql_pipeline::MysqlPipeline;
-pub use net::{free_port, listening_addresses};
+pub use net::{free_port, http_get, listening_addresses};
 pub use pipeline::{Pipeline, Servers};
 pub use postgres::{
     DEFAULT_DATABASE, Lsn, MD5_USER, Postgres, SCRAM_USER, SUPERUSER, TLS_USER, USER,
