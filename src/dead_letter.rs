@@ -7,6 +7,14 @@
 //! their original order per key and marks what Kinesis accepted as
 //! replayed, so it is neither listed nor sent again. Exit code 0 when every
 //! selected entry was accepted, 1 when some stay in the store.
+//!
+//! A replayed record is the envelope as it was dead-lettered, with its
+//! original `id` and `source.position`. The pipeline kept going after it,
+//! so newer changes of its key may be in the stream already, and the
+//! replayed record lands after them. Replay does not read the stream to
+//! find out; it says so, and consumers that skip an event whose position is
+//! not above the last one applied for its key (docs/consumers.md) ignore
+//! such a record, while one that no newer change overtook is applied.
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +88,12 @@ fn describe(entry: &DeadLetterEntry) -> String {
     line
 }
 
+/// What replay tells the operator about order once it sent something.
+const REPLAY_ORDER_NOTE: &str = "note: replayed records keep their original source.position and id; \
+     a newer change of the same key written since it was dead-lettered is already in the stream \
+     before it: consumers that skip an event whose position is not above the last one applied \
+     for its key (docs/consumers.md) ignore the replayed record, others would apply it over the newer change";
+
 /// Sends the selected entries again and marks the accepted ones replayed.
 pub async fn replay(config: &Path, reason: Option<&str>, id: Option<&str>) -> anyhow::Result<u8> {
     let settings: StoreSettings = crate::settings::load(config, false)?;
@@ -114,6 +128,9 @@ pub async fn replay(config: &Path, reason: Option<&str>, id: Option<&str>) -> an
         selected.len() - report.accepted.len(),
         dir.display()
     );
+    if !report.accepted.is_empty() {
+        eprintln!("{REPLAY_ORDER_NOTE}");
+    }
     if let Some(err) = failure {
         return Err(anyhow::Error::new(err).context("replay stopped"));
     }

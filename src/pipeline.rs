@@ -133,6 +133,7 @@ async fn run_source<S: Source>(
             config.endpoint_url = settings.sink.endpoint_url.clone();
             config.dead_letter_stream = settings.dead_letter.stream.clone();
             config.aggregation = settings.sink.aggregation;
+            config.max_in_flight_per_shard = settings.sink.max_in_flight_per_shard;
             config.records_per_shard_per_sec = settings.sink.quota.records_per_shard_per_sec;
             config.bytes_per_shard_per_sec = settings.sink.quota.bytes_per_shard_per_sec;
             config.share = settings.sink.quota.share;

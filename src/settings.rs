@@ -203,12 +203,20 @@ pub struct SinkSettings {
     /// runs out of it (Kinesis down) exits 1 and leaves them unacknowledged.
     #[serde(default = "default_drain_secs")]
     pub drain_timeout_secs: u64,
+    /// PutRecords calls one shard may have in flight at once (1 to 16); a
+    /// partition key is never in two of them.
+    #[serde(default = "default_max_in_flight_per_shard")]
+    pub max_in_flight_per_shard: usize,
     /// Seconds one attempt of a Kinesis call may take.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
     /// Seconds opening a connection to Kinesis may take.
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: u64,
+}
+
+fn default_max_in_flight_per_shard() -> usize {
+    tributary_kinesis::DEFAULT_MAX_IN_FLIGHT_PER_SHARD
 }
 
 fn default_request_timeout_secs() -> u64 {

@@ -62,6 +62,9 @@ pub struct StreamRecord {
     pub sequence_number: String,
     /// The record's data: for Tributary, one envelope as UTF-8 JSON.
     pub data: Vec<u8>,
+    /// When the stream stored it (`ApproximateArrivalTimestamp`), in
+    /// milliseconds since the Unix epoch.
+    pub arrival_millis: Option<i64>,
 }
 
 impl StreamRecord {
@@ -312,6 +315,9 @@ impl Kinesalite {
                     partition_key: record.partition_key().unwrap_or_default().to_owned(),
                     sequence_number: record.sequence_number().to_owned(),
                     data: record.data().as_ref().to_vec(),
+                    arrival_millis: record
+                        .approximate_arrival_timestamp()
+                        .and_then(|t| t.to_millis().ok()),
                 });
             }
             if page.records().is_empty() && page.millis_behind_latest() == Some(0) {

@@ -9,11 +9,13 @@
 //! kinesalite never stores them), and the answer gets an error entry at
 //! their place, with `FailedRecordCount` counting them, exactly as a partial
 //! failure of the real service looks. A fraction of whole PutRecords calls
-//! can be answered HTTP 500 without being forwarded. Draws come from a
+//! can be answered HTTP 500 without being forwarded, and a fraction
+//! carried out and then left without an answer, the connection closed (a
+//! reset). Draws come from a
 //! seeded generator: a failing run can be replayed with its seed. Other
-//! operations pass through untouched.
+//! operations pass through untouched. It also counts the most PutRecords
+//! calls it had in flight at once (a writer's pipelining, seen from outside).
 
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,10 @@ pub struct Faults {
     pub internal_failure_entries: f64,
     /// Whole PutRecords calls answered HTTP 500.
     pub failed_calls: f64,
+    /// PutRecords calls whose connection is closed without an answer
+    /// after kinesalite carried them out (a connection reset: the client
+    /// cannot tell whether the call went through).
+    pub reset_calls: f64,
     /// The generator's seed.
     pub seed: u64,
 }
@@ -52,6 +58,31 @@ pub struct FaultCounts {
     pub forwarded_entries: AtomicU64,
     /// Whole calls failed.
     pub failed_calls: AtomicU64,
+    /// Connections closed without an answer.
+    pub reset_calls: AtomicU64,
+    /// PutRecords calls being handled now.
+    pub put_records_in_flight: AtomicU64,
+    /// The most PutRecords calls handled at once so far.
+    pub max_put_records_in_flight: AtomicU64,
+}
+
+/// Counts one PutRecords call in flight while alive.
+struct InFlight<'c>(&'c FaultCounts);
+
+impl<'c> InFlight<'c> {
+    fn new(counts: &'c FaultCounts) -> Self {
+        let now = counts.put_records_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counts
+            .max_put_records_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        Self(counts)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.put_records_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The proxy; dropping it stops it.
@@ -69,6 +100,7 @@ impl Faults {
             throttled_entries: 0.10,
             internal_failure_entries: 0.02,
             failed_calls: 0.03,
+            reset_calls: 0.0,
             seed,
         }
     }
@@ -112,9 +144,11 @@ impl KinesisFaults {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = state.clone();
                 tokio::spawn(async move {
+                    // A service error makes hyper close the connection
+                    // without an answer: that is how a reset is injected.
                     let service = hyper::service::service_fn(move |request| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.handle(request).await) }
+                        async move { state.handle(request).await }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -128,6 +162,11 @@ impl KinesisFaults {
             counts,
             accept_loop,
         })
+    }
+
+    /// The address it listens on (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The endpoint URL to give a client instead of kinesalite's.
@@ -147,6 +186,18 @@ impl Drop for KinesisFaults {
     }
 }
 
+/// The error that makes hyper drop a connection without answering.
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset injected by the test proxy")
+    }
+}
+
+impl std::error::Error for Reset {}
+
 struct State {
     upstream: SocketAddr,
     faults: Faults,
@@ -155,11 +206,21 @@ struct State {
 }
 
 impl State {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.try_handle(request).await {
+    async fn handle(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Reset> {
+        let put_records = request
+            .headers()
+            .get("x-amz-target")
+            .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"));
+        let reset = put_records && self.draw(self.faults.reset_calls);
+        let response = match self.try_handle(request).await {
             Ok(response) => response,
             Err(err) => plain(StatusCode::BAD_GATEWAY, format!("fault proxy: {err:#}")),
+        };
+        if reset {
+            self.counts.reset_calls.fetch_add(1, Ordering::Relaxed);
+            return Err(Reset);
         }
+        Ok(response)
     }
 
     async fn try_handle(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
@@ -174,6 +235,7 @@ impl State {
                 .forward(Request::from_parts(parts, Full::new(body)))
                 .await;
         }
+        let _in_flight = InFlight::new(&self.counts);
         if self.draw(self.faults.failed_calls) {
             self.counts.failed_calls.fetch_add(1, Ordering::Relaxed);
             return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, String::new()));

@@ -46,6 +46,7 @@
 mod config;
 pub mod consumer;
 pub mod http_probe;
+mod key_order;
 mod kinesalite;
 mod kinesis_faults;
 mod mariadb;
@@ -66,6 +67,8 @@ pub use config::{
     MYSQL_SERVER_ID, PUBLICATION, SLOT, SOURCE_NAME, TestConfig, set_tables, write_config,
     write_mysql_config,
 };
+pub use http_probe::get as http_get;
+pub use key_order::{ITEMS_TABLE, check_last_occurrences, versions_per_key};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};
 pub use mariadb::{MARIADB_SERVER_ID, MYSQL_PASSWORD, MYSQL_USER, Mariadb, ROW_BINLOG_FLAGS};

@@ -136,27 +136,68 @@ async fn a_row_too_large_for_the_stream_is_dead_lettered_listed_and_replayed() -
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("held"), "{stderr}");
 
+    // Meanwhile the row changed again, and that newer change is in the
+    // stream: the replayed entry will land after it (the known gap).
+    db.batch_execute("UPDATE docs SET body = 'newer' WHERE id = 2")
+        .await?;
+    pipeline
+        .kin
+        .wait_for_records(STREAM, 3, Duration::from_secs(30))
+        .await?;
+
     // Without the too-large original (say it was replayed by hand), the
-    // fitting entry goes through and leaves the store.
+    // fitting entry goes through and leaves the store; replay says that it
+    // keeps its original position, which consumers use to skip it.
     std::fs::write(&store, format!("\n{fits}"))?;
     std::fs::remove_file(store.with_file_name("dead-letters.replayed")).ok();
     let (code, _, stderr) = cli(&config, &["dead-letter", "replay", "--id", &id]).await?;
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("replayed 1 of 1"), "{stderr}");
+    assert!(
+        stderr.contains("keep their original source.position"),
+        "{stderr}"
+    );
     assert!(list_json(&config).await?.is_empty());
     let all = pipeline
         .kin
-        .wait_for_records(STREAM, 3, Duration::from_secs(30))
+        .wait_for_records(STREAM, 4, Duration::from_secs(30))
         .await?;
-    let replayed: Vec<Value> = all
+    // Key 2's events in stream order (one shard, sequence order): the
+    // newer update, then the replayed insert with its original id and
+    // position, which sorts below the update's.
+    let key_2: Vec<Value> = all
         .iter()
         .map(|r| r.json())
         .collect::<Result<Vec<_>>>()?
         .into_iter()
-        .filter(|e| e["id"] == id.as_str())
+        .filter(|e| e["after"]["id"] == 2)
         .collect();
-    assert_eq!(replayed.len(), 1);
-    assert_eq!(replayed[0]["after"]["body"], "now small");
+    assert_eq!(key_2.len(), 2, "{key_2:?}");
+    let (newer, replayed) = (&key_2[0], &key_2[1]);
+    assert_eq!(newer["after"]["body"], "newer");
+    assert_eq!(replayed["id"], id.as_str());
+    assert_eq!(replayed["after"]["body"], "now small");
+    assert_eq!(
+        replayed["source"]["position"],
+        entry["envelope"]["source"]["position"]
+    );
+    let position = |e: &Value| {
+        e["source"]["position"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(position(replayed) < position(newer));
+    // A consumer that applies an event only when its position is above the
+    // last one it applied for the key (docs/consumers.md) ends with the
+    // newest row.
+    let mut last: Option<&Value> = None;
+    for event in &key_2 {
+        if last.is_none_or(|l| position(event) > position(l)) {
+            last = Some(event);
+        }
+    }
+    assert_eq!(last.unwrap()["after"]["body"], "newer");
     pipeline.stop_gracefully().await?;
     Ok(())
 }

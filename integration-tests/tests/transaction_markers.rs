@@ -68,6 +68,7 @@ async fn markers_frame_every_transaction_on_every_shard_while_kinesis_refuses_en
             internal_failure_entries: 0.03,
             failed_calls: 0.0,
             seed: 11,
+            ..Faults::default()
         },
     )
     .await?;

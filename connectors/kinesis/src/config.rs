@@ -18,6 +18,10 @@ pub const DEFAULT_RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
 pub const DEFAULT_BYTES_PER_SHARD_PER_SEC: u32 = 1_048_576;
 /// How long one attempt of a Kinesis call may take.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// PutRecords calls a shard's lane may have in flight at once.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_SHARD: usize = 2;
+/// The most `sink.max_in_flight_per_shard` may ask for.
+pub const MAX_IN_FLIGHT_PER_SHARD: usize = 16;
 /// How long opening a connection to Kinesis may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -73,6 +77,9 @@ pub struct KinesisSinkConfig {
     /// `sink.aggregation`: pack the records of a shard into KPL aggregated
     /// records (many envelopes per Kinesis record).
     pub aggregation: bool,
+    /// `sink.max_in_flight_per_shard`: PutRecords calls one shard's lane
+    /// may have in flight at once (a key is never in two of them).
+    pub max_in_flight_per_shard: usize,
     /// The directory of `dead-letters.jsonl` (under `state.dir`).
     pub dead_letter_dir: PathBuf,
     /// `dead_letter.stream`: a Kinesis stream for dead letters instead of
@@ -90,7 +97,8 @@ pub struct KinesisSinkConfig {
 }
 
 impl KinesisSinkConfig {
-    /// A config with every default: full quotas, share 1.0, 30 s requests,
+    /// A config with every default: full quotas, share 1.0, two calls in
+    /// flight per shard, 30 s requests,
     /// 5 s connects, the default [`RetryPolicy`].
     pub fn new(region: impl Into<String>, dead_letter_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -100,6 +108,7 @@ impl KinesisSinkConfig {
             bytes_per_shard_per_sec: DEFAULT_BYTES_PER_SHARD_PER_SEC,
             share: 1.0,
             aggregation: false,
+            max_in_flight_per_shard: DEFAULT_MAX_IN_FLIGHT_PER_SHARD,
             dead_letter_dir: dead_letter_dir.into(),
             dead_letter_stream: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -131,6 +140,15 @@ impl KinesisSinkConfig {
         }
         if self.bytes_per_shard_per_sec == 0 {
             return bad("sink.quota.bytes_per_shard_per_sec", "must be at least 1");
+        }
+        if !(1..=MAX_IN_FLIGHT_PER_SHARD).contains(&self.max_in_flight_per_shard) {
+            return bad(
+                "sink.max_in_flight_per_shard",
+                format!(
+                    "must be 1 to {MAX_IN_FLIGHT_PER_SHARD}, got {}",
+                    self.max_in_flight_per_shard
+                ),
+            );
         }
         if self.request_timeout.is_zero() {
             return bad("sink.request_timeout_secs", "must be at least 1");
@@ -200,6 +218,18 @@ mod tests {
                     assert_eq!(key, "sink.quota.share");
                 }
                 Err(other) => panic!("unexpected {other}"),
+            }
+        }
+
+        for (calls, ok) in [(0, false), (1, true), (16, true), (17, false)] {
+            let mut c = config.clone();
+            c.max_in_flight_per_shard = calls;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{calls} calls accepted"),
+                Err(err) => {
+                    assert!(!ok, "{calls} calls refused: {err}");
+                    assert!(err.to_string().starts_with("sink.max_in_flight_per_shard:"));
+                }
             }
         }
 

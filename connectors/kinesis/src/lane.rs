@@ -1,29 +1,45 @@
 //! One ordered lane per (stream, shard): batching, quotas, PutRecords and
-//! ordered retries.
+//! ordered retries, with up to `sink.max_in_flight_per_shard` calls in
+//! flight.
 //!
 //! The dispatcher hands a lane the records whose partition key hashes into
-//! its shard, in source order. The lane keeps them in one queue and loops:
-//! cut a batch off the front (at most 500 entries, 5 MiB and the quota's
-//! burst; with `sink.aggregation`, records packed into KPL aggregated
-//! records, see `batch.rs`), wait for the quota, send it, and sort the
-//! answer (an aggregated entry's result is its every record's):
+//! its shard, in source order. The lane keeps them in one queue, ordered by
+//! arrival, and loops: cut a batch (at most 500 entries, 5 MiB and the
+//! quota's burst; with `sink.aggregation`, records packed into KPL
+//! aggregated records, see `batch.rs`), wait for the quota, send it, and
+//! sort the answer when it comes (an aggregated entry's result is its
+//! every record's):
 //! - accepted entries (a sequence number) are reported done;
-//! - failed entries go back to the front of the queue, in their original
-//!   order, together with every later entry of the same batch that shares a
-//!   partition key with a retried one, accepted or not. Nothing newer of the
-//!   lane is sent before them, so the last copy of every record of a key
-//!   lands in source order (PutRecords itself does not keep order when part
-//!   of a call fails);
+//! - failed entries go back into the queue at their original place,
+//!   together with every later entry of the same batch that shares a
+//!   partition key with a retried one, accepted or not. Nothing newer of
+//!   their keys is sent before them, so the last copy of every record of a
+//!   key lands in source order (PutRecords itself does not keep order when
+//!   part of a call fails);
 //! - an entry error Kinesis does not call retryable is tried
 //!   `max_rejections` times in all, then the record is dead-lettered.
 //!
-//! A lane has one call in flight. That is enough: one 500-record call per
-//! round trip already goes past a shard's 1,000 records/s once the round
-//! trip is under half a second, and the quota is the limit after that. It
-//! also keeps the retry rule simple: the batch being retried is always the
-//! oldest thing the lane has not delivered.
+//! Pipelining for distance. One 500-record call per round trip caps a shard
+//! at 500 / RTT records/s, and smaller batches (a steady trickle of changes)
+//! cap it lower, so a lane may have several calls in flight. The rule that
+//! keeps per-key order: a key is in at most one call in flight. When a lane
+//! has nothing in flight, the batch is the front of the queue (as with one
+//! call in flight). While calls are in flight, the next batch takes queued
+//! records in order, skipping every record whose partition key is in a call
+//! in flight (so all its later records are skipped too: a key's records
+//! never race, and a record still queued is always newer than its key's
+//! records in flight). A barrier, a fanned-out copy (truncate) or a
+//! transaction marker, is ordered against every record of the lane: it
+//! goes only in a batch cut while nothing is in flight, nothing else goes
+//! while a call carrying one is in flight, and a batch cut while calls are
+//! in flight stops before the first barrier. So everything the retry rules
+//! rely on holds per call as it did with one call: the records of a key
+//! that a call carries are the oldest of that key not yet delivered, and
+//! an answer only ever moves records of its own keys. Retries and whole
+//! call failures pause the start of new calls (calls in flight still get
+//! their answers sorted), as the single call used to sleep.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,6 +50,7 @@ use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput}
 use aws_sdk_kinesis::types::PutRecordsResultEntry;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 use tributary_envelope::error_text::one_line;
 use tributary_envelope::record::MAX_PARTITION_KEY_CHARS;
@@ -59,6 +76,10 @@ use crate::retry::{
 pub const MAX_BATCH_RECORDS: usize = 500;
 /// Kinesis' limit on the data and partition keys of one PutRecords call.
 pub const MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
+/// How many queued records a batch cut while calls are in flight looks at:
+/// past them, records of free keys wait for the next cut (bounds the work
+/// of a cut when most of a long queue belongs to keys in flight).
+const SCAN_LIMIT: usize = 4 * MAX_BATCH_RECORDS;
 
 /// What a lane needs besides its input.
 pub(crate) struct LaneSetup {
@@ -68,6 +89,8 @@ pub(crate) struct LaneSetup {
     pub(crate) max_record_bytes: usize,
     /// `sink.aggregation`: pack records into KPL aggregated records.
     pub(crate) aggregation: bool,
+    /// `sink.max_in_flight_per_shard`: PutRecords calls in flight at once.
+    pub(crate) max_in_flight: usize,
     pub(crate) quota: LaneQuota,
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letters: Arc<DeadLetterStore>,
@@ -80,6 +103,9 @@ pub(crate) struct LaneSetup {
 /// A record waiting in a lane.
 struct Pending {
     record: Record,
+    /// Its place in the lane's arrival order: retried records go back to
+    /// the queue by it.
+    ord: u64,
     /// Times Kinesis refused it with a non-retryable entry error.
     rejections: u32,
     /// PutRecords calls that carried it.
@@ -90,6 +116,22 @@ struct Pending {
     /// of its key sent meanwhile, would stay its key's last occurrence.
     accepted_once: bool,
 }
+
+/// A PutRecords call in flight: the records it carries, in queue order.
+struct Call {
+    records: Vec<Pending>,
+    /// The batch it was cut as (its entries are with the request).
+    batch: Batch,
+    /// It carries a barrier: nothing else may be in flight with it.
+    barrier: bool,
+}
+
+/// What a finished call task hands back: its id, the answer and how long it took.
+type Answered = (
+    u64,
+    Result<PutRecordsOutput, SdkError<PutRecordsError>>,
+    Duration,
+);
 
 /// What happens to one entry of an answered batch.
 enum Outcome {
@@ -102,7 +144,18 @@ enum Outcome {
 pub(crate) struct Lane {
     setup: LaneSetup,
     input: mpsc::UnboundedReceiver<Record>,
+    /// Records not in a call, in arrival order (`ord`).
     queue: VecDeque<Pending>,
+    /// The next record's `ord`.
+    next_ord: u64,
+    /// Calls in flight by id, and their tasks.
+    in_flight: HashMap<u64, Call>,
+    calls: JoinSet<Answered>,
+    next_call: u64,
+    /// Partition keys of the records in flight.
+    busy_keys: HashSet<String>,
+    /// No new call starts before this (a backoff after a failure).
+    paused_until: Option<Instant>,
     open: bool,
     /// Backoff after a whole call failed: up to `retry.max_backoff`.
     backoff: Backoff,
@@ -110,7 +163,7 @@ pub(crate) struct Lane {
     entry_backoff: Backoff,
     call_warnings: WarnGate,
     entry_warnings: WarnGate,
-    /// Bytes (record weights) in `queue`.
+    /// Bytes (record weights) in `queue` and in flight.
     queued_bytes: usize,
     metrics: LaneMetrics,
 }
@@ -160,6 +213,12 @@ impl Lane {
             setup,
             input,
             queue: VecDeque::new(),
+            next_ord: 0,
+            in_flight: HashMap::new(),
+            calls: JoinSet::new(),
+            next_call: 0,
+            busy_keys: HashSet::new(),
+            paused_until: None,
             open: true,
             backoff,
             entry_backoff,
@@ -168,72 +227,65 @@ impl Lane {
         }
     }
 
-    /// Delivers records until the input closes and the queue is empty.
+    /// Delivers records until the input closes, the queue is empty and no
+    /// call is in flight.
     pub(crate) async fn run(mut self) -> Result<(), KinesisError> {
         loop {
-            self.fill().await?;
-            if self.queue.is_empty() {
+            self.take_input().await?;
+            self.start_calls().await;
+            if !self.open && self.queue.is_empty() && self.in_flight.is_empty() {
                 debug!(stream = %self.setup.stream, shard = %self.setup.shard_id, "lane drained");
                 return Ok(());
             }
             self.report_queue();
-            let mut batch = self.next_batch();
-            let waited = Instant::now();
-            self.setup
-                .quota
-                .acquire(batch.entries.len(), batch.bytes)
-                .await;
-            self.metrics
-                .limiter_wait
-                .record(waited.elapsed().as_secs_f64());
-            let sent = Instant::now();
-            for pending in self.queue.iter_mut().take(batch.records) {
-                pending.attempts += 1;
-            }
-            let answer = self
-                .setup
-                .client
-                .put_records()
-                .stream_name(&*self.setup.stream)
-                .set_records(Some(std::mem::take(&mut batch.entries)))
-                .send()
-                .await;
-            self.metrics
-                .put_seconds
-                .record(sent.elapsed().as_secs_f64());
-            match answer {
-                Ok(output) => self.on_answer(&batch, &output).await?,
-                Err(err) => self.on_call_error(batch.records, err).await?,
+            let pause = self.paused_until;
+            tokio::select! {
+                biased;
+                Some(joined) = self.calls.join_next(), if !self.calls.is_empty() => {
+                    let (id, answer, took) = joined.map_err(KinesisError::Task)?;
+                    self.on_done(id, answer, took).await?;
+                }
+                received = self.input.recv(), if self.open => match received {
+                    Some(record) => {
+                        let mut refused = Vec::new();
+                        self.admit(record, &mut refused);
+                        if !refused.is_empty() {
+                            self.dead_letter(&refused).await?;
+                        }
+                    }
+                    None => self.open = false,
+                },
+                () = tokio::time::sleep_until(pause.unwrap_or_else(Instant::now)), if pause.is_some() => {
+                    self.paused_until = None;
+                }
+                else => {
+                    // Not reachable: with the input closed, nothing in
+                    // flight and no pause, `start_calls` sent the queue's
+                    // front. Stay loud all the same.
+                    return Err(KinesisError::Stream {
+                        stream: self.setup.stream.to_string(),
+                        message: "a lane found nothing to wait for with records queued".to_owned(),
+                    });
+                }
             }
         }
     }
 
-    /// Takes whatever the dispatcher has queued; waits when there is
-    /// nothing to send yet. Records Kinesis could never take are
-    /// dead-lettered on the way in.
-    async fn fill(&mut self) -> Result<(), KinesisError> {
-        loop {
-            let mut refused: Vec<DeadLetter> = Vec::new();
-            if self.queue.is_empty() && self.open {
-                match self.input.recv().await {
-                    Some(record) => self.admit(record, &mut refused),
-                    None => self.open = false,
-                }
-            }
-            while self.open {
-                match self.input.try_recv() {
-                    Ok(record) => self.admit(record, &mut refused),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => self.open = false,
-                }
-            }
-            if !refused.is_empty() {
-                self.dead_letter(&refused).await?;
-            }
-            if !self.queue.is_empty() || !self.open {
-                return Ok(());
+    /// Takes whatever the dispatcher has queued, without waiting. Records
+    /// Kinesis could never take are dead-lettered on the way in.
+    async fn take_input(&mut self) -> Result<(), KinesisError> {
+        let mut refused: Vec<DeadLetter> = Vec::new();
+        while self.open {
+            match self.input.try_recv() {
+                Ok(record) => self.admit(record, &mut refused),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => self.open = false,
             }
         }
+        if !refused.is_empty() {
+            self.dead_letter(&refused).await?;
+        }
+        Ok(())
     }
 
     fn admit(&mut self, record: Record, refused: &mut Vec<DeadLetter>) {
@@ -250,49 +302,153 @@ impl Lane {
                 self.queued_bytes += record.weight();
                 self.queue.push_back(Pending {
                     record,
+                    ord: self.next_ord,
                     rejections: 0,
                     attempts: 0,
                     accepted_once: false,
                 });
+                self.next_ord += 1;
             }
         }
     }
 
-    /// The next call, cut off the front of the queue.
-    fn next_batch(&self) -> Batch {
+    /// Starts calls while there is room in flight, no pause, and a batch
+    /// the order rules allow.
+    async fn start_calls(&mut self) {
+        while self.in_flight.len() < self.setup.max_in_flight
+            && self
+                .paused_until
+                .is_none_or(|until| until <= Instant::now())
+        {
+            self.paused_until = None;
+            let Some(mut call) = self.cut() else { break };
+            let waited = Instant::now();
+            self.setup
+                .quota
+                .acquire(call.batch.entries.len(), call.batch.bytes)
+                .await;
+            self.metrics
+                .limiter_wait
+                .record(waited.elapsed().as_secs_f64());
+            let request = self
+                .setup
+                .client
+                .put_records()
+                .stream_name(&*self.setup.stream)
+                .set_records(Some(std::mem::take(&mut call.batch.entries)));
+            let id = self.next_call;
+            self.next_call += 1;
+            self.calls.spawn(async move {
+                let sent = Instant::now();
+                let answer = request.send().await;
+                (id, answer, sent.elapsed())
+            });
+            self.in_flight.insert(id, call);
+        }
+    }
+
+    /// The next call, taken out of the queue under the order rules (see the
+    /// module doc); `None` when nothing may go now.
+    fn cut(&mut self) -> Option<Call> {
         let limits = Limits {
             entries: MAX_BATCH_RECORDS.min(self.setup.quota.max_records()),
             bytes: MAX_BATCH_BYTES.min(self.setup.quota.max_bytes()),
             record_bytes: self.setup.max_record_bytes,
         };
-        let records = self.queue.iter().map(|p| &p.record);
-        if self.setup.aggregation {
-            batch::aggregated(records, limits)
-        } else {
-            batch::plain(records, limits)
+        let barrier_in_flight = self.in_flight.values().any(|call| call.barrier);
+        let mut picks: Vec<usize> = Vec::new();
+        let batch = {
+            let eligible = eligible(
+                &self.queue,
+                &self.busy_keys,
+                self.in_flight.is_empty(),
+                barrier_in_flight,
+            )
+            .inspect(|&i| picks.push(i))
+            .map(|i| &self.queue[i].record);
+            if self.setup.aggregation {
+                batch::aggregated(eligible, limits)
+            } else {
+                batch::plain(eligible, limits)
+            }
+        };
+        if batch.records == 0 {
+            return None;
+        }
+        picks.truncate(batch.records);
+        let mut records = take_picks(&mut self.queue, &picks);
+        let mut barrier = false;
+        for pending in &mut records {
+            pending.attempts += 1;
+            barrier |= is_barrier(&pending.record);
+            self.busy_keys.insert(pending.record.partition_key.clone());
+        }
+        Some(Call {
+            records,
+            batch,
+            barrier,
+        })
+    }
+
+    /// Puts records of an answered call back into the queue at their place.
+    fn requeue(&mut self, records: Vec<Pending>) {
+        self.queued_bytes += records.iter().map(|p| p.record.weight()).sum::<usize>();
+        requeue(&mut self.queue, records);
+    }
+
+    /// Sorts the answer of call `id`.
+    async fn on_done(
+        &mut self,
+        id: u64,
+        answer: Result<PutRecordsOutput, SdkError<PutRecordsError>>,
+        took: Duration,
+    ) -> Result<(), KinesisError> {
+        self.metrics.put_seconds.record(took.as_secs_f64());
+        let call = self
+            .in_flight
+            .remove(&id)
+            .expect("every call task has its call");
+        for pending in &call.records {
+            self.busy_keys.remove(pending.record.partition_key.as_str());
+        }
+        self.queued_bytes -= call
+            .records
+            .iter()
+            .map(|p| p.record.weight())
+            .sum::<usize>();
+        match answer {
+            Ok(output) => self.on_answer(call, &output).await,
+            Err(err) => self.on_call_error(call, err).await,
         }
     }
 
-    /// Sorts the answer to `batch`.
+    /// Holds back new calls for `delay` (or longer, if already held).
+    fn pause(&mut self, delay: Duration) {
+        let until = Instant::now() + delay;
+        self.paused_until = Some(self.paused_until.map_or(until, |held| held.max(until)));
+    }
+
+    /// Sorts the answer to `call`.
     async fn on_answer(
         &mut self,
-        batch: &Batch,
+        call: Call,
         output: &PutRecordsOutput,
     ) -> Result<(), KinesisError> {
-        let count = batch.records;
+        let count = call.records.len();
         let results = output.records();
-        let Some(spread) = batch.spread(results) else {
+        let Some(spread) = call.batch.spread(results) else {
             let delay = self.backoff.next_delay();
             self.metrics.call_retries.increment(1);
             if let Some(suppressed) = self.call_warnings.allow() {
                 warn!(
                     stream = %self.setup.stream, shard = %self.setup.shard_id,
-                    sent = batch.entries_sent(), answered = results.len(), suppressed,
+                    sent = call.batch.entries_sent(), answered = results.len(), suppressed,
                     retry_in_ms = delay.as_millis() as u64,
                     "kinesis answered putrecords with the wrong number of results; sending the batch again"
                 );
             }
-            tokio::time::sleep(delay).await;
+            self.requeue(call.records);
+            self.pause(delay);
             return Ok(());
         };
         if results
@@ -306,12 +462,10 @@ impl Lane {
                 .iter()
                 .all(|r| r.error_code().is_none() && r.sequence_number().is_some());
         if all_accepted {
-            self.setup
-                .acks
-                .done(self.queue.iter().take(count).map(|p| &p.record));
-            self.observe_commit_latency(self.queue.iter().take(count).map(|p| &p.record));
-            let bytes: usize = self.queue.drain(..count).map(|p| p.record.weight()).sum();
-            self.queued_bytes -= bytes;
+            let records = || call.records.iter().map(|p| &p.record);
+            self.setup.acks.done(records());
+            self.observe_commit_latency(records());
+            let bytes: usize = records().map(Record::weight).sum();
             self.metrics.records_sent.increment(count as u64);
             self.metrics.bytes_sent.increment(bytes as u64);
             self.backoff.reset();
@@ -319,16 +473,16 @@ impl Lane {
             self.observe(count, 0);
             return Ok(());
         }
-        self.on_partial_failure(count, &spread).await
+        self.on_partial_failure(call.records, &spread).await
     }
 
     /// Sorts an answer with failures; `results` has one entry per record.
     async fn on_partial_failure(
         &mut self,
-        count: usize,
+        mut batch: Vec<Pending>,
         results: &[PutRecordsResultEntry],
     ) -> Result<(), KinesisError> {
-        let mut batch: Vec<Pending> = self.queue.drain(..count).collect();
+        let count = batch.len();
         let sorted = sort_answer(&mut batch, results, self.setup.retry.max_rejections);
         let done = || {
             batch
@@ -346,16 +500,12 @@ impl Lane {
             counter!(metrics::ENTRIES_REFUSED, "stream" => self.setup.stream.to_string(), "code" => code.to_owned())
                 .increment(1);
         }
-        self.queued_bytes -= batch.iter().map(|p| p.record.weight()).sum::<usize>();
         let mut refused: Vec<DeadLetter> = Vec::new();
-        // Back to the front, oldest first: push in reverse.
-        for (pending, outcome) in batch.into_iter().zip(sorted.outcomes).rev() {
+        let mut retried: Vec<Pending> = Vec::new();
+        for (pending, outcome) in batch.into_iter().zip(sorted.outcomes) {
             match outcome {
                 Outcome::Done => {}
-                Outcome::Retry => {
-                    self.queued_bytes += pending.record.weight();
-                    self.queue.push_front(pending);
-                }
+                Outcome::Retry => retried.push(pending),
                 Outcome::DeadLetter(error) => refused.push(DeadLetter {
                     record: pending.record,
                     reason: DeadLetterReason::Rejected,
@@ -365,7 +515,7 @@ impl Lane {
                 }),
             }
         }
-        refused.reverse();
+        self.requeue(retried);
         if !refused.is_empty() {
             self.dead_letter(&refused).await?;
         }
@@ -392,16 +542,17 @@ impl Lane {
                 "kinesis refused part of a putrecords call; retrying the failed records and the later records of their keys"
             );
         }
-        tokio::time::sleep(delay).await;
+        self.pause(delay);
         Ok(())
     }
 
     /// A whole call failed: retry the same batch after a backoff, or stop.
     async fn on_call_error(
         &mut self,
-        count: usize,
+        call: Call,
         err: SdkError<PutRecordsError>,
     ) -> Result<(), KinesisError> {
+        let count = call.records.len();
         let failure = classify(&err, |e| match e {
             PutRecordsError::ProvisionedThroughputExceededException(_)
             | PutRecordsError::KmsThrottlingException(_) => Some(Failure::Throttled),
@@ -449,7 +600,8 @@ impl Lane {
                 "putrecords failed; retrying the batch"
             );
         }
-        tokio::time::sleep(delay).await;
+        self.requeue(call.records);
+        self.pause(delay);
         Ok(())
     }
 
@@ -554,6 +706,74 @@ fn never_writable(record: &Record, max_record_bytes: usize) -> Option<(DeadLette
     None
 }
 
+/// True for a record ordered against every record of its lane: a
+/// fanned-out copy (truncate) or a transaction marker.
+fn is_barrier(record: &Record) -> bool {
+    record.copies.is_some() || record.marker.is_some()
+}
+
+/// The queue positions a batch may take, in order: the whole queue when
+/// nothing is in flight (`idle`); else the records whose key is in no call
+/// in flight, up to the first barrier and within [`SCAN_LIMIT`]; nothing
+/// while a barrier is in flight.
+fn eligible<'q>(
+    queue: &'q VecDeque<Pending>,
+    busy_keys: &'q HashSet<String>,
+    idle: bool,
+    barrier_in_flight: bool,
+) -> impl Iterator<Item = usize> + 'q {
+    let scan = if idle {
+        queue.len()
+    } else if barrier_in_flight {
+        0
+    } else {
+        SCAN_LIMIT
+    };
+    queue
+        .iter()
+        .take(scan)
+        .enumerate()
+        .take_while(move |(_, p)| idle || !is_barrier(&p.record))
+        .filter(move |(_, p)| idle || !busy_keys.contains(p.record.partition_key.as_str()))
+        .map(|(i, _)| i)
+}
+
+/// Takes the records at `picks` (ascending positions) out of `queue`, in order.
+fn take_picks(queue: &mut VecDeque<Pending>, picks: &[usize]) -> Vec<Pending> {
+    if picks.iter().enumerate().all(|(n, &i)| n == i) {
+        return queue.drain(..picks.len()).collect();
+    }
+    let mut taken = Vec::with_capacity(picks.len());
+    let mut kept = VecDeque::with_capacity(queue.len() - picks.len());
+    let mut next = picks.iter().peekable();
+    for (i, pending) in std::mem::take(queue).into_iter().enumerate() {
+        if next.next_if(|&&p| p == i).is_some() {
+            taken.push(pending);
+        } else {
+            kept.push_back(pending);
+        }
+    }
+    *queue = kept;
+    taken
+}
+
+/// Puts `records` (in arrival order) back into `queue` at their place by `ord`.
+fn requeue(queue: &mut VecDeque<Pending>, records: Vec<Pending>) {
+    if queue
+        .front()
+        .is_none_or(|front| records.last().is_none_or(|last| last.ord < front.ord))
+    {
+        for pending in records.into_iter().rev() {
+            queue.push_front(pending);
+        }
+        return;
+    }
+    for pending in records {
+        let at = queue.partition_point(|queued| queued.ord < pending.ord);
+        queue.insert(at, pending);
+    }
+}
+
 /// An answered batch, sorted entry by entry.
 struct SortedAnswer {
     outcomes: Vec<Outcome>,
@@ -589,7 +809,7 @@ fn sort_answer(
     let mut barrier_retried = false;
     for (pending, result) in batch.iter_mut().zip(results) {
         let key = pending.record.partition_key.as_str();
-        let barrier = pending.record.copies.is_some() || pending.record.marker.is_some();
+        let barrier = is_barrier(&pending.record);
         let held =
             barrier_retried || retried_keys.contains(key) || (barrier && !retried_keys.is_empty());
         let outcome = match (result.error_code(), result.sequence_number()) {
@@ -666,6 +886,7 @@ mod tests {
                 seq,
                 ..Record::new("s".into(), key.to_owned(), Vec::new())
             },
+            ord: seq,
             rejections,
             attempts: 1,
             accepted_once: false,
@@ -813,5 +1034,60 @@ mod tests {
             }
             _ => unreachable!(),
         }
+    }
+
+    fn queue_of(keys: &[&str]) -> VecDeque<Pending> {
+        keys.iter()
+            .enumerate()
+            .map(|(seq, key)| {
+                let mut pending = pending(seq as u64, key, 0);
+                if key.starts_with("barrier") {
+                    let copies = tributary_envelope::record::Copies::new(2);
+                    pending.record = pending.record.copy_for(0, &copies);
+                }
+                pending
+            })
+            .collect()
+    }
+
+    fn picks(queue: &VecDeque<Pending>, busy: &[&str], idle: bool, barrier: bool) -> Vec<usize> {
+        let busy: HashSet<String> = busy.iter().map(|k| (*k).to_owned()).collect();
+        eligible(queue, &busy, idle, barrier).collect()
+    }
+
+    #[test]
+    fn with_calls_in_flight_a_batch_skips_their_keys_and_stops_at_a_barrier() {
+        let queue = queue_of(&["a", "b", "a", "c", "barrier", "d"]);
+        // Nothing in flight: the queue's front, barrier and all.
+        assert_eq!(picks(&queue, &[], true, false), [0, 1, 2, 3, 4, 5]);
+        // Key a in flight: its records are skipped (all of them, so a
+        // later record of a never overtakes an earlier one); the barrier
+        // waits for the call in flight, and so does everything after it.
+        assert_eq!(picks(&queue, &["a"], false, false), [1, 3]);
+        // A barrier in flight: nothing else goes.
+        assert_eq!(picks(&queue, &["x"], false, true), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn picked_records_leave_the_queue_and_retries_go_back_to_their_place() {
+        let mut queue = queue_of(&["a", "b", "a", "c", "d"]);
+        let taken = take_picks(&mut queue, &[1, 3]);
+        assert_eq!(taken.iter().map(|p| p.ord).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(queue.iter().map(|p| p.ord).collect::<Vec<_>>(), [0, 2, 4]);
+        // Retried, they go back between the records that were queued
+        // around them.
+        requeue(&mut queue, taken);
+        assert_eq!(
+            queue.iter().map(|p| p.ord).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        // A prefix is drained; retried, it goes back to the front.
+        let front = take_picks(&mut queue, &[0, 1]);
+        assert_eq!(queue.iter().map(|p| p.ord).collect::<Vec<_>>(), [2, 3, 4]);
+        requeue(&mut queue, front);
+        assert_eq!(
+            queue.iter().map(|p| p.ord).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
     }
 }

@@ -66,8 +66,9 @@ pub use aggregate::{AggregationError, MAGIC as AGGREGATION_MAGIC, SubRecord, dea
 pub use aws_sdk_kinesis::Client;
 pub use client::{build_client, build_client_with_timeouts, build_sink_client};
 pub use config::{
-    DEFAULT_BYTES_PER_SHARD_PER_SEC, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECORDS_PER_SHARD_PER_SEC,
-    DEFAULT_REQUEST_TIMEOUT, KinesisSinkConfig, RetryPolicy,
+    DEFAULT_BYTES_PER_SHARD_PER_SEC, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_IN_FLIGHT_PER_SHARD,
+    DEFAULT_RECORDS_PER_SHARD_PER_SEC, DEFAULT_REQUEST_TIMEOUT, KinesisSinkConfig,
+    MAX_IN_FLIGHT_PER_SHARD, RetryPolicy,
 };
 pub use dead_letter::{
     DEAD_LETTER_FILE, DeadLetterEntry, DeadLetterReason, DeadLetterStore, DeadLetters,

@@ -354,6 +354,7 @@ impl Dispatcher {
                 shard_id: shard.shard_id.as_str().into(),
                 max_record_bytes: info.max_record_bytes,
                 aggregation: config.aggregation,
+                max_in_flight: config.max_in_flight_per_shard,
                 quota: LaneQuota::new(config.lane_records_per_sec(), config.lane_bytes_per_sec()),
                 retry: config.retry,
                 dead_letters: self.sink.dead_letters.clone(),

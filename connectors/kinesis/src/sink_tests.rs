@@ -538,36 +538,46 @@ async fn records_of_a_key_go_through_one_lane_in_order() {
     );
 }
 
-#[tokio::test]
-async fn a_partial_failure_is_retried_with_the_later_records_of_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    // Record 10 is refused on its first two tries.
+/// Record 10 (key A, with 20, 30 and 550) is refused on its first two
+/// tries; every other key is its own.
+fn refuse_record_10_twice() -> (
+    impl Fn(usize, &[Entry]) -> Reply + Send + Sync + 'static,
+    Vec<Record>,
+) {
     let tries = Arc::new(Mutex::new(0));
-    let script = {
-        let tries = tries.clone();
-        move |_: usize, entries: &[Entry]| {
-            let mut failures = Vec::new();
-            for (i, entry) in entries.iter().enumerate() {
-                let mut tries = tries.lock().unwrap();
-                if entry.seq == 10 && *tries < 2 {
-                    *tries += 1;
-                    failures.push((i, "ProvisionedThroughputExceededException"));
-                }
-            }
-            if failures.is_empty() {
-                Reply::Accept
-            } else {
-                Reply::Fail(failures)
+    let script = move |_: usize, entries: &[Entry]| {
+        let mut failures = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let mut tries = tries.lock().unwrap();
+            if entry.seq == 10 && *tries < 2 {
+                *tries += 1;
+                failures.push((i, "ProvisionedThroughputExceededException"));
             }
         }
+        if failures.is_empty() {
+            Reply::Accept
+        } else {
+            Reply::Fail(failures)
+        }
     };
-    let fake = Fake::new(1, None, script);
     let key_of = |i: u64| match i {
         10 | 20 | 30 | 550 => "public.t:A".to_owned(),
         i => format!("public.t:{i}"),
     };
-    let records: Vec<Record> = (0..600).map(|i| record(i, &key_of(i), 10)).collect();
-    let run = run(fake.client.clone(), config(&dir), records, usize::MAX).await;
+    (
+        script,
+        (0..600).map(|i| record(i, &key_of(i), 10)).collect(),
+    )
+}
+
+#[tokio::test]
+async fn a_partial_failure_is_retried_with_the_later_records_of_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (script, records) = refuse_record_10_twice();
+    let fake = Fake::new(1, None, script);
+    let mut config = config(&dir);
+    config.max_in_flight_per_shard = 1;
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
     run.assert_all_done_once();
 
     let calls = fake.calls();
@@ -584,6 +594,31 @@ async fn a_partial_failure_is_retried_with_the_later_records_of_its_key() {
 
     // Replay what the fake accepted: every key's last copies are in order.
     let refused = |c: usize, i: usize| calls[c][i].seq == 10 && c < 2;
+    assert_last_copies_in_order(&calls, |c, i| !refused(c, i));
+}
+
+#[tokio::test]
+async fn with_two_calls_in_flight_a_key_in_flight_waits_and_retries_keep_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (script, records) = refuse_record_10_twice();
+    let fake = Fake::new(1, None, script);
+    let mut config = config(&dir);
+    config.max_in_flight_per_shard = 2;
+    let run = run(fake.client.clone(), config, records, usize::MAX).await;
+    run.assert_all_done_once();
+
+    let calls = fake.calls();
+    assert_eq!(seqs(&calls[0]), (0..500).collect::<Vec<_>>());
+    // The second call goes while the first is in flight: every newer record
+    // but 550, whose key A is in the first call.
+    let second: Vec<u64> = (500..600).filter(|&seq| seq != 550).collect();
+    assert_eq!(seqs(&calls[1]), second);
+    // Record 10 is refused: it comes back before 550, with the later
+    // records of its key, and is refused once more.
+    assert_eq!(seqs(&calls[2]), [10, 20, 30, 550]);
+    assert_eq!(seqs(&calls[3]), [10, 20, 30, 550]);
+    assert_eq!(calls.len(), 4);
+    let refused = |c: usize, i: usize| calls[c][i].seq == 10 && c != 1 && c < 3;
     assert_last_copies_in_order(&calls, |c, i| !refused(c, i));
 }
 

@@ -7,9 +7,10 @@
 //!    `trib` of `--shards` shards: wall time from start to the slot's
 //!    acknowledgement of the last commit, and Tributary's CPU seconds.
 //! 2. A bare PutRecords client sends the very envelopes Tributary wrote
-//!    (read back from `trib`) to stream `bare`: one worker per shard, each
-//!    with one 500-record call in flight (Tributary's concurrency: one call
-//!    per shard lane), records grouped by their shard.
+//!    (read back from `trib`) to stream `bare`: `--max-in-flight` workers
+//!    per shard, each with one 500-record call in flight (Tributary's
+//!    concurrency: `sink.max_in_flight_per_shard` calls per shard lane),
+//!    records grouped by their shard.
 //!
 //! The figures are printed as a Markdown table row each; nothing is
 //! asserted. The numbers are noisy on a shared 2-core machine: kinesalite
@@ -17,8 +18,8 @@
 //!
 //! `--quota N` sets `sink.quota.records_per_shard_per_sec` (default: 50,000,
 //! so the quota does not bind and the writer is measured); with `1000` and
-//! `--latency-ms 150` it shows what one call in flight per shard does to a
-//! shard's quota at a distance.
+//! `--latency-ms 150` it shows what the distance does to a shard's quota;
+//! `--max-in-flight 1` gives the lane of one call in flight.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +53,10 @@ struct Args {
     /// `sink.aggregation`.
     #[arg(long)]
     aggregation: bool,
+    /// `sink.max_in_flight_per_shard` (and the bare client's calls in
+    /// flight per shard).
+    #[arg(long, default_value_t = 2)]
+    max_in_flight: usize,
 }
 
 const TRIB: &str = "trib";
@@ -74,9 +79,10 @@ async fn main() -> Result<()> {
     .await?;
     let extra = format!(
         "[log]\nlevel = \"warn\"\n[sink]\nendpoint_url = \"{}\"\naggregation = {}\n\
-         [sink.quota]\nrecords_per_shard_per_sec = {}\nbytes_per_shard_per_sec = 1000000000\n",
+         max_in_flight_per_shard = {}\n[sink.quota]\nrecords_per_shard_per_sec = {}\nbytes_per_shard_per_sec = 1000000000\n",
         proxy.endpoint(),
         args.aggregation,
+        args.max_in_flight,
         args.quota,
     );
     let mut pipeline = servers.start_tributary(&extra).await?;
@@ -111,21 +117,22 @@ async fn main() -> Result<()> {
 
     let written = pipeline.kin.read_all(TRIB).await?;
     let client = tributary_integration_tests::kinesis_client(&proxy.endpoint()).await;
-    let (bare_wall, bare_records) = bare_client(&client, &written).await?;
+    let (bare_wall, bare_records) = bare_client(&client, &written, args.max_in_flight).await?;
 
     let rows = f64::from(args.rows);
     let trib_rate = rows / trib_wall.as_secs_f64();
     let bare_rate = bare_records as f64 / bare_wall.as_secs_f64();
     println!(
-        "| rows | shards | latency ms | quota/shard | aggregation | kinesis records | tributary s | tributary events/s | tributary CPU-s / M events | bare records | bare s | bare records/s | ratio |"
+        "| rows | shards | latency ms | quota/shard | calls in flight/shard | aggregation | kinesis records | tributary s | tributary events/s | tributary CPU-s / M events | bare records | bare s | bare records/s | ratio |"
     );
-    println!("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.2} | {:.0} | {:.2} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.2} | {:.0} | {:.2} |",
         args.rows,
         args.shards,
         args.latency_ms,
         args.quota,
+        args.max_in_flight,
         args.aggregation,
         written.len(),
         trib_wall.as_secs_f64(),
@@ -139,24 +146,32 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Sends `records` (data and partition key as read) to stream `bare`: one
-/// worker per shard of origin, 500-record calls one at a time; partial
-/// failures are sent again. Returns the wall time and the records sent.
-async fn bare_client(client: &Client, records: &[StreamRecord]) -> Result<(Duration, usize)> {
+/// Sends `records` (data and partition key as read) to stream `bare`:
+/// `per_shard` workers per shard of origin, each sending every
+/// `per_shard`-th 500-record call, one at a time; partial failures are sent
+/// again. Returns the wall time and the records sent.
+async fn bare_client(
+    client: &Client,
+    records: &[StreamRecord],
+    per_shard: usize,
+) -> Result<(Duration, usize)> {
     let mut groups: HashMap<&str, Vec<&StreamRecord>> = HashMap::new();
     for record in records {
         groups.entry(&record.shard_id).or_default().push(record);
     }
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for (_, group) in groups {
+    for ((_, group), worker) in groups
+        .into_iter()
+        .flat_map(|group| (0..per_shard).map(move |w| (group.clone(), w)))
+    {
         let client = client.clone();
         let group: Vec<(Vec<u8>, String)> = group
             .into_iter()
             .map(|r| (r.data.clone(), r.partition_key.clone()))
             .collect();
         workers.spawn(async move {
-            for chunk in calls(&group) {
+            for chunk in calls(&group).into_iter().skip(worker).step_by(per_shard) {
                 let mut pending: Vec<PutRecordsRequestEntry> = chunk
                     .iter()
                     .map(|(data, key)| {

@@ -1,0 +1,232 @@
+//! `tributary-kinesis-steady-bench`: the Kinesis writer under a steady
+//! change rate (issue 7): latency from commit to Kinesis, and the send rate
+//! per shard over fixed windows.
+//!
+//! One run: a Postgres table gets `--rate` new rows per second, committed
+//! every 10 ms, for `--secs` seconds, while Tributary streams them into a
+//! stream of `--shards` shards through a proxy that adds `--latency-ms` to
+//! every Kinesis answer, at `--quota` records per shard per second. Then
+//! the stream is read back. It prints (nothing is asserted):
+//! - commit → stored: per record, the stream's `ApproximateArrivalTimestamp`
+//!   minus the envelope's `commit_ts` (exact, ms; but the store happens
+//!   before the proxy delays the answer, so it leaves out the added
+//!   latency);
+//! - commit → acknowledged: the `tributary_commit_to_ack_seconds` histogram
+//!   from `/metrics` (taken when the answer reaches Tributary), as the
+//!   bucket bound at or above p50 and p99;
+//! - records per shard in each full `--window-secs` window of arrival
+//!   times (the first and last, partial, windows left out), and the
+//!   entries Kinesis refused (`tributary_kinesis_entries_refused_total`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tributary_envelope::time::parse_unix_millis;
+use tributary_integration_tests::{DEFAULT_DATABASE, FaultProxy, Servers, http_get};
+
+/// The benchmark's options.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Changes per second.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u32,
+    /// Seconds the rate is kept.
+    #[arg(long, default_value_t = 20)]
+    secs: u64,
+    /// Shards of the stream.
+    #[arg(long, default_value_t = 8)]
+    shards: u32,
+    /// Milliseconds added to every Kinesis answer.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// `sink.quota.records_per_shard_per_sec`.
+    #[arg(long, default_value_t = 1_000)]
+    quota: u32,
+    /// `sink.max_in_flight_per_shard`.
+    #[arg(long, default_value_t = 2)]
+    max_in_flight: usize,
+    /// Seconds of each send-rate window.
+    #[arg(long, default_value_t = 5)]
+    window_secs: i64,
+}
+
+const STREAM: &str = "steady";
+/// How often the writer commits.
+const TICK: Duration = Duration::from_millis(10);
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let servers = Servers::start(
+        STREAM,
+        args.shards,
+        "CREATE TABLE steady (id bigint PRIMARY KEY, n bigint NOT NULL, pad text NOT NULL)",
+    )
+    .await?;
+    let proxy = FaultProxy::start_with_latency(
+        SocketAddr::from(([127, 0, 0, 1], servers.kin.port())),
+        Duration::from_millis(args.latency_ms),
+    )
+    .await?;
+    let extra = format!(
+        "[log]\nlevel = \"warn\"\n[sink]\nendpoint_url = \"{}\"\nmax_in_flight_per_shard = {}\n\
+         [sink.quota]\nrecords_per_shard_per_sec = {}\n",
+        proxy.endpoint(),
+        args.max_in_flight,
+        args.quota,
+    );
+    let mut pipeline = servers.start_tributary(&extra).await?;
+    let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
+
+    let per_tick = f64::from(args.rate) * TICK.as_secs_f64();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(TICK);
+    let (mut written, mut due) = (0u64, 0.0f64);
+    while started.elapsed() < Duration::from_secs(args.secs) {
+        ticker.tick().await;
+        due += per_tick;
+        let rows = due as u64 - written;
+        if rows == 0 {
+            continue;
+        }
+        db.batch_execute(&format!(
+            "INSERT INTO steady SELECT g, g * 7, repeat(md5(g::text), 4) \
+             FROM generate_series({}, {}) g",
+            written,
+            written + rows - 1
+        ))
+        .await?;
+        written += rows;
+    }
+    let offered = written as f64 / started.elapsed().as_secs_f64();
+    let end = pipeline.pg.current_wal_lsn().await?;
+    pipeline
+        .wait_confirmed_flush(end, Duration::from_secs(600))
+        .await?;
+    let (_, metrics) = http_get(pipeline.config.http_addr, "/metrics").await?;
+    pipeline.stop_gracefully().await?;
+    let records = pipeline.kin.read_all(STREAM).await?;
+
+    let mut stored_ms: Vec<i64> = Vec::with_capacity(records.len());
+    let mut arrivals: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for record in &records {
+        let envelope = record.json()?;
+        let commit = envelope["source"]["commit_ts"]
+            .as_str()
+            .and_then(parse_unix_millis)
+            .context("an envelope without commit_ts")?;
+        let arrival = record.arrival_millis.context("a record without arrival")?;
+        stored_ms.push(arrival - commit);
+        arrivals
+            .entry(record.shard_id.clone())
+            .or_default()
+            .push(arrival);
+    }
+    stored_ms.sort_unstable();
+
+    println!(
+        "rate {} changes/s offered {offered:.0}/s for {} s; {} shards; quota {}/shard; +{} ms; \
+         {} calls in flight/shard; {} records read back of {written} written",
+        args.rate,
+        args.secs,
+        args.shards,
+        args.quota,
+        args.latency_ms,
+        args.max_in_flight,
+        records.len()
+    );
+    println!(
+        "commit -> stored (arrival timestamp): p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&stored_ms, 0.50),
+        percentile(&stored_ms, 0.99),
+        stored_ms.last().copied().unwrap_or_default()
+    );
+    let buckets = histogram(&metrics, "tributary_commit_to_ack_seconds");
+    println!(
+        "commit -> acknowledged (tributary_commit_to_ack_seconds): p50 <= {} s, p99 <= {} s ({} observed)",
+        bucket_at(&buckets, 0.50),
+        bucket_at(&buckets, 0.99),
+        buckets.last().map_or(0.0, |(_, n)| *n),
+    );
+    let refused: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tributary_kinesis_entries_refused_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    println!("entries refused by kinesis: {refused}");
+    let window_ms = args.window_secs * 1_000;
+    for (shard, times) in &arrivals {
+        let (first, last) = (times[0], times[times.len() - 1]);
+        let mut counts: BTreeMap<i64, u64> = BTreeMap::new();
+        for t in times {
+            *counts.entry((t - first) / window_ms).or_default() += 1;
+        }
+        let full = (last - first) / window_ms;
+        let rates: Vec<f64> = counts
+            .iter()
+            .filter(|(w, _)| **w < full)
+            .map(|(_, n)| *n as f64 / args.window_secs as f64)
+            .collect();
+        println!(
+            "{shard}: {} records; per {}-s window (records/s): {}",
+            times.len(),
+            args.window_secs,
+            rates
+                .iter()
+                .map(|r| format!("{r:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// The value at fraction `q` of the sorted `values`.
+fn percentile(values: &[i64], q: f64) -> i64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let at = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1;
+    values[at]
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name`, summed over
+/// its label sets, in bound order (`+Inf` last).
+fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with(&prefix)) {
+        let Some(le) = line.split("le=\"").nth(1).and_then(|r| r.split('"').next()) else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0.0);
+        buckets
+            .entry(format!("{bound:020.6}"))
+            .or_insert((bound, 0.0))
+            .1 += count;
+    }
+    let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    sorted
+}
+
+/// The smallest bucket bound holding at least fraction `q` of the observations.
+fn bucket_at(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, n)| *n);
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= total * q)
+        .map_or(f64::NAN, |(le, _)| *le)
+}
