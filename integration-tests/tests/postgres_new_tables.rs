@@ -204,8 +204,10 @@ async fn a_table_created_while_streaming_is_captured_from_its_first_row() -> Res
     .await?;
     pipeline.stop_gracefully().await?;
 
-    // The created tables are recorded: a restart copies nothing.
+    // The created tables are recorded: a restart copies nothing, neither
+    // at start-up nor at its first refreshes.
     pipeline.restart().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     pipeline
         .pg
         .execute("INSERT INTO c VALUES (9002, 'later')")

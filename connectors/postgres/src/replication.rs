@@ -245,6 +245,9 @@ impl PostgresSource {
             }
             if stored.as_ref() != Some(&current) {
                 self.save_captured(current)?;
+            } else {
+                // The refresh compares new tables with this set.
+                self.captured = current;
             }
             return Ok(());
         }
