@@ -207,6 +207,55 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     Ok(())
 }
 
+/// A snapshot stopped by SIGTERM drains what it handed over, and the
+/// marker records it: the next start sends no snapshot row twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
+    use std::collections::HashSet;
+    use tributary_integration_tests::snapshot_resume;
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
+        .await?
+        .start_tributary_without_waiting(LARGE_CONFIG)
+        .await?;
+    let marker = pipeline
+        .config
+        .state_dir
+        .join("postgres-snapshot-tributary_shop.pending");
+    snapshot_resume::wait_for_acknowledged_chunk(
+        &marker,
+        "public.items",
+        3_000,
+        Duration::from_secs(60),
+    )
+    .await
+    .with_context(|| pipeline.tributary.logs())?;
+    pipeline.stop_gracefully().await?;
+    ensure!(marker.exists(), "stopped before the snapshot completed");
+    pipeline
+        .restart_with_timeout(Duration::from_secs(120))
+        .await?;
+    let records = settled(&pipeline).await?;
+    let mut ids = HashSet::new();
+    for record in &records {
+        let envelope = record.json()?;
+        if envelope["op"] == "snapshot" {
+            let id = envelope["id"].as_str().unwrap_or_default().to_owned();
+            ensure!(
+                ids.insert(id.clone()),
+                "{id} was sent before the stop and again after it"
+            );
+        }
+    }
+    ensure!(
+        ids.len() as u64 == LARGE_ROWS,
+        "{} snapshot rows, expected {LARGE_ROWS}",
+        ids.len()
+    );
+    assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
 /// The key ranges the stored snapshot `progress` planned for `table`.
 fn ranges_of(progress: &Value, table: &str) -> usize {
     progress["ranges"].as_array().map_or(0, |ranges| {

@@ -63,6 +63,9 @@ pub struct PostgresSource {
     /// Tables added to `source.tables` since the last run: copied alone
     /// before streaming resumes.
     added: Vec<(String, String)>,
+    /// The chunk ledger of a snapshot a stop interrupted: what the final
+    /// drain delivers is recorded in it before the process exits.
+    interrupted: Option<ChunkLedger>,
 }
 
 impl std::fmt::Debug for PostgresSource {
@@ -276,6 +279,7 @@ impl PostgresSource {
             captured: CapturedTables::default(),
             captured_path,
             added: Vec::new(),
+            interrupted: None,
         }
     }
 
@@ -353,8 +357,11 @@ impl PostgresSource {
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut state, &shutdown).await?
         {
-            // Stopped during the snapshot: it starts again at the next run.
-            return Ok(state.emitter.close_and_drain(drain_timeout).await?);
+            // Stopped during the snapshot: what the drain delivers is
+            // recorded, and the next run resumes after it.
+            let stopped = state.emitter.close_and_drain(drain_timeout).await?;
+            persist_done(self.interrupted.as_mut(), state.emitter.tracker())?;
+            return Ok(stopped);
         }
         if self.cfg.snapshot_only {
             info!("snapshot = \"only\": the copy is delivered; stopping");
@@ -457,6 +464,7 @@ impl PostgresSource {
                     rows = copy.total,
                     "snapshot interrupted: it resumes after the last acknowledged chunks at the next run"
                 );
+                self.interrupted = copy.ledger.take();
                 return Ok(false);
             }
             copy.take(delivery?, &plan.relations, &mut self.decoder, st)
@@ -476,6 +484,7 @@ impl PostgresSource {
         // the marker says the snapshot is unfinished until then.
         while !st.emitter.tracker().is_drained() {
             if *shutdown.borrow() || st.emitter.abandoned() {
+                self.interrupted = copy.ledger.take();
                 return Ok(false);
             }
             copy.persist_with(st.emitter.tracker())?;
