@@ -167,18 +167,7 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
         .await?;
     let done = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(pipeline.pg.client(DEFAULT_DATABASE).await?, done.clone());
-    let marker = pipeline
-        .config
-        .state_dir
-        .join("postgres-snapshot-tributary_shop.pending");
-    let progress = snapshot_resume::wait_for_acknowledged_chunk(
-        &marker,
-        "public.items",
-        3_000,
-        Duration::from_secs(60),
-    )
-    .await
-    .with_context(|| pipeline.tributary.logs())?;
+    let (marker, progress) = marker_after_3000_items(&pipeline).await?;
     pipeline.tributary.kill9().await?;
     ensure!(
         ranges_of(&progress, "public.items") == 4,
@@ -207,21 +196,16 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     Ok(())
 }
 
-/// A snapshot stopped by SIGTERM drains what it handed over, and the
-/// marker records it: the next start sends no snapshot row twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
-    use std::collections::HashSet;
-    use tributary_integration_tests::snapshot_resume;
-    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
-        .await?
-        .start_tributary_without_waiting(LARGE_CONFIG)
-        .await?;
+/// The snapshot marker's path, once it records 3,000 acknowledged rows of
+/// `items`, and the progress it holds then.
+async fn marker_after_3000_items(
+    pipeline: &tributary_integration_tests::Pipeline,
+) -> Result<(std::path::PathBuf, Value)> {
     let marker = pipeline
         .config
         .state_dir
         .join("postgres-snapshot-tributary_shop.pending");
-    snapshot_resume::wait_for_acknowledged_chunk(
+    let progress = tributary_integration_tests::snapshot_resume::wait_for_acknowledged_chunk(
         &marker,
         "public.items",
         3_000,
@@ -229,6 +213,19 @@ async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
     )
     .await
     .with_context(|| pipeline.tributary.logs())?;
+    Ok((marker, progress))
+}
+
+/// A snapshot stopped by SIGTERM drains what it handed over, and the
+/// marker records it: the next start sends no snapshot row twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
+    use std::collections::HashSet;
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
+        .await?
+        .start_tributary_without_waiting(LARGE_CONFIG)
+        .await?;
+    let (marker, _) = marker_after_3000_items(&pipeline).await?;
     pipeline.stop_gracefully().await?;
     ensure!(marker.exists(), "stopped before the snapshot completed");
     pipeline
