@@ -251,6 +251,38 @@ impl Kinesalite {
         }
     }
 
+    /// Polls `stream` until its envelopes' `after.id` values include every
+    /// one of `ids`; returns the records. A count is not enough after an
+    /// outage: calls a stopped process left buffered in a proxy can land
+    /// later and add copies of rows, so the count may be reached while rows
+    /// are still on their way.
+    pub async fn wait_for_ids(
+        &self,
+        stream: &str,
+        ids: impl IntoIterator<Item = i64>,
+        timeout: Duration,
+    ) -> Result<Vec<StreamRecord>> {
+        let wanted: std::collections::BTreeSet<i64> = ids.into_iter().collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.read_all(stream).await?;
+            let mut seen = std::collections::BTreeSet::new();
+            for record in &records {
+                if let Some(id) = record.json()?["after"]["id"].as_i64() {
+                    seen.insert(id);
+                }
+            }
+            let missing: Vec<&i64> = wanted.difference(&seen).take(10).collect();
+            if missing.is_empty() {
+                return Ok(records);
+            }
+            if Instant::now() >= deadline {
+                bail!("rows lost: stream {stream} lacks {missing:?} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn shard_ids(&self, stream: &str) -> Result<Vec<String>> {
         let mut ids = Vec::new();
         let mut next_token: Option<String> = None;

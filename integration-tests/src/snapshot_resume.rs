@@ -111,3 +111,25 @@ pub fn assert_resumed(logs: &str, table_rows: u64) -> Result<u64> {
     );
     Ok(resent)
 }
+
+/// Fails unless `records` hold exactly `rows` snapshot rows, none of them
+/// twice (by id): what a snapshot stopped gracefully and resumed delivers.
+pub fn assert_snapshot_rows_once(records: &[crate::StreamRecord], rows: u64) -> Result<()> {
+    let mut ids = std::collections::HashSet::new();
+    for record in records {
+        let envelope = record.json()?;
+        if envelope["op"] == "snapshot" {
+            let id = envelope["id"].as_str().unwrap_or_default().to_owned();
+            ensure!(
+                ids.insert(id.clone()),
+                "{id} was sent before the stop and again after it"
+            );
+        }
+    }
+    ensure!(
+        ids.len() as u64 == rows,
+        "{} snapshot rows, expected {rows}",
+        ids.len()
+    );
+    Ok(())
+}

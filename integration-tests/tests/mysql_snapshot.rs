@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
+use tributary_integration_tests::snapshot_resume;
 use tributary_integration_tests::{MysqlPipeline, StreamRecord, consumer};
 
 const STREAM: &str = "snap-cdc";
@@ -146,22 +147,24 @@ ANALYZE TABLE items;
 ";
 const LARGE_ROWS: u64 = 30_010;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_converges() -> Result<()>
-{
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use tributary_integration_tests::snapshot_resume;
-    let mut pipeline = MysqlPipeline::start_without_waiting(
+/// Starts the pipeline on the `LARGE` tables, in 500-row chunks with a
+/// small in-flight budget, without waiting for the snapshot.
+async fn start_large() -> Result<MysqlPipeline> {
+    MysqlPipeline::start_without_waiting(
         STREAM,
         2,
         LARGE,
         "[source]\nsnapshot = \"initial\"\nsnapshot_chunk_rows = 500\n\
          [sink]\nmax_in_flight_bytes = 1048576\n",
     )
-    .await?;
-    let done = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(pipeline.db.root().await?, done.clone(), 30_000);
+    .await
+}
+
+/// The snapshot marker's path, once it records 3,000 acknowledged rows of
+/// `items`, and the progress it holds then.
+async fn marker_after_3000_items(
+    pipeline: &MysqlPipeline,
+) -> Result<(std::path::PathBuf, serde_json::Value)> {
     let marker = pipeline
         .config
         .state_dir
@@ -174,6 +177,18 @@ async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_conv
     )
     .await
     .with_context(|| pipeline.tributary.logs())?;
+    Ok((marker, progress))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_killed_midway_resumes_after_its_acknowledged_chunks_and_converges() -> Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut pipeline = start_large().await?;
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(pipeline.db.root().await?, done.clone(), 30_000);
+    let (marker, progress) = marker_after_3000_items(&pipeline).await?;
     pipeline.tributary.kill9().await?;
     ensure!(
         pipeline.stored_offset().is_none(),
@@ -357,5 +372,22 @@ async fn snapshot_only_copies_and_exits_0_leaving_no_offset() -> Result<()> {
         .state_dir
         .join("mysql-snapshot-shop.pending");
     assert!(!marker.exists(), "no marker is left");
+    Ok(())
+}
+
+/// A snapshot stopped by SIGTERM drains what it handed over, and the
+/// marker records it: the next start sends no snapshot row twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
+    let mut pipeline = start_large().await?;
+    let (marker, _) = marker_after_3000_items(&pipeline).await?;
+    pipeline.stop_gracefully().await?;
+    ensure!(marker.exists(), "stopped before the snapshot completed");
+    pipeline
+        .restart_with_timeout(Duration::from_secs(120))
+        .await?;
+    let records = pipeline.settled(STREAM, SETTLE).await?;
+    snapshot_resume::assert_snapshot_rows_once(&records, LARGE_ROWS)?;
+    pipeline.stop_gracefully().await?;
     Ok(())
 }

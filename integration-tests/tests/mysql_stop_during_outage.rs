@@ -84,7 +84,12 @@ async fn sigterm_during_an_outage_stops_within_the_drain_timeout_and_a_restart_d
     proxy.resume();
     pipeline.restart().await?;
     let records = pipeline
-        .wait_for_records(STREAM, 1 + ROWS as usize, Duration::from_secs(120))
+        .kin
+        .wait_for_ids(
+            STREAM,
+            1_000..1_000 + i64::from(ROWS),
+            Duration::from_secs(120),
+        )
         .await?;
     let ids: HashSet<i64> = records
         .iter()

@@ -220,7 +220,6 @@ async fn marker_after_3000_items(
 /// marker records it: the next start sends no snapshot row twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
-    use std::collections::HashSet;
     let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, LARGE)
         .await?
         .start_tributary_without_waiting(LARGE_CONFIG)
@@ -232,22 +231,7 @@ async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
         .restart_with_timeout(Duration::from_secs(120))
         .await?;
     let records = settled(&pipeline).await?;
-    let mut ids = HashSet::new();
-    for record in &records {
-        let envelope = record.json()?;
-        if envelope["op"] == "snapshot" {
-            let id = envelope["id"].as_str().unwrap_or_default().to_owned();
-            ensure!(
-                ids.insert(id.clone()),
-                "{id} was sent before the stop and again after it"
-            );
-        }
-    }
-    ensure!(
-        ids.len() as u64 == LARGE_ROWS,
-        "{} snapshot rows, expected {LARGE_ROWS}",
-        ids.len()
-    );
+    tributary_integration_tests::snapshot_resume::assert_snapshot_rows_once(&records, LARGE_ROWS)?;
     assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
     pipeline.stop_gracefully().await?;
     Ok(())

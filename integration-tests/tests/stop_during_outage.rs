@@ -73,10 +73,11 @@ async fn sigterm_during_an_outage_stops_within_the_drain_timeout_and_a_restart_d
     // Kinesis is back: a restart sends everything.
     proxy.resume();
     pipeline.restart().await?;
-    let total = (WARMUP_ROWS + TRANSACTIONS * ROWS_PER_TRANSACTION) as usize;
+    let every_row = (1..=i64::from(WARMUP_ROWS))
+        .chain((0..i64::from(TRANSACTIONS * ROWS_PER_TRANSACTION)).map(|i| 1_000 + i));
     let records = pipeline
         .kin
-        .wait_for_records(STREAM, total, Duration::from_secs(120))
+        .wait_for_ids(STREAM, every_row, Duration::from_secs(120))
         .await?;
     let mut ids = HashSet::new();
     for record in &records {
@@ -131,10 +132,13 @@ async fn sigterm_during_an_outage_with_many_small_transactions_stops_in_time() -
 
     proxy.resume();
     pipeline.restart().await?;
-    let total = 1 + SMALL_TRANSACTIONS as usize;
     let records = pipeline
         .kin
-        .wait_for_records(STREAM, total, Duration::from_secs(120))
+        .wait_for_ids(
+            STREAM,
+            0..=i64::from(SMALL_TRANSACTIONS),
+            Duration::from_secs(120),
+        )
         .await?;
     assert_every_row(&records, 0..=i64::from(SMALL_TRANSACTIONS))?;
     pipeline.stop_gracefully().await?;
@@ -180,7 +184,7 @@ async fn sigterm_during_a_snapshot_while_kinesis_is_down_stops_in_time() -> Resu
         .await?;
     let records = pipeline
         .kin
-        .wait_for_records(STREAM, ROWS as usize, Duration::from_secs(120))
+        .wait_for_ids(STREAM, 1..=i64::from(ROWS), Duration::from_secs(120))
         .await?;
     assert_every_row(&records, 1..=i64::from(ROWS))?;
     pipeline.stop_gracefully().await?;

@@ -76,6 +76,9 @@ pub struct MysqlSource {
     /// Tables added to `source.tables` since the last run: copied alone
     /// before streaming resumes.
     added: Vec<(String, String)>,
+    /// The chunk ledger of a snapshot a stop interrupted: what the final
+    /// drain delivers is recorded in it before the process exits.
+    interrupted: Option<ChunkLedger>,
 }
 
 impl std::fmt::Debug for MysqlSource {
@@ -131,6 +134,7 @@ impl MysqlSource {
                 store,
                 captured: CapturedTables::default(),
                 added: Vec::new(),
+                interrupted: None,
             });
         }
         let unfinished = marker.exists();
@@ -222,6 +226,7 @@ impl MysqlSource {
             snapshot: pending,
             captured: CapturedTables::default(),
             added: Vec::new(),
+            interrupted: None,
         };
         source.plan_added_tables().await?;
         Ok(source)
@@ -382,8 +387,11 @@ impl MysqlSource {
         if let Some(pending) = self.snapshot.take()
             && !self.copy_snapshot(pending, &mut st, &shutdown).await?
         {
-            // Stopped during the snapshot: it is taken again at the next run.
-            return Ok(st.emitter.close_and_drain(drain_timeout).await?);
+            // Stopped during the snapshot: what the drain delivers is
+            // recorded, and the next run resumes after it.
+            let stopped = st.emitter.close_and_drain(drain_timeout).await?;
+            persist_ledger(self.interrupted.as_mut(), st.emitter.tracker())?;
+            return Ok(stopped);
         }
         if self.cfg.snapshot_only {
             info!("snapshot = \"only\": the copy is delivered; stopping");
@@ -558,7 +566,10 @@ impl MysqlSource {
                 .await?
             {
                 Some(rows) => total += rows,
-                None => return Ok(None),
+                None => {
+                    self.interrupted = copy.ledger.take();
+                    return Ok(None);
+                }
             }
         }
         self.captured.snapshot_end = Some((copy.tx.major, copy.tx.ordinal));
@@ -572,6 +583,7 @@ impl MysqlSource {
         // every copied row: until then the marker says it is unfinished.
         while !st.emitter.tracker().is_drained() {
             if *shutdown.borrow() || st.emitter.abandoned() {
+                self.interrupted = copy.ledger.take();
                 return Ok(None);
             }
             copy.persist(st)?;
@@ -1005,6 +1017,12 @@ impl SnapshotCopy {
             .map(|a| a.iter().map(snapshot::encode_key).collect());
         let mut watch = self.metrics.start_table(&name, estimated, shown.as_deref());
         loop {
+            // A stop is taken between chunks, so every chunk handed over
+            // is whole and recorded once the final drain delivers it.
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(table = %name, rows = watch.rows(), "snapshot interrupted: it resumes after the last acknowledged chunk at the next run");
+                return Ok(None);
+            }
             let key_refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
             let (sql, params) =
                 snapshot::select_chunk(db, table, &key_refs, after.as_deref(), self.chunk_rows);
@@ -1080,7 +1098,9 @@ impl SnapshotCopy {
         let (mut rows, mut last) = (0usize, None);
         let read_error = |e| MysqlError::connection(format!("reading {name}"))(e);
         while let Some(row) = result.next().await.map_err(read_error)? {
-            if *shutdown.borrow() || st.emitter.abandoned() {
+            // Mid-chunk only for a table without a key (read in one pass,
+            // never resumed) or when the sink gave up.
+            if (key.is_empty() && *shutdown.borrow()) || st.emitter.abandoned() {
                 return Ok(None);
             }
             if self.tx.ordinal == u32::MAX {
@@ -1105,15 +1125,7 @@ impl SnapshotCopy {
 
     /// Stores the progress of every chunk Kinesis acknowledged.
     fn persist(&mut self, st: &State) -> Result<(), MysqlError> {
-        if let Some(ledger) = &mut self.ledger {
-            ledger
-                .persist_done(st.emitter.tracker())
-                .map_err(|source| MysqlError::Offset {
-                    path: "the snapshot progress in [state] dir".into(),
-                    source,
-                })?;
-        }
-        Ok(())
+        persist_ledger(self.ledger.as_mut(), st.emitter.tracker())
     }
 }
 
@@ -1186,6 +1198,23 @@ enum TxGtid {
 }
 
 /// What survives reconnects.
+/// Stores in `ledger` (if any) the progress of every chunk Kinesis
+/// acknowledged.
+fn persist_ledger(
+    ledger: Option<&mut ChunkLedger>,
+    tracker: &tributary_envelope::AckTracker,
+) -> Result<(), MysqlError> {
+    if let Some(ledger) = ledger {
+        ledger
+            .persist_done(tracker)
+            .map_err(|source| MysqlError::Offset {
+                path: "the snapshot progress in [state] dir".into(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 struct State {
     emitter: Emitter,
     decoder: Decoder,
