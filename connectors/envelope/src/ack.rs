@@ -82,6 +82,15 @@ impl AckTracker {
         // not take.
         let empty = end_seq == inner.last_end;
         inner.last_end = end_seq;
+        // An empty commit behind one still waiting becomes acknowledgeable
+        // at the same moment: it moves that entry's position instead of
+        // queueing another, so a stalled sink and a source busy with
+        // uncaptured tables do not grow the queue without bound.
+        if empty && let Some(back) = inner.commits.back_mut() {
+            back.1 = back.1.max(position);
+            self.advance(&mut inner);
+            return;
+        }
         let confirmed = match &inner.feed {
             Some(_) if empty => true,
             Some(feed) => feed.send(end_seq).is_err(),
@@ -438,6 +447,19 @@ mod tests {
         assert_eq!(tracker.acked(), 300);
         tracker.commit(5, 400);
         assert_eq!(feed.try_recv().unwrap(), 5, "later commits are announced");
+    }
+
+    #[test]
+    fn empty_commits_behind_a_waiting_one_do_not_queue_up() {
+        let tracker = AckTracker::new(0);
+        tracker.commit(2, 100); // records 0..2, not done
+        for position in 101..10_000 {
+            tracker.commit(2, position); // transactions with no record
+        }
+        assert_eq!(tracker.lock().commits.len(), 1, "one entry, not 9,900");
+        assert_eq!(tracker.acked(), 0);
+        tracker.complete([0, 1]);
+        assert_eq!(tracker.acked(), 9_999, "the last empty commit's position");
     }
 
     #[tokio::test]

@@ -382,6 +382,7 @@ impl MysqlSource {
             saved: self.start.clone(),
             saved_at: Instant::now(),
             pending: VecDeque::new(),
+            committed_seq: 0,
             connected,
         };
         if let Some(pending) = self.snapshot.take()
@@ -959,7 +960,9 @@ impl MysqlSource {
             None => {}
         }
         let mark = watermark(r.file_index, end);
+        let empty = st.emitter.next_seq() == st.committed_seq;
         st.emitter.commit(mark).await?;
+        st.committed_seq = st.emitter.next_seq();
         let offset = Offset {
             file: r.file.clone(),
             pos: end,
@@ -967,7 +970,13 @@ impl MysqlSource {
             server_id: st.server_id,
             index_base: r.base,
         };
-        st.pending.push_back((mark, offset.clone()));
+        // A transaction with no captured row is acknowledged with the one
+        // before it (the tracker merges them too): it replaces that entry,
+        // so uncaptured traffic during a stall does not grow the queue.
+        match st.pending.back_mut() {
+            Some(back) if empty => *back = (mark, offset.clone()),
+            _ => st.pending.push_back((mark, offset.clone())),
+        }
         st.read_to = offset;
         Ok(())
     }
@@ -1230,6 +1239,9 @@ struct State {
     saved_at: Instant,
     /// Transaction ends read but not yet acknowledged, in order.
     pending: VecDeque<(u64, Offset)>,
+    /// The emitter's next sequence number at the last commit: unchanged
+    /// at the next commit means that transaction had no captured row.
+    committed_seq: u64,
     /// `/readyz`'s view of the binlog session.
     connected: watch::Sender<bool>,
 }
