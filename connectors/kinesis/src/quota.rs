@@ -2,10 +2,13 @@
 //!
 //! Each lane (one shard) has two `governor` rate limiters: records per
 //! second and bytes (data + partition key) per second, both at the shard's
-//! quota times `sink.quota.share`. Each allows a burst of one second's worth
-//! (at least one cell), and a batch is cut to fit in that burst, so a
-//! 500-record call only goes out at full rate when a second's worth of
-//! quota is there.
+//! quota times `sink.quota.share`. Each allows a burst of a fifth of a
+//! second's worth ([`BURST_SECS`], at least one cell), and a batch is cut
+//! to fit in that burst: a lane idle for a while sends at most that much
+//! on top of the rate, so any window of a few seconds stays within a few
+//! percent of the quota (with a burst of a whole second, a lane that woke
+//! up sent twice its quota in its first second). A single record bigger
+//! than the byte burst still goes, alone, once its full size has accrued.
 //!
 //! On top sits an adaptive factor for when Kinesis still throttles (another
 //! producer on the same shard, a hot key). It is controlled on the refused
@@ -36,6 +39,8 @@ const RECOVERY_STEP: f64 = 0.02;
 const HEADROOM: f64 = 0.1;
 /// The most one window may take off: at most half.
 const MAX_CUT: f64 = 0.5;
+/// The burst, in seconds of quota: what a lane may send at once after a pause.
+pub(crate) const BURST_SECS: f64 = 0.2;
 /// How long the refused fraction is measured before the factor moves.
 pub(crate) const WINDOW: Duration = Duration::from_secs(1);
 
@@ -56,14 +61,16 @@ struct Limiter {
 
 impl Limiter {
     /// A limiter of `per_sec` cells per second (may be fractional, > 0),
-    /// bursting one second's worth.
+    /// bursting [`BURST_SECS`] worth (at least one cell).
     fn new(per_sec: f64) -> Self {
         let per_sec = if per_sec.is_finite() && per_sec > 0.0 {
             per_sec
         } else {
             1.0
         };
-        let burst = per_sec.floor().clamp(1.0, f64::from(u32::MAX)) as u32;
+        let burst = (per_sec * BURST_SECS)
+            .floor()
+            .clamp(1.0, f64::from(u32::MAX)) as u32;
         let period = Duration::from_secs_f64(1.0 / per_sec).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .expect("the period is at least one nanosecond")
@@ -74,14 +81,20 @@ impl Limiter {
         }
     }
 
-    /// Waits for `cells` (at most the burst: a bigger request takes a full burst).
+    /// Waits for `cells` (at least one); a request bigger than the burst
+    /// is taken one burst after the other, so it is charged in full.
     async fn take(&self, cells: f64) {
-        let cells = cells.ceil().clamp(1.0, f64::from(self.burst)) as u32;
-        let cells = NonZeroU32::new(cells).expect("clamped to at least one");
-        self.limiter
-            .until_n_ready(cells)
-            .await
-            .expect("cells never exceed the burst");
+        let mut left = cells.ceil().clamp(1.0, u64::MAX as f64) as u64;
+        while left > 0 {
+            let now = left.min(u64::from(self.burst));
+            left -= now;
+            let now = u32::try_from(now).expect("at most the burst, a u32");
+            let now = NonZeroU32::new(now).expect("at least one cell");
+            self.limiter
+                .until_n_ready(now)
+                .await
+                .expect("cells never exceed the burst");
+        }
     }
 }
 
@@ -165,13 +178,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bursts_are_one_second_of_quota() {
+    fn bursts_are_a_fifth_of_a_second_of_quota() {
         let quota = LaneQuota::new(1000.0 * 0.25, 1_048_576.0);
-        assert_eq!(quota.max_records(), 250);
-        assert_eq!(quota.max_bytes(), 1_048_576);
+        assert_eq!(quota.max_records(), 50);
+        assert_eq!(quota.max_bytes(), 209_715);
         let tiny = LaneQuota::new(0.5, 10.0);
         assert_eq!(tiny.max_records(), 1);
-        assert_eq!(tiny.max_bytes(), 10);
+        assert_eq!(tiny.max_bytes(), 2);
     }
 
     /// Feeds `windows` one-second windows of 10 calls of 100 entries, each
@@ -196,7 +209,7 @@ mod tests {
         // 10% refused whatever the rate: the lane keeps its full rate (the
         // old "halve on any refusal" rule sat at 1/64 here).
         assert!(factors.iter().all(|&f| f >= 0.95), "{factors:?}");
-        assert!(quota.max_records() >= 950);
+        assert!(quota.max_records() >= 190);
     }
 
     #[test]
@@ -254,13 +267,28 @@ mod tests {
 
     #[tokio::test]
     async fn after_the_burst_the_next_call_waits() {
-        let quota = LaneQuota::new(20.0, 1_000_000.0);
+        let quota = LaneQuota::new(100.0, 1_000_000.0);
         quota.acquire(20, 100).await;
         let start = std::time::Instant::now();
         quota.acquire(2, 100).await;
-        // Two records at 20/s take about 100 ms to come back.
+        // Two records at 100/s take about 20 ms to come back.
         assert!(
-            start.elapsed() >= Duration::from_millis(60),
+            start.elapsed() >= Duration::from_millis(12),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_bigger_than_the_byte_burst_is_charged_in_full() {
+        // 1,000 bytes/s: a burst of 200 bytes.
+        let quota = LaneQuota::new(1_000_000.0, 1000.0);
+        assert_eq!(quota.max_bytes(), 200);
+        let start = std::time::Instant::now();
+        // The first burst is there; the other 300 bytes take 300 ms.
+        quota.acquire(1, 500).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(250),
             "{:?}",
             start.elapsed()
         );

@@ -14,18 +14,38 @@
 //! - commit → acknowledged: the `tributary_commit_to_ack_seconds` histogram
 //!   from `/metrics` (taken when the answer reaches Tributary), as the
 //!   bucket bound at or above p50 and p99;
+//! - the PutRecords call time and the limiter wait before each call
+//!   (`tributary_kinesis_put_records_seconds`,
+//!   `tributary_kinesis_limiter_wait_seconds`), as bucket bounds, to tell
+//!   where a tail comes from;
 //! - records per shard in each full `--window-secs` window of arrival
 //!   times (the first and last, partial, windows left out), and the
-//!   entries Kinesis refused (`tributary_kinesis_entries_refused_total`).
+//!   entries Kinesis refused (`tributary_kinesis_entries_refused_total`);
+//! - the floor, in the same run: a bare PutRecords client at the same rate
+//!   into a second stream of as many shards, through the same proxy, with
+//!   no database. Every tick it queues the rate's share of the envelopes
+//!   Tributary wrote, each in a queue for the shard it landed in; per
+//!   shard up to `--max-in-flight` calls at once, each taking everything
+//!   queued (at most 500), as Tributary's lanes do. It prints the time
+//!   from queueing each record to the answer of the call that carried it
+//!   (exact, ms): what the emulator and the proxy cost a client that does
+//!   no work of its own. (Not with `--aggregation`.)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use clap::Parser;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tributary_envelope::time::parse_unix_millis;
-use tributary_integration_tests::{DEFAULT_DATABASE, FaultProxy, Servers, http_get};
+use tributary_integration_tests::{
+    DEFAULT_DATABASE, FaultProxy, Servers, StreamRecord, http_get, kinesis_client,
+};
 
 /// The benchmark's options.
 #[derive(Debug, Parser)]
@@ -48,12 +68,19 @@ struct Args {
     /// `sink.max_in_flight_per_shard`.
     #[arg(long, default_value_t = 2)]
     max_in_flight: usize,
+    /// `sink.aggregation = true` (KPL aggregated records).
+    #[arg(long)]
+    aggregation: bool,
     /// Seconds of each send-rate window.
     #[arg(long, default_value_t = 5)]
     window_secs: i64,
 }
 
 const STREAM: &str = "steady";
+/// The bare client's stream.
+const BARE: &str = "steady-bare";
+/// The most records one PutRecords call carries.
+const MAX_CALL_RECORDS: usize = 500;
 /// How often the writer commits.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -73,9 +100,10 @@ async fn main() -> Result<()> {
     .await?;
     let extra = format!(
         "[log]\nlevel = \"warn\"\n[sink]\nendpoint_url = \"{}\"\nmax_in_flight_per_shard = {}\n\
-         [sink.quota]\nrecords_per_shard_per_sec = {}\n",
+         aggregation = {}\n[sink.quota]\nrecords_per_shard_per_sec = {}\n",
         proxy.endpoint(),
         args.max_in_flight,
+        args.aggregation,
         args.quota,
     );
     let mut pipeline = servers.start_tributary(&extra).await?;
@@ -113,13 +141,20 @@ async fn main() -> Result<()> {
     let mut stored_ms: Vec<i64> = Vec::with_capacity(records.len());
     let mut arrivals: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for record in &records {
-        let envelope = record.json()?;
-        let commit = envelope["source"]["commit_ts"]
-            .as_str()
-            .and_then(parse_unix_millis)
-            .context("an envelope without commit_ts")?;
         let arrival = record.arrival_millis.context("a record without arrival")?;
-        stored_ms.push(arrival - commit);
+        // An aggregated record carries several envelopes.
+        let envelopes: Vec<Vec<u8>> = match tributary_kinesis::deaggregate(&record.data) {
+            Some(subs) => subs?.into_iter().map(|sub| sub.data).collect(),
+            None => vec![record.data.clone()],
+        };
+        for data in &envelopes {
+            let envelope: serde_json::Value = serde_json::from_slice(data)?;
+            let commit = envelope["source"]["commit_ts"]
+                .as_str()
+                .and_then(parse_unix_millis)
+                .context("an envelope without commit_ts")?;
+            stored_ms.push(arrival - commit);
+        }
         arrivals
             .entry(record.shard_id.clone())
             .or_default()
@@ -129,13 +164,14 @@ async fn main() -> Result<()> {
 
     println!(
         "rate {} changes/s offered {offered:.0}/s for {} s; {} shards; quota {}/shard; +{} ms; \
-         {} calls in flight/shard; {} records read back of {written} written",
+         {} calls in flight/shard; aggregation {}; {} records read back of {written} written",
         args.rate,
         args.secs,
         args.shards,
         args.quota,
         args.latency_ms,
         args.max_in_flight,
+        args.aggregation,
         records.len()
     );
     println!(
@@ -151,12 +187,42 @@ async fn main() -> Result<()> {
         bucket_at(&buckets, 0.99),
         buckets.last().map_or(0.0, |(_, n)| *n),
     );
+    for (what, name) in [
+        ("PutRecords call", "tributary_kinesis_put_records_seconds"),
+        ("limiter wait", "tributary_kinesis_limiter_wait_seconds"),
+    ] {
+        let buckets = histogram(&metrics, name);
+        println!(
+            "{what} ({name}): p50 <= {} s, p99 <= {} s ({} observed)",
+            bucket_at(&buckets, 0.50),
+            bucket_at(&buckets, 0.99),
+            buckets.last().map_or(0.0, |(_, n)| *n),
+        );
+    }
     let refused: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("tributary_kinesis_entries_refused_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     println!("entries refused by kinesis: {refused}");
+    // With aggregation the records read back are packs of envelopes: a
+    // bare client sending them is no comparison.
+    if !args.aggregation {
+        pipeline.kin.create_stream(BARE, args.shards).await?;
+        pipeline.kin.wait_active(BARE).await?;
+        let client = kinesis_client(&proxy.endpoint()).await;
+        let mut bare_ms = bare_steady(&client, &records, &args).await?;
+        bare_ms.sort_unstable();
+        println!(
+            "bare client, same rate and shards, {} calls in flight/shard, no database: \
+             queued -> answered p50 {} ms, p99 {} ms, max {} ms ({} records)",
+            args.max_in_flight,
+            percentile(&bare_ms, 0.50),
+            percentile(&bare_ms, 0.99),
+            bare_ms.last().copied().unwrap_or_default(),
+            bare_ms.len()
+        );
+    }
     let window_ms = args.window_secs * 1_000;
     for (shard, times) in &arrivals {
         let (first, last) = (times[0], times[times.len() - 1]);
@@ -182,6 +248,101 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The bare client at a steady rate (see the module doc): returns, per
+/// record, the milliseconds from queueing it to the answer that carried it.
+async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> Result<Vec<i64>> {
+    if records.is_empty() {
+        bail!("no records to send");
+    }
+    let mut lanes: BTreeMap<String, mpsc::UnboundedSender<(Instant, PutRecordsRequestEntry)>> =
+        BTreeMap::new();
+    let mut workers = JoinSet::new();
+    for record in records {
+        if lanes.contains_key(&record.shard_id) {
+            continue;
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        lanes.insert(record.shard_id.clone(), sender);
+        workers.spawn(bare_lane(client.clone(), receiver, args.max_in_flight));
+    }
+    let per_tick = f64::from(args.rate) * TICK.as_secs_f64();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(TICK);
+    let (mut sent, mut due) = (0usize, 0.0f64);
+    while started.elapsed() < Duration::from_secs(args.secs) {
+        ticker.tick().await;
+        due += per_tick;
+        let now = Instant::now();
+        while sent < due as usize {
+            let record = &records[sent % records.len()];
+            let entry = PutRecordsRequestEntry::builder()
+                .data(Blob::new(record.data.clone()))
+                .partition_key(&record.partition_key)
+                .build()
+                .context("an entry without data or key")?;
+            lanes[&record.shard_id]
+                .send((now, entry))
+                .context("a bare lane stopped")?;
+            sent += 1;
+        }
+    }
+    drop(lanes);
+    let mut latencies = Vec::with_capacity(sent);
+    while let Some(done) = workers.join_next().await {
+        latencies.extend(done??);
+    }
+    Ok(latencies)
+}
+
+/// One shard's bare lane: up to `in_flight` calls at once, each carrying
+/// everything queued (at most [`MAX_CALL_RECORDS`]).
+async fn bare_lane(
+    client: Client,
+    mut input: mpsc::UnboundedReceiver<(Instant, PutRecordsRequestEntry)>,
+    in_flight: usize,
+) -> Result<Vec<i64>> {
+    let mut queue: std::collections::VecDeque<(Instant, PutRecordsRequestEntry)> =
+        std::collections::VecDeque::new();
+    let mut calls: JoinSet<Result<Vec<Instant>>> = JoinSet::new();
+    let mut latencies = Vec::new();
+    let mut open = true;
+    loop {
+        while calls.len() < in_flight.max(1) && !queue.is_empty() {
+            let take = queue.len().min(MAX_CALL_RECORDS);
+            let (queued, entries): (Vec<Instant>, Vec<PutRecordsRequestEntry>) =
+                queue.drain(..take).unzip();
+            let request = client
+                .put_records()
+                .stream_name(BARE)
+                .set_records(Some(entries));
+            calls.spawn(async move {
+                let answer = request.send().await.context("bare putrecords")?;
+                if answer.failed_record_count().unwrap_or(0) > 0 {
+                    bail!("the emulator refused entries of a bare call");
+                }
+                Ok(queued)
+            });
+        }
+        if !open && queue.is_empty() && calls.is_empty() {
+            return Ok(latencies);
+        }
+        tokio::select! {
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                let answered = Instant::now();
+                latencies.extend(
+                    done??
+                        .into_iter()
+                        .map(|queued| (answered - queued).as_millis() as i64),
+                );
+            }
+            received = input.recv(), if open => match received {
+                Some(item) => queue.push_back(item),
+                None => open = false,
+            },
+        }
+    }
 }
 
 /// The value at fraction `q` of the sorted `values`.
