@@ -7,8 +7,10 @@
 //! to fit in that burst: a lane idle for a while sends at most that much
 //! on top of the rate, so any window of a few seconds stays within a few
 //! percent of the quota (with a burst of a whole second, a lane that woke
-//! up sent twice its quota in its first second). A single record bigger
-//! than the byte burst still goes, alone, once its full size has accrued.
+//! up sent twice its quota in its first second). The limiters start
+//! empty, so a new lane's first seconds keep to the rate too. A single
+//! record bigger than the byte burst still goes, alone, once its full size
+//! has accrued.
 //!
 //! On top sits an adaptive factor for when Kinesis still throttles (another
 //! producer on the same shard, a hot key). It is controlled on the refused
@@ -75,10 +77,13 @@ impl Limiter {
         let quota = Quota::with_period(period)
             .expect("the period is at least one nanosecond")
             .allow_burst(NonZeroU32::new(burst).expect("the burst is at least one"));
-        Self {
-            limiter: RateLimiter::direct(quota),
-            burst,
-        }
+        let limiter = RateLimiter::direct(quota);
+        // Start empty: the first burst accrues like every later one, so
+        // the first seconds are not over the rate either (a process
+        // restarted right after its predecessor sent at full rate
+        // included).
+        let _ = limiter.check_n(NonZeroU32::new(burst).expect("the burst is at least one"));
+        Self { limiter, burst }
     }
 
     /// Waits for `cells` (at least one); a request bigger than the burst
@@ -266,9 +271,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn after_the_burst_the_next_call_waits() {
+    async fn the_first_burst_accrues_and_after_it_the_next_call_waits() {
         let quota = LaneQuota::new(100.0, 1_000_000.0);
+        let start = std::time::Instant::now();
+        // A new lane starts empty: its 20-record burst takes 200 ms.
         quota.acquire(20, 100).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            start.elapsed()
+        );
         let start = std::time::Instant::now();
         quota.acquire(2, 100).await;
         // Two records at 100/s take about 20 ms to come back.
@@ -285,10 +297,10 @@ mod tests {
         let quota = LaneQuota::new(1_000_000.0, 1000.0);
         assert_eq!(quota.max_bytes(), 200);
         let start = std::time::Instant::now();
-        // The first burst is there; the other 300 bytes take 300 ms.
+        // A new lane starts empty: all 500 bytes take 500 ms.
         quota.acquire(1, 500).await;
         assert!(
-            start.elapsed() >= Duration::from_millis(250),
+            start.elapsed() >= Duration::from_millis(400),
             "{:?}",
             start.elapsed()
         );

@@ -1008,7 +1008,8 @@ async fn the_record_quota_paces_the_calls() {
     let calls = calls_within(&fake, config, records, Duration::from_millis(1_500)).await;
     let sent: usize = calls.iter().map(Vec::len).sum();
     assert!(calls.iter().all(|c| c.len() <= 2), "a call above the burst");
-    // A burst of 2 plus 10/s for 1.5 s is 17; without the quota all 1,000 go.
+    // 10/s for 1.5 s, from an empty limiter, is 15; without the quota all
+    // 1,000 go.
     assert!(
         (10..=20).contains(&sent),
         "{sent} records in 1.5 s at 10 records/s"
@@ -1034,7 +1035,7 @@ async fn the_byte_quota_paces_the_calls() {
         call_bytes.iter().all(|&b| b <= 400),
         "a call above the burst: {call_bytes:?}"
     );
-    // A 400-byte burst plus 2,000 B/s for 1.5 s is 3,400 bytes.
+    // 2,000 B/s for 1.5 s, from an empty limiter, is 3,000 bytes.
     let bytes: usize = call_bytes.iter().sum();
     assert!(
         (2_000..=4_000).contains(&bytes),
