@@ -256,10 +256,14 @@ async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> 
     if records.is_empty() {
         bail!("no records to send");
     }
+    // Read back shard after shard: in arrival order the shards take turns
+    // as they did for Tributary.
+    let mut records: Vec<&StreamRecord> = records.iter().collect();
+    records.sort_by_key(|r| r.arrival_millis);
     let mut lanes: BTreeMap<String, mpsc::UnboundedSender<(Instant, PutRecordsRequestEntry)>> =
         BTreeMap::new();
     let mut workers = JoinSet::new();
-    for record in records {
+    for record in &records {
         if lanes.contains_key(&record.shard_id) {
             continue;
         }
@@ -276,7 +280,7 @@ async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> 
         due += per_tick;
         let now = Instant::now();
         while sent < due as usize {
-            let record = &records[sent % records.len()];
+            let record = records[sent % records.len()];
             let entry = PutRecordsRequestEntry::builder()
                 .data(Blob::new(record.data.clone()))
                 .partition_key(&record.partition_key)
@@ -309,6 +313,14 @@ async fn bare_lane(
     let mut latencies = Vec::new();
     let mut open = true;
     loop {
+        // Everything queued so far goes into the next call, as a lane does.
+        while open {
+            match input.try_recv() {
+                Ok(item) => queue.push_back(item),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
         while calls.len() < in_flight.max(1) && !queue.is_empty() {
             let take = queue.len().min(MAX_CALL_RECORDS);
             let (queued, entries): (Vec<Instant>, Vec<PutRecordsRequestEntry>) =
