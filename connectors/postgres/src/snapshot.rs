@@ -274,7 +274,9 @@ pub fn plain() -> PendingSnapshot {
     }
 }
 
-/// The shape of `schema.table` as a Relation message would give it.
+/// The shape of `schema.table` as a Relation message would give it:
+/// without dropped columns, and without generated ones (pgoutput leaves
+/// them out of the stream before PostgreSQL 18).
 pub async fn relation(
     client: &Client,
     schema: &str,
@@ -304,6 +306,7 @@ pub async fn relation(
              LEFT JOIN pg_index p ON p.indrelid = a.attrelid AND p.indisprimary \
              LEFT JOIN pg_index r ON r.indrelid = a.attrelid AND r.indisreplident \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND a.attgenerated = '' \
              ORDER BY a.attnum",
             &[&oid, &identity],
         )
@@ -740,9 +743,12 @@ pub async fn table_shape(
     let key = primary_key(reader, &rel).await?;
     decoder.relation(&rel, facts);
     let from = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    // The columns the stream carries, by name: not `*` (it would read
+    // generated columns too).
+    let columns: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
     Ok(TableShape {
         relation: rel.id,
-        select: format!("SELECT * FROM {from}"),
+        select: format!("SELECT {} FROM {from}", columns.join(", ")),
         from,
         key,
     })

@@ -25,7 +25,8 @@ pub async fn after_schema(
     let rows = client
         .query(
             "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+                   AND a.attgenerated = '' ORDER BY a.attnum",
             &[&rel.id],
         )
         .await
