@@ -142,11 +142,27 @@ pub struct Decoder {
     router: StreamRouter,
     filter: TableFilter,
     streams: HashMap<String, Arc<str>>,
-    tables: HashMap<u32, Table>,
+    /// Shared with the snapshot's [`SnapshotRenderer`]s.
+    tables: HashMap<u32, Arc<Table>>,
+    scratch: Scratch,
+}
+
+/// The buffers one row change is rendered with, reused from row to row.
+#[derive(Debug, Default)]
+struct Scratch {
     values: Vec<u8>,
     new_slots: Vec<Slot>,
     old_slots: Vec<Slot>,
     key_slots: Vec<Slot>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            values: Vec::with_capacity(4096),
+            ..Self::default()
+        }
+    }
 }
 
 impl Decoder {
@@ -159,10 +175,7 @@ impl Decoder {
             filter,
             streams: HashMap::new(),
             tables: HashMap::new(),
-            values: Vec::with_capacity(4096),
-            new_slots: Vec::new(),
-            old_slots: Vec::new(),
-            key_slots: Vec::new(),
+            scratch: Scratch::new(),
         }
     }
 
@@ -225,7 +238,7 @@ impl Decoder {
             captured: self.filter.matches(&rel.schema, &rel.table),
             counters: crate::metrics::TableCounters::new(&self.name, &rel.schema, &rel.table),
         };
-        self.tables.insert(rel.id, table);
+        self.tables.insert(rel.id, Arc::new(table));
     }
 
     /// Decodes one change message into records (none for tables not
@@ -238,8 +251,12 @@ impl Decoder {
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
         let (relation, op, old, new) = match msg {
-            Message::Insert { relation, new } => (*relation, Op::Insert, None, Some(*new)),
-            Message::Update { relation, old, new } => (*relation, Op::Update, *old, Some(*new)),
+            Message::Insert { relation, new } => {
+                (*relation, Op::Insert, None, Some(Cells::Tuple(*new)))
+            }
+            Message::Update { relation, old, new } => {
+                (*relation, Op::Update, *old, Some(Cells::Tuple(*new)))
+            }
             Message::Delete { relation, old } => (*relation, Op::Delete, Some(*old), None),
             Message::Truncate { relations, .. } => {
                 return self.truncate(relations, tx, captured_at, out);
@@ -253,27 +270,33 @@ impl Decoder {
         self.row(relation, op, tx, old, new, captured_at, out)
     }
 
-    /// Decodes one row a snapshot read (an Insert message built from it)
-    /// into an `op = "snapshot"` record.
-    pub fn snapshot_row(
+    /// Decodes one row a snapshot read, its cells in column order (text
+    /// values or nulls, as an Insert message of the stream would carry
+    /// them), into an `op = "snapshot"` record.
+    pub fn snapshot_cells(
         &mut self,
-        msg: &Message<'_>,
+        relation: u32,
+        cells: &[Cell<'_>],
         tx: &mut Transaction,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
-        match msg {
-            Message::Insert { relation, new } => self.row(
-                *relation,
-                Op::Snapshot,
-                tx,
-                None,
-                Some(*new),
-                captured_at,
-                out,
-            ),
-            _ => Ok(()),
-        }
+        let new = Some(Cells::Slice(cells));
+        self.row(relation, Op::Snapshot, tx, None, new, captured_at, out)
+    }
+
+    /// A renderer of the snapshot rows of the table `relation` (known
+    /// from [`Decoder::relation`]), for a reader task of its own.
+    pub fn snapshot_renderer(&self, relation: u32) -> Result<SnapshotRenderer, DecodeError> {
+        let table = self
+            .tables
+            .get(&relation)
+            .ok_or(DecodeError::UnknownRelation(relation))?;
+        Ok(SnapshotRenderer {
+            relation,
+            table: table.clone(),
+            scratch: Scratch::new(),
+        })
     }
 
     fn truncate(
@@ -317,19 +340,52 @@ impl Decoder {
         op: Op,
         tx: &mut Transaction,
         old: Option<(OldKind, Tuple<'_>)>,
-        new: Option<Tuple<'_>>,
+        new: Option<Cells<'_>>,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
+        let table = self.tables.get(&relation).map(|t| &**t);
+        let change = Change {
+            relation,
+            op,
+            old,
+            new,
+        };
+        self.scratch.render(table, change, tx, captured_at, out)
+    }
+}
+
+/// One row change to render: its table, its op and its tuples.
+struct Change<'a> {
+    relation: u32,
+    op: Op,
+    old: Option<(OldKind, Tuple<'a>)>,
+    new: Option<Cells<'a>>,
+}
+
+impl Scratch {
+    /// Renders `change` of `table` (`None`: unknown) into `out`, at `tx`'s
+    /// next position (and the one after for an update with an old tuple).
+    fn render(
+        &mut self,
+        table: Option<&Table>,
+        change: Change<'_>,
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) -> Result<(), DecodeError> {
+        let Change {
+            relation,
+            op,
+            old,
+            new,
+        } = change;
         let pos = tx.next_position();
         // An update that carries an old tuple may be a key change, written
         // as two envelopes: it owns the next ordinal too, whatever it turns
         // out to be, so positions depend on the message alone.
         let insert_pos = (op == Op::Update && old.is_some()).then(|| tx.next_position());
-        let table = self
-            .tables
-            .get(&relation)
-            .ok_or(DecodeError::UnknownRelation(relation))?;
+        let table = table.ok_or(DecodeError::UnknownRelation(relation))?;
         if !table.captured {
             return Ok(());
         }
@@ -350,7 +406,7 @@ impl Decoder {
         render_cells(
             table,
             relation,
-            old.map(|o| o.1),
+            old.map(|o| Cells::Tuple(o.1)),
             None,
             &mut self.values,
             &mut self.old_slots,
@@ -427,6 +483,99 @@ impl Decoder {
     }
 }
 
+/// Renders the rows a snapshot reads of one table into `op = "snapshot"`
+/// records, exactly as [`Decoder::snapshot_cells`] does. Each reader task
+/// of a parallel snapshot owns one: the table's shape is shared with the
+/// decoder (a snapshot of it, taken when the renderer was made), the
+/// buffers are the renderer's own, so readers render on separate cores.
+#[derive(Debug)]
+pub struct SnapshotRenderer {
+    relation: u32,
+    table: Arc<Table>,
+    scratch: Scratch,
+}
+
+impl SnapshotRenderer {
+    /// The table's relation id.
+    pub fn relation(&self) -> u32 {
+        self.relation
+    }
+
+    /// Renders one row (see [`Decoder::snapshot_cells`]) at `tx`'s next
+    /// position into `out`.
+    pub fn render(
+        &mut self,
+        cells: &[Cell<'_>],
+        tx: &mut Transaction,
+        captured_at: &[u8; TIMESTAMP_LEN],
+        out: &mut Vec<Record>,
+    ) -> Result<(), DecodeError> {
+        let change = Change {
+            relation: self.relation,
+            op: Op::Snapshot,
+            old: None,
+            new: Some(Cells::Slice(cells)),
+        };
+        self.scratch
+            .render(Some(&self.table), change, tx, captured_at, out)
+    }
+}
+
+/// The cells of a new row: a pgoutput tuple, or the cells of a row a
+/// snapshot query returned.
+#[derive(Clone, Copy, Debug)]
+enum Cells<'a> {
+    Tuple(Tuple<'a>),
+    Slice(&'a [Cell<'a>]),
+}
+
+impl<'a> Cells<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Cells::Tuple(tuple) => tuple.len(),
+            Cells::Slice(cells) => cells.len(),
+        }
+    }
+
+    /// About the size of the cells' rendered JSON (their bytes as a
+    /// pgoutput tuple would carry them).
+    fn byte_len(&self) -> usize {
+        match self {
+            Cells::Tuple(tuple) => tuple.byte_len(),
+            Cells::Slice(cells) => cells
+                .iter()
+                .map(|cell| match cell {
+                    Cell::Text(bytes) | Cell::Binary(bytes) => 5 + bytes.len(),
+                    Cell::Null | Cell::Unchanged => 1,
+                })
+                .sum(),
+        }
+    }
+
+    fn iter(&self) -> CellsIter<'a> {
+        match self {
+            Cells::Tuple(tuple) => CellsIter::Tuple(tuple.iter()),
+            Cells::Slice(cells) => CellsIter::Slice(cells.iter()),
+        }
+    }
+}
+
+enum CellsIter<'a> {
+    Tuple(crate::pgoutput::TupleIter<'a>),
+    Slice(std::slice::Iter<'a, Cell<'a>>),
+}
+
+impl<'a> Iterator for CellsIter<'a> {
+    type Item = Cell<'a>;
+
+    fn next(&mut self) -> Option<Cell<'a>> {
+        match self {
+            CellsIter::Tuple(cells) => cells.next(),
+            CellsIter::Slice(cells) => cells.next().copied(),
+        }
+    }
+}
+
 /// Where an envelope's `before` comes from.
 #[derive(Clone, Copy)]
 enum Before<'a> {
@@ -442,7 +591,7 @@ enum Before<'a> {
 /// straight into the envelope.
 #[derive(Clone, Copy)]
 struct After<'t> {
-    cells: Tuple<'t>,
+    cells: Cells<'t>,
     /// The kind of old tuple sent with it, which holds the values of
     /// unchanged TOAST columns: all of them when it is the whole row
     /// (REPLICA IDENTITY FULL), the identity columns when it is the key.
@@ -593,7 +742,7 @@ pub fn table_key(
 fn render_cells(
     table: &Table,
     relation: u32,
-    cells: Option<Tuple<'_>>,
+    cells: Option<Cells<'_>>,
     only: Option<&[bool]>,
     values: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
@@ -746,5 +895,60 @@ mod tests {
             serde_json::json!({"id": 5, "note": "x"})
         );
         assert_eq!(events[0]["unchanged"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn a_snapshot_row_renders_as_the_insert_message_of_the_same_cells() {
+        let mut d = decoder(b'd', &["id"]);
+        let mut message = vec![b'I'];
+        message.extend_from_slice(&7u32.to_be_bytes());
+        message.push(b'N');
+        message.extend_from_slice(&2u16.to_be_bytes());
+        message.push(b't');
+        message.extend_from_slice(&2u32.to_be_bytes());
+        message.extend_from_slice(b"42");
+        message.push(b'n');
+        let at = tributary_envelope::time::now();
+        let mut inserted = Vec::new();
+        let mut tx = Transaction::begin(0x100, 9, 0);
+        let msg = parse(&message).unwrap();
+        d.change(&msg, &mut tx, &at, &mut inserted).unwrap();
+        let cells = [Cell::Text(b"42"), Cell::Null];
+        let mut read = Vec::new();
+        let mut tx = Transaction::begin(0x100, 9, 0);
+        d.snapshot_cells(7, &cells, &mut tx, &at, &mut read)
+            .unwrap();
+        let mut renderer = d.snapshot_renderer(7).unwrap();
+        let mut rendered = Vec::new();
+        let mut tx = Transaction::begin(0x100, 9, 0);
+        renderer
+            .render(&cells, &mut tx, &at, &mut rendered)
+            .unwrap();
+        renderer
+            .render(&cells, &mut tx, &at, &mut rendered)
+            .unwrap();
+        assert_eq!(rendered.len(), 2);
+        assert_eq!(read[0].data, rendered[0].data, "both snapshot paths agree");
+        assert_eq!(read[0].partition_key, inserted[0].partition_key);
+        let json = |r: &Record| serde_json::from_slice::<serde_json::Value>(&r.data).unwrap();
+        let (insert, snapshot) = (json(&inserted[0]), json(&read[0]));
+        assert_eq!(snapshot["op"], "snapshot");
+        for field in ["key", "after", "before", "unchanged"] {
+            assert_eq!(snapshot[field], insert[field], "{field}");
+        }
+        assert_eq!(
+            snapshot["after"],
+            serde_json::json!({"id": 42, "note": null})
+        );
+        assert_eq!(snapshot["source"]["position"], insert["source"]["position"]);
+        assert!(
+            json(&rendered[0])["source"]["position"].as_str()
+                < json(&rendered[1])["source"]["position"].as_str(),
+            "each row takes the next position"
+        );
+        assert_eq!(
+            d.snapshot_renderer(8).unwrap_err(),
+            DecodeError::UnknownRelation(8)
+        );
     }
 }
