@@ -142,27 +142,11 @@ pub struct Decoder {
     router: StreamRouter,
     filter: TableFilter,
     streams: HashMap<String, Arc<str>>,
-    /// Shared with the snapshot's [`SnapshotRenderer`]s.
-    tables: HashMap<u32, Arc<Table>>,
-    scratch: Scratch,
-}
-
-/// The buffers one row change is rendered with, reused from row to row.
-#[derive(Debug, Default)]
-struct Scratch {
+    tables: HashMap<u32, Table>,
     values: Vec<u8>,
     new_slots: Vec<Slot>,
     old_slots: Vec<Slot>,
     key_slots: Vec<Slot>,
-}
-
-impl Scratch {
-    fn new() -> Self {
-        Self {
-            values: Vec::with_capacity(4096),
-            ..Self::default()
-        }
-    }
 }
 
 impl Decoder {
@@ -175,7 +159,10 @@ impl Decoder {
             filter,
             streams: HashMap::new(),
             tables: HashMap::new(),
-            scratch: Scratch::new(),
+            values: Vec::with_capacity(4096),
+            new_slots: Vec::new(),
+            old_slots: Vec::new(),
+            key_slots: Vec::new(),
         }
     }
 
@@ -238,7 +225,7 @@ impl Decoder {
             captured: self.filter.matches(&rel.schema, &rel.table),
             counters: crate::metrics::TableCounters::new(&self.name, &rel.schema, &rel.table),
         };
-        self.tables.insert(rel.id, Arc::new(table));
+        self.tables.insert(rel.id, table);
     }
 
     /// Decodes one change message into records (none for tables not
@@ -251,12 +238,8 @@ impl Decoder {
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
         let (relation, op, old, new) = match msg {
-            Message::Insert { relation, new } => {
-                (*relation, Op::Insert, None, Some(Cells::Tuple(*new)))
-            }
-            Message::Update { relation, old, new } => {
-                (*relation, Op::Update, *old, Some(Cells::Tuple(*new)))
-            }
+            Message::Insert { relation, new } => (*relation, Op::Insert, None, Some(*new)),
+            Message::Update { relation, old, new } => (*relation, Op::Update, *old, Some(*new)),
             Message::Delete { relation, old } => (*relation, Op::Delete, Some(*old), None),
             Message::Truncate { relations, .. } => {
                 return self.truncate(relations, tx, captured_at, out);
@@ -270,33 +253,27 @@ impl Decoder {
         self.row(relation, op, tx, old, new, captured_at, out)
     }
 
-    /// Decodes one row a snapshot read, its cells in column order (text
-    /// values or nulls, as an Insert message of the stream would carry
-    /// them), into an `op = "snapshot"` record.
-    pub fn snapshot_cells(
+    /// Decodes one row a snapshot read (an Insert message built from it)
+    /// into an `op = "snapshot"` record.
+    pub fn snapshot_row(
         &mut self,
-        relation: u32,
-        cells: &[Cell<'_>],
+        msg: &Message<'_>,
         tx: &mut Transaction,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
-        let new = Some(Cells::Slice(cells));
-        self.row(relation, Op::Snapshot, tx, None, new, captured_at, out)
-    }
-
-    /// A renderer of the snapshot rows of the table `relation` (known
-    /// from [`Decoder::relation`]), for a reader task of its own.
-    pub fn snapshot_renderer(&self, relation: u32) -> Result<SnapshotRenderer, DecodeError> {
-        let table = self
-            .tables
-            .get(&relation)
-            .ok_or(DecodeError::UnknownRelation(relation))?;
-        Ok(SnapshotRenderer {
-            relation,
-            table: table.clone(),
-            scratch: Scratch::new(),
-        })
+        match msg {
+            Message::Insert { relation, new } => self.row(
+                *relation,
+                Op::Snapshot,
+                tx,
+                None,
+                Some(*new),
+                captured_at,
+                out,
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn truncate(
@@ -340,52 +317,19 @@ impl Decoder {
         op: Op,
         tx: &mut Transaction,
         old: Option<(OldKind, Tuple<'_>)>,
-        new: Option<Cells<'_>>,
+        new: Option<Tuple<'_>>,
         captured_at: &[u8; TIMESTAMP_LEN],
         out: &mut Vec<Record>,
     ) -> Result<(), DecodeError> {
-        let table = self.tables.get(&relation).map(|t| &**t);
-        let change = Change {
-            relation,
-            op,
-            old,
-            new,
-        };
-        self.scratch.render(table, change, tx, captured_at, out)
-    }
-}
-
-/// One row change to render: its table, its op and its tuples.
-struct Change<'a> {
-    relation: u32,
-    op: Op,
-    old: Option<(OldKind, Tuple<'a>)>,
-    new: Option<Cells<'a>>,
-}
-
-impl Scratch {
-    /// Renders `change` of `table` (`None`: unknown) into `out`, at `tx`'s
-    /// next position (and the one after for an update with an old tuple).
-    fn render(
-        &mut self,
-        table: Option<&Table>,
-        change: Change<'_>,
-        tx: &mut Transaction,
-        captured_at: &[u8; TIMESTAMP_LEN],
-        out: &mut Vec<Record>,
-    ) -> Result<(), DecodeError> {
-        let Change {
-            relation,
-            op,
-            old,
-            new,
-        } = change;
         let pos = tx.next_position();
         // An update that carries an old tuple may be a key change, written
         // as two envelopes: it owns the next ordinal too, whatever it turns
         // out to be, so positions depend on the message alone.
         let insert_pos = (op == Op::Update && old.is_some()).then(|| tx.next_position());
-        let table = table.ok_or(DecodeError::UnknownRelation(relation))?;
+        let table = self
+            .tables
+            .get(&relation)
+            .ok_or(DecodeError::UnknownRelation(relation))?;
         if !table.captured {
             return Ok(());
         }
@@ -406,7 +350,7 @@ impl Scratch {
         render_cells(
             table,
             relation,
-            old.map(|o| Cells::Tuple(o.1)),
+            old.map(|o| o.1),
             None,
             &mut self.values,
             &mut self.old_slots,
@@ -483,99 +427,6 @@ impl Scratch {
     }
 }
 
-/// Renders the rows a snapshot reads of one table into `op = "snapshot"`
-/// records, exactly as [`Decoder::snapshot_cells`] does. Each reader task
-/// of a parallel snapshot owns one: the table's shape is shared with the
-/// decoder (a snapshot of it, taken when the renderer was made), the
-/// buffers are the renderer's own, so readers render on separate cores.
-#[derive(Debug)]
-pub struct SnapshotRenderer {
-    relation: u32,
-    table: Arc<Table>,
-    scratch: Scratch,
-}
-
-impl SnapshotRenderer {
-    /// The table's relation id.
-    pub fn relation(&self) -> u32 {
-        self.relation
-    }
-
-    /// Renders one row (see [`Decoder::snapshot_cells`]) at `tx`'s next
-    /// position into `out`.
-    pub fn render(
-        &mut self,
-        cells: &[Cell<'_>],
-        tx: &mut Transaction,
-        captured_at: &[u8; TIMESTAMP_LEN],
-        out: &mut Vec<Record>,
-    ) -> Result<(), DecodeError> {
-        let change = Change {
-            relation: self.relation,
-            op: Op::Snapshot,
-            old: None,
-            new: Some(Cells::Slice(cells)),
-        };
-        self.scratch
-            .render(Some(&self.table), change, tx, captured_at, out)
-    }
-}
-
-/// The cells of a new row: a pgoutput tuple, or the cells of a row a
-/// snapshot query returned.
-#[derive(Clone, Copy, Debug)]
-enum Cells<'a> {
-    Tuple(Tuple<'a>),
-    Slice(&'a [Cell<'a>]),
-}
-
-impl<'a> Cells<'a> {
-    fn len(&self) -> usize {
-        match self {
-            Cells::Tuple(tuple) => tuple.len(),
-            Cells::Slice(cells) => cells.len(),
-        }
-    }
-
-    /// About the size of the cells' rendered JSON (their bytes as a
-    /// pgoutput tuple would carry them).
-    fn byte_len(&self) -> usize {
-        match self {
-            Cells::Tuple(tuple) => tuple.byte_len(),
-            Cells::Slice(cells) => cells
-                .iter()
-                .map(|cell| match cell {
-                    Cell::Text(bytes) | Cell::Binary(bytes) => 5 + bytes.len(),
-                    Cell::Null | Cell::Unchanged => 1,
-                })
-                .sum(),
-        }
-    }
-
-    fn iter(&self) -> CellsIter<'a> {
-        match self {
-            Cells::Tuple(tuple) => CellsIter::Tuple(tuple.iter()),
-            Cells::Slice(cells) => CellsIter::Slice(cells.iter()),
-        }
-    }
-}
-
-enum CellsIter<'a> {
-    Tuple(crate::pgoutput::TupleIter<'a>),
-    Slice(std::slice::Iter<'a, Cell<'a>>),
-}
-
-impl<'a> Iterator for CellsIter<'a> {
-    type Item = Cell<'a>;
-
-    fn next(&mut self) -> Option<Cell<'a>> {
-        match self {
-            CellsIter::Tuple(cells) => cells.next(),
-            CellsIter::Slice(cells) => cells.next().copied(),
-        }
-    }
-}
-
 /// Where an envelope's `before` comes from.
 #[derive(Clone, Copy)]
 enum Before<'a> {
@@ -591,7 +442,7 @@ enum Before<'a> {
 /// straight into the envelope.
 #[derive(Clone, Copy)]
 struct After<'t> {
-    cells: Cells<'t>,
+    cells: Tuple<'t>,
     /// The kind of old tuple sent with it, which holds the values of
     /// unchanged TOAST columns: all of them when it is the whole row
     /// (REPLICA IDENTITY FULL), the identity columns when it is the key.
@@ -742,7 +593,7 @@ pub fn table_key(
 fn render_cells(
     table: &Table,
     relation: u32,
-    cells: Option<Cells<'_>>,
+    cells: Option<Tuple<'_>>,
     only: Option<&[bool]>,
     values: &mut Vec<u8>,
     slots: &mut Vec<Slot>,
@@ -895,60 +746,5 @@ mod tests {
             serde_json::json!({"id": 5, "note": "x"})
         );
         assert_eq!(events[0]["unchanged"], serde_json::json!([]));
-    }
-
-    #[test]
-    fn a_snapshot_row_renders_as_the_insert_message_of_the_same_cells() {
-        let mut d = decoder(b'd', &["id"]);
-        let mut message = vec![b'I'];
-        message.extend_from_slice(&7u32.to_be_bytes());
-        message.push(b'N');
-        message.extend_from_slice(&2u16.to_be_bytes());
-        message.push(b't');
-        message.extend_from_slice(&2u32.to_be_bytes());
-        message.extend_from_slice(b"42");
-        message.push(b'n');
-        let at = tributary_envelope::time::now();
-        let mut inserted = Vec::new();
-        let mut tx = Transaction::begin(0x100, 9, 0);
-        let msg = parse(&message).unwrap();
-        d.change(&msg, &mut tx, &at, &mut inserted).unwrap();
-        let cells = [Cell::Text(b"42"), Cell::Null];
-        let mut read = Vec::new();
-        let mut tx = Transaction::begin(0x100, 9, 0);
-        d.snapshot_cells(7, &cells, &mut tx, &at, &mut read)
-            .unwrap();
-        let mut renderer = d.snapshot_renderer(7).unwrap();
-        let mut rendered = Vec::new();
-        let mut tx = Transaction::begin(0x100, 9, 0);
-        renderer
-            .render(&cells, &mut tx, &at, &mut rendered)
-            .unwrap();
-        renderer
-            .render(&cells, &mut tx, &at, &mut rendered)
-            .unwrap();
-        assert_eq!(rendered.len(), 2);
-        assert_eq!(read[0].data, rendered[0].data, "both snapshot paths agree");
-        assert_eq!(read[0].partition_key, inserted[0].partition_key);
-        let json = |r: &Record| serde_json::from_slice::<serde_json::Value>(&r.data).unwrap();
-        let (insert, snapshot) = (json(&inserted[0]), json(&read[0]));
-        assert_eq!(snapshot["op"], "snapshot");
-        for field in ["key", "after", "before", "unchanged"] {
-            assert_eq!(snapshot[field], insert[field], "{field}");
-        }
-        assert_eq!(
-            snapshot["after"],
-            serde_json::json!({"id": 42, "note": null})
-        );
-        assert_eq!(snapshot["source"]["position"], insert["source"]["position"]);
-        assert!(
-            json(&rendered[0])["source"]["position"].as_str()
-                < json(&rendered[1])["source"]["position"].as_str(),
-            "each row takes the next position"
-        );
-        assert_eq!(
-            d.snapshot_renderer(8).unwrap_err(),
-            DecodeError::UnknownRelation(8)
-        );
     }
 }

@@ -11,7 +11,7 @@
 //! sink never gives back (Kinesis down) drops the open transaction when the
 //! timeout is spent, so it stays unacknowledged and a restart sends it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -457,31 +457,18 @@ impl PostgresSource {
         copy.ledger = marker
             .as_ref()
             .map(|m| ChunkLedger::new(m, progress.clone()));
-        let (mut deliveries, _readers) =
-            snapshot_readers::spawn(readers, plan.units, st.captured_at);
-        // A stop is taken between chunks: a chunk some of whose parts were
-        // handed over is finished first, so that the ledger records it and
-        // the next start does not send its rows again; other deliveries
-        // are dropped unread (the next start reads them).
-        let mut stopping = false;
+        let (mut deliveries, _readers) = snapshot_readers::spawn(readers, plan.units);
         while let Some(delivery) = deliveries.recv().await {
-            stopping |= *shutdown.borrow() || st.emitter.abandoned();
-            if stopping && copy.partial.is_empty() {
-                break;
+            if *shutdown.borrow() || st.emitter.abandoned() {
+                info!(
+                    rows = copy.total,
+                    "snapshot interrupted: it resumes after the last acknowledged chunks at the next run"
+                );
+                self.interrupted = copy.ledger.take();
+                return Ok(false);
             }
-            let delivery = delivery?;
-            if stopping && !copy.partial.contains(&delivery.index()) {
-                continue;
-            }
-            copy.take(delivery, st).await?;
-        }
-        if stopping {
-            info!(
-                rows = copy.total,
-                "snapshot interrupted: it resumes after the last acknowledged chunks at the next run"
-            );
-            self.interrupted = copy.ledger.take();
-            return Ok(false);
+            copy.take(delivery?, &plan.relations, &mut self.decoder, st)
+                .await?;
         }
         // A table created before the stream moved is copied at
         // `{consistent point - 1}:...` too, now or at a later start (the
@@ -609,16 +596,22 @@ impl PostgresSource {
                     from: range.from.clone(),
                     to: range.to.clone(),
                 };
-                let mut tx = snapshot_transaction(range.major);
-                tx.ordinal = range.ordinal;
                 plan.units.push(snapshot_readers::Unit {
                     index,
                     reader: shape.reader(key_range, after, chunk_rows),
-                    renderer: self.decoder.snapshot_renderer(shape.relation())?,
-                    tx,
                 });
             }
         }
+        plan.relations = progress
+            .ranges
+            .iter()
+            .map(|r| {
+                shapes
+                    .iter()
+                    .find(|(name, _, _)| name == &r.table)
+                    .map(|(_, shape, _)| shape.relation())
+            })
+            .collect();
         Ok(plan)
     }
 
@@ -667,23 +660,15 @@ impl PostgresSource {
             if read == 0 {
                 break;
             }
-            let mut cells = Vec::new();
             for row in &rows {
                 let at = &st.captured_at;
                 let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
-                snapshot::text_cells(row, &mut cells);
-                decoder.snapshot_cells(
-                    table_reader.relation(),
-                    &cells,
-                    tx,
-                    at,
-                    &mut copy.decoded,
-                )?;
+                let relation = table_reader.relation();
+                snapshot::render_row(relation, row, decoder, tx, at, &mut copy.decoded)?;
                 for record in copy.decoded.drain(..) {
                     st.emitter.push_waiting(record, keep).await?;
                 }
             }
-            drop(cells);
             drop(rows);
             watch.add(read as u64);
             copy.total += read;
@@ -1387,29 +1372,28 @@ impl Feedback {
     }
 }
 
-/// What a parallel copy reads: the units left and each table's estimated
-/// rows.
+/// What a parallel copy reads: the units left, each range's relation
+/// (by its index in the plan; `None` for a table no longer captured) and
+/// each table's estimated rows.
 #[derive(Default)]
 struct SnapshotPlan {
     units: Vec<snapshot_readers::Unit>,
+    relations: Vec<Option<u32>>,
     estimated: HashMap<String, u64>,
 }
 
-/// The receiving end of a parallel copy: hands the readers' rendered
-/// chunks to the pipeline in the order they arrive, and keeps each
-/// range's progress for the ledger, the metrics and the log.
+/// The renderer of a parallel copy: turns the readers' chunks into
+/// records, in the order they arrive, each range at its own positions.
 struct ParallelCopy {
     metrics: SnapshotMetrics,
     /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
     ledger: Option<ChunkLedger>,
-    /// Per range of the plan: its table, the position after its last row
-    /// handed over (`{range major}:{ordinal}`), and its resume key if it
-    /// had one.
+    decoded: Vec<Record>,
+    /// Per range of the plan: its table, the position of its next row
+    /// (`{range major}:{ordinal}`), and its resume key if it had one.
     ranges: Vec<(String, Transaction, Option<Vec<String>>)>,
     /// Per table: its ranges not yet read to their end.
     open: HashMap<String, usize>,
-    /// The ranges whose current chunk was handed over in part.
-    partial: HashSet<usize>,
     /// Per table being read: its watch (rows, log lines, bar).
     watches: HashMap<String, TableWatch>,
     estimated: HashMap<String, u64>,
@@ -1449,24 +1433,28 @@ impl ParallelCopy {
         Self {
             metrics,
             ledger: None,
+            decoded: Vec::with_capacity(2),
             ranges,
             open,
-            partial: HashSet::new(),
             watches: HashMap::new(),
             estimated,
             total: 0,
         }
     }
 
-    /// Hands over one delivery of a reader and records its chunk in the
-    /// ledger.
+    /// Renders and hands over one delivery of a reader, and records its
+    /// chunk in the ledger.
     async fn take(
         &mut self,
         delivery: snapshot_readers::Delivery,
+        relations: &[Option<u32>],
+        decoder: &mut Decoder,
         st: &mut RunState,
     ) -> Result<(), PostgresError> {
         use snapshot_readers::Delivery;
-        let index = delivery.index();
+        let index = match &delivery {
+            Delivery::Rows { index, .. } | Delivery::Done { index } => *index,
+        };
         let (table, tx, after) = self
             .ranges
             .get_mut(index)
@@ -1476,25 +1464,27 @@ impl ParallelCopy {
             self.metrics.start_table(table, estimated, after.as_deref())
         });
         match delivery {
-            Delivery::Rows {
-                records,
-                rows,
-                ordinal,
-                chunk_end,
-                last_key,
-                ..
-            } => {
-                for record in records {
-                    st.emitter.push(record).await?;
+            Delivery::Rows { rows, last_key, .. } => {
+                let relation = relations
+                    .get(index)
+                    .copied()
+                    .flatten()
+                    .expect("readers only read ranges of captured tables");
+                for row in &rows {
+                    snapshot::render_row(
+                        relation,
+                        row,
+                        decoder,
+                        tx,
+                        &st.captured_at,
+                        &mut self.decoded,
+                    )?;
+                    for record in self.decoded.drain(..) {
+                        st.emitter.push(record).await?;
+                    }
                 }
-                tx.ordinal = ordinal;
-                if chunk_end {
-                    self.partial.remove(&index);
-                } else {
-                    self.partial.insert(index);
-                }
-                watch.add(rows as u64);
-                self.total += rows;
+                watch.add(rows.len() as u64);
+                self.total += rows.len();
                 if let (Some(ledger), Some(key)) = (&mut self.ledger, last_key) {
                     let end = st.emitter.next_seq();
                     ledger.sent_range(end, index, TableProgress::After(key), tx.ordinal);

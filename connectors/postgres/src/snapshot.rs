@@ -11,9 +11,8 @@
 //! column ([`TableShape::split`]), each read in primary-key chunks
 //! ([`TableReader`]: `WHERE (key) > (last) AND first >= from AND first <
 //! to ORDER BY key LIMIT n`; a table without a key through a cursor, in
-//! one pass); the text values of every row are rendered as the cells of
-//! the stream's Insert message would be, by the same decoder code
-//! ([`text_cells`], `decoder::SnapshotRenderer`), as an `op = "snapshot"`
+//! one pass); every row becomes a pgoutput Insert message rendered by the
+//! same decoder as the stream ([`render_row`]), as an `op = "snapshot"`
 //! envelope, so snapshot and stream JSON are the same for every type.
 //! Every range has its own `major` below the consistent point (the first
 //! `consistent point - 1`, the next one less, ...) and its rows take
@@ -42,7 +41,7 @@ use tracing::{info, warn};
 
 use crate::config::PostgresSourceConfig;
 use crate::error::PostgresError;
-use crate::pgoutput::{Cell, Relation, RelationColumn};
+use crate::pgoutput::{Relation, RelationColumn};
 use crate::setup::quote_ident;
 use crate::wire::ReplicationConnection;
 use tributary_envelope::snapshot_progress::{SnapshotProgress, TableProgress};
@@ -619,10 +618,8 @@ impl TableReader {
         out: &mut Vec<tributary_envelope::Record>,
     ) -> Result<usize, PostgresError> {
         let rows = self.fetch(reader).await?;
-        let mut cells = Vec::new();
         for row in &rows {
-            text_cells(row, &mut cells);
-            decoder.snapshot_cells(self.relation, &cells, tx, captured_at, out)?;
+            render_row(self.relation, row, decoder, tx, captured_at, out)?;
         }
         Ok(rows.len())
     }
@@ -639,20 +636,49 @@ impl TableReader {
     }
 }
 
-/// The cells of one row of a simple query, as the pgoutput Insert message
-/// of the stream would carry them (text values, or nulls), into `cells`.
-pub fn text_cells<'r>(row: &'r tokio_postgres::SimpleQueryRow, cells: &mut Vec<Cell<'r>>) {
-    cells.clear();
-    cells.extend((0..row.len()).map(|i| match row.get(i) {
-        Some(text) => Cell::Text(text.as_bytes()),
-        None => Cell::Null,
-    }));
+/// Renders one row of the table `relation`, as the stream's decoder does,
+/// into `out` as an `op = "snapshot"` record at `tx`'s next position.
+pub fn render_row(
+    relation: u32,
+    row: &tokio_postgres::SimpleQueryRow,
+    decoder: &mut crate::decoder::Decoder,
+    tx: &mut crate::decoder::Transaction,
+    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+    out: &mut Vec<tributary_envelope::Record>,
+) -> Result<(), PostgresError> {
+    let bytes = insert_message(relation, row);
+    let msg = crate::pgoutput::parse(&bytes)?;
+    decoder.snapshot_row(&msg, tx, captured_at, out)?;
+    Ok(())
 }
 
 /// A text value as an SQL string literal (`standard_conforming_strings`
 /// is on: see [`begin`]).
 fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// One row of a simple query as the pgoutput Insert message of `relation`
+/// the stream would carry.
+fn insert_message(relation: u32, row: &tokio_postgres::SimpleQueryRow) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.push(b'I');
+    bytes.extend_from_slice(&relation.to_be_bytes());
+    bytes.push(b'N');
+    let columns = u16::try_from(row.len()).unwrap_or(u16::MAX);
+    bytes.extend_from_slice(&columns.to_be_bytes());
+    for i in 0..usize::from(columns) {
+        match row.get(i) {
+            None => bytes.push(b'n'),
+            Some(text) => {
+                bytes.push(b't');
+                let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                bytes.extend_from_slice(&len.to_be_bytes());
+                bytes.extend_from_slice(text.as_bytes());
+            }
+        }
+    }
+    bytes
 }
 
 /// The primary key of the table `oid`, in key order (empty: none).
