@@ -105,11 +105,19 @@ fn render_value(kind: &ColumnKind, charset: u16, value: &Value, out: &mut Vec<u8
         (_, Value::Float(f)) => float(f64::from(*f), &f.to_string(), out),
         (_, Value::Double(d)) => float(*d, &d.to_string(), out),
         (MYSQL_TYPE_NEWDATE | MYSQL_TYPE_DATE, Value::Date(y, m, d, ..)) => {
-            out.extend_from_slice(format!("\"{y:04}-{m:02}-{d:02}\"").as_bytes());
+            out.push(b'"');
+            date(out, *y, *m, *d);
+            out.push(b'"');
         }
         (_, Value::Date(y, mo, d, h, mi, s, us)) => {
-            let text = format!("\"{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
-            out.extend_from_slice(text.as_bytes());
+            out.push(b'"');
+            date(out, *y, *mo, *d);
+            out.push(b'T');
+            padded(out, u64::from(*h), 2);
+            out.push(b':');
+            padded(out, u64::from(*mi), 2);
+            out.push(b':');
+            padded(out, u64::from(*s), 2);
             fraction(kind.precision, *us, out);
             out.push(b'"');
         }
@@ -183,9 +191,33 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 fn fraction(digits: u8, micros: u32, out: &mut Vec<u8>) {
     let digits = usize::from(digits.min(6));
     if digits > 0 {
-        let text = format!(".{micros:06}");
-        out.extend_from_slice(&text.as_bytes()[..=digits]);
+        out.push(b'.');
+        let start = out.len();
+        padded(out, u64::from(micros), 6);
+        out.truncate(start + digits);
     }
+}
+
+/// `YYYY-MM-DD`, as `format!("{y:04}-{m:02}-{d:02}")` writes it.
+fn date(out: &mut Vec<u8>, y: u16, m: u8, d: u8) {
+    padded(out, u64::from(y), 4);
+    out.push(b'-');
+    padded(out, u64::from(m), 2);
+    out.push(b'-');
+    padded(out, u64::from(d), 2);
+}
+
+/// `value` in at least `width` digits, zeros in front (`{value:0width$}`)
+/// without the formatter's allocation: snapshot rows render millions.
+fn padded(out: &mut Vec<u8>, value: u64, width: usize) {
+    let mut digits = 1;
+    let mut rest = value / 10;
+    while rest > 0 {
+        digits += 1;
+        rest /= 10;
+    }
+    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits)));
+    json::write_u64(out, value);
 }
 
 /// TIMESTAMP arrives as `seconds[.micros]` since the epoch (UTC).
@@ -450,5 +482,25 @@ mod tests {
             r(&kind(MYSQL_TYPE_GEOMETRY), 63, Value::Bytes(vec![0, 0xAB])),
             "00ab"
         );
+    }
+
+    #[test]
+    fn padded_numbers_match_the_formatter() {
+        for (value, width) in [
+            (0u64, 2),
+            (7, 2),
+            (42, 2),
+            (2026, 4),
+            (65_535, 4),
+            (5, 6),
+            (123_456, 6),
+        ] {
+            let mut out = Vec::new();
+            padded(&mut out, value, width);
+            assert_eq!(out, format!("{value:0width$}").into_bytes());
+        }
+        let mut out = Vec::new();
+        fraction(3, 4_567, &mut out);
+        assert_eq!(out, b".004");
     }
 }
