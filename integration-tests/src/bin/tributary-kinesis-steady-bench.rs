@@ -139,6 +139,8 @@ async fn main() -> Result<()> {
     let records = pipeline.kin.read_all(STREAM).await?;
 
     let mut stored_ms: Vec<i64> = Vec::with_capacity(records.len());
+    // Commit -> stored by second of commit time, to see when a tail happens.
+    let mut by_second: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut arrivals: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for record in &records {
         let arrival = record.arrival_millis.context("a record without arrival")?;
@@ -154,6 +156,10 @@ async fn main() -> Result<()> {
                 .and_then(parse_unix_millis)
                 .context("an envelope without commit_ts")?;
             stored_ms.push(arrival - commit);
+            by_second
+                .entry(commit / 1_000)
+                .or_default()
+                .push(arrival - commit);
         }
         arrivals
             .entry(record.shard_id.clone())
@@ -161,6 +167,19 @@ async fn main() -> Result<()> {
             .push(arrival);
     }
     stored_ms.sort_unstable();
+    let first_second = by_second.keys().next().copied().unwrap_or_default();
+    let series: Vec<String> = by_second
+        .iter_mut()
+        .map(|(second, values)| {
+            values.sort_unstable();
+            format!(
+                "{}s:{}/{}",
+                second - first_second,
+                percentile(values, 0.5),
+                percentile(values, 0.99)
+            )
+        })
+        .collect();
 
     println!(
         "rate {} changes/s offered {offered:.0}/s for {} s; {} shards; quota {}/shard; +{} ms; \
@@ -179,6 +198,10 @@ async fn main() -> Result<()> {
         percentile(&stored_ms, 0.50),
         percentile(&stored_ms, 0.99),
         stored_ms.last().copied().unwrap_or_default()
+    );
+    println!(
+        "commit -> stored p50/p99 ms by second of commit: {}",
+        series.join(" ")
     );
     let buckets = histogram(&metrics, "tributary_commit_to_ack_seconds");
     println!(
