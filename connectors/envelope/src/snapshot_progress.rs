@@ -23,6 +23,13 @@
 //! its chunks are recorded with [`ChunkLedger::sent_range`]; chunks of all
 //! ranges still reach the ledger in the order they were handed over, so
 //! the rule above holds unchanged.
+//!
+//! A chunk is recorded with the [`Emitter`] that handed it over, never with
+//! a bare sequence number: once a stop gave up waiting for the sink
+//! ([`Emitter::abandoned`]) later records of the chunk were dropped, not
+//! numbered, so "every record below the end is done" would pass over them;
+//! the ledger then records nothing more, and a restart reads that chunk
+//! again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -35,6 +42,7 @@ use tracing::info;
 
 use crate::OffsetStore as _;
 use crate::ack::AckTracker;
+use crate::source::Emitter;
 use crate::state_file::FileOffsetStore;
 
 /// Counter: snapshot rows read and handed to the sink, by `source` and
@@ -199,37 +207,48 @@ impl ChunkLedger {
         &self.stored
     }
 
-    /// A chunk of `table` was handed over: its records are below
-    /// `end_seq`; once done, the table is in `state` and the next row's
-    /// position is `major:ordinal`.
+    /// A chunk of `table` was handed over through `emitter` (its records
+    /// are below [`Emitter::next_seq`]); once done, the table is in
+    /// `state` and its next row takes position `major:ordinal`. Ignored
+    /// once the emitter gave up (see the module doc).
     pub fn sent(
         &mut self,
-        end_seq: u64,
+        emitter: &Emitter,
         table: &str,
         state: TableProgress,
         major: u64,
         ordinal: u32,
     ) {
-        self.pending.push_back(ChunkEnd {
-            end_seq,
-            state,
-            ordinal,
-            of: ChunkOf::Table {
-                table: table.to_owned(),
-                major,
-            },
-        });
+        let of = ChunkOf::Table {
+            table: table.to_owned(),
+            major,
+        };
+        self.handed_over(emitter, state, ordinal, of);
     }
 
     /// A chunk of the range at `index` of the stored progress's `ranges`
-    /// was handed over: its records are below `end_seq`; once done, the
-    /// range is in `state` and its next row takes ordinal `ordinal`.
-    pub fn sent_range(&mut self, end_seq: u64, index: usize, state: TableProgress, ordinal: u32) {
+    /// was handed over through `emitter`; once done, the range is in
+    /// `state` and its next row takes ordinal `ordinal`. Ignored once the
+    /// emitter gave up.
+    pub fn sent_range(
+        &mut self,
+        emitter: &Emitter,
+        index: usize,
+        state: TableProgress,
+        ordinal: u32,
+    ) {
+        self.handed_over(emitter, state, ordinal, ChunkOf::Range(index));
+    }
+
+    fn handed_over(&mut self, emitter: &Emitter, state: TableProgress, ordinal: u32, of: ChunkOf) {
+        if emitter.abandoned() {
+            return;
+        }
         self.pending.push_back(ChunkEnd {
-            end_seq,
+            end_seq: emitter.next_seq(),
             state,
             ordinal,
-            of: ChunkOf::Range(index),
+            of,
         });
     }
 
@@ -419,6 +438,90 @@ fn eta(rows: u64, estimated: u64, per_sec: f64) -> u64 {
 mod tests {
     use super::*;
 
+    /// An emitter to number records with, on its own runtime.
+    struct Emitting {
+        emitter: Emitter,
+        runtime: tokio::runtime::Runtime,
+        _batches: tokio::sync::mpsc::Receiver<Vec<crate::Record>>,
+        stop: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Emitting {
+        /// With a budget of `budget` bytes and no drain time once stopped.
+        fn new(budget: usize) -> Self {
+            let (out, batches) = tokio::sync::mpsc::channel(16);
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            let emitter = Emitter::new(
+                out,
+                std::sync::Arc::new(AckTracker::new(0)),
+                std::sync::Arc::new(crate::ack::Budget::new(budget)),
+                10_000,
+            )
+            .stop_when(shutdown, Duration::ZERO);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            Self {
+                emitter,
+                runtime,
+                _batches: batches,
+                stop,
+            }
+        }
+
+        /// Hands over `n` records of 100 bytes.
+        fn push(&mut self, n: usize) {
+            for _ in 0..n {
+                let record = crate::Record::new("s".into(), "k".into(), vec![b'x'; 100]);
+                self.runtime.block_on(self.emitter.push(record)).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_handed_over_after_the_emitter_gave_up_is_not_recorded() {
+        let dir = std::env::temp_dir().join(format!("tributary-gaveup-{}", std::process::id()));
+        let path = dir.join("snap.pending");
+        let first = SnapshotProgress::new("0/16B3748", 41);
+        first.save(&path).unwrap();
+        let mut ledger = ChunkLedger::new(&path, first.clone());
+        let tracker = AckTracker::new(0);
+        // A budget of two records: the third waits for the sink.
+        let mut emitter = Emitting::new(2 * 120);
+        emitter.push(2);
+        ledger.sent(
+            &emitter.emitter,
+            "public.a",
+            TableProgress::After(vec!["2".into()]),
+            41,
+            2,
+        );
+        // A stop with the sink stalled: the emitter gives up on the third
+        // record of the next chunk and drops the rest of it.
+        emitter.stop.send(true).unwrap();
+        emitter.push(3);
+        assert!(emitter.emitter.abandoned());
+        ledger.sent(
+            &emitter.emitter,
+            "public.a",
+            TableProgress::After(vec!["5".into()]),
+            41,
+            5,
+        );
+        // The two numbered records are done: only the first chunk counts.
+        tracker.issued(2);
+        tracker.complete([0, 1]);
+        assert!(ledger.persist_done(&tracker).unwrap());
+        let stored = SnapshotProgress::load(&path).unwrap().unwrap().unwrap();
+        assert_eq!(
+            stored.tables["public.a"],
+            TableProgress::After(vec!["2".into()]),
+            "the chunk whose rows were dropped is read again"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn only_done_chunks_reach_the_file() {
         let dir = std::env::temp_dir().join(format!("tributary-progress-{}", std::process::id()));
@@ -428,8 +531,17 @@ mod tests {
         let mut ledger = ChunkLedger::new(&path, first.clone());
         let tracker = AckTracker::new(0);
         tracker.issued(6);
-        ledger.sent(3, "public.a", TableProgress::After(vec!["3".into()]), 41, 3);
-        ledger.sent(6, "public.a", TableProgress::Done, 41, 6);
+        let mut emitter = Emitting::new(1 << 20);
+        emitter.push(3);
+        ledger.sent(
+            &emitter.emitter,
+            "public.a",
+            TableProgress::After(vec!["3".into()]),
+            41,
+            3,
+        );
+        emitter.push(3);
+        ledger.sent(&emitter.emitter, "public.a", TableProgress::Done, 41, 6);
         tracker.complete([0, 1, 3, 4, 5]);
         assert!(
             !ledger.persist_done(&tracker).unwrap(),
@@ -469,9 +581,23 @@ mod tests {
         let tracker = AckTracker::new(0);
         tracker.issued(6);
         // Chunks of the two ranges interleave as their readers deliver.
-        ledger.sent_range(2, 1, TableProgress::After(vec!["501".into()]), 2);
-        ledger.sent_range(4, 0, TableProgress::After(vec!["2".into()]), 2);
-        ledger.sent_range(6, 1, TableProgress::Done, 4);
+        let mut emitter = Emitting::new(1 << 20);
+        emitter.push(2);
+        ledger.sent_range(
+            &emitter.emitter,
+            1,
+            TableProgress::After(vec!["501".into()]),
+            2,
+        );
+        emitter.push(2);
+        ledger.sent_range(
+            &emitter.emitter,
+            0,
+            TableProgress::After(vec!["2".into()]),
+            2,
+        );
+        emitter.push(2);
+        ledger.sent_range(&emitter.emitter, 1, TableProgress::Done, 4);
         tracker.complete([0, 1, 3, 4, 5]);
         assert!(ledger.persist_done(&tracker).unwrap());
         let stored = SnapshotProgress::load(&path).unwrap().unwrap().unwrap();

@@ -1060,11 +1060,10 @@ impl SnapshotCopy {
                 }
             };
             watch.add(read as u64);
-            let end = st.emitter.next_seq();
             if key.is_empty() || read < self.chunk_rows {
                 if let Some(ledger) = &mut self.ledger {
                     ledger.sent(
-                        end,
+                        &st.emitter,
                         &name,
                         TableProgress::Done,
                         self.tx.major,
@@ -1075,7 +1074,7 @@ impl SnapshotCopy {
             }
             if let (Some(ledger), Some(last)) = (&mut self.ledger, &after) {
                 let state = TableProgress::After(last.iter().map(snapshot::encode_key).collect());
-                ledger.sent(end, &name, state, self.tx.major, self.tx.ordinal);
+                ledger.sent(&st.emitter, &name, state, self.tx.major, self.tx.ordinal);
             }
             self.persist(st)?;
         }

@@ -673,17 +673,13 @@ impl PostgresSource {
             watch.add(read as u64);
             copy.total += read;
             if let Some(key) = table_reader.last_key() {
-                copy.sent(
-                    st.emitter.next_seq(),
-                    &name,
-                    TableProgress::After(key.to_vec()),
-                );
+                copy.sent(&st.emitter, &name, TableProgress::After(key.to_vec()));
             }
             copy.persist_with(st.emitter.tracker())?;
             keep.tick().await?;
         }
         table_reader.close(reader).await?;
-        copy.sent(st.emitter.next_seq(), &name, TableProgress::Done);
+        copy.sent(&st.emitter, &name, TableProgress::Done);
         watch.finish();
         copy.metrics.table_done();
         Ok(true)
@@ -1486,14 +1482,12 @@ impl ParallelCopy {
                 watch.add(rows.len() as u64);
                 self.total += rows.len();
                 if let (Some(ledger), Some(key)) = (&mut self.ledger, last_key) {
-                    let end = st.emitter.next_seq();
-                    ledger.sent_range(end, index, TableProgress::After(key), tx.ordinal);
+                    ledger.sent_range(&st.emitter, index, TableProgress::After(key), tx.ordinal);
                 }
             }
             Delivery::Done { .. } => {
                 if let Some(ledger) = &mut self.ledger {
-                    let end = st.emitter.next_seq();
-                    ledger.sent_range(end, index, TableProgress::Done, tx.ordinal);
+                    ledger.sent_range(&st.emitter, index, TableProgress::Done, tx.ordinal);
                 }
                 let left = self.open.entry(table.clone()).or_default();
                 *left = left.saturating_sub(1);
@@ -1540,12 +1534,12 @@ struct SnapshotCopy {
 }
 
 impl SnapshotCopy {
-    /// A chunk of `table` ending before `end_seq` was handed over; once
-    /// done, the table is in `state`.
-    fn sent(&mut self, end_seq: u64, table: &str, state: TableProgress) {
+    /// A chunk of `table` was handed over through `emitter`; once done,
+    /// the table is in `state`.
+    fn sent(&mut self, emitter: &Emitter, table: &str, state: TableProgress) {
         if let Some(ledger) = &mut self.ledger {
             let (major, ordinal) = (self.tx.commit_lsn, self.tx.ordinal);
-            ledger.sent(end_seq, table, state, major, ordinal);
+            ledger.sent(emitter, table, state, major, ordinal);
         }
     }
 
