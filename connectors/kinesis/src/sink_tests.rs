@@ -675,8 +675,7 @@ async fn random_refusals_cost_about_their_fraction() {
     let fake = Fake::new(1, None, |call, entries| {
         throttle((0..entries.len()).filter(|&i| randomly_refused(call, i)))
     });
-    let mut config = config(&dir);
-    config.records_per_shard_per_sec = 2_500; // a burst of 500
+    let config = quick(&dir);
     let records: Vec<Record> = (0..8_000)
         .map(|i| record(i, &format!("public.t:{}", i % 1_000), 10))
         .collect();

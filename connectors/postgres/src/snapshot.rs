@@ -274,9 +274,15 @@ pub fn plain() -> PendingSnapshot {
     }
 }
 
-/// The shape of `schema.table` as a Relation message would give it:
-/// without dropped columns, and without generated ones (pgoutput leaves
-/// them out of the stream before PostgreSQL 18).
+/// The `pg_attribute a` rows of the columns the stream carries, in a
+/// WHERE clause: not dropped, and not generated (pgoutput leaves those out
+/// before PostgreSQL 18). Every catalogue query that must line up with
+/// [`relation`]'s columns filters with it.
+pub(crate) const STREAMED_COLUMNS: &str =
+    "a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''";
+
+/// The shape of `schema.table` as a Relation message would give it: the
+/// [`STREAMED_COLUMNS`], in column order.
 pub async fn relation(
     client: &Client,
     schema: &str,
@@ -296,18 +302,19 @@ pub async fn relation(
     let identity: String = head.get(1);
     let rows = client
         .query(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, \
-                    CASE $2::text \
-                      WHEN 'f' THEN true \
-                      WHEN 'd' THEN coalesce(a.attnum = ANY(p.indkey), false) \
-                      WHEN 'i' THEN coalesce(a.attnum = ANY(r.indkey), false) \
-                      ELSE false END \
-             FROM pg_attribute a \
-             LEFT JOIN pg_index p ON p.indrelid = a.attrelid AND p.indisprimary \
-             LEFT JOIN pg_index r ON r.indrelid = a.attrelid AND r.indisreplident \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-                   AND a.attgenerated = '' \
-             ORDER BY a.attnum",
+            &format!(
+                "SELECT a.attname::text, a.atttypid, a.atttypmod, \
+                        CASE $2::text \
+                          WHEN 'f' THEN true \
+                          WHEN 'd' THEN coalesce(a.attnum = ANY(p.indkey), false) \
+                          WHEN 'i' THEN coalesce(a.attnum = ANY(r.indkey), false) \
+                          ELSE false END \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index p ON p.indrelid = a.attrelid AND p.indisprimary \
+                 LEFT JOIN pg_index r ON r.indrelid = a.attrelid AND r.indisreplident \
+                 WHERE a.attrelid = $1 AND {STREAMED_COLUMNS} \
+                 ORDER BY a.attnum"
+            ),
             &[&oid, &identity],
         )
         .await

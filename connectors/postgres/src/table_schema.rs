@@ -24,9 +24,11 @@ pub async fn after_schema(
     let facts = Catalog::default().describe(client, &rel).await?;
     let rows = client
         .query(
-            "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-                   AND a.attgenerated = '' ORDER BY a.attnum",
+            &format!(
+                "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a \
+                 WHERE a.attrelid = $1 AND {} ORDER BY a.attnum",
+                snapshot::STREAMED_COLUMNS
+            ),
             &[&rel.id],
         )
         .await
