@@ -109,17 +109,12 @@ async fn main() -> Result<()> {
     let mut pipeline = servers.start_tributary(&extra).await?;
     let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
 
-    let per_tick = f64::from(args.rate) * TICK.as_secs_f64();
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(TICK);
-    let (mut written, mut due) = (0u64, 0.0f64);
-    while started.elapsed() < Duration::from_secs(args.secs) {
-        ticker.tick().await;
-        due += per_tick;
-        let rows = due as u64 - written;
+    let mut pacer = Pacer::new(args.rate, args.secs);
+    while let Some(rows) = pacer.tick().await {
         if rows == 0 {
             continue;
         }
+        let written = pacer.sent - rows;
         db.batch_execute(&format!(
             "INSERT INTO steady SELECT g, g * 7, repeat(md5(g::text), 4) \
              FROM generate_series({}, {}) g",
@@ -127,9 +122,9 @@ async fn main() -> Result<()> {
             written + rows - 1
         ))
         .await?;
-        written += rows;
     }
-    let offered = written as f64 / started.elapsed().as_secs_f64();
+    let written = pacer.sent;
+    let offered = written as f64 / pacer.started.elapsed().as_secs_f64();
     let end = pipeline.pg.current_wal_lsn().await?;
     pipeline
         .wait_confirmed_flush(end, Duration::from_secs(600))
@@ -273,6 +268,45 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// A steady rate in ticks of [`TICK`]: how many changes (or records) are
+/// due at each tick, for `secs` seconds. Tributary's writer and the bare
+/// client are paced by the same one, so they offer the same load.
+struct Pacer {
+    per_tick: f64,
+    secs: Duration,
+    started: Instant,
+    ticker: tokio::time::Interval,
+    due: f64,
+    /// Everything due so far.
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: u32, secs: u64) -> Self {
+        Self {
+            per_tick: f64::from(rate) * TICK.as_secs_f64(),
+            secs: Duration::from_secs(secs),
+            started: Instant::now(),
+            ticker: tokio::time::interval(TICK),
+            due: 0.0,
+            sent: 0,
+        }
+    }
+
+    /// Waits for the next tick and returns how many fall due at it
+    /// (counted into `sent`); `None` once the time is up.
+    async fn tick(&mut self) -> Option<u64> {
+        if self.started.elapsed() >= self.secs {
+            return None;
+        }
+        self.ticker.tick().await;
+        self.due += self.per_tick;
+        let now = self.due as u64 - self.sent;
+        self.sent += now;
+        Some(now)
+    }
+}
+
 /// The bare client at a steady rate (see the module doc): returns, per
 /// record, the milliseconds from queueing it to the answer that carried it.
 async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> Result<Vec<i64>> {
@@ -294,16 +328,12 @@ async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> 
         lanes.insert(record.shard_id.clone(), sender);
         workers.spawn(bare_lane(client.clone(), receiver, args.max_in_flight));
     }
-    let per_tick = f64::from(args.rate) * TICK.as_secs_f64();
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(TICK);
-    let (mut sent, mut due) = (0usize, 0.0f64);
-    while started.elapsed() < Duration::from_secs(args.secs) {
-        ticker.tick().await;
-        due += per_tick;
+    let mut pacer = Pacer::new(args.rate, args.secs);
+    while let Some(due) = pacer.tick().await {
         let now = Instant::now();
-        while sent < due as usize {
-            let record = records[sent % records.len()];
+        let first = pacer.sent - due;
+        for sent in first..pacer.sent {
+            let record = records[sent as usize % records.len()];
             let entry = PutRecordsRequestEntry::builder()
                 .data(Blob::new(record.data.clone()))
                 .partition_key(&record.partition_key)
@@ -312,11 +342,10 @@ async fn bare_steady(client: &Client, records: &[StreamRecord], args: &Args) -> 
             lanes[&record.shard_id]
                 .send((now, entry))
                 .context("a bare lane stopped")?;
-            sent += 1;
         }
     }
     drop(lanes);
-    let mut latencies = Vec::with_capacity(sent);
+    let mut latencies = Vec::with_capacity(pacer.sent as usize);
     while let Some(done) = workers.join_next().await {
         latencies.extend(done??);
     }
