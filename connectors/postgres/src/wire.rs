@@ -420,7 +420,16 @@ impl ReplicationConnection {
     }
 
     async fn read_some(&mut self) -> io::Result<usize> {
-        self.buf.reserve(READ_BUFFER_BYTES);
+        // Room for the rest of a partial frame (its whole length was
+        // reserved when it began), else for a read's worth: asking for a
+        // read's worth at the end of a large frame would reallocate it
+        // (copying it into a buffer of twice its size) just to read its
+        // last bytes.
+        let want = match frame_length(&self.buf) {
+            Ok(Some(total)) if total > self.buf.len() => total - self.buf.len(),
+            _ => READ_BUFFER_BYTES,
+        };
+        self.buf.reserve(want.min(READ_BUFFER_BYTES));
         match &mut self.socket {
             Socket::Tcp(s) => s.read_buf(&mut self.buf).await,
             Socket::Tls(s) => s.read_buf(&mut self.buf).await,
