@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::error::SdkError;
 use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::types::PutRecordsResultEntry;
@@ -330,12 +331,21 @@ impl Lane {
             self.metrics
                 .limiter_wait
                 .record(waited.elapsed().as_secs_f64());
+            // One attempt per call: the lane retries a failed call itself
+            // (its backoff, order rules, rate factor and metrics); SDK
+            // retries under it would wait out their own backoff (1 s base)
+            // unseen, e.g. after an outage ends.
             let request = self
                 .setup
                 .client
                 .put_records()
                 .stream_name(&*self.setup.stream)
-                .set_records(Some(std::mem::take(&mut call.batch.entries)));
+                .set_records(Some(std::mem::take(&mut call.batch.entries)))
+                .customize()
+                .config_override(
+                    aws_sdk_kinesis::config::Builder::default()
+                        .retry_config(RetryConfig::disabled()),
+                );
             let id = self.next_call;
             self.next_call += 1;
             self.calls.spawn(async move {
