@@ -340,6 +340,25 @@ async fn parallel_readers_copy_tables_and_key_ranges_at_one_point_while_a_writer
     Ok(())
 }
 
+/// Runs `snapshot = "only"` (plus `source` lines) on a database set up
+/// with `setup`, and checks that it exited 0.
+async fn snapshot_only(setup: &str, source: &str) -> Result<Pipeline> {
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, setup)
+        .await?
+        .start_tributary_without_waiting(&format!("[source]\nsnapshot = \"only\"\n{source}"))
+        .await?;
+    let status = pipeline
+        .tributary
+        .wait_exit(Duration::from_secs(120))
+        .await?;
+    ensure!(
+        status.success(),
+        "exit 0: {status}\n{}",
+        pipeline.tributary.logs()
+    );
+    Ok(pipeline)
+}
+
 const EVERY_TYPE: &str = r#"
 CREATE TYPE mood AS ENUM ('happy', 'sad');
 CREATE TABLE everything (
@@ -395,21 +414,56 @@ async fn every_type_has_the_same_json_in_the_snapshot_and_the_stream() -> Result
     Ok(())
 }
 
+/// Text keys and values that `COPY` text escapes (tab, newline, carriage
+/// return, backslash, the text `\N`), some of them the last key of a
+/// chunk (chunks of 2 rows): each row arrives once, with its exact key
+/// and value, and a null stays null.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_text_keys_and_values_are_copied_exactly_across_chunks() -> Result<()> {
+    // The keys as the bodies of E'' literals.
+    let keys = [
+        r"a\tb", r"a\\b", r"\\N", r"a\nb", r"a\rb", "plain", r"tab\t", r"z\\\\",
+    ];
+    let mut setup = String::from("CREATE TABLE odd (k text PRIMARY KEY, v text);\n");
+    for (i, key) in keys.iter().enumerate() {
+        let value = if i == 3 {
+            "NULL".to_owned()
+        } else {
+            format!("E'v{i}:{key}'")
+        };
+        setup.push_str(&format!("INSERT INTO odd VALUES (E'{key}', {value});\n"));
+    }
+    let pipeline = snapshot_only(&setup, "snapshot_chunk_rows = 2\n").await?;
+    let client = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    let mut expected: Vec<(String, Option<String>)> = client
+        .query("SELECT k, v FROM odd", &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    expected.sort();
+    let mut copied: Vec<(String, Option<String>)> = Vec::new();
+    for record in pipeline.kin.read_all(STREAM).await? {
+        let envelope = record.json()?;
+        let after = &envelope["after"];
+        copied.push((
+            after["k"].as_str().context("k is text")?.to_owned(),
+            after["v"].as_str().map(str::to_owned),
+        ));
+    }
+    copied.sort();
+    assert_eq!(copied, expected, "every row once, keys and values exact");
+    assert!(
+        copied.iter().any(|(k, v)| k == "\\N" && v.is_some())
+            && copied.iter().any(|(_, v)| v.is_none()),
+        "the text \\N is text, null is null: {copied:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_only_copies_and_exits_0_leaving_nothing_on_the_server() -> Result<()> {
-    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, SETUP)
-        .await?
-        .start_tributary_without_waiting("[source]\nsnapshot = \"only\"\n")
-        .await?;
-    let status = pipeline
-        .tributary
-        .wait_exit(Duration::from_secs(120))
-        .await?;
-    assert!(
-        status.success(),
-        "exit 0: {status}\n{}",
-        pipeline.tributary.logs()
-    );
+    let pipeline = snapshot_only(SETUP, "").await?;
     let records = pipeline.kin.read_all(STREAM).await?;
     ensure!(
         records.len() == 5010,

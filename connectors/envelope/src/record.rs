@@ -124,7 +124,10 @@ impl PartitionKey {
     /// Appends one key column's JSON text.
     pub fn push(&mut self, json_value: &[u8]) {
         self.buf.push(if self.values == 0 { ':' } else { ',' });
-        self.buf.push_str(&String::from_utf8_lossy(json_value));
+        match std::str::from_utf8(json_value) {
+            Ok(text) => self.buf.push_str(text),
+            Err(_) => self.buf.push_str(&String::from_utf8_lossy(json_value)),
+        }
         self.values += 1;
     }
 

@@ -30,14 +30,14 @@ pub struct RelationFacts {
     pub primary_key: Option<Vec<String>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Column {
     name: String,
     label: Box<[u8]>,
     kind: ValueKind,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Table {
     meta: TableMeta,
     stream: Arc<str>,
@@ -54,7 +54,7 @@ struct Table {
 }
 
 /// A transaction being decoded.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Transaction {
     /// Commit LSN: the `major` of every position in it.
     pub commit_lsn: u64,
@@ -134,8 +134,10 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-/// Decodes row changes of one Postgres source into records.
-#[derive(Debug)]
+/// Decodes row changes of one Postgres source into records. A clone
+/// decodes the same tables with buffers of its own (a snapshot renders
+/// chunks on several).
+#[derive(Clone, Debug)]
 pub struct Decoder {
     name: String,
     db: String,
@@ -253,8 +255,21 @@ impl Decoder {
         self.row(relation, op, tx, old, new, captured_at, out)
     }
 
+    /// Counts `records`, rendered by [`Decoder::snapshot_row`] from rows of
+    /// the table `relation`, in its metrics (once per chunk: not two
+    /// shared counters touched per row by every renderer).
+    pub fn count_snapshot(&self, relation: u32, records: &[Record]) {
+        if let Some(table) = self.tables.get(&relation) {
+            let bytes = records.iter().map(|r| r.data.len()).sum();
+            table
+                .counters
+                .record_many(Op::Snapshot, records.len(), bytes);
+        }
+    }
+
     /// Decodes one row a snapshot read (an Insert message built from it)
-    /// into an `op = "snapshot"` record.
+    /// into an `op = "snapshot"` record (not counted: see
+    /// [`Decoder::count_snapshot`]).
     pub fn snapshot_row(
         &mut self,
         msg: &Message<'_>,
@@ -558,7 +573,10 @@ impl Rows<'_> {
             enc.end_object();
         }
         enc.finish(unchanged, captured_at);
-        table.counters.record(op, data.len());
+        if !snapshot {
+            // Snapshot rows are counted by chunk: see `Decoder::count_snapshot`.
+            table.counters.record(op, data.len());
+        }
         let mut record = Record::new(table.stream.clone(), partition_key.finish(), data);
         if !snapshot {
             tx.tag(&mut record, &table.meta, pos);

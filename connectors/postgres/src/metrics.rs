@@ -63,10 +63,15 @@ impl TableCounters {
 
     /// Counts one envelope of `bytes` bytes.
     pub fn record(&self, op: Op, bytes: usize) {
+        self.record_many(op, 1, bytes);
+    }
+
+    /// Counts `events` envelopes of `op` of `bytes` in all.
+    pub fn record_many(&self, op: Op, events: usize, bytes: usize) {
         let Some(i) = OPS.iter().position(|&o| o == op) else {
             return;
         };
-        self.events[i].increment(1);
+        self.events[i].increment(u64::try_from(events).unwrap_or(u64::MAX));
         self.bytes[i].increment(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 }

@@ -11,7 +11,7 @@
 //! sink never gives back (Kinesis down) drops the open transaction when the
 //! timeout is spent, so it stays unacknowledged and a restart sends it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -453,12 +453,13 @@ impl PostgresSource {
         }
         st.captured_at = tributary_envelope::time::now();
         let began = tokio::time::Instant::now();
-        let mut copy = ParallelCopy::new(&self.cfg.name, &progress, plan.estimated);
+        let mut copy = ParallelCopy::new(&self.cfg.name, &progress, plan.estimated, &self.decoder);
         copy.ledger = marker
             .as_ref()
             .map(|m| ChunkLedger::new(m, progress.clone()));
         let (mut deliveries, _readers) = snapshot_readers::spawn(readers, plan.units);
-        while let Some(delivery) = deliveries.recv().await {
+        let mut read_all = false;
+        loop {
             if *shutdown.borrow() || st.emitter.abandoned() {
                 info!(
                     rows = copy.total,
@@ -467,8 +468,31 @@ impl PostgresSource {
                 self.interrupted = copy.ledger.take();
                 return Ok(false);
             }
-            copy.take(delivery?, &plan.relations, &mut self.decoder, st)
-                .await?;
+            // Start rendering what the readers delivered while a decoder is
+            // free (waiting for them only when nothing else is to be done),
+            // then hand the oldest delivery over.
+            if !read_all && copy.can_render() {
+                let next = if copy.queue.is_empty() {
+                    Some(deliveries.recv().await)
+                } else {
+                    match deliveries.try_recv() {
+                        Ok(delivery) => Some(Some(delivery)),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                    }
+                };
+                match next {
+                    Some(Some(delivery)) => {
+                        copy.dispatch(delivery?, &plan.relations, st.captured_at);
+                        continue;
+                    }
+                    Some(None) => read_all = true,
+                    None => {}
+                }
+            }
+            if !copy.hand_over_oldest(st).await? {
+                break;
+            }
         }
         // A table created before the stream moved is copied at
         // `{consistent point - 1}:...` too, now or at a later start (the
@@ -660,11 +684,13 @@ impl PostgresSource {
             if read == 0 {
                 break;
             }
-            for row in &rows {
+            for row in rows.iter() {
                 let at = &st.captured_at;
                 let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
                 let relation = table_reader.relation();
-                snapshot::render_row(relation, row, decoder, tx, at, &mut copy.decoded)?;
+                let message = &mut copy.message;
+                snapshot::render_row(relation, row, message, decoder, tx, at, &mut copy.decoded)?;
+                decoder.count_snapshot(relation, &copy.decoded);
                 for record in copy.decoded.drain(..) {
                     st.emitter.push_waiting(record, keep).await?;
                 }
@@ -749,6 +775,7 @@ impl PostgresSource {
             metrics: SnapshotMetrics::new(&self.cfg.name),
             ledger: None,
             decoded: Vec::with_capacity(2),
+            message: Vec::new(),
             tx,
             total: 0,
         };
@@ -1378,13 +1405,27 @@ struct SnapshotPlan {
     estimated: HashMap<String, u64>,
 }
 
+/// Chunks rendered at once at most, each on a blocking thread with a
+/// decoder of its own (see [`ParallelCopy`]).
+fn renderers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
 /// The renderer of a parallel copy: turns the readers' chunks into
-/// records, in the order they arrive, each range at its own positions.
+/// records, each range at its own positions, and hands them over in the
+/// order the readers delivered them. Each chunk is rendered on a blocking
+/// thread by a clone of the source's decoder (up to [`renderers`] chunks
+/// at once), so the rendering spreads over the cores while the readers
+/// keep the server reading; the records are then pushed in delivery order,
+/// which numbers them as one renderer would.
 struct ParallelCopy {
     metrics: SnapshotMetrics,
     /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
     ledger: Option<ChunkLedger>,
-    decoded: Vec<Record>,
+    /// Decoders free to render a chunk.
+    idle: Vec<Decoder>,
+    /// Deliveries not yet handed over, in the order they came.
+    queue: VecDeque<InRender>,
     /// Per range of the plan: its table, the position of its next row
     /// (`{range major}:{ordinal}`), and its resume key if it had one.
     ranges: Vec<(String, Transaction, Option<Vec<String>>)>,
@@ -1396,8 +1437,31 @@ struct ParallelCopy {
     total: usize,
 }
 
+/// The rendering of one chunk: its decoder (given back) and its records.
+type Rendered = Result<(Decoder, Vec<Record>), PostgresError>;
+
+/// A delivery of the readers on its way to the pipeline.
+enum InRender {
+    /// A chunk of the range at `index`, being rendered.
+    Chunk {
+        index: usize,
+        rows: usize,
+        last_key: Option<Vec<String>>,
+        /// The range's next ordinal after this chunk.
+        ordinal: u32,
+        job: tokio::task::JoinHandle<Rendered>,
+    },
+    /// The range at `index` is read to its end.
+    Done { index: usize },
+}
+
 impl ParallelCopy {
-    fn new(source: &str, progress: &SnapshotProgress, estimated: HashMap<String, u64>) -> Self {
+    fn new(
+        source: &str,
+        progress: &SnapshotProgress,
+        estimated: HashMap<String, u64>,
+        decoder: &Decoder,
+    ) -> Self {
         let mut metrics = SnapshotMetrics::new(source);
         let mut open: HashMap<String, usize> = HashMap::new();
         for range in &progress.ranges {
@@ -1429,7 +1493,8 @@ impl ParallelCopy {
         Self {
             metrics,
             ledger: None,
-            decoded: Vec::with_capacity(2),
+            idle: vec![decoder.clone(); renderers()],
+            queue: VecDeque::new(),
             ranges,
             open,
             watches: HashMap::new(),
@@ -1438,15 +1503,20 @@ impl ParallelCopy {
         }
     }
 
-    /// Renders and hands over one delivery of a reader, and records its
-    /// chunk in the ledger.
-    async fn take(
+    /// True while a decoder is free for the next chunk.
+    fn can_render(&self) -> bool {
+        !self.idle.is_empty()
+    }
+
+    /// Queues one delivery of a reader: a chunk starts rendering on an idle
+    /// decoder (call only when [`ParallelCopy::can_render`]) at its range's
+    /// next positions.
+    fn dispatch(
         &mut self,
         delivery: snapshot_readers::Delivery,
         relations: &[Option<u32>],
-        decoder: &mut Decoder,
-        st: &mut RunState,
-    ) -> Result<(), PostgresError> {
+        captured_at: [u8; tributary_envelope::time::TIMESTAMP_LEN],
+    ) {
         use snapshot_readers::Delivery;
         let index = match &delivery {
             Delivery::Rows { index, .. } | Delivery::Done { index } => *index,
@@ -1455,37 +1525,87 @@ impl ParallelCopy {
             .ranges
             .get_mut(index)
             .expect("readers only read ranges of the plan");
-        let watch = self.watches.entry(table.clone()).or_insert_with(|| {
+        self.watches.entry(table.clone()).or_insert_with(|| {
             let estimated = self.estimated.get(table.as_str()).copied().unwrap_or(0);
             self.metrics.start_table(table, estimated, after.as_deref())
         });
-        match delivery {
-            Delivery::Rows { rows, last_key, .. } => {
-                let relation = relations
-                    .get(index)
-                    .copied()
-                    .flatten()
-                    .expect("readers only read ranges of captured tables");
-                for row in &rows {
-                    snapshot::render_row(
-                        relation,
-                        row,
-                        decoder,
-                        tx,
-                        &st.captured_at,
-                        &mut self.decoded,
-                    )?;
-                    for record in self.decoded.drain(..) {
-                        st.emitter.push(record).await?;
-                    }
+        let (rows, last_key) = match delivery {
+            Delivery::Rows { rows, last_key, .. } => (rows, last_key),
+            Delivery::Done { .. } => {
+                self.queue.push_back(InRender::Done { index });
+                return;
+            }
+        };
+        let relation = relations
+            .get(index)
+            .copied()
+            .flatten()
+            .expect("readers only read ranges of captured tables");
+        let mut decoder = self.idle.pop().expect("a decoder is idle");
+        let mut chunk_tx = tx.clone();
+        let count = rows.len();
+        tx.ordinal = tx
+            .ordinal
+            .saturating_add(u32::try_from(count).unwrap_or(u32::MAX));
+        let job = tokio::task::spawn_blocking(move || {
+            let mut records = Vec::with_capacity(rows.len());
+            let mut message = Vec::new();
+            for row in rows.iter() {
+                snapshot::render_row(
+                    relation,
+                    row,
+                    &mut message,
+                    &mut decoder,
+                    &mut chunk_tx,
+                    &captured_at,
+                    &mut records,
+                )?;
+            }
+            decoder.count_snapshot(relation, &records);
+            Ok((decoder, records))
+        });
+        self.queue.push_back(InRender::Chunk {
+            index,
+            rows: count,
+            last_key,
+            ordinal: tx.ordinal,
+            job,
+        });
+    }
+
+    /// Hands the oldest queued delivery over to the pipeline (waiting for
+    /// its rendering) and records its chunk in the ledger; false when
+    /// nothing is queued.
+    async fn hand_over_oldest(&mut self, st: &mut RunState) -> Result<bool, PostgresError> {
+        let Some(next) = self.queue.pop_front() else {
+            return Ok(false);
+        };
+        match next {
+            InRender::Chunk {
+                index,
+                rows,
+                last_key,
+                ordinal,
+                job,
+            } => {
+                let (decoder, records) = job.await.map_err(|e| {
+                    PostgresError::Setup(format!("rendering a snapshot chunk failed: {e}"))
+                })??;
+                self.idle.push(decoder);
+                for record in records {
+                    st.emitter.push(record).await?;
                 }
-                watch.add(rows.len() as u64);
-                self.total += rows.len();
+                let table = &self.ranges[index].0;
+                if let Some(watch) = self.watches.get_mut(table) {
+                    watch.add(rows as u64);
+                }
+                self.total += rows;
                 if let (Some(ledger), Some(key)) = (&mut self.ledger, last_key) {
-                    ledger.sent_range(&st.emitter, index, TableProgress::After(key), tx.ordinal);
+                    ledger.sent_range(&st.emitter, index, TableProgress::After(key), ordinal);
                 }
             }
-            Delivery::Done { .. } => {
+            InRender::Done { index } => {
+                let (table, tx, _) = &self.ranges[index];
                 if let Some(ledger) = &mut self.ledger {
                     ledger.sent_range(&st.emitter, index, TableProgress::Done, tx.ordinal);
                 }
@@ -1499,7 +1619,8 @@ impl ParallelCopy {
                 }
             }
         }
-        self.persist_with(st.emitter.tracker())
+        self.persist_with(st.emitter.tracker())?;
+        Ok(true)
     }
 
     /// Stores the progress of every chunk Kinesis acknowledged.
@@ -1528,6 +1649,8 @@ struct SnapshotCopy {
     /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
     ledger: Option<ChunkLedger>,
     decoded: Vec<Record>,
+    /// Scratch space for a row's pgoutput message.
+    message: Vec<u8>,
     /// Every snapshot row's position: `{consistent point - 1}:{ordinal}`.
     tx: Transaction,
     total: usize,

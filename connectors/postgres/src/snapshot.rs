@@ -36,7 +36,11 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio_postgres::{Client, CopyOutStream};
 use tracing::{info, warn};
 
 use crate::config::PostgresSourceConfig;
@@ -400,7 +404,7 @@ impl TableShape {
             range: if keyed { range } else { KeyRange::default() },
             after: if keyed { after } else { None },
             chunk_rows: chunk_rows.max(1),
-            cursor_open: false,
+            whole: None,
         }
     }
 
@@ -496,12 +500,14 @@ fn ranges_between(cuts: Vec<String>) -> Vec<KeyRange> {
     ranges
 }
 
-/// Reads one table, or one key range of it, in chunks: by primary key
-/// (`WHERE (key) > (last) ORDER BY key LIMIT n`), so a chunk can be
-/// resumed after its last key; or, for a table without one, through a
-/// cursor in a single pass (it cannot be resumed: an interrupted copy
-/// reads it again from its first row).
-#[derive(Debug)]
+/// Reads one table, or one key range of it, in chunks, each a `COPY
+/// (SELECT ...) TO STDOUT` in text format (the values as the type's output
+/// function writes them, as a simple query would return them, without a
+/// row description or a UTF-8 check per cell): by primary key (`WHERE
+/// (key) > (last) ORDER BY key LIMIT n`), so a chunk can be resumed after
+/// its last key; or, for a table without one, one `COPY` of the whole
+/// table taken `n` rows at a time (it cannot be resumed: an interrupted
+/// copy reads it again from its first row).
 pub struct TableReader {
     relation: u32,
     select: String,
@@ -509,7 +515,44 @@ pub struct TableReader {
     range: KeyRange,
     after: Option<Vec<String>>,
     chunk_rows: usize,
-    cursor_open: bool,
+    /// The open `COPY` of a table without a key (`None` once read).
+    whole: Option<Pin<Box<CopyOutStream>>>,
+}
+
+impl std::fmt::Debug for TableReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableReader")
+            .field("relation", &self.relation)
+            .field("select", &self.select)
+            .field("range", &self.range)
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rows of one chunk, each one line of `COPY ... TO STDOUT` text format:
+/// the values separated by tabs, `\N` for null, backslash escapes for
+/// tab, newline, carriage return and backslash in values.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    rows: Vec<Bytes>,
+}
+
+impl Chunk {
+    /// Rows in the chunk.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True at the end of the table.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.rows.iter().map(|row| &row[..])
+    }
 }
 
 impl TableReader {
@@ -528,24 +571,26 @@ impl TableReader {
         self.after.as_deref()
     }
 
-    /// Opens the read on `reader` (the cursor of a table without a key).
+    /// Opens the read on `reader` (the `COPY` of a table without a key).
     pub async fn start(&mut self, reader: &Client) -> Result<(), PostgresError> {
-        if self.key.is_empty() && !self.cursor_open {
-            reader
-                .batch_execute(&format!(
-                    "DECLARE tributary_snapshot NO SCROLL CURSOR FOR {}",
-                    self.select
-                ))
-                .await
-                .map_err(PostgresError::query(format!("reading {}", self.select)))?;
-            self.cursor_open = true;
+        if self.key.is_empty() && self.whole.is_none() {
+            self.whole = Some(Box::pin(self.copy(reader).await?));
         }
         Ok(())
     }
 
+    /// Starts `COPY (chunk) TO STDOUT`.
+    async fn copy(&self, reader: &Client) -> Result<CopyOutStream, PostgresError> {
+        let select = self.chunk_sql();
+        reader
+            .copy_out(format!("COPY ({select}) TO STDOUT").as_str())
+            .await
+            .map_err(PostgresError::query(format!("reading {select}")))
+    }
+
     fn chunk_sql(&self) -> String {
         if self.key.is_empty() {
-            return format!("FETCH {} FROM tributary_snapshot", self.chunk_rows);
+            return self.select.clone();
         }
         let names: Vec<&str> = self.key.iter().map(|k| k.quoted.as_str()).collect();
         let names = names.join(", ");
@@ -587,34 +632,39 @@ impl TableReader {
         )
     }
 
-    /// Reads the next chunk's rows as text (empty at the end of the
-    /// table) and remembers the key of its last row.
-    pub async fn fetch(
-        &mut self,
-        reader: &Client,
-    ) -> Result<Vec<tokio_postgres::SimpleQueryRow>, PostgresError> {
-        let messages = reader
-            .simple_query(&self.chunk_sql())
-            .await
-            .map_err(PostgresError::query("reading a snapshot chunk"))?;
-        let rows: Vec<_> = messages
-            .into_iter()
-            .filter_map(|m| match m {
-                SimpleQueryMessage::Row(row) => Some(row),
-                _ => None,
-            })
-            .collect();
-        if let Some(row) = rows.last()
-            && !self.key.is_empty()
-        {
+    /// Reads the next chunk's rows (empty at the end of the table) and
+    /// remembers the key of its last row.
+    pub async fn fetch(&mut self, reader: &Client) -> Result<Chunk, PostgresError> {
+        let read = |e| PostgresError::query("reading a snapshot chunk")(e);
+        let mut rows = Vec::with_capacity(self.chunk_rows.min(CHUNK_ROWS));
+        if self.key.is_empty() {
+            if let Some(copy) = self.whole.as_mut() {
+                while rows.len() < self.chunk_rows {
+                    match copy.next().await {
+                        Some(row) => rows.push(row.map_err(read)?),
+                        None => {
+                            self.whole = None;
+                            break;
+                        }
+                    }
+                }
+            }
+            return Ok(Chunk { rows });
+        }
+        let copy = self.copy(reader).await?;
+        let mut copy = std::pin::pin!(copy);
+        while let Some(row) = copy.next().await {
+            rows.push(row.map_err(read)?);
+        }
+        if let Some(row) = rows.last() {
             let key = self
                 .key
                 .iter()
-                .map(|k| row.get(k.index).unwrap_or_default().to_owned())
+                .map(|k| copy_text::field(row, k.index).unwrap_or_default())
                 .collect();
             self.after = Some(key);
         }
-        Ok(rows)
+        Ok(Chunk { rows })
     }
 
     /// Reads the next chunk and renders every row into `out`; returns the
@@ -628,36 +678,48 @@ impl TableReader {
         out: &mut Vec<tributary_envelope::Record>,
     ) -> Result<usize, PostgresError> {
         let rows = self.fetch(reader).await?;
-        for row in &rows {
-            render_row(self.relation, row, decoder, tx, captured_at, out)?;
+        let mut message = Vec::new();
+        for row in rows.iter() {
+            render_row(
+                self.relation,
+                row,
+                &mut message,
+                decoder,
+                tx,
+                captured_at,
+                out,
+            )?;
         }
         Ok(rows.len())
     }
 
-    /// Ends the read (closes the cursor of a table without a key).
-    pub async fn close(self, reader: &Client) -> Result<(), PostgresError> {
-        if self.cursor_open {
-            reader
-                .batch_execute("CLOSE tributary_snapshot")
-                .await
-                .map_err(PostgresError::query("closing the snapshot cursor"))?;
+    /// Ends the read: reads what is left of the `COPY` of a table without a
+    /// key (an interrupted copy), so that `reader` is ready for a query.
+    pub async fn close(mut self, _reader: &Client) -> Result<(), PostgresError> {
+        if let Some(copy) = self.whole.as_mut() {
+            while let Some(row) = copy.next().await {
+                row.map_err(PostgresError::query("ending the snapshot copy"))?;
+            }
         }
         Ok(())
     }
 }
 
-/// Renders one row of the table `relation`, as the stream's decoder does,
-/// into `out` as an `op = "snapshot"` record at `tx`'s next position.
+/// Renders one row of the table `relation` (a line of `COPY` text, see
+/// [`Chunk`]), as the stream's decoder does, into `out` as an `op =
+/// "snapshot"` record at `tx`'s next position. `message` is scratch space
+/// (the row as the pgoutput Insert message the stream would carry).
 pub fn render_row(
     relation: u32,
-    row: &tokio_postgres::SimpleQueryRow,
+    row: &[u8],
+    message: &mut Vec<u8>,
     decoder: &mut crate::decoder::Decoder,
     tx: &mut crate::decoder::Transaction,
     captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
     out: &mut Vec<tributary_envelope::Record>,
 ) -> Result<(), PostgresError> {
-    let bytes = insert_message(relation, row);
-    let msg = crate::pgoutput::parse(&bytes)?;
+    copy_text::insert_message(relation, row, message);
+    let msg = crate::pgoutput::parse(message)?;
     decoder.snapshot_row(&msg, tx, captured_at, out)?;
     Ok(())
 }
@@ -668,27 +730,154 @@ fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-/// One row of a simple query as the pgoutput Insert message of `relation`
-/// the stream would carry.
-fn insert_message(relation: u32, row: &tokio_postgres::SimpleQueryRow) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(64);
-    bytes.push(b'I');
-    bytes.extend_from_slice(&relation.to_be_bytes());
-    bytes.push(b'N');
-    let columns = u16::try_from(row.len()).unwrap_or(u16::MAX);
-    bytes.extend_from_slice(&columns.to_be_bytes());
-    for i in 0..usize::from(columns) {
-        match row.get(i) {
-            None => bytes.push(b'n'),
-            Some(text) => {
-                bytes.push(b't');
-                let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
-                bytes.extend_from_slice(&len.to_be_bytes());
-                bytes.extend_from_slice(text.as_bytes());
+/// Rows of `COPY ... TO STDOUT` in text format (see the PostgreSQL manual,
+/// COPY, "Text Format").
+mod copy_text {
+    /// The row `line` of the table `relation` as the pgoutput Insert
+    /// message the stream would carry, written into `out`.
+    pub fn insert_message(relation: u32, line: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.push(b'I');
+        out.extend_from_slice(&relation.to_be_bytes());
+        out.extend_from_slice(b"N\0\0");
+        let mut columns: u16 = 0;
+        for value in fields(line) {
+            columns = columns.saturating_add(1);
+            if value == b"\\N" {
+                out.push(b'n');
+                continue;
             }
+            out.push(b't');
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            if memchr::memchr(b'\\', value).is_some() {
+                unescape(value, out);
+            } else {
+                out.extend_from_slice(value);
+            }
+            let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
+        out[6..8].copy_from_slice(&columns.to_be_bytes());
+    }
+
+    /// The value of column `index` of `line` as text (`None`: null).
+    pub fn field(line: &[u8], index: usize) -> Option<String> {
+        let value = fields(line).nth(index)?;
+        if value == b"\\N" {
+            return None;
+        }
+        let mut text = Vec::with_capacity(value.len());
+        unescape(value, &mut text);
+        Some(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    /// The line's values, still escaped (a tab in a value is `\t`).
+    fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\t', line).map(|t| t + 1));
+        let mut start = starts.next();
+        std::iter::from_fn(move || {
+            let from = start?;
+            start = starts.next();
+            let to = start.map_or(line.len(), |next| next - 1);
+            Some(&line[from..to])
+        })
+    }
+
+    /// Appends `value` with its backslash escapes undone.
+    fn unescape(value: &[u8], out: &mut Vec<u8>) {
+        let mut rest = value;
+        while let Some(at) = memchr::memchr(b'\\', rest) {
+            out.extend_from_slice(&rest[..at]);
+            let Some(&code) = rest.get(at + 1) else {
+                rest = &[];
+                break;
+            };
+            rest = &rest[at + 2..];
+            let byte = match code {
+                b'b' => 8,
+                b'f' => 12,
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'v' => 11,
+                b'0'..=b'7' => {
+                    let digits = rest
+                        .iter()
+                        .take(2)
+                        .take_while(|d| (b'0'..=b'7').contains(d));
+                    let n = digits.count();
+                    let octal = std::iter::once(&code).chain(&rest[..n]);
+                    rest = &rest[n..];
+                    octal.fold(0u8, |v, d| v.wrapping_mul(8).wrapping_add(d - b'0'))
+                }
+                b'x' if rest.first().is_some_and(u8::is_ascii_hexdigit) => {
+                    let n = rest
+                        .iter()
+                        .take(2)
+                        .take_while(|d| d.is_ascii_hexdigit())
+                        .count();
+                    let hex = std::str::from_utf8(&rest[..n]).unwrap_or("0");
+                    rest = &rest[n..];
+                    u8::from_str_radix(hex, 16).unwrap_or(0)
+                }
+                other => other,
+            };
+            out.push(byte);
+        }
+        out.extend_from_slice(rest);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn escapes_are_undone_and_null_is_not_the_text_backslash_n() {
+            let mut out = Vec::new();
+            unescape(br"a\tb\\c\nd\re\bf\vg\fh\101\x42\q", &mut out);
+            assert_eq!(out, b"a\tb\\c\nd\re\x08f\x0bg\x0chAB\x71".to_vec());
+            let line = b"1\t\\N\t\\\\N\tit's\\ta tab\t\n";
+            assert_eq!(field(line, 0).as_deref(), Some("1"));
+            assert_eq!(field(line, 1), None, "\\N is null");
+            assert_eq!(
+                field(line, 2).as_deref(),
+                Some("\\N"),
+                "an escaped backslash then N is text"
+            );
+            assert_eq!(field(line, 3).as_deref(), Some("it's\ta tab"));
+            assert_eq!(
+                field(line, 4).as_deref(),
+                Some(""),
+                "the last value is empty"
+            );
+            assert_eq!(field(line, 5), None, "past the last column");
+        }
+
+        #[test]
+        fn a_line_becomes_the_insert_message_the_stream_would_carry() {
+            let mut message = Vec::new();
+            insert_message(7, b"42\t\\N\ttab\\there\n", &mut message);
+            let parsed = crate::pgoutput::parse(&message).expect("a valid message");
+            let crate::pgoutput::Message::Insert { relation, new } = parsed else {
+                panic!("an insert: {parsed:?}");
+            };
+            assert_eq!(relation, 7);
+            let cells: Vec<_> = new.iter().collect();
+            assert_eq!(
+                format!("{cells:?}"),
+                format!(
+                    "{:?}",
+                    [
+                        crate::pgoutput::Cell::Text(b"42"),
+                        crate::pgoutput::Cell::Null,
+                        crate::pgoutput::Cell::Text(b"tab\there"),
+                    ]
+                )
+            );
         }
     }
-    bytes
 }
 
 /// The primary key of the table `oid`, in key order (empty: none).
@@ -804,7 +993,7 @@ mod tests {
             range: KeyRange::default(),
             after: None,
             chunk_rows: 500,
-            cursor_open: false,
+            whole: None,
         };
         assert_eq!(
             reader.chunk_sql(),
@@ -826,7 +1015,11 @@ mod tests {
              AND \"a\" >= '100'::integer AND \"a\" < '200'::integer ORDER BY \"a\", \"b\" LIMIT 500"
         );
         reader.key.clear();
-        assert_eq!(reader.chunk_sql(), "FETCH 500 FROM tributary_snapshot");
+        assert_eq!(
+            reader.chunk_sql(),
+            "SELECT * FROM \"public\".\"t\"",
+            "a table without a key is read whole, in no order"
+        );
     }
 
     #[test]

@@ -12,14 +12,15 @@
 //! database at exactly one point.
 //!
 //! Readers take work from one queue of [`Unit`]s (a table, or a key range
-//! of a large one) and send each chunk of rows, as text, over a bounded
-//! channel to the one task that renders them and hands them to the
-//! pipeline (the emitter is single-owner, and the ack tracker numbers
-//! records in the order they are handed over). Memory therefore holds at
-//! most one chunk per reader being filled, `parallelism` chunks in the
-//! channel and the one being rendered: about `2 x parallelism + 1` chunks
-//! of `source.snapshot_chunk_rows` rows, plus the records the byte budget
-//! admits. A reader that fails sends its error and stops; the renderer
+//! of a large one) and send each chunk of rows, as `COPY` text, over a
+//! bounded channel to the one task that has them rendered and hands them
+//! to the pipeline in the order they came (the emitter is single-owner,
+//! and the ack tracker numbers records in the order they are handed
+//! over). Memory therefore holds at most one chunk per reader being
+//! filled, `parallelism` chunks in the channel and the chunks being
+//! rendered (2 to 4, with their records): about `2 x parallelism + 4`
+//! chunks of `source.snapshot_chunk_rows` rows, plus the records the byte
+//! budget admits. A reader that fails sends its error and stops; the renderer
 //! ends the copy with it (the readers' tasks are aborted when the
 //! renderer drops them).
 
@@ -28,12 +29,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_postgres::{Client, SimpleQueryRow};
+use tokio_postgres::Client;
 
 use crate::config::ConnectionConfig;
 use crate::error::PostgresError;
 use crate::replication::connect_sql;
-use crate::snapshot::{self, TableReader};
+use crate::snapshot::{self, Chunk, TableReader};
 
 /// A piece of work for one reader: the range at `index` of the snapshot's
 /// plan, read by `reader`.
@@ -52,8 +53,8 @@ pub enum Delivery {
     Rows {
         /// The range's index in the plan.
         index: usize,
-        /// The rows, as text.
-        rows: Vec<SimpleQueryRow>,
+        /// The rows, as `COPY` text.
+        rows: Chunk,
         /// The key of the last row (`None` for a table without a key).
         last_key: Option<Vec<String>>,
     },

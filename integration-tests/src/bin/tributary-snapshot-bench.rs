@@ -41,6 +41,11 @@ struct Args {
     /// pass the release build for figures).
     #[arg(long)]
     tributary: Option<PathBuf>,
+    /// A second `tributary` binary (e.g. the build before a change) run
+    /// the same way right after each of `--tributary`'s runs, reported as
+    /// `tributary (baseline) ...`: a before/after under the same load.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// What one copy cost, as `/usr/bin/time` measured it.
@@ -80,18 +85,21 @@ async fn main() -> Result<()> {
     let work = tempfile::tempdir()?;
     let pg = Postgres::start().await?;
     load_postgres(&pg, args.rows).await?;
+    let binaries = binaries(&bin, args.baseline.as_deref());
     let mut runs = Vec::new();
     for round in 0..args.repeat {
         runs.push(psql_copy(&pg, work.path(), args.rows)?);
         for &parallelism in &args.parallelism {
-            let config = snapshot_config(
-                work.path(),
-                &format!("pg-{round}-{parallelism}"),
-                ("postgres", &pg.url(DEFAULT_DATABASE), "public.bench"),
-                &format!("snapshot_parallelism = {parallelism}\n{chunk_rows}"),
-            )?;
-            let name = format!("tributary postgres, {parallelism} reader(s)");
-            runs.push(tributary_copy(&bin, &config, &name, args.rows)?);
+            for (label, bin) in &binaries {
+                let config = snapshot_config(
+                    work.path(),
+                    &format!("pg-{round}-{parallelism}{label}"),
+                    ("postgres", &pg.url(DEFAULT_DATABASE), "public.bench"),
+                    &format!("snapshot_parallelism = {parallelism}\n{chunk_rows}"),
+                )?;
+                let name = format!("tributary{label} postgres, {parallelism} reader(s)");
+                runs.push(tributary_copy(bin, &config, &name, args.rows)?);
+            }
         }
     }
     report("PostgreSQL", args.rows, &runs);
@@ -102,18 +110,31 @@ async fn main() -> Result<()> {
         let mut runs = Vec::new();
         for round in 0..args.repeat {
             runs.push(mariadb_select(&db, work.path(), args.rows)?);
-            let config = snapshot_config(
-                work.path(),
-                &format!("mariadb-{round}"),
-                ("mysql", &db.url(), "shop.bench"),
-                &format!("{chunk_rows}[source.mysql]\nserver_id = {}\n", 5500 + round),
-            )?;
-            let name = "tributary mariadb, 1 reader".to_owned();
-            runs.push(tributary_copy(&bin, &config, &name, args.rows)?);
+            for (at, (label, bin)) in binaries.iter().enumerate() {
+                let config = snapshot_config(
+                    work.path(),
+                    &format!("mariadb-{round}{label}"),
+                    ("mysql", &db.url(), "shop.bench"),
+                    &format!(
+                        "{chunk_rows}[source.mysql]\nserver_id = {}\n",
+                        5500 + 10 * round + at as u32
+                    ),
+                )?;
+                let name = format!("tributary{label} mariadb, 1 reader");
+                runs.push(tributary_copy(bin, &config, &name, args.rows)?);
+            }
         }
         report("MariaDB", args.rows, &runs);
     }
     Ok(())
+}
+
+/// The binaries to run, each with the label its rows carry: `tributary`
+/// (no label), then the baseline, if any.
+fn binaries<'a>(bin: &'a Path, baseline: Option<&'a Path>) -> Vec<(&'static str, &'a Path)> {
+    let mut binaries = vec![("", bin)];
+    binaries.extend(baseline.map(|b| (" (baseline)", b)));
+    binaries
 }
 
 /// Fills `public.bench` in transactions of a million rows, then `VACUUM
