@@ -55,6 +55,12 @@ pub(crate) fn classify_code(code: Option<&str>, status: u16) -> Failure {
         | "ThrottledException"
         | "RequestLimitExceeded"
         | "TooManyRequestsException"
+        | "RequestThrottledException"
+        | "RequestThrottled"
+        | "BandwidthLimitExceeded"
+        | "PriorRequestNotComplete"
+        | "TransactionInProgressException"
+        | "EC2ThrottledException"
         | "SlowDown" => Failure::Throttled,
         "InternalFailure"
         | "InternalFailureException"

@@ -405,6 +405,7 @@ impl TableShape {
             after: if keyed { after } else { None },
             chunk_rows: chunk_rows.max(1),
             whole: None,
+            whole_read: false,
         }
     }
 
@@ -515,8 +516,10 @@ pub struct TableReader {
     range: KeyRange,
     after: Option<Vec<String>>,
     chunk_rows: usize,
-    /// The open `COPY` of a table without a key (`None` once read).
+    /// The open `COPY` of a table without a key.
     whole: Option<Pin<Box<CopyOutStream>>>,
+    /// That `COPY` was read to its end.
+    whole_read: bool,
 }
 
 impl std::fmt::Debug for TableReader {
@@ -571,11 +574,11 @@ impl TableReader {
         self.after.as_deref()
     }
 
-    /// Opens the read on `reader` (the `COPY` of a table without a key).
-    pub async fn start(&mut self, reader: &Client) -> Result<(), PostgresError> {
-        if self.key.is_empty() && self.whole.is_none() {
-            self.whole = Some(Box::pin(self.copy(reader).await?));
-        }
+    /// Opens the read on `reader`. Nothing to do yet: the `COPY` of a
+    /// table without a key starts at the first [`TableReader::fetch`], so
+    /// that `reader` can still answer other queries until then (a query
+    /// sent while a `COPY` streams waits behind rows nobody reads).
+    pub async fn start(&mut self, _reader: &Client) -> Result<(), PostgresError> {
         Ok(())
     }
 
@@ -638,12 +641,16 @@ impl TableReader {
         let read = |e| PostgresError::query("reading a snapshot chunk")(e);
         let mut rows = Vec::with_capacity(self.chunk_rows.min(CHUNK_ROWS));
         if self.key.is_empty() {
+            if self.whole.is_none() && !self.whole_read {
+                self.whole = Some(Box::pin(self.copy(reader).await?));
+            }
             if let Some(copy) = self.whole.as_mut() {
                 while rows.len() < self.chunk_rows {
                     match copy.next().await {
                         Some(row) => rows.push(row.map_err(read)?),
                         None => {
                             self.whole = None;
+                            self.whole_read = true;
                             break;
                         }
                     }
@@ -994,6 +1001,7 @@ mod tests {
             after: None,
             chunk_rows: 500,
             whole: None,
+            whole_read: false,
         };
         assert_eq!(
             reader.chunk_sql(),
