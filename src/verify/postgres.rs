@@ -88,7 +88,7 @@ impl TableSource for PostgresTables {
                 .filter_map(|record| Change::parse(&record.data))
                 .for_each(&mut *each);
         }
-        reader.close(&self.client).await?;
+        reader.close().await?;
         Ok(())
     }
 

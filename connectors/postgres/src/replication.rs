@@ -704,7 +704,7 @@ impl PostgresSource {
             copy.persist_with(st.emitter.tracker())?;
             keep.tick().await?;
         }
-        table_reader.close(reader).await?;
+        table_reader.close().await?;
         copy.sent(&st.emitter, &name, TableProgress::Done);
         watch.finish();
         copy.metrics.table_done();
@@ -1549,18 +1549,14 @@ impl ParallelCopy {
             .saturating_add(u32::try_from(count).unwrap_or(u32::MAX));
         let job = tokio::task::spawn_blocking(move || {
             let mut records = Vec::with_capacity(rows.len());
-            let mut message = Vec::new();
-            for row in rows.iter() {
-                snapshot::render_row(
-                    relation,
-                    row,
-                    &mut message,
-                    &mut decoder,
-                    &mut chunk_tx,
-                    &captured_at,
-                    &mut records,
-                )?;
-            }
+            snapshot::render_chunk(
+                relation,
+                &rows,
+                &mut decoder,
+                &mut chunk_tx,
+                &captured_at,
+                &mut records,
+            )?;
             decoder.count_snapshot(relation, &records);
             Ok((decoder, records))
         });

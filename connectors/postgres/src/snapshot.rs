@@ -388,8 +388,7 @@ impl TableShape {
     }
 
     /// A reader of `range` (the whole table for a table without a key),
-    /// from after the key `after`, `chunk_rows` rows a chunk. Call
-    /// [`TableReader::start`] on the connection that reads it.
+    /// from after the key `after`, `chunk_rows` rows a chunk.
     pub fn reader(
         &self,
         range: KeyRange,
@@ -574,14 +573,6 @@ impl TableReader {
         self.after.as_deref()
     }
 
-    /// Opens the read on `reader`. Nothing to do yet: the `COPY` of a
-    /// table without a key starts at the first [`TableReader::fetch`], so
-    /// that `reader` can still answer other queries until then (a query
-    /// sent while a `COPY` streams waits behind rows nobody reads).
-    pub async fn start(&mut self, _reader: &Client) -> Result<(), PostgresError> {
-        Ok(())
-    }
-
     /// Starts `COPY (chunk) TO STDOUT`.
     async fn copy(&self, reader: &Client) -> Result<CopyOutStream, PostgresError> {
         let select = self.chunk_sql();
@@ -636,7 +627,10 @@ impl TableReader {
     }
 
     /// Reads the next chunk's rows (empty at the end of the table) and
-    /// remembers the key of its last row.
+    /// remembers the key of its last row. The `COPY` of a table without a
+    /// key starts at its first fetch, not before, so that `reader` can
+    /// answer other queries until then (a query sent while a `COPY`
+    /// streams waits behind rows nobody reads).
     pub async fn fetch(&mut self, reader: &Client) -> Result<Chunk, PostgresError> {
         let read = |e| PostgresError::query("reading a snapshot chunk")(e);
         let mut rows = Vec::with_capacity(self.chunk_rows.min(CHUNK_ROWS));
@@ -685,24 +679,13 @@ impl TableReader {
         out: &mut Vec<tributary_envelope::Record>,
     ) -> Result<usize, PostgresError> {
         let rows = self.fetch(reader).await?;
-        let mut message = Vec::new();
-        for row in rows.iter() {
-            render_row(
-                self.relation,
-                row,
-                &mut message,
-                decoder,
-                tx,
-                captured_at,
-                out,
-            )?;
-        }
+        render_chunk(self.relation, &rows, decoder, tx, captured_at, out)?;
         Ok(rows.len())
     }
 
     /// Ends the read: reads what is left of the `COPY` of a table without a
     /// key (an interrupted copy), so that `reader` is ready for a query.
-    pub async fn close(mut self, _reader: &Client) -> Result<(), PostgresError> {
+    pub async fn close(mut self) -> Result<(), PostgresError> {
         if let Some(copy) = self.whole.as_mut() {
             while let Some(row) = copy.next().await {
                 row.map_err(PostgresError::query("ending the snapshot copy"))?;
@@ -728,6 +711,23 @@ pub fn render_row(
     copy_text::insert_message(relation, row, message);
     let msg = crate::pgoutput::parse(message)?;
     decoder.snapshot_row(&msg, tx, captured_at, out)?;
+    Ok(())
+}
+
+/// Renders every row of `rows` (of the table `relation`) into `out`, as
+/// [`render_row`] does one, at `tx`'s next positions.
+pub fn render_chunk(
+    relation: u32,
+    rows: &Chunk,
+    decoder: &mut crate::decoder::Decoder,
+    tx: &mut crate::decoder::Transaction,
+    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+    out: &mut Vec<tributary_envelope::Record>,
+) -> Result<(), PostgresError> {
+    let mut message = Vec::new();
+    for row in rows.iter() {
+        render_row(relation, row, &mut message, decoder, tx, captured_at, out)?;
+    }
     Ok(())
 }
 
@@ -969,9 +969,7 @@ pub async fn open_table(
     chunk_rows: usize,
 ) -> Result<TableReader, PostgresError> {
     let shape = table_shape(reader, catalog, decoder, table).await?;
-    let mut table_reader = shape.reader(KeyRange::default(), after, chunk_rows);
-    table_reader.start(reader).await?;
-    Ok(table_reader)
+    Ok(shape.reader(KeyRange::default(), after, chunk_rows))
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use crate::snapshot::{self, Chunk, TableReader};
 pub struct Unit {
     /// The range's index in the plan (`SnapshotProgress::ranges`).
     pub index: usize,
-    /// Its reader, not yet started.
+    /// Its reader, nothing read yet.
     pub reader: TableReader,
 }
 
@@ -136,7 +136,6 @@ async fn read_units(
         let Some(Unit { index, mut reader }) = next else {
             return Ok(());
         };
-        reader.start(client).await?;
         loop {
             let rows = reader.fetch(client).await?;
             if rows.is_empty() {
@@ -152,7 +151,7 @@ async fn read_units(
                 return Ok(());
             }
         }
-        reader.close(client).await?;
+        reader.close().await?;
         if sender.send(Ok(Delivery::Done { index })).await.is_err() {
             return Ok(());
         }
