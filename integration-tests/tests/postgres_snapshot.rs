@@ -461,6 +461,41 @@ async fn escaped_text_keys_and_values_are_copied_exactly_across_chunks() -> Resu
     Ok(())
 }
 
+/// `COPY` writes a row of a table without columns and a row whose only
+/// column is the empty text alike, as an empty line: the first is an
+/// envelope with an empty `after`, the second keeps its `""`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_lines_of_a_table_without_columns_and_of_one_empty_text_are_copied() -> Result<()> {
+    let setup = "CREATE TABLE nothing ();\n\
+                 INSERT INTO nothing DEFAULT VALUES;\n\
+                 INSERT INTO nothing DEFAULT VALUES;\n\
+                 CREATE TABLE blank (t text);\n\
+                 INSERT INTO blank VALUES ('');\n";
+    let pipeline = snapshot_only(setup, "").await?;
+    let mut afters: Vec<(String, Value)> = Vec::new();
+    for record in pipeline.kin.read_all(STREAM).await? {
+        let envelope = record.json()?;
+        assert_eq!(envelope["op"], "snapshot", "{envelope}");
+        afters.push((
+            envelope["source"]["table"]
+                .as_str()
+                .context("table")?
+                .to_owned(),
+            envelope["after"].clone(),
+        ));
+    }
+    afters.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        afters,
+        [
+            ("blank".to_owned(), serde_json::json!({"t": ""})),
+            ("nothing".to_owned(), serde_json::json!({})),
+            ("nothing".to_owned(), serde_json::json!({})),
+        ]
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_only_copies_and_exits_0_leaving_nothing_on_the_server() -> Result<()> {
     let pipeline = snapshot_only(SETUP, "").await?;

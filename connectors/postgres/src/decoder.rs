@@ -267,6 +267,12 @@ impl Decoder {
         }
     }
 
+    /// How many columns the table `relation` has (as its last Relation
+    /// message described them), if the decoder knows it.
+    pub fn column_count(&self, relation: u32) -> Option<usize> {
+        self.tables.get(&relation).map(|table| table.columns.len())
+    }
+
     /// Decodes one row a snapshot read (an Insert message built from it)
     /// into an `op = "snapshot"` record (not counted: see
     /// [`Decoder::count_snapshot`]).

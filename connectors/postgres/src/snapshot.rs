@@ -708,7 +708,10 @@ pub fn render_row(
     captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
     out: &mut Vec<tributary_envelope::Record>,
 ) -> Result<(), PostgresError> {
-    copy_text::insert_message(relation, row, message);
+    let columns = decoder
+        .column_count(relation)
+        .ok_or(crate::decoder::DecodeError::UnknownRelation(relation))?;
+    copy_text::insert_message(relation, row, columns, message);
     let msg = crate::pgoutput::parse(message)?;
     decoder.snapshot_row(&msg, tx, captured_at, out)?;
     Ok(())
@@ -740,15 +743,18 @@ fn quote_literal(value: &str) -> String {
 /// Rows of `COPY ... TO STDOUT` in text format (see the PostgreSQL manual,
 /// COPY, "Text Format").
 mod copy_text {
-    /// The row `line` of the table `relation` as the pgoutput Insert
-    /// message the stream would carry, written into `out`.
-    pub fn insert_message(relation: u32, line: &[u8], out: &mut Vec<u8>) {
+    /// The row `line` of the table `relation` (of `columns` columns) as the
+    /// pgoutput Insert message the stream would carry, written into `out`.
+    /// (A row of a table without columns is an empty line, as is a row
+    /// whose one column is the empty text: `columns` tells them apart.)
+    pub fn insert_message(relation: u32, line: &[u8], columns: usize, out: &mut Vec<u8>) {
         out.clear();
         out.push(b'I');
         out.extend_from_slice(&relation.to_be_bytes());
         out.extend_from_slice(b"N\0\0");
+        let values = fields(line).take(if columns == 0 { 0 } else { usize::MAX });
         let mut columns: u16 = 0;
-        for value in fields(line) {
+        for value in values {
             columns = columns.saturating_add(1);
             if value == b"\\N" {
                 out.push(b'n');
@@ -863,9 +869,23 @@ mod copy_text {
         }
 
         #[test]
+        fn an_empty_line_is_no_value_or_one_empty_value_by_the_column_count() {
+            let mut message = Vec::new();
+            for (columns, expected) in [(0, 0), (1, 1)] {
+                insert_message(7, b"\n", columns, &mut message);
+                let parsed = crate::pgoutput::parse(&message).expect("a valid message");
+                let crate::pgoutput::Message::Insert { new, .. } = parsed else {
+                    panic!("an insert: {parsed:?}");
+                };
+                let cells: Vec<_> = new.iter().collect();
+                assert_eq!(cells.len(), expected, "{columns} column(s): {cells:?}");
+            }
+        }
+
+        #[test]
         fn a_line_becomes_the_insert_message_the_stream_would_carry() {
             let mut message = Vec::new();
-            insert_message(7, b"42\t\\N\ttab\\there\n", &mut message);
+            insert_message(7, b"42\t\\N\ttab\\there\n", 3, &mut message);
             let parsed = crate::pgoutput::parse(&message).expect("a valid message");
             let crate::pgoutput::Message::Insert { relation, new } = parsed else {
                 panic!("an insert: {parsed:?}");
