@@ -343,6 +343,10 @@ async fn rows_of_a_transaction_open_across_the_add_table_are_copied() -> Result<
         "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
     )
     .await?;
+    // The slot is active from its creation on, while the first snapshot
+    // still copies: stopped then, the next start would resume that
+    // snapshot (now with b) instead of copying b as an added table.
+    settled(&pipeline).await?;
     pipeline.stop_gracefully().await?;
     set_tables(&pipeline.config.path, &["public.a", "public.b"])?;
     let open = pipeline.pg.client(DEFAULT_DATABASE).await?;
