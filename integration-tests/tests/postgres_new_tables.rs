@@ -277,6 +277,7 @@ async fn a_table_the_role_may_not_publish_stops_start_up_with_the_statement() ->
         "[source]\nsnapshot = \"initial\"\ntables = [\"public.a\"]\n",
     )
     .await?;
+    settled(&pipeline).await?;
     pipeline.stop_gracefully().await?;
     // A table another role owns: the connector may read it, not publish it.
     pipeline
