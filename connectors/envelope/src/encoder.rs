@@ -30,6 +30,26 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every op.
+    pub const ALL: [Op; 5] = [
+        Op::Insert,
+        Op::Update,
+        Op::Delete,
+        Op::Truncate,
+        Op::Snapshot,
+    ];
+
+    /// The op's place in [`Op::ALL`].
+    const fn index(self) -> usize {
+        match self {
+            Op::Insert => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+            Op::Truncate => 3,
+            Op::Snapshot => 4,
+        }
+    }
+
     /// The `op` value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -47,8 +67,11 @@ impl Op {
 pub struct TableMeta {
     /// `{"v":1,"id":"<name>:` (name escaped).
     head: Vec<u8>,
-    /// `"connector":..,"name":..,"db":..,"schema":..,"table":..` inside `source`.
-    source: Vec<u8>,
+    /// Per op (in [`Op::ALL`] order): what an envelope holds between the
+    /// position in its id and the position in `source`, `","op":"<op>",
+    /// "source":{"connector":..,"name":..,"db":..,"schema":..,"table":..,
+    /// "position":"`.
+    between_positions: [Box<[u8]>; 5],
     /// `{schema or db}.{table}`: the partition key prefix and fallback.
     qualified: Arc<str>,
     /// `connector`, `name` and `db`, for transaction markers.
@@ -76,9 +99,17 @@ impl TableMeta {
         source.extend_from_slice(b",\"table\":");
         json::write_str(&mut source, table);
         let qualified = format!("{}.{}", schema.unwrap_or(db), table).into();
+        let between_positions = Op::ALL.map(|op| {
+            let mut between = b"\",\"op\":\"".to_vec();
+            between.extend_from_slice(op.as_str().as_bytes());
+            between.extend_from_slice(b"\",\"source\":{");
+            between.extend_from_slice(&source);
+            between.extend_from_slice(b",\"position\":\"");
+            between.into_boxed_slice()
+        });
         Self {
             head,
-            source,
+            between_positions,
             qualified,
             origin: [connector.into(), name.into(), db.into()],
         }
@@ -189,11 +220,7 @@ impl<'a> EnvelopeEncoder<'a> {
         let pos = position.render();
         out.extend_from_slice(&table.head);
         out.extend_from_slice(&pos);
-        out.extend_from_slice(b"\",\"op\":\"");
-        out.extend_from_slice(op.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"source\":{");
-        out.extend_from_slice(&table.source);
-        out.extend_from_slice(b",\"position\":\"");
+        out.extend_from_slice(&table.between_positions[op.index()]);
         out.extend_from_slice(&pos);
         out.push(b'"');
         write_tx_fields(out, &tx.tx_id, tx.commit_ts.as_ref());

@@ -1,7 +1,9 @@
 //! The source's hot path on bytes in memory: parse a `pgoutput` Insert,
 //! render its values and write the envelope, per row. The drain benchmark
 //! (`scripts/bench.sh`) measures the whole pipeline against a real server;
-//! this one isolates the part Tributary owns.
+//! this one isolates the part Tributary owns. `copy_to_envelope` renders the
+//! same rows from `COPY` text lines, as a snapshot reads them (the records
+//! dropped outside the timing, as the sink's thread frees them).
 //!
 //! `cargo bench -p tributary-postgres --bench decode`
 
@@ -9,7 +11,12 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tributary_envelope::{StreamRouter, TableFilter};
 use tributary_postgres::decoder::{Decoder, RelationFacts, Transaction};
 use tributary_postgres::pgoutput::{self, Message};
+use tributary_postgres::snapshot::{Chunk, render_chunk};
 use tributary_postgres::types::ValueKind;
+
+// What the `tributary` binary allocates with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ROWS: usize = 10_000;
 
@@ -109,6 +116,35 @@ fn decode(c: &mut Criterion) {
                     .expect("insert decodes");
             }
             out.len()
+        })
+    });
+    group.finish();
+
+    // The same rows as a snapshot reads them: lines of `COPY ... TO STDOUT`.
+    let lines: Vec<bytes::Bytes> = (0..ROWS)
+        .map(|i| {
+            format!(
+                "{i}\t{}\tcustomer-{:012}\t{}.{:02}\t2026-11-23 05:21:05.123456+00\t{}\n",
+                i * 7 % 100_000,
+                i * 31,
+                i % 10_000,
+                i % 100,
+                if i % 2 == 0 { "t" } else { "f" }
+            )
+            .into()
+        })
+        .collect();
+    let chunk = Chunk::from_lines(lines);
+    let mut group = c.benchmark_group("copy_to_envelope");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.bench_function("snapshot_chunk_6_columns", |b| {
+        b.iter_with_large_drop(|| {
+            let mut out = Vec::with_capacity(ROWS);
+            let mut tx = Transaction::begin(0x16B_3748, 0, 0);
+            let captured_at = tributary_envelope::time::now();
+            render_chunk(16384, &chunk, &mut decoder, &mut tx, &captured_at, &mut out)
+                .expect("rows render");
+            out
         })
     });
     group.finish();

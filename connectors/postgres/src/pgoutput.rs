@@ -73,10 +73,27 @@ pub enum Cell<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuple<'a> {
     columns: u16,
+    /// The cells as pgoutput encodes them, or (with `spans`) the text the
+    /// spans cut the values from.
     bytes: &'a [u8],
+    spans: Option<&'a [TextSpan]>,
 }
 
+/// One text value of a [`Tuple::from_spans`]: its place in the tuple's
+/// bytes, or `None` for SQL NULL.
+pub type TextSpan = Option<std::ops::Range<usize>>;
+
 impl<'a> Tuple<'a> {
+    /// A tuple of text values cut from `bytes` by `spans`, one per column
+    /// (what a snapshot reads: a row that was never a pgoutput message).
+    pub fn from_spans(bytes: &'a [u8], spans: &'a [TextSpan]) -> Self {
+        Self {
+            columns: u16::try_from(spans.len()).unwrap_or(u16::MAX),
+            bytes,
+            spans: Some(spans),
+        }
+    }
+
     /// Number of columns.
     pub fn len(&self) -> usize {
         usize::from(self.columns)
@@ -95,36 +112,60 @@ impl<'a> Tuple<'a> {
 
     /// The cells in column order.
     pub fn iter(&self) -> TupleIter<'a> {
-        TupleIter {
-            remaining: self.columns,
-            reader: Reader { bytes: self.bytes },
-        }
+        let remaining = self.columns;
+        TupleIter(match self.spans {
+            Some(spans) => Cells::Spans {
+                bytes: self.bytes,
+                spans: spans[..usize::from(remaining)].iter(),
+            },
+            None => Cells::Encoded {
+                remaining,
+                reader: Reader { bytes: self.bytes },
+            },
+        })
     }
 }
 
 /// Iterator over the cells of a [`Tuple`].
-pub struct TupleIter<'a> {
-    remaining: u16,
-    reader: Reader<'a>,
+pub struct TupleIter<'a>(Cells<'a>);
+
+enum Cells<'a> {
+    Encoded {
+        remaining: u16,
+        reader: Reader<'a>,
+    },
+    Spans {
+        bytes: &'a [u8],
+        spans: std::slice::Iter<'a, TextSpan>,
+    },
 }
 
 impl<'a> Iterator for TupleIter<'a> {
     type Item = Cell<'a>;
 
     fn next(&mut self) -> Option<Cell<'a>> {
-        if self.remaining == 0 {
-            return None;
+        match &mut self.0 {
+            Cells::Encoded { remaining, reader } => {
+                if *remaining == 0 {
+                    return None;
+                }
+                *remaining -= 1;
+                // The bytes were validated when the tuple was parsed.
+                reader.cell().ok()
+            }
+            Cells::Spans { bytes, spans } => Some(match spans.next()? {
+                None => Cell::Null,
+                Some(range) => bytes.get(range.clone()).map_or(Cell::Null, Cell::Text),
+            }),
         }
-        self.remaining -= 1;
-        // The bytes were validated when the tuple was parsed.
-        self.reader.cell().ok()
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (
-            usize::from(self.remaining),
-            Some(usize::from(self.remaining)),
-        )
+        let remaining = match &self.0 {
+            Cells::Encoded { remaining, .. } => usize::from(*remaining),
+            Cells::Spans { spans, .. } => spans.len(),
+        };
+        (remaining, Some(remaining))
     }
 }
 
@@ -280,6 +321,7 @@ impl<'a> Reader<'a> {
         Ok(Tuple {
             columns,
             bytes: &start[..used],
+            spans: None,
         })
     }
 

@@ -684,12 +684,12 @@ impl PostgresSource {
             if read == 0 {
                 break;
             }
+            let relation = table_reader.relation();
+            let mut renderer = snapshot::RowRenderer::new(relation, &self.decoder)?;
             for row in rows.iter() {
                 let at = &st.captured_at;
                 let (decoder, tx) = (&mut self.decoder, &mut copy.tx);
-                let relation = table_reader.relation();
-                let message = &mut copy.message;
-                snapshot::render_row(relation, row, message, decoder, tx, at, &mut copy.decoded)?;
+                renderer.render(row, decoder, tx, at, &mut copy.decoded)?;
                 decoder.count_snapshot(relation, &copy.decoded);
                 for record in copy.decoded.drain(..) {
                     st.emitter.push_waiting(record, keep).await?;
@@ -775,7 +775,6 @@ impl PostgresSource {
             metrics: SnapshotMetrics::new(&self.cfg.name),
             ledger: None,
             decoded: Vec::with_capacity(2),
-            message: Vec::new(),
             tx,
             total: 0,
         };
@@ -1645,8 +1644,6 @@ struct SnapshotCopy {
     /// Records acknowledged chunks in the marker (none for `snapshot = "only"`).
     ledger: Option<ChunkLedger>,
     decoded: Vec<Record>,
-    /// Scratch space for a row's pgoutput message.
-    message: Vec<u8>,
     /// Every snapshot row's position: `{consistent point - 1}:{ordinal}`.
     tx: Transaction,
     total: usize,

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::config::PostgresSourceConfig;
 use crate::error::PostgresError;
-use crate::pgoutput::{Relation, RelationColumn};
+use crate::pgoutput::{Relation, RelationColumn, TextSpan};
 use crate::setup::quote_ident;
 use crate::wire::ReplicationConnection;
 use tributary_envelope::snapshot_progress::{SnapshotProgress, TableProgress};
@@ -541,6 +541,11 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// A chunk of these lines (what a benchmark renders).
+    pub fn from_lines(rows: Vec<Bytes>) -> Self {
+        Self { rows }
+    }
+
     /// Rows in the chunk.
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -695,30 +700,54 @@ impl TableReader {
     }
 }
 
-/// Renders one row of the table `relation` (a line of `COPY` text, see
-/// [`Chunk`]), as the stream's decoder does, into `out` as an `op =
-/// "snapshot"` record at `tx`'s next position. `message` is scratch space
-/// (the row as the pgoutput Insert message the stream would carry).
-pub fn render_row(
+/// Renders the rows of one table, lines of `COPY` text (see [`Chunk`]), as
+/// the stream's decoder does, into `op = "snapshot"` records.
+pub struct RowRenderer {
     relation: u32,
-    row: &[u8],
-    message: &mut Vec<u8>,
-    decoder: &mut crate::decoder::Decoder,
-    tx: &mut crate::decoder::Transaction,
-    captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
-    out: &mut Vec<tributary_envelope::Record>,
-) -> Result<(), PostgresError> {
-    let columns = decoder
-        .column_count(relation)
-        .ok_or(crate::decoder::DecodeError::UnknownRelation(relation))?;
-    copy_text::insert_message(relation, row, columns, message);
-    let msg = crate::pgoutput::parse(message)?;
-    decoder.snapshot_row(&msg, tx, captured_at, out)?;
-    Ok(())
+    /// The table's column count (an empty line is a row of no columns or
+    /// of one empty text).
+    columns: usize,
+    /// Where the row's values are: in the line, or in `unescaped`.
+    spans: Vec<TextSpan>,
+    /// The values of a row that holds escapes, unescaped.
+    unescaped: Vec<u8>,
+}
+
+impl RowRenderer {
+    /// A renderer of the table `relation`, which `decoder` must know.
+    pub fn new(relation: u32, decoder: &crate::decoder::Decoder) -> Result<Self, PostgresError> {
+        let columns = decoder
+            .column_count(relation)
+            .ok_or(crate::decoder::DecodeError::UnknownRelation(relation))?;
+        Ok(Self {
+            relation,
+            columns,
+            spans: Vec::with_capacity(columns),
+            unescaped: Vec::new(),
+        })
+    }
+
+    /// Renders `row` into `out` at `tx`'s next position.
+    pub fn render(
+        &mut self,
+        row: &[u8],
+        decoder: &mut crate::decoder::Decoder,
+        tx: &mut crate::decoder::Transaction,
+        captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
+        out: &mut Vec<tributary_envelope::Record>,
+    ) -> Result<(), PostgresError> {
+        let values = copy_text::split(row, self.columns, &mut self.spans, &mut self.unescaped);
+        let msg = crate::pgoutput::Message::Insert {
+            relation: self.relation,
+            new: crate::pgoutput::Tuple::from_spans(values, &self.spans),
+        };
+        decoder.snapshot_row(&msg, tx, captured_at, out)?;
+        Ok(())
+    }
 }
 
 /// Renders every row of `rows` (of the table `relation`) into `out`, as
-/// [`render_row`] does one, at `tx`'s next positions.
+/// [`RowRenderer::render`] does one, at `tx`'s next positions.
 pub fn render_chunk(
     relation: u32,
     rows: &Chunk,
@@ -727,9 +756,9 @@ pub fn render_chunk(
     captured_at: &[u8; tributary_envelope::time::TIMESTAMP_LEN],
     out: &mut Vec<tributary_envelope::Record>,
 ) -> Result<(), PostgresError> {
-    let mut message = Vec::new();
+    let mut renderer = RowRenderer::new(relation, decoder)?;
     for row in rows.iter() {
-        render_row(relation, row, &mut message, decoder, tx, captured_at, out)?;
+        renderer.render(row, decoder, tx, captured_at, out)?;
     }
     Ok(())
 }
@@ -743,35 +772,46 @@ fn quote_literal(value: &str) -> String {
 /// Rows of `COPY ... TO STDOUT` in text format (see the PostgreSQL manual,
 /// COPY, "Text Format").
 mod copy_text {
-    /// The row `line` of the table `relation` (of `columns` columns) as the
-    /// pgoutput Insert message the stream would carry, written into `out`.
-    /// (A row of a table without columns is an empty line, as is a row
-    /// whose one column is the empty text: `columns` tells them apart.)
-    pub fn insert_message(relation: u32, line: &[u8], columns: usize, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(b'I');
-        out.extend_from_slice(&relation.to_be_bytes());
-        out.extend_from_slice(b"N\0\0");
-        let values = fields(line).take(if columns == 0 { 0 } else { usize::MAX });
-        let mut columns: u16 = 0;
-        for value in values {
-            columns = columns.saturating_add(1);
+    use super::TextSpan;
+
+    /// Cuts the row `line` of a table of `columns` columns into its values:
+    /// `spans` gets one per value (`None`: null) into the bytes returned,
+    /// `line` itself or, when the line holds escapes, `unescaped`. (A row
+    /// of a table without columns is an empty line, as is a row whose one
+    /// column is the empty text: `columns` tells them apart.)
+    pub fn split<'a>(
+        line: &'a [u8],
+        columns: usize,
+        spans: &mut Vec<TextSpan>,
+        unescaped: &'a mut Vec<u8>,
+    ) -> &'a [u8] {
+        spans.clear();
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        if columns == 0 {
+            return line;
+        }
+        // Most lines hold no escape at all: one search for the whole line,
+        // and the values are cut from it where they are.
+        if memchr::memchr(b'\\', line).is_none() {
+            let mut start = 0;
+            for tab in memchr::memchr_iter(b'\t', line) {
+                spans.push(Some(start..tab));
+                start = tab + 1;
+            }
+            spans.push(Some(start..line.len()));
+            return line;
+        }
+        unescaped.clear();
+        for value in fields(line) {
             if value == b"\\N" {
-                out.push(b'n');
+                spans.push(None);
                 continue;
             }
-            out.push(b't');
-            let at = out.len();
-            out.extend_from_slice(&[0; 4]);
-            if memchr::memchr(b'\\', value).is_some() {
-                unescape(value, out);
-            } else {
-                out.extend_from_slice(value);
-            }
-            let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
-            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            let start = unescaped.len();
+            unescape(value, unescaped);
+            spans.push(Some(start..unescaped.len()));
         }
-        out[6..8].copy_from_slice(&columns.to_be_bytes());
+        unescaped
     }
 
     /// The value of column `index` of `line` as text (`None`: null).
@@ -868,40 +908,45 @@ mod copy_text {
             assert_eq!(field(line, 5), None, "past the last column");
         }
 
-        #[test]
-        fn an_empty_line_is_no_value_or_one_empty_value_by_the_column_count() {
-            let mut message = Vec::new();
-            for (columns, expected) in [(0, 0), (1, 1)] {
-                insert_message(7, b"\n", columns, &mut message);
-                let parsed = crate::pgoutput::parse(&message).expect("a valid message");
-                let crate::pgoutput::Message::Insert { new, .. } = parsed else {
-                    panic!("an insert: {parsed:?}");
-                };
-                let cells: Vec<_> = new.iter().collect();
-                assert_eq!(cells.len(), expected, "{columns} column(s): {cells:?}");
-            }
+        /// The values `split` and `Tuple::from_spans` make of `line`.
+        fn values(line: &[u8], columns: usize) -> Vec<Option<Vec<u8>>> {
+            let (mut spans, mut unescaped) = (Vec::new(), Vec::new());
+            let bytes = split(line, columns, &mut spans, &mut unescaped);
+            crate::pgoutput::Tuple::from_spans(bytes, &spans)
+                .iter()
+                .map(|cell| match cell {
+                    crate::pgoutput::Cell::Text(text) => Some(text.to_vec()),
+                    crate::pgoutput::Cell::Null => None,
+                    other => panic!("a text or null cell: {other:?}"),
+                })
+                .collect()
+        }
+
+        fn text(value: &str) -> Option<Vec<u8>> {
+            Some(value.as_bytes().to_vec())
         }
 
         #[test]
-        fn a_line_becomes_the_insert_message_the_stream_would_carry() {
-            let mut message = Vec::new();
-            insert_message(7, b"42\t\\N\ttab\\there\n", 3, &mut message);
-            let parsed = crate::pgoutput::parse(&message).expect("a valid message");
-            let crate::pgoutput::Message::Insert { relation, new } = parsed else {
-                panic!("an insert: {parsed:?}");
-            };
-            assert_eq!(relation, 7);
-            let cells: Vec<_> = new.iter().collect();
+        fn an_empty_line_is_no_value_or_one_empty_value_by_the_column_count() {
+            assert_eq!(values(b"\n", 0), []);
+            assert_eq!(values(b"\n", 1), [text("")]);
+        }
+
+        #[test]
+        fn a_line_becomes_the_values_of_its_row() {
             assert_eq!(
-                format!("{cells:?}"),
-                format!(
-                    "{:?}",
-                    [
-                        crate::pgoutput::Cell::Text(b"42"),
-                        crate::pgoutput::Cell::Null,
-                        crate::pgoutput::Cell::Text(b"tab\there"),
-                    ]
-                )
+                values(b"42\t\\N\ttab\\there\n", 3),
+                [text("42"), None, text("tab\there")]
+            );
+            assert_eq!(
+                values(b"1\t\tx\n", 3),
+                [text("1"), text(""), text("x")],
+                "no escape: cut from the line"
+            );
+            assert_eq!(
+                values(b"\\\\N\t\\N\n", 2),
+                [text("\\N"), None],
+                "the text \\N is not null"
             );
         }
     }

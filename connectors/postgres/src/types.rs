@@ -161,9 +161,14 @@ pub fn render(kind: &ValueKind, text: &[u8], out: &mut Vec<u8>) {
 
 fn quoted(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
-    match std::str::from_utf8(text) {
-        Ok(s) => json::write_escaped(out, s.as_bytes()),
-        Err(_) => json::write_escaped(out, String::from_utf8_lossy(text).as_bytes()),
+    if text.is_ascii() {
+        // ASCII is UTF-8: no validation to do (most keys, numbers, codes).
+        json::write_escaped(out, text);
+    } else {
+        match std::str::from_utf8(text) {
+            Ok(s) => json::write_escaped(out, s.as_bytes()),
+            Err(_) => json::write_escaped(out, String::from_utf8_lossy(text).as_bytes()),
+        }
     }
     out.push(b'"');
 }
@@ -252,6 +257,11 @@ fn timestamp(out: &mut Vec<u8>, text: &[u8], with_zone: bool) {
 /// `±HH[:MM[:SS]]` offset when `with_zone`), checked byte by byte so that
 /// what is copied into the JSON string needs no escaping.
 fn iso_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u8])> {
+    four_digit_year_timestamp(text, with_zone).or_else(|| any_timestamp(text, with_zone))
+}
+
+/// [`iso_timestamp`], any year.
+fn any_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u8])> {
     let space = text.iter().position(|&b| b == b' ')?;
     let (date, time) = (&text[..space], &text[space + 1..]);
     let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
@@ -276,6 +286,52 @@ fn iso_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u8])> {
         offset.is_none_or(|o| o.split(|&b| b == b':').all(|p| p.len() == 2 && digits(p)));
     (date_ok && hms_ok && fraction_ok && offset_ok && (!with_zone || offset.is_some()))
         .then_some((date, time))
+}
+
+/// [`iso_timestamp`] of the layout the server writes for years 1000 to
+/// 9999, `YYYY-MM-DD HH:MM:SS[.f..]` (and `±HH[:MM[:SS]]` when
+/// `with_zone`), checked at fixed places; `None` for anything else (which
+/// the general check then reads).
+fn four_digit_year_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u8])> {
+    let head: &[u8; 19] = text.get(..19)?.try_into().ok()?;
+    let layout_ok = head.iter().enumerate().all(|(i, &b)| match i {
+        4 | 7 => b == b'-',
+        10 => b == b' ',
+        13 | 16 => b == b':',
+        _ => b.is_ascii_digit(),
+    });
+    if !layout_ok {
+        return None;
+    }
+    let mut rest = &text[19..];
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let digits = fraction.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &fraction[digits..];
+    }
+    if with_zone {
+        let offset = rest
+            .strip_prefix(b"+")
+            .or_else(|| rest.strip_prefix(b"-"))?;
+        let two_digits = |p: &[u8]| p.len() == 2 && p.iter().all(u8::is_ascii_digit);
+        match offset.len() {
+            2 => two_digits(offset),
+            5 => two_digits(&offset[..2]) && offset[2] == b':' && two_digits(&offset[3..]),
+            8 => {
+                two_digits(&offset[..2])
+                    && offset[2] == b':'
+                    && two_digits(&offset[3..5])
+                    && offset[5] == b':'
+                    && two_digits(&offset[6..])
+            }
+            _ => false,
+        }
+        .then_some((&text[..10], &text[11..]))
+    } else {
+        rest.is_empty().then_some((&text[..10], &text[11..]))
+    }
 }
 
 /// Parses a Postgres array literal (`{1,2,NULL}`, `{{"a b","c\"d"}}`,
@@ -468,6 +524,40 @@ mod tests {
         let mut out = Vec::new();
         render(&Timestamp, b"0001\xff01-01 00:00:00", &mut out);
         assert!(serde_json::from_slice::<Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn the_fixed_layout_check_agrees_with_the_general_one() {
+        let samples = [
+            "2026-11-23 05:21:05",
+            "2026-11-23 05:21:05.5",
+            "2026-11-23 05:21:05.123456+00",
+            "2026-11-23 05:21:05-03:30",
+            "1887-01-01 00:00:00+00:53:28",
+            "2026-11-23 05:21:05.+00",
+            "2026-11-23 05:21:05.12x+00",
+            "2026-11-23 05:21:05+0",
+            "2026-11-23 05:21:05+00:0",
+            "2026-11-23 05:21:05+00:00:00:00",
+            "2026-11-23 05:21:05+00 BC",
+            "2026-11-23T05:21:05+00",
+            "2026-11-23 5:21:05+00",
+            "12026-11-23 05:21:05+00",
+            "2026-11-23 05:21:05 ",
+            "2026-11-23 05:21",
+        ];
+        for text in samples {
+            for with_zone in [false, true] {
+                let fixed = four_digit_year_timestamp(text.as_bytes(), with_zone);
+                let general = any_timestamp(text.as_bytes(), with_zone);
+                assert!(
+                    fixed.is_none() || fixed == general,
+                    "{text:?} (zone {with_zone}): {fixed:?} vs {general:?}"
+                );
+            }
+        }
+        assert!(four_digit_year_timestamp(b"2026-11-23 05:21:05.123456+00", true).is_some());
+        assert!(four_digit_year_timestamp(b"2026-11-23 05:21:05", false).is_some());
     }
 
     #[test]
