@@ -35,11 +35,22 @@ impl Position {
     }
 }
 
+/// Writes the low `out.len()` hex digits of `value` (an even count), two
+/// per byte.
 fn write_hex(out: &mut [u8], mut value: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(value & 0xF) as usize];
-        value >>= 4;
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let mut pairs = [[0; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            pairs[i] = [DIGITS[i >> 4], DIGITS[i & 0xF]];
+            i += 1;
+        }
+        pairs
+    };
+    for slot in out.rchunks_exact_mut(2) {
+        slot.copy_from_slice(&PAIRS[(value & 0xFF) as usize]);
+        value >>= 8;
     }
 }
 
@@ -58,6 +69,8 @@ mod tests {
         let a = Position::new(0x16B_3748, 3);
         assert_eq!(&a.render(), b"00000000016B3748:00000003");
         assert_eq!(a.to_string().as_bytes(), &a.render());
+        let every_digit = Position::new(0x0123_4567_89AB_CDEF, 0xFEDC_BA98);
+        assert_eq!(&every_digit.render(), b"0123456789ABCDEF:FEDCBA98");
         let positions = [
             Position::new(1, 0),
             Position::new(1, 0xFFFF_FFFF),

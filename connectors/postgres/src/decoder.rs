@@ -144,7 +144,9 @@ pub struct Decoder {
     router: StreamRouter,
     filter: TableFilter,
     streams: HashMap<String, Arc<str>>,
-    tables: HashMap<u32, Table>,
+    /// By relation id, looked up per change: a fast hasher (the ids
+    /// come from the server, not from users).
+    tables: HashMap<u32, Table, foldhash::fast::FixedState>,
     values: Vec<u8>,
     new_slots: Vec<Slot>,
     old_slots: Vec<Slot>,
@@ -160,7 +162,7 @@ impl Decoder {
             router,
             filter,
             streams: HashMap::new(),
-            tables: HashMap::new(),
+            tables: HashMap::default(),
             values: Vec::with_capacity(4096),
             new_slots: Vec::new(),
             old_slots: Vec::new(),
