@@ -275,7 +275,7 @@ impl Decoder {
         self.tables.get(&relation).map(|table| table.columns.len())
     }
 
-    /// Decodes one row a snapshot read (an Insert message built from it)
+    /// Decodes one row a snapshot read (an Insert of its text values)
     /// into an `op = "snapshot"` record (not counted: see
     /// [`Decoder::count_snapshot`]).
     pub fn snapshot_row(

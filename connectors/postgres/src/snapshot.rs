@@ -11,9 +11,10 @@
 //! column ([`TableShape::split`]), each read in primary-key chunks
 //! ([`TableReader`]: `WHERE (key) > (last) AND first >= from AND first <
 //! to ORDER BY key LIMIT n`; a table without a key through a cursor, in
-//! one pass); every row becomes a pgoutput Insert message rendered by the
-//! same decoder as the stream ([`render_row`]), as an `op = "snapshot"`
-//! envelope, so snapshot and stream JSON are the same for every type.
+//! one pass); rows arrive as lines of `COPY` text, and each is cut into
+//! its text values, which the stream's decoder renders as it renders an
+//! Insert's tuple ([`RowRenderer`]), into an `op = "snapshot"` envelope,
+//! so snapshot and stream JSON are the same for every type.
 //! Every range has its own `major` below the consistent point (the first
 //! `consistent point - 1`, the next one less, ...) and its rows take
 //! positions `{major}:{ordinal}`, ordinals counted within the range: they
@@ -787,7 +788,7 @@ mod copy_text {
     ) -> &'a [u8] {
         spans.clear();
         let line = line.strip_suffix(b"\n").unwrap_or(line);
-        if columns == 0 {
+        if columns == 0 && line.is_empty() {
             return line;
         }
         // Most lines hold no escape at all: one search for the whole line,
@@ -802,7 +803,7 @@ mod copy_text {
             return line;
         }
         unescaped.clear();
-        for value in fields(line) {
+        for value in tab_separated(line) {
             if value == b"\\N" {
                 spans.push(None);
                 continue;
@@ -827,7 +828,11 @@ mod copy_text {
 
     /// The line's values, still escaped (a tab in a value is `\t`).
     fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        tab_separated(line.strip_suffix(b"\n").unwrap_or(line))
+    }
+
+    /// The tab-separated parts of `line` (its newline already removed).
+    fn tab_separated(line: &[u8]) -> impl Iterator<Item = &[u8]> {
         let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\t', line).map(|t| t + 1));
         let mut start = starts.next();
         std::iter::from_fn(move || {
@@ -930,6 +935,11 @@ mod copy_text {
         fn an_empty_line_is_no_value_or_one_empty_value_by_the_column_count() {
             assert_eq!(values(b"\n", 0), []);
             assert_eq!(values(b"\n", 1), [text("")]);
+            assert_eq!(
+                values(b"5\n", 0),
+                [text("5")],
+                "a value for no column stays, for the decoder to refuse"
+            );
         }
 
         #[test]
@@ -942,6 +952,11 @@ mod copy_text {
                 values(b"1\t\tx\n", 3),
                 [text("1"), text(""), text("x")],
                 "no escape: cut from the line"
+            );
+            assert_eq!(
+                values(b"a\\\\\n\n", 1),
+                [text("a\\\n")],
+                "only the line's own newline is removed"
             );
             assert_eq!(
                 values(b"\\\\N\t\\N\n", 2),
