@@ -794,16 +794,11 @@ mod copy_text {
         // Most lines hold no escape at all: one search for the whole line,
         // and the values are cut from it where they are.
         if memchr::memchr(b'\\', line).is_none() {
-            let mut start = 0;
-            for tab in memchr::memchr_iter(b'\t', line) {
-                spans.push(Some(start..tab));
-                start = tab + 1;
-            }
-            spans.push(Some(start..line.len()));
+            spans.extend(tab_separated(line).map(Some));
             return line;
         }
         unescaped.clear();
-        for value in tab_separated(line) {
+        for value in tab_separated(line).map(|range| &line[range]) {
             if value == b"\\N" {
                 spans.push(None);
                 continue;
@@ -828,18 +823,20 @@ mod copy_text {
 
     /// The line's values, still escaped (a tab in a value is `\t`).
     fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
-        tab_separated(line.strip_suffix(b"\n").unwrap_or(line))
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        tab_separated(line).map(move |range| &line[range])
     }
 
-    /// The tab-separated parts of `line` (its newline already removed).
-    fn tab_separated(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    /// Where the tab-separated parts of `line` are (its newline already
+    /// removed).
+    fn tab_separated(line: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         let mut starts = std::iter::once(0).chain(memchr::memchr_iter(b'\t', line).map(|t| t + 1));
         let mut start = starts.next();
         std::iter::from_fn(move || {
             let from = start?;
             start = starts.next();
             let to = start.map_or(line.len(), |next| next - 1);
-            Some(&line[from..to])
+            Some(from..to)
         })
     }
 

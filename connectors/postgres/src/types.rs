@@ -315,20 +315,10 @@ fn four_digit_year_timestamp(text: &[u8], with_zone: bool) -> Option<(&[u8], &[u
         let offset = rest
             .strip_prefix(b"+")
             .or_else(|| rest.strip_prefix(b"-"))?;
+        // `HH`, `HH:MM` or `HH:MM:SS`.
         let two_digits = |p: &[u8]| p.len() == 2 && p.iter().all(u8::is_ascii_digit);
-        match offset.len() {
-            2 => two_digits(offset),
-            5 => two_digits(&offset[..2]) && offset[2] == b':' && two_digits(&offset[3..]),
-            8 => {
-                two_digits(&offset[..2])
-                    && offset[2] == b':'
-                    && two_digits(&offset[3..5])
-                    && offset[5] == b':'
-                    && two_digits(&offset[6..])
-            }
-            _ => false,
-        }
-        .then_some((&text[..10], &text[11..]))
+        (offset.len() <= 8 && offset.split(|&b| b == b':').all(two_digits))
+            .then_some((&text[..10], &text[11..]))
     } else {
         rest.is_empty().then_some((&text[..10], &text[11..]))
     }
