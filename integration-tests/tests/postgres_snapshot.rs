@@ -237,6 +237,50 @@ async fn a_snapshot_stopped_by_sigterm_records_what_it_drained() -> Result<()> {
     Ok(())
 }
 
+/// A snapshot stopped midway, then resumed with a table added to
+/// `source.tables` (published only now) while a transaction that wrote to
+/// that table before the restart is still open: its rows are neither
+/// decoded (written before the table was published) nor in a copy taken
+/// before it commits, so the resumed copy waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_snapshot_copies_rows_of_a_transaction_open_across_an_added_table() -> Result<()>
+{
+    let setup = format!("{LARGE} CREATE TABLE extra (id int PRIMARY KEY, v text);");
+    let mut pipeline = tributary_integration_tests::Servers::start(STREAM, 2, &setup)
+        .await?
+        .start_tributary_without_waiting(&LARGE_CONFIG.replacen(
+            "[sink]",
+            "tables = [\"public.items\", \"public.codes\"]\n[sink]",
+            1,
+        ))
+        .await?;
+    let (marker, _) = marker_after_3000_items(&pipeline).await?;
+    pipeline.stop_gracefully().await?;
+    ensure!(marker.exists(), "stopped before the snapshot completed");
+    tributary_integration_tests::set_tables(
+        &pipeline.config.path,
+        &["public.items", "public.codes", "public.extra"],
+    )?;
+    let open = pipeline.pg.client(DEFAULT_DATABASE).await?;
+    open.batch_execute(
+        "BEGIN; INSERT INTO extra SELECT g, 'open across the restart' FROM generate_series(1, 10) g",
+    )
+    .await?;
+    let commit_later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        open.batch_execute("COMMIT").await
+    });
+    pipeline
+        .restart_with_timeout(Duration::from_secs(120))
+        .await?;
+    commit_later.await??;
+    let records = settled(&pipeline).await?;
+    assert_replica_matches(&pipeline, &records, "public.extra", &["id"]).await?;
+    assert_replica_matches(&pipeline, &records, "public.items", &["id"]).await?;
+    pipeline.stop_gracefully().await?;
+    Ok(())
+}
+
 /// The key ranges the stored snapshot `progress` planned for `table`.
 fn ranges_of(progress: &Value, table: &str) -> usize {
     progress["ranges"].as_array().map_or(0, |ranges| {

@@ -415,6 +415,15 @@ impl PostgresSource {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<bool, PostgresError> {
         let parallelism = self.cfg.snapshot_parallelism.max(1);
+        if pending.resume.is_some() && !self.report.added_to_publication.is_empty() {
+            // A resumed copy reads in a transaction of its own, and tables
+            // published only at this start stream from their publication
+            // on: rows an older transaction wrote to them are in neither
+            // unless it ends before that transaction starts (as for tables
+            // added to an unfinished stream, see `copy_added_at`).
+            let client = connect_sql(&self.cfg.connection).await?;
+            wait_for_older_transactions(&client, OLDER_TRANSACTIONS_WAIT, &mut ()).await?;
+        }
         let (readers, taken_at) =
             snapshot_readers::open(&self.cfg.connection, pending.name.as_deref(), parallelism)
                 .await?;
