@@ -227,8 +227,8 @@ impl Postgres {
             .with_context(|| format!("creating database {name}"))
     }
 
-    /// Waits until a replication slot named `slot` exists and a walsender is
-    /// streaming from it (`pg_replication_slots.active`).
+    /// Waits until a replication slot named `slot` exists, is created and a
+    /// walsender uses it (`pg_replication_slots.active`).
     pub async fn wait_for_active_slot(&self, slot: &str, timeout: Duration) -> Result<()> {
         let client = self.client(DEFAULT_DATABASE).await?;
         let deadline = Instant::now() + timeout;
@@ -243,11 +243,15 @@ impl Postgres {
         }
     }
 
-    /// Whether slot `slot` exists and is in use, as seen by `client`.
+    /// Whether slot `slot` exists, is in use and is past its creation, as
+    /// seen by `client`. A slot is active from the start of
+    /// `CREATE_REPLICATION_SLOT`, but its `confirmed_flush_lsn` is NULL
+    /// until the creation found a consistent point.
     pub(crate) async fn slot_is_active(&self, client: &Client, slot: &str) -> Result<bool> {
         let row = client
             .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT active AND confirmed_flush_lsn IS NOT NULL \
+                 FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
             .await
