@@ -58,13 +58,19 @@ pub fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
 /// Appends `bytes` as a JSON string holding their standard base64 encoding.
 pub fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
+    write_base64_unquoted(out, bytes);
+    out.push(b'"');
+}
+
+/// Appends `bytes` in standard base64, without quotes (pieces of a longer
+/// value join when all but the last are a multiple of 3 bytes long).
+pub fn write_base64_unquoted(out: &mut Vec<u8>, bytes: &[u8]) {
     let start = out.len();
     out.resize(start + bytes.len().div_ceil(3) * 4, 0);
     let written = base64::engine::general_purpose::STANDARD
         .encode_slice(bytes, &mut out[start..])
         .expect("buffer sized for the base64 length");
     out.truncate(start + written);
-    out.push(b'"');
 }
 
 /// Appends an unsigned integer in decimal.

@@ -9,8 +9,8 @@
 //! fanned-out record; `data_base64` in place of `envelope` when the data is
 //! not JSON). `id` is the envelope's own `id` when it has one.
 //!
-//! Crash safety: every write is one append of whole lines, synced to disk
-//! before the records are reported done; a write that fails stops the sink
+//! Crash safety: every write appends whole lines (a long one a piece at a
+//! time), synced to disk before the records are reported done; a write that fails stops the sink
 //! (a record is never dropped). A crash in the middle of an append can
 //! leave a torn last line, whose records were never reported done (the
 //! source sends them again): opening the store cuts it off, so later
@@ -151,11 +151,11 @@ impl DeadLetterStore {
     /// reported done.
     pub(crate) async fn write(&self, letters: &[DeadLetter]) -> Result<(), KinesisError> {
         let at = time::now();
-        let mut lines = Vec::new();
+        let mut to_file = Vec::new();
         let mut to_stream = Vec::new();
         for letter in letters {
             let Some(stream) = &self.stream else {
-                render_line(&mut lines, &at, letter);
+                to_file.push(letter);
                 continue;
             };
             let mut line = Vec::new();
@@ -165,8 +165,7 @@ impl DeadLetterStore {
             if stream.fits(&entry).await? {
                 to_stream.push(entry);
             } else {
-                lines.extend_from_slice(&entry.data);
-                lines.push(b'\n');
+                to_file.push(letter);
             }
         }
         if let Some(stream) = &self.stream
@@ -174,12 +173,27 @@ impl DeadLetterStore {
         {
             stream.write(to_stream).await?;
         }
-        if lines.is_empty() {
+        if to_file.is_empty() {
             return Ok(());
         }
         let mut file = self.file.lock().await;
         let result = async {
-            file.write_all(&lines).await?;
+            // Written a piece at a time: a dead letter can be tens of MiB,
+            // and its line in one buffer would cost as much again.
+            let mut pending = Vec::with_capacity(PIECE_BYTES + 1024);
+            for letter in to_file {
+                let line = Line::new(&at, letter);
+                pending.extend_from_slice(&line.head);
+                for piece in line.data.chunks(PIECE_BYTES) {
+                    line.render_data(&mut pending, piece);
+                    if pending.len() >= PIECE_BYTES {
+                        file.write_all(&pending).await?;
+                        pending.clear();
+                    }
+                }
+                pending.extend_from_slice(line.tail());
+            }
+            file.write_all(&pending).await?;
             file.flush().await?;
             file.sync_data().await
         }
@@ -190,6 +204,10 @@ impl DeadLetterStore {
         })
     }
 }
+
+/// How much of a dead letter's data is rendered and written at a time (a
+/// multiple of 3, so that base64 pieces join without padding).
+const PIECE_BYTES: usize = 3 << 18;
 
 /// Truncates `path` after its last newline (a crash mid-append leaves a
 /// line without one). A missing file is fine.
@@ -226,62 +244,98 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
 
 /// Appends one dead-letter line (with its newline) to `out`.
 fn render_line(out: &mut Vec<u8>, at: &[u8], letter: &DeadLetter) {
-    let record = &letter.record;
-    let data_is_json = is_json(&record.data);
-    let id = data_is_json.then(|| envelope_id(&record.data)).flatten();
-    // Room for the whole line up front (escapes aside): a dead letter can
-    // be tens of MiB, and growing the buffer past it would double that.
-    let text = id.as_ref().map_or(0, String::len)
-        + record.stream.len()
-        + record.partition_key.len()
-        + letter.error.len();
-    let data = if data_is_json {
-        record.data.len()
+    let line = Line::new(at, letter);
+    let data = if line.data_is_json {
+        line.data.len()
     } else {
-        record.data.len().div_ceil(3) * 4
+        line.data.len().div_ceil(3) * 4
     };
-    out.reserve(data + text + 320);
-    out.extend_from_slice(b"{\"id\":");
-    match id {
-        Some(id) => json::write_str(out, &id),
-        None => out.extend_from_slice(b"null"),
+    out.reserve(line.head.len() + data + 3);
+    out.extend_from_slice(&line.head);
+    line.render_data(out, line.data);
+    out.extend_from_slice(line.tail());
+}
+
+/// A dead-letter line in three parts: every field but the data, the data
+/// (rendered piece by piece), and what closes the line.
+struct Line<'a> {
+    /// `{"id":..` up to `,"envelope":` or `,"data_base64":"`.
+    head: Vec<u8>,
+    data: &'a [u8],
+    data_is_json: bool,
+}
+
+impl<'a> Line<'a> {
+    fn new(at: &[u8], letter: &'a DeadLetter) -> Self {
+        let record = &letter.record;
+        let data_is_json = is_json(&record.data);
+        let id = data_is_json.then(|| envelope_id(&record.data)).flatten();
+        let mut out = Vec::with_capacity(
+            id.as_ref().map_or(0, String::len)
+                + record.stream.len()
+                + record.partition_key.len()
+                + letter.error.len()
+                + 320,
+        );
+        out.extend_from_slice(b"{\"id\":");
+        match id {
+            Some(id) => json::write_str(&mut out, &id),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"at\":\"");
+        out.extend_from_slice(at);
+        out.extend_from_slice(b"\",\"stream\":");
+        json::write_str(&mut out, &record.stream);
+        out.extend_from_slice(b",\"partition_key\":");
+        json::write_str(&mut out, &record.partition_key);
+        if let Some(hash) = record.explicit_hash_key {
+            out.extend_from_slice(b",\"explicit_hash_key\":");
+            json::write_str(&mut out, &hash.to_string());
+        }
+        out.extend_from_slice(b",\"reason\":");
+        json::write_str(&mut out, letter.reason.as_str());
+        out.extend_from_slice(b",\"error\":");
+        json::write_str(&mut out, &letter.error);
+        out.extend_from_slice(b",\"attempts\":");
+        json::write_u64(&mut out, u64::from(letter.attempts));
+        out.extend_from_slice(b",\"size\":");
+        json::write_u64(&mut out, record.weight() as u64);
+        if let Some(limit) = letter.limit {
+            out.extend_from_slice(b",\"limit\":");
+            json::write_u64(&mut out, limit as u64);
+        }
+        out.extend_from_slice(if data_is_json {
+            b",\"envelope\":"
+        } else {
+            b",\"data_base64\":\""
+        });
+        Self {
+            head: out,
+            data: &record.data,
+            data_is_json,
+        }
     }
-    out.extend_from_slice(b",\"at\":\"");
-    out.extend_from_slice(at);
-    out.extend_from_slice(b"\",\"stream\":");
-    json::write_str(out, &record.stream);
-    out.extend_from_slice(b",\"partition_key\":");
-    json::write_str(out, &record.partition_key);
-    if let Some(hash) = record.explicit_hash_key {
-        out.extend_from_slice(b",\"explicit_hash_key\":");
-        json::write_str(out, &hash.to_string());
+
+    /// Appends `piece` of the data as the line holds it; pieces other than
+    /// the last must be a multiple of 3 bytes long.
+    fn render_data(&self, out: &mut Vec<u8>, piece: &[u8]) {
+        if self.data_is_json {
+            // Raw CR/LF in valid JSON can only be whitespace between tokens
+            // (strings must escape them): blanking them keeps the value and
+            // keeps the line one line.
+            out.extend(piece.iter().map(|&b| match b {
+                b'\n' | b'\r' => b' ',
+                other => other,
+            }));
+        } else {
+            json::write_base64_unquoted(out, piece);
+        }
     }
-    out.extend_from_slice(b",\"reason\":");
-    json::write_str(out, letter.reason.as_str());
-    out.extend_from_slice(b",\"error\":");
-    json::write_str(out, &letter.error);
-    out.extend_from_slice(b",\"attempts\":");
-    json::write_u64(out, u64::from(letter.attempts));
-    out.extend_from_slice(b",\"size\":");
-    json::write_u64(out, record.weight() as u64);
-    if let Some(limit) = letter.limit {
-        out.extend_from_slice(b",\"limit\":");
-        json::write_u64(out, limit as u64);
+
+    /// What follows the data.
+    fn tail(&self) -> &'static [u8] {
+        if self.data_is_json { b"}\n" } else { b"\"}\n" }
     }
-    if data_is_json {
-        out.extend_from_slice(b",\"envelope\":");
-        // Raw CR/LF in valid JSON can only be whitespace between tokens
-        // (strings must escape them): blanking them keeps the value and
-        // keeps the line one line.
-        out.extend(record.data.iter().map(|&b| match b {
-            b'\n' | b'\r' => b' ',
-            other => other,
-        }));
-    } else {
-        out.extend_from_slice(b",\"data_base64\":");
-        json::write_base64(out, &record.data);
-    }
-    out.extend_from_slice(b"}\n");
 }
 
 /// The `id` of a Tributary envelope (v1 writes `{"v":1,"id":"..."` first),
@@ -512,6 +566,60 @@ mod tests {
         let left = read_dead_letters(&dlq).unwrap();
         assert_eq!(left.entries.len(), 1);
         assert_eq!(left.entries[0].partition_key, "public.t:\"x\"");
+    }
+
+    #[tokio::test]
+    async fn letters_longer_than_a_piece_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetterStore::open(dir.path()).await.unwrap();
+        // Sizes around piece boundaries, newlines across them, and binary
+        // data whose base64 pieces must join without padding.
+        let mut json = b"{\"v\":1,\"id\":\"big\",\"s\":\"".to_vec();
+        json.extend((0..PIECE_BYTES * 2 + 8).map(|i| b"ab\\n"[i % 4]));
+        json.extend_from_slice(b"\",\n\"t\":1}");
+        let binary: Vec<u8> = (0..PIECE_BYTES * 3 + 2)
+            .map(|i| (i * 7 % 256) as u8)
+            .collect();
+        let small = b"{\"v\":1,\"id\":\"small\"}";
+        store
+            .write(&[
+                letter("k:1", &json, DeadLetterReason::TooLarge),
+                letter("k:2", small, DeadLetterReason::Rejected),
+                letter("k:3", &binary, DeadLetterReason::TooLarge),
+            ])
+            .await
+            .unwrap();
+        let found = read_dead_letters(dir.path()).unwrap();
+        assert!(found.unreadable.is_empty(), "{:?}", found.unreadable);
+        assert_eq!(found.entries.len(), 3);
+        let blanked: Vec<u8> = json
+            .iter()
+            .map(|&b| if b == b'\n' { b' ' } else { b })
+            .collect();
+        assert!(
+            found.entries[0].data().unwrap() == blanked,
+            "the JSON differs"
+        );
+        assert_eq!(found.entries[0].id.as_deref(), Some("big"));
+        assert_eq!(found.entries[1].data().unwrap(), small);
+        assert!(
+            found.entries[2].data().unwrap() == binary,
+            "the bytes differ"
+        );
+        // The file holds the same bytes as lines rendered whole.
+        let mut whole = Vec::new();
+        let file = std::fs::read(store.path()).unwrap();
+        let start = file.windows(6).position(|w| w == b"\"at\":\"").unwrap() + 6;
+        let stamp = file[start..start + 27].to_vec();
+        for (key, data) in [("k:1", &json[..]), ("k:2", small), ("k:3", &binary)] {
+            let reason = if key == "k:2" {
+                DeadLetterReason::Rejected
+            } else {
+                DeadLetterReason::TooLarge
+            };
+            render_line(&mut whole, &stamp, &letter(key, data, reason));
+        }
+        assert!(file == whole, "the pieces differ from the whole lines");
     }
 
     #[tokio::test]
