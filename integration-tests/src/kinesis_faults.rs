@@ -140,23 +140,11 @@ impl KinesisFaults {
             rng: Mutex::new(StdRng::seed_from_u64(faults.seed)),
             counts: counts.clone(),
         });
-        let accept_loop = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    // A service error makes hyper close the connection
-                    // without an answer: that is how a reset is injected.
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { state.handle(request).await }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        })
-        .abort_handle();
+        // A service error makes hyper close the connection without an
+        // answer: that is how a reset is injected.
+        let accept_loop = serve(listener, state, |state, request| async move {
+            state.handle(request).await
+        });
         Ok(Self {
             addr,
             counts,
@@ -231,9 +219,7 @@ impl State {
             .get("x-amz-target")
             .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"));
         if !put_records {
-            return self
-                .forward(Request::from_parts(parts, Full::new(body)))
-                .await;
+            return forward(self.upstream, Request::from_parts(parts, Full::new(body))).await;
         }
         let _in_flight = InFlight::new(&self.counts);
         if self.draw(self.faults.failed_calls) {
@@ -279,7 +265,7 @@ impl State {
             // The body changed: its length is set anew from it.
             parts.headers.remove(hyper::header::CONTENT_LENGTH);
             let forwarded = Request::from_parts(parts, Full::new(Bytes::from(call.to_string())));
-            let response = self.forward(forwarded).await?;
+            let response = forward(self.upstream, forwarded).await?;
             if response.status() != StatusCode::OK {
                 return Ok(response);
             }
@@ -316,22 +302,59 @@ impl State {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .random_bool(fraction.min(1.0))
     }
-
-    async fn forward(&self, request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>> {
-        let stream = TcpStream::connect(self.upstream)
-            .await
-            .context("connecting to kinesalite")?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        let response = sender.send_request(request).await?;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Response::from_parts(parts, Full::new(body)))
-    }
 }
 
-fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+/// Serves HTTP/1.1 on `listener` until the returned handle is aborted:
+/// every request is answered by `handle(state, request)`; an error closes
+/// the connection without an answer.
+pub(crate) fn serve<S, F, Fut, E>(listener: TcpListener, state: Arc<S>, handle: F) -> AbortHandle
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            // No Nagle delay on answers (see `forward`).
+            let _ = stream.set_nodelay(true);
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request| handle(state.clone(), request));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+    .abort_handle()
+}
+
+/// Sends `request` to `upstream` (kinesalite) on a connection of its own
+/// and returns the whole answer.
+pub(crate) async fn forward(
+    upstream: SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<Full<Bytes>>> {
+    let stream = TcpStream::connect(upstream)
+        .await
+        .context("connecting to kinesalite")?;
+    // A request goes in more than one write: with Nagle's algorithm the
+    // second waits for the ACK of the first, which the other end delays by
+    // 40 ms.
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(parts, Full::new(body)))
+}
+
+/// An answer of `status` with `text` as its body.
+pub(crate) fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text)));
     *response.status_mut() = status;
     response

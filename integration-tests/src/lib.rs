@@ -30,6 +30,8 @@
 //!   end-to-end tests.
 //! - `kinesis_faults.rs`: [`KinesisFaults`], an HTTP proxy in front of
 //!   kinesalite that refuses PutRecords entries and fails whole calls.
+//! - `instant_kinesis.rs`: [`InstantKinesis`], an endpoint that answers
+//!   PutRecords at once (the latency benchmark without the emulator's own).
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
@@ -46,6 +48,7 @@
 mod config;
 pub mod consumer;
 pub mod http_probe;
+mod instant_kinesis;
 mod key_order;
 mod kinesalite;
 mod kinesis_faults;
@@ -68,6 +71,7 @@ pub use config::{
     write_mysql_config,
 };
 pub use http_probe::get as http_get;
+pub use instant_kinesis::InstantKinesis;
 pub use key_order::{ITEMS_TABLE, check_last_occurrences, versions_per_key};
 pub use kinesalite::{Kinesalite, StreamRecord, kinesis_client};
 pub use kinesis_faults::{FaultCounts, Faults, KinesisFaults};

@@ -7,8 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::process::Command;
 
 use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, Kinesalite, Postgres, SUPERUSER, USER, listening_addresses,
+    DEFAULT_DATABASE, InstantKinesis, Kinesalite, Postgres, SUPERUSER, USER, kinesis_client,
+    listening_addresses,
 };
 
 /// Asserts that `port` is listened on, and only on 127.0.0.1.
@@ -219,6 +221,87 @@ async fn kinesalite_round_trips_records_through_every_shard() {
     read.sort_by_key(by_seq);
     expected.sort_by_key(by_seq);
     assert_eq!(read, expected);
+}
+
+/// The latency benchmark's endpoint answers PutRecords as kinesalite would
+/// (the same shard per partition key or explicit hash key) and keeps what
+/// it was sent; the stream's description still comes from kinesalite.
+#[tokio::test]
+async fn instant_kinesis_puts_entries_on_the_shards_kinesalite_would() {
+    let kin = Kinesalite::start().await.unwrap();
+    kin.create_stream("instant", 4).await.unwrap();
+    kin.wait_active("instant").await.unwrap();
+    let shards = tributary_kinesis::describe_stream(kin.client(), "instant")
+        .await
+        .unwrap()
+        .shards;
+    let upstream = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, kin.port()));
+    let instant = InstantKinesis::start(upstream, "instant", shards)
+        .await
+        .unwrap();
+    let client = kinesis_client(&format!("http://{}", instant.addr())).await;
+
+    let entries: Vec<PutRecordsRequestEntry> = (0..40)
+        .map(|i| {
+            let entry = PutRecordsRequestEntry::builder()
+                .partition_key(format!("public.orders:{i}"))
+                .data(Blob::new(format!("{{\"n\":{i}}}")));
+            // Every fourth entry is routed by an explicit hash key instead.
+            let entry = if i % 4 == 0 {
+                entry.explicit_hash_key((u128::MAX / 40 * i).to_string())
+            } else {
+                entry
+            };
+            entry.build().unwrap()
+        })
+        .collect();
+    let call = |client: &aws_sdk_kinesis::Client| {
+        client
+            .put_records()
+            .stream_name("instant")
+            .set_records(Some(entries.clone()))
+            .send()
+    };
+    let answered = call(&client).await.unwrap();
+    let stored = call(kin.client()).await.unwrap();
+
+    assert_eq!(answered.failed_record_count(), Some(0));
+    let shard_ids = |out: &aws_sdk_kinesis::operation::put_records::PutRecordsOutput| {
+        out.records()
+            .iter()
+            .map(|r| r.shard_id().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shard_ids(&answered), shard_ids(&stored));
+    let mut distinct = shard_ids(&answered);
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "40 keys reach every one of 4 shards");
+
+    let received = instant.received();
+    assert_eq!(received.len(), entries.len());
+    for ((record, entry), shard) in received.iter().zip(&entries).zip(shard_ids(&stored)) {
+        assert_eq!(record.data, entry.data().as_ref());
+        assert_eq!(Some(record.partition_key.as_str()), entry.partition_key());
+        assert_eq!(record.shard_id, shard);
+        assert!(record.arrival_millis.is_some());
+    }
+    // Nothing went to kinesalite through it: the stream holds one copy.
+    assert_eq!(kin.read_all("instant").await.unwrap().len(), entries.len());
+    // Other calls pass through to kinesalite.
+    let summary = client
+        .describe_stream_summary()
+        .stream_name("instant")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        summary
+            .stream_description_summary()
+            .unwrap()
+            .open_shard_count(),
+        4
+    );
 }
 
 #[tokio::test]

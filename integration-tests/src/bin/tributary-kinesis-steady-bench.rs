@@ -6,7 +6,10 @@
 //! every 10 ms, for `--secs` seconds, while Tributary streams them into a
 //! stream of `--shards` shards through a proxy that adds `--latency-ms` to
 //! every Kinesis answer, at `--quota` records per shard per second. Then
-//! the stream is read back. It prints (nothing is asserted):
+//! the stream is read back. `--warmup-secs` seconds (2) of changes at the
+//! same rate go first and are acknowledged before the measured part
+//! starts; they are left out of every figure (the histograms are taken as
+//! the difference of two scrapes). It prints (nothing is asserted):
 //! - commit → stored: per record, the stream's `ApproximateArrivalTimestamp`
 //!   minus the envelope's `commit_ts` (exact, ms; but the store happens
 //!   before the proxy delays the answer, so it leaves out the added
@@ -30,6 +33,14 @@
 //!   from queueing each record to the answer of the call that carried it
 //!   (exact, ms): what the emulator and the proxy cost a client that does
 //!   no work of its own. (Not with `--aggregation`.)
+//!
+//! With `--instant`, PutRecords goes to an endpoint of the bench's own
+//! ([`InstantKinesis`]) that accepts every entry at once and notes when it
+//! arrived, instead of kinesalite (which still describes the stream): the
+//! same figures without the emulator's own queueing, so what is left is
+//! Tributary's (and PostgreSQL's) share. "Stored" is then "reached the
+//! endpoint", before the proxy delays the answer, and there is no bare
+//! client.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,8 +55,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tributary_envelope::time::parse_unix_millis;
 use tributary_integration_tests::{
-    DEFAULT_DATABASE, FaultProxy, Servers, StreamRecord, http_get, kinesis_client,
+    DEFAULT_DATABASE, FaultProxy, InstantKinesis, Servers, StreamRecord, http_get, kinesis_client,
 };
+use tributary_kinesis::describe_stream;
 
 /// The benchmark's options.
 #[derive(Debug, Parser)]
@@ -71,6 +83,14 @@ struct Args {
     /// `sink.aggregation = true` (KPL aggregated records).
     #[arg(long)]
     aggregation: bool,
+    /// PutRecords answered at once by the bench's own endpoint instead of
+    /// kinesalite (see the module doc).
+    #[arg(long)]
+    instant: bool,
+    /// Seconds of changes at the same rate before the measured part, left
+    /// out of every figure (lanes, connections and limiters warm up).
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
     /// Seconds of each send-rate window.
     #[arg(long, default_value_t = 5)]
     window_secs: i64,
@@ -93,8 +113,16 @@ async fn main() -> Result<()> {
         "CREATE TABLE steady (id bigint PRIMARY KEY, n bigint NOT NULL, pad text NOT NULL)",
     )
     .await?;
+    let kinesalite = SocketAddr::from(([127, 0, 0, 1], servers.kin.port()));
+    let instant = if args.instant {
+        let client = kinesis_client(&format!("http://{kinesalite}")).await;
+        let shards = describe_stream(&client, STREAM).await?.shards;
+        Some(InstantKinesis::start(kinesalite, STREAM, shards).await?)
+    } else {
+        None
+    };
     let proxy = FaultProxy::start_with_latency(
-        SocketAddr::from(([127, 0, 0, 1], servers.kin.port())),
+        instant.as_ref().map_or(kinesalite, InstantKinesis::addr),
         Duration::from_millis(args.latency_ms),
     )
     .await?;
@@ -109,31 +137,32 @@ async fn main() -> Result<()> {
     let mut pipeline = servers.start_tributary(&extra).await?;
     let db = pipeline.pg.client(DEFAULT_DATABASE).await?;
 
-    let mut pacer = Pacer::new(args.rate, args.secs);
-    while let Some(rows) = pacer.tick().await {
-        if rows == 0 {
-            continue;
-        }
-        let written = pacer.sent - rows;
-        db.batch_execute(&format!(
-            "INSERT INTO steady SELECT g, g * 7, repeat(md5(g::text), 4) \
-             FROM generate_series({}, {}) g",
-            written,
-            written + rows - 1
-        ))
-        .await?;
+    // The warm-up: the same rate, acknowledged, then left out of every figure.
+    let mut first_id = 0;
+    if args.warmup_secs > 0 {
+        first_id = write_steadily(&db, args.rate, args.warmup_secs, 0).await?.0;
+        let end = pipeline.pg.current_wal_lsn().await?;
+        pipeline
+            .wait_confirmed_flush(end, Duration::from_secs(600))
+            .await?;
     }
-    let written = pacer.sent;
-    let offered = written as f64 / pacer.started.elapsed().as_secs_f64();
+    let (_, warm) = http_get(pipeline.config.http_addr, "/metrics").await?;
+    let measured_from = unix_millis();
+    let (last_id, offered) = write_steadily(&db, args.rate, args.secs, first_id).await?;
+    let written = last_id - first_id;
     let end = pipeline.pg.current_wal_lsn().await?;
     pipeline
         .wait_confirmed_flush(end, Duration::from_secs(600))
         .await?;
     let (_, metrics) = http_get(pipeline.config.http_addr, "/metrics").await?;
     pipeline.stop_gracefully().await?;
-    let records = pipeline.kin.read_all(STREAM).await?;
+    let records = match &instant {
+        Some(instant) => instant.received(),
+        None => pipeline.kin.read_all(STREAM).await?,
+    };
 
     let mut stored_ms: Vec<i64> = Vec::with_capacity(records.len());
+    let mut measured = 0;
     // Commit -> stored by second of commit time, to see when a tail happens.
     let mut by_second: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut arrivals: BTreeMap<String, Vec<i64>> = BTreeMap::new();
@@ -150,16 +179,23 @@ async fn main() -> Result<()> {
                 .as_str()
                 .and_then(parse_unix_millis)
                 .context("an envelope without commit_ts")?;
+            // A warm-up row (committed before the measured part began).
+            if commit < measured_from {
+                continue;
+            }
             stored_ms.push(arrival - commit);
             by_second
                 .entry(commit / 1_000)
                 .or_default()
                 .push(arrival - commit);
         }
-        arrivals
-            .entry(record.shard_id.clone())
-            .or_default()
-            .push(arrival);
+        if arrival >= measured_from {
+            measured += 1;
+            arrivals
+                .entry(record.shard_id.clone())
+                .or_default()
+                .push(arrival);
+        }
     }
     stored_ms.sort_unstable();
     let first_second = by_second.keys().next().copied().unwrap_or_default();
@@ -177,19 +213,25 @@ async fn main() -> Result<()> {
         .collect();
 
     println!(
-        "rate {} changes/s offered {offered:.0}/s for {} s; {} shards; quota {}/shard; +{} ms; \
-         {} calls in flight/shard; aggregation {}; {} records read back of {written} written",
+        "rate {} changes/s offered {offered:.0}/s for {} s after {} s of warm-up; {} shards; \
+         quota {}/shard; +{} ms; {} calls in flight/shard; aggregation {}; endpoint {}; \
+         {measured} records of the measured part read back, {written} rows written in it",
         args.rate,
         args.secs,
+        args.warmup_secs,
         args.shards,
         args.quota,
         args.latency_ms,
         args.max_in_flight,
         args.aggregation,
-        records.len()
+        if args.instant {
+            "instant (bench's own)"
+        } else {
+            "kinesalite"
+        },
     );
     println!(
-        "commit -> stored (arrival timestamp): p50 {} ms, p99 {} ms, max {} ms",
+        "commit -> stored (arrival at the endpoint): p50 {} ms, p99 {} ms, max {} ms",
         percentile(&stored_ms, 0.50),
         percentile(&stored_ms, 0.99),
         stored_ms.last().copied().unwrap_or_default()
@@ -198,7 +240,7 @@ async fn main() -> Result<()> {
         "commit -> stored p50/p99 ms by second of commit: {}",
         series.join(" ")
     );
-    let buckets = histogram(&metrics, "tributary_commit_to_ack_seconds");
+    let buckets = histogram_since(&warm, &metrics, "tributary_commit_to_ack_seconds");
     println!(
         "commit -> acknowledged (tributary_commit_to_ack_seconds): p50 <= {} s, p99 <= {} s ({} observed)",
         bucket_at(&buckets, 0.50),
@@ -209,7 +251,7 @@ async fn main() -> Result<()> {
         ("PutRecords call", "tributary_kinesis_put_records_seconds"),
         ("limiter wait", "tributary_kinesis_limiter_wait_seconds"),
     ] {
-        let buckets = histogram(&metrics, name);
+        let buckets = histogram_since(&warm, &metrics, name);
         println!(
             "{what} ({name}): p50 <= {} s, p99 <= {} s ({} observed)",
             bucket_at(&buckets, 0.50),
@@ -217,15 +259,16 @@ async fn main() -> Result<()> {
             buckets.last().map_or(0.0, |(_, n)| *n),
         );
     }
-    let refused: f64 = metrics
+    let refused: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("tributary_kinesis_entries_refused_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|count| count as u64)
         .sum();
     println!("entries refused by kinesis: {refused}");
     // With aggregation the records read back are packs of envelopes: a
     // bare client sending them is no comparison.
-    if !args.aggregation {
+    if !args.aggregation && !args.instant {
         pipeline.kin.create_stream(BARE, args.shards).await?;
         pipeline.kin.wait_active(BARE).await?;
         let client = kinesis_client(&proxy.endpoint()).await;
@@ -266,6 +309,41 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Inserts `rate` rows per second into the table for `secs` seconds, one
+/// transaction per [`TICK`], ids from `first_id` on; returns the id after
+/// the last row and the rate offered.
+async fn write_steadily(
+    db: &tokio_postgres::Client,
+    rate: u32,
+    secs: u64,
+    first_id: u64,
+) -> Result<(u64, f64)> {
+    let mut pacer = Pacer::new(rate, secs);
+    while let Some(rows) = pacer.tick().await {
+        if rows == 0 {
+            continue;
+        }
+        let from = first_id + pacer.sent - rows;
+        db.batch_execute(&format!(
+            "INSERT INTO steady SELECT g, g * 7, repeat(md5(g::text), 4) \
+             FROM generate_series({}, {}) g",
+            from,
+            from + rows - 1
+        ))
+        .await?;
+    }
+    let offered = pacer.sent as f64 / pacer.started.elapsed().as_secs_f64();
+    Ok((first_id + pacer.sent, offered))
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
 }
 
 /// A steady rate in ticks of [`TICK`]: how many changes (or records) are
@@ -445,6 +523,22 @@ fn histogram(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let mut sorted: Vec<(f64, f64)> = buckets.into_values().collect();
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     sorted
+}
+
+/// [`histogram`] of `after` less what `before` had counted: the
+/// observations made between the two scrapes.
+fn histogram_since(before: &str, after: &str, name: &str) -> Vec<(f64, f64)> {
+    let earlier = histogram(before, name);
+    histogram(after, name)
+        .into_iter()
+        .map(|(bound, count)| {
+            let was = earlier
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0.0, |(_, n)| *n);
+            (bound, count - was)
+        })
+        .collect()
 }
 
 /// The smallest bucket bound holding at least fraction `q` of the observations.
