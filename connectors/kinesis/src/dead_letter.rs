@@ -15,6 +15,9 @@
 //! leave a torn last line, whose records were never reported done (the
 //! source sends them again): opening the store cuts it off, so later
 //! entries never glue onto it, and readers skip an unfinished last line.
+//! A write that failed halfway while the store stays open (another lane
+//! may write before the sink stops) is cut off the same way before the
+//! next write.
 //!
 //! With `[dead_letter] stream`, entries go to that Kinesis stream instead
 //! (`dead_letter_stream.rs`); only those it cannot hold come here.
@@ -89,8 +92,18 @@ pub(crate) struct DeadLetter {
 #[derive(Debug)]
 pub struct DeadLetterStore {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Appender>,
     stream: Option<DeadLetterStream>,
+}
+
+/// The open file, and whether a failed write may have left part of a line
+/// at its end.
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    /// Set by a failed write: the next one first cuts the file after its
+    /// last newline, or its line would be glued onto the torn one.
+    torn: bool,
 }
 
 impl DeadLetterStore {
@@ -123,7 +136,7 @@ impl DeadLetterStore {
         synced.map_err(io(dir))?;
         Ok(Self {
             path,
-            file: Mutex::new(file),
+            file: Mutex::new(Appender { file, torn: false }),
             stream: None,
         })
     }
@@ -176,11 +189,23 @@ impl DeadLetterStore {
         if to_file.is_empty() {
             return Ok(());
         }
-        let mut file = self.file.lock().await;
+        let mut appender = self.file.lock().await;
+        let Appender { file, torn } = &mut *appender;
         let result = async {
+            if *torn {
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || cut_torn_tail(&path))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                *torn = false;
+            }
             // Written a piece at a time: a dead letter can be tens of MiB,
             // and its line in one buffer would cost as much again.
-            let mut pending = Vec::with_capacity(PIECE_BYTES + 1024);
+            let lines: usize = to_file
+                .iter()
+                .map(|letter| letter.record.data.len() / 3 * 4 + 1024)
+                .sum();
+            let mut pending = Vec::with_capacity(lines.min(PIECE_BYTES + 1024));
             for letter in to_file {
                 let line = Line::new(&at, letter);
                 pending.extend_from_slice(&line.head);
@@ -198,6 +223,7 @@ impl DeadLetterStore {
             file.sync_data().await
         }
         .await;
+        *torn |= result.is_err();
         result.map_err(|source| KinesisError::DeadLetter {
             path: self.path.clone(),
             source,
@@ -655,6 +681,35 @@ mod tests {
             )])
             .await
             .unwrap();
+        let found = read_dead_letters(dir.path()).unwrap();
+        assert!(found.unreadable.is_empty(), "{:?}", found.unreadable);
+        let ids: Vec<_> = found.entries.iter().map(|e| e.id.as_deref()).collect();
+        assert_eq!(ids, [Some("a"), Some("c")]);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_failed_halfway_never_corrupts_the_next_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetterStore::open(dir.path()).await.unwrap();
+        let entry = |key: &str, id: &str| {
+            letter(
+                key,
+                format!("{{\"v\":1,\"id\":\"{id}\"}}").as_bytes(),
+                DeadLetterReason::Rejected,
+            )
+        };
+        store.write(&[entry("k:1", "a")]).await.unwrap();
+        // A write that failed after part of its line went out (a full disk,
+        // say): the store stays open and another lane writes next.
+        let path = dir.path().join(DEAD_LETTER_FILE);
+        let mut torn = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut torn, b"{\"id\":\"b\",\"at\":\"2026-").unwrap();
+        store.file.lock().await.torn = true;
+        store.write(&[entry("k:2", "c")]).await.unwrap();
+
         let found = read_dead_letters(dir.path()).unwrap();
         assert!(found.unreadable.is_empty(), "{:?}", found.unreadable);
         let ids: Vec<_> = found.entries.iter().map(|e| e.id.as_deref()).collect();
