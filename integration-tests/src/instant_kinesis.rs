@@ -5,7 +5,8 @@
 //! kinesalite is one node process that serializes every PutRecords of a
 //! stream behind one lock: at a few thousand records per second its own
 //! queueing is most of a record's latency, whatever the client does (a
-//! bare client that does nothing but send gets a p99 of ~100 ms from it).
+//! bare client that does nothing but send got a p99 of 53 ms from it at
+//! 5,000 records/s on 8 shards).
 //! [`InstantKinesis`] takes the emulator out of that figure, so what is
 //! left is the client's own: from the database's commit to the entry
 //! reaching the endpoint. Every PutRecords entry for its stream is accepted
@@ -34,7 +35,7 @@ use tokio::task::AbortHandle;
 use tributary_kinesis::{ShardMap, hash_key};
 
 use crate::StreamRecord;
-use crate::kinesis_faults::{forward, plain, serve};
+use crate::http_relay::{forward, plain, serve};
 
 /// The endpoint; dropping it stops it.
 pub struct InstantKinesis {

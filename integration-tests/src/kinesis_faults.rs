@@ -25,12 +25,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
+
+use crate::http_relay::{forward, plain, serve};
 
 /// Which faults to inject, as fractions in `0.0..=1.0`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -302,60 +303,4 @@ impl State {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .random_bool(fraction.min(1.0))
     }
-}
-
-/// Serves HTTP/1.1 on `listener` until the returned handle is aborted:
-/// every request is answered by `handle(state, request)`; an error closes
-/// the connection without an answer.
-pub(crate) fn serve<S, F, Fut, E>(listener: TcpListener, state: Arc<S>, handle: F) -> AbortHandle
-where
-    S: Send + Sync + 'static,
-    F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<Full<Bytes>>, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            // No Nagle delay on answers (see `forward`).
-            let _ = stream.set_nodelay(true);
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |request| handle(state.clone(), request));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    })
-    .abort_handle()
-}
-
-/// Sends `request` to `upstream` (kinesalite) on a connection of its own
-/// and returns the whole answer.
-pub(crate) async fn forward(
-    upstream: SocketAddr,
-    request: Request<Full<Bytes>>,
-) -> Result<Response<Full<Bytes>>> {
-    let stream = TcpStream::connect(upstream)
-        .await
-        .context("connecting to kinesalite")?;
-    // A request goes in more than one write: with Nagle's algorithm the
-    // second waits for the ACK of the first, which the other end delays by
-    // 40 ms.
-    stream.set_nodelay(true)?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Response::from_parts(parts, Full::new(body)))
-}
-
-/// An answer of `status` with `text` as its body.
-pub(crate) fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(text)));
-    *response.status_mut() = status;
-    response
 }

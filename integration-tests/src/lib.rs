@@ -32,6 +32,8 @@
 //!   kinesalite that refuses PutRecords entries and fails whole calls.
 //! - `instant_kinesis.rs`: [`InstantKinesis`], an endpoint that answers
 //!   PutRecords at once (the latency benchmark without the emulator's own).
+//! - `http_relay.rs`: the HTTP server loop and relay to kinesalite both
+//!   share.
 //! - `proxy.rs`: [`FaultProxy`], a TCP proxy that can stall a connection
 //!   (a Kinesis outage in front of kinesalite).
 //! - `net.rs`: free loopback ports.
@@ -48,6 +50,7 @@
 mod config;
 pub mod consumer;
 pub mod http_probe;
+mod http_relay;
 mod instant_kinesis;
 mod key_order;
 mod kinesalite;

@@ -58,6 +58,9 @@ use tributary_integration_tests::{
     DEFAULT_DATABASE, FaultProxy, InstantKinesis, Servers, StreamRecord, http_get, kinesis_client,
 };
 use tributary_kinesis::describe_stream;
+use tributary_kinesis::metrics::{
+    COMMIT_TO_ACK_SECONDS, ENTRIES_REFUSED, LIMITER_WAIT_SECONDS, PUT_RECORDS_SECONDS,
+};
 
 /// The benchmark's options.
 #[derive(Debug, Parser)]
@@ -240,7 +243,7 @@ async fn main() -> Result<()> {
         "commit -> stored p50/p99 ms by second of commit: {}",
         series.join(" ")
     );
-    let buckets = histogram_since(&warm, &metrics, "tributary_commit_to_ack_seconds");
+    let buckets = histogram_since(&warm, &metrics, COMMIT_TO_ACK_SECONDS);
     println!(
         "commit -> acknowledged (tributary_commit_to_ack_seconds): p50 <= {} s, p99 <= {} s ({} observed)",
         bucket_at(&buckets, 0.50),
@@ -248,8 +251,8 @@ async fn main() -> Result<()> {
         buckets.last().map_or(0.0, |(_, n)| *n),
     );
     for (what, name) in [
-        ("PutRecords call", "tributary_kinesis_put_records_seconds"),
-        ("limiter wait", "tributary_kinesis_limiter_wait_seconds"),
+        ("PutRecords call", PUT_RECORDS_SECONDS),
+        ("limiter wait", LIMITER_WAIT_SECONDS),
     ] {
         let buckets = histogram_since(&warm, &metrics, name);
         println!(
@@ -261,11 +264,11 @@ async fn main() -> Result<()> {
     }
     let refused: u64 = metrics
         .lines()
-        .filter(|l| l.starts_with("tributary_kinesis_entries_refused_total"))
+        .filter(|l| l.starts_with(ENTRIES_REFUSED))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|count| count as u64)
         .sum();
-    println!("entries refused by kinesis: {refused}");
+    println!("entries refused by kinesis (warm-up included): {refused}");
     // With aggregation the records read back are packs of envelopes: a
     // bare client sending them is no comparison.
     if !args.aggregation && !args.instant {
