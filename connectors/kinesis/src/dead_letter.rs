@@ -171,6 +171,13 @@ impl DeadLetterStore {
                 to_file.push(letter);
                 continue;
             };
+            // An entry holds at least the record's data: one that cannot
+            // fit is not rendered just to find out (a too-large record can
+            // be tens of MiB).
+            if letter.record.data.len() > stream.max_record_bytes().await? {
+                to_file.push(letter);
+                continue;
+            }
             let mut line = Vec::new();
             render_line(&mut line, &at, letter);
             line.pop(); // the newline

@@ -85,6 +85,11 @@ impl DeadLetterStream {
 
     /// True when `entry` fits in one record of the stream (read once).
     pub(crate) async fn fits(&self, entry: &StreamEntry) -> Result<bool, KinesisError> {
+        Ok(entry.weight() <= self.max_record_bytes().await?)
+    }
+
+    /// The stream's largest record (data and key), read once.
+    pub(crate) async fn max_record_bytes(&self) -> Result<usize, KinesisError> {
         let max = self
             .max_record_bytes
             .get_or_try_init(|| async {
@@ -93,7 +98,7 @@ impl DeadLetterStream {
                     .map(|info| info.max_record_bytes)
             })
             .await?;
-        Ok(entry.weight() <= *max)
+        Ok(*max)
     }
 
     /// Writes every entry, retrying what a retry can fix until it is all
