@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -44,6 +44,13 @@ where
         }
     })
     .abort_handle()
+}
+
+/// True when the request's headers name the Kinesis PutRecords operation.
+pub(crate) fn is_put_records(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-amz-target")
+        .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"))
 }
 
 /// Sends `request` to `upstream` (kinesalite) on a connection of its own

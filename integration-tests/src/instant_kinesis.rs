@@ -20,7 +20,6 @@ use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
@@ -34,8 +33,8 @@ use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 use tributary_kinesis::{ShardMap, hash_key};
 
-use crate::StreamRecord;
-use crate::http_relay::{forward, plain, serve};
+use crate::http_relay::{forward, is_put_records, plain, serve};
+use crate::{StreamRecord, unix_millis};
 
 /// The endpoint; dropping it stops it.
 pub struct InstantKinesis {
@@ -112,15 +111,8 @@ impl State {
     async fn try_handle(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await?.to_bytes();
-        let arrived = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as i64;
-        let put_records = parts
-            .headers
-            .get("x-amz-target")
-            .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"));
-        let call: Option<Value> = put_records
+        let arrived = unix_millis();
+        let call: Option<Value> = is_put_records(&parts.headers)
             .then(|| serde_json::from_slice(&body))
             .transpose()?;
         let Some(call) = call.filter(|c| c["StreamName"] == self.stream.as_str()) else {

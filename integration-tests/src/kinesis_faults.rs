@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
-use crate::http_relay::{forward, plain, serve};
+use crate::http_relay::{forward, is_put_records, plain, serve};
 
 /// Which faults to inject, as fractions in `0.0..=1.0`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -196,11 +196,7 @@ struct State {
 
 impl State {
     async fn handle(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Reset> {
-        let put_records = request
-            .headers()
-            .get("x-amz-target")
-            .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"));
-        let reset = put_records && self.draw(self.faults.reset_calls);
+        let reset = is_put_records(request.headers()) && self.draw(self.faults.reset_calls);
         let response = match self.try_handle(request).await {
             Ok(response) => response,
             Err(err) => plain(StatusCode::BAD_GATEWAY, format!("fault proxy: {err:#}")),
@@ -215,11 +211,7 @@ impl State {
     async fn try_handle(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await?.to_bytes();
-        let put_records = parts
-            .headers
-            .get("x-amz-target")
-            .is_some_and(|t| t.as_bytes().ends_with(b".PutRecords"));
-        if !put_records {
+        if !is_put_records(&parts.headers) {
             return forward(self.upstream, Request::from_parts(parts, Full::new(body))).await;
         }
         let _in_flight = InFlight::new(&self.counts);

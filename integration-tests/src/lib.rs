@@ -90,6 +90,15 @@ pub use proxy::FaultProxy;
 pub use tls::TestCerts;
 pub use writer::{Execute, Writer};
 
+/// Milliseconds since the Unix epoch, as [`StreamRecord::arrival_millis`]
+/// counts them.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
 /// The root of the repository: the directory holding the workspace's
 /// `Cargo.toml`, `package.json` and `config.toml`.
 pub fn repo_root() -> PathBuf {

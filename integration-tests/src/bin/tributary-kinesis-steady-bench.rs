@@ -56,6 +56,7 @@ use tokio::task::JoinSet;
 use tributary_envelope::time::parse_unix_millis;
 use tributary_integration_tests::{
     DEFAULT_DATABASE, FaultProxy, InstantKinesis, Servers, StreamRecord, http_get, kinesis_client,
+    unix_millis,
 };
 use tributary_kinesis::describe_stream;
 use tributary_kinesis::metrics::{
@@ -339,14 +340,6 @@ async fn write_steadily(
     }
     let offered = pacer.sent as f64 / pacer.started.elapsed().as_secs_f64();
     Ok((first_id + pacer.sent, offered))
-}
-
-/// Milliseconds since the Unix epoch.
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
 }
 
 /// A steady rate in ticks of [`TICK`]: how many changes (or records) are
